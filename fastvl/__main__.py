@@ -1,0 +1,5 @@
+import sys
+
+from fastvl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,214 @@
+"""Backend dispatch for fastvl's ops.
+
+Every op owns an ordered list of named backends (fastest first, the plain-torch ones last). A backend
+declares when it is *available* at all on this machine (package installed, extension built) and which
+*inputs* it supports (device, dtype, head dim, ...), each as a list of human-readable reasons why not.
+``auto`` takes the first backend with no reasons whose ``auto_devices`` include the inputs' device;
+asking for a backend that cannot run raises :class:`BackendUnavailableError` listing every backend and
+why it was or was not usable.
+
+Choosing a backend, strongest first:
+
+* per call: ``fastvl.ops.attention(..., backend="sdpa")``;
+* per scope: ``with fastvl.use_backend("reference"):`` (all ops) or
+  ``with fastvl.use_backend(attention="sdpa", region_kl_loss="cpp"):`` (per op);
+* per process: ``FASTVL_BACKEND=reference`` or ``FASTVL_BACKEND="attention=sdpa,region_kl_loss=cpp"``.
+
+A global choice (scope or environment, without an op name) that an op does not define falls back to
+``auto`` for that op, so ``FASTVL_BACKEND=cpp`` does not break attention; a per-op or per-call choice
+never falls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+ENV_VAR = "FASTVL_BACKEND"
+AUTO = "auto"
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when the requested backend cannot run the given inputs (or none can)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    ``impl`` has the op's public signature (without ``backend``). ``available()`` gives the reasons it
+    cannot run on this machine at all; ``supports(**features)`` the reasons it cannot run these inputs.
+    ``auto_devices``: device types on which ``auto`` may pick it (explicit requests ignore this).
+    """
+
+    name: str
+    impl: Callable
+    available: Callable[[], list[str]]
+    supports: Callable[..., list[str]]
+    auto_devices: tuple[str, ...]
+
+    def reasons(self, features: dict) -> list[str]:
+        return self.available() or self.supports(**features)
+
+
+class Op:
+    """A dispatched op: ``op.register(...)`` adds backends, ``op.select(...)`` picks one."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.backends: dict[str, Backend] = {}
+
+    def register(self, name: str, *, available: Callable[[], list[str]] | None = None,
+                 supports: Callable[..., list[str]] | None = None,
+                 auto_devices: Sequence[str] = ("cpu", "cuda")) -> Callable:
+        """Decorator adding a backend; registration order is auto's preference order."""
+
+        def decorator(impl: Callable) -> Callable:
+            if name in self.backends:
+                raise ValueError(f"backend {name!r} of op {self.name!r} is registered twice")
+            self.backends[name] = Backend(name, impl, functools.lru_cache(maxsize=None)(available or _no_reasons),
+                                          supports or _no_reasons, tuple(auto_devices))
+            return impl
+
+        return decorator
+
+    def requested(self, backend: str | None) -> tuple[str, bool]:
+        """(backend name, strict): per-call beats scope beats environment; strict unless global."""
+        if backend is not None and backend != AUTO:
+            return backend, True
+        for scope in reversed(_SCOPES):
+            if self.name in scope:
+                return scope[self.name], True
+            if None in scope:
+                return scope[None], False
+        env = _env_choice()
+        if self.name in env:
+            return env[self.name], True
+        if None in env:
+            return env[None], False
+        return AUTO, False
+
+    def select(self, backend: str | None, device: torch.device, **features) -> Backend:
+        """The backend to run inputs with these features on ``device``."""
+        features["device"] = device
+        name, strict = self.requested(backend)
+        if name != AUTO:
+            chosen = self.backends.get(name)
+            if chosen is None:
+                if strict:
+                    raise BackendUnavailableError(
+                        f"{self.name}: unknown backend {name!r}; known: {', '.join(self.backends)}")
+            elif not chosen.reasons(features):
+                return chosen
+            elif strict:
+                raise BackendUnavailableError(self._report(f"backend {name!r} cannot run these inputs", features))
+        for candidate in self.backends.values():
+            if device.type in candidate.auto_devices and not candidate.reasons(features):
+                return candidate
+        raise BackendUnavailableError(self._report("no backend can run these inputs", features))
+
+    def __call__(self, *args, backend: str | None = None, device: torch.device, features: dict, **kwargs):
+        return self.select(backend, device, **features).impl(*args, **kwargs)
+
+    def table(self, device: torch.device | None = None, **features) -> dict[str, list[str]]:
+        """{backend: reasons it cannot run (empty = usable)} for a device and features."""
+        if device is None:
+            return {name: b.available() for name, b in self.backends.items()}
+        features["device"] = device
+        return {name: b.reasons(features) for name, b in self.backends.items()}
+
+    def _report(self, headline: str, features: dict) -> str:
+        lines = [f"{self.name}: {headline}. Backends:"]
+        for name, b in self.backends.items():
+            reasons = b.reasons(features)
+            lines.append(f"  {name}: " + ("usable" if not reasons else "; ".join(reasons)))
+        return "\n".join(lines)
+
+
+def _no_reasons(**_features) -> list[str]:
+    return []
+
+
+_SCOPES: list[dict[str | None, str]] = []
+_OPS: dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    """The registry entry for op ``name`` (created on first use)."""
+    if name not in _OPS:
+        _OPS[name] = Op(name)
+    return _OPS[name]
+
+
+def registered_ops() -> dict[str, Op]:
+    return dict(_OPS)
+
+
+@contextlib.contextmanager
+def use_backend(default: str | None = None, /, **per_op: str) -> Iterator[None]:
+    """Scope a backend choice: ``use_backend("reference")`` or ``use_backend(attention="sdpa")``."""
+    scope: dict[str | None, str] = dict(per_op)
+    if default is not None:
+        scope[None] = default
+    _SCOPES.append(scope)
+    try:
+        yield
+    finally:
+        _SCOPES.remove(scope)
+
+
+def _env_choice() -> dict[str | None, str]:
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return {}
+    choice: dict[str | None, str] = {}
+    for item in value.split(","):
+        op_name, sep, backend = item.strip().partition("=")
+        if sep:
+            choice[op_name.strip()] = backend.strip()
+        else:
+            choice[None] = op_name
+    return choice
+
+
+# Availability checks shared by backends ------------------------------------------------------------
+
+
+def needs_module(module: str) -> Callable[[], list[str]]:
+    def check() -> list[str]:
+        return [] if importlib.util.find_spec(module) is not None else [f"python package {module!r} is not installed"]
+
+    return check
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["python package 'triton' is not installed"]
+    if not torch.cuda.is_available() and not triton_interpreting():
+        return ["no CUDA device (set TRITON_INTERPRET=1 before importing fastvl to run Triton on the CPU)"]
+    return []
+
+
+def triton_device(device: torch.device, **_features) -> list[str]:
+    """Triton runs on CUDA tensors, and on CPU tensors only under the interpreter."""
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+        return []
+    return [f"tensors on {device.type} (triton needs CUDA, or CPU under TRITON_INTERPRET=1)"]
+
+
+def needs_cuda_device(device: torch.device, **_features) -> list[str]:
+    return [] if device.type == "cuda" else [f"tensors on {device.type}, needs CUDA"]
+
+
+def needs_cpu_device(device: torch.device, **_features) -> list[str]:
+    return [] if device.type == "cpu" else [f"tensors on {device.type}, needs CPU"]
