@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -53,8 +52,12 @@ class Backend:
     supports: Callable[..., list[str]]
     auto_devices: tuple[str, ...]
 
+    def unavailable(self) -> list[str]:
+        """Why this backend cannot run on this machine at all (cached; a constant under torch.compile)."""
+        return list(_availability(self))
+
     def reasons(self, features: dict) -> list[str]:
-        return self.available() or self.supports(**features)
+        return self.unavailable() or self.supports(**features)
 
 
 class Op:
@@ -72,8 +75,8 @@ class Op:
         def decorator(impl: Callable) -> Callable:
             if name in self.backends:
                 raise ValueError(f"backend {name!r} of op {self.name!r} is registered twice")
-            self.backends[name] = Backend(name, impl, functools.lru_cache(maxsize=None)(available or _no_reasons),
-                                          supports or _no_reasons, tuple(auto_devices))
+            self.backends[name] = Backend(name, impl, available or _no_reasons, supports or _no_reasons,
+                                          tuple(auto_devices))
             return impl
 
         return decorator
@@ -119,7 +122,7 @@ class Op:
     def table(self, device: torch.device | None = None, **features) -> dict[str, list[str]]:
         """{backend: reasons it cannot run (empty = usable)} for a device and features."""
         if device is None:
-            return {name: b.available() for name, b in self.backends.items()}
+            return {name: b.unavailable() for name, b in self.backends.items()}
         features["device"] = device
         return {name: b.reasons(features) for name, b in self.backends.items()}
 
@@ -133,6 +136,18 @@ class Op:
 
 def _no_reasons(**_features) -> list[str]:
     return []
+
+
+_AVAILABILITY: dict[int, tuple[str, ...]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _availability(backend: Backend) -> tuple[str, ...]:
+    # Evaluated once per backend, eagerly even while torch.compile traces (the machine does not change).
+    key = id(backend)
+    if key not in _AVAILABILITY:
+        _AVAILABILITY[key] = tuple(backend.available())
+    return _AVAILABILITY[key]
 
 
 _SCOPES: list[dict[str | None, str]] = []
