@@ -1,0 +1,465 @@
+"""The one benchmark harness: timing, peak memory, device peaks and floors, tagged rows, JSON and plots.
+
+Timing
+    GPU: ``triton.testing.do_bench`` (CUDA events, the L2 cache flushed before every timed run, warm-up
+    and repetition by time budget); we keep its median and 20th/80th percentiles.
+    CPU: wall-clock (``time.perf_counter``) over repeated calls after a warm-up, same three statistics.
+
+Peak memory (bytes allocated during one call, on top of what was alive before it)
+    GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
+    allocated before the call.
+    CPU: torch has no CPU allocator statistics, so :class:`TensorMemoryTracker` counts tensor storage:
+    a ``TorchDispatchMode`` sees every op (forward, backward and optimizer ops alike), adds the storage of
+    each output that does not alias an input, and subtracts it when that storage is freed. The peak of
+    that running sum is the number reported. Scratch memory an op allocates and frees inside itself (a
+    C++ kernel's workspace) is not seen; everything that crosses an op boundary is.
+
+Peaks and floors
+    GPU: nominal dense TFLOP/s per dtype and HBM GB/s for A100 / H100 / H200 by device name, plus a
+    measured copy bandwidth. CPU: measured copy bandwidth and measured matmul TFLOP/s. A benchmark that
+    states its FLOPs and bytes gets "floors": the time the work would take at those peaks.
+
+Rows
+    One dict per (benchmark, shape, variant): name, variant, params, median/p20/p80 in ms, peak memory,
+    FLOPs, bytes, achieved TFLOP/s and GB/s, % of peak. :class:`Results` collects them with the
+    environment (device, versions, git commit, date), computes ratios between variants measured in the
+    same run, prints a table, writes JSON, and :func:`plot` draws PNGs from saved rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+SCHEMA_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# Timing -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median and the 20th / 80th percentiles."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    position = q * (len(sorted_values) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+            grad_to_none: Sequence[torch.Tensor] | None = None, min_reps: int = 5, max_reps: int = 10_000) -> Timing:
+    """Times ``fn()`` on ``device``; ``grad_to_none`` tensors get ``.grad = None`` before each call."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing  # noqa: PLC0415 - only where there is a GPU
+
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                                   quantiles=[0.5, 0.2, 0.8])
+        return Timing(median, p20, p80)
+
+    def call() -> float:
+        for tensor in grad_to_none or ():
+            tensor.grad = None
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    first = call()  # also the estimate that sizes warm-up and repetitions
+    for _ in range(max(0, min(max_reps, int(warmup_ms / max(first, 1e-3))) - 1)):
+        call()
+    reps = max(min_reps, min(max_reps, int(rep_ms / max(first, 1e-3))))
+    times = sorted(call() for _ in range(reps))
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8))
+
+
+# Peak memory --------------------------------------------------------------------------------------
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Counts the bytes of tensor storage created inside the ``with`` block and alive at once (CPU
+    peak memory; see the module docstring). ``peak`` and ``current`` are in bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+                continue
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in inputs or key in self.live:
+                continue
+            self.live[key] = size
+            self.current += size
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._release, key)
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak bytes allocated by one call of ``fn()`` above what was allocated before it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with TensorMemoryTracker() as tracker:
+        fn()
+    return tracker.peak
+
+
+# Device peaks -------------------------------------------------------------------------------------
+
+# Dense (no sparsity) tensor-core TFLOP/s per dtype and HBM GB/s, from the vendors' data sheets.
+# Matched by substring of torch.cuda.get_device_name(), most specific first.
+_GPU_PEAKS: list[tuple[str, dict[str, float], float]] = [
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "tf32": 494.5, "float32": 67.0, "float8": 1979.0}, 4800.0),
+    ("H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "tf32": 418.0, "float32": 60.0, "float8": 1670.0}, 3900.0),
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "tf32": 378.0, "float32": 51.0, "float8": 1513.0}, 2000.0),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "tf32": 494.5, "float32": 67.0, "float8": 1979.0}, 3350.0),
+    ("A100 80GB PCIe", {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5}, 1935.0),
+    ("A100-SXM4-80GB", {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5}, 2039.0),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5}, 1555.0),
+]
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {_cpu_model()} x{torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def nominal_peaks(name: str) -> tuple[dict[str, float], float] | None:
+    """(TFLOP/s per dtype name, HBM GB/s) from the data sheet of a known GPU, else None."""
+    for key, tflops, gbps in _GPU_PEAKS:
+        if key in name:
+            return tflops, gbps
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def measured_bandwidth_gbps(device: str = "cpu", megabytes: int | None = None) -> float:
+    """Copy bandwidth in GB/s (read + write bytes counted), median of repeated ``dst.copy_(src)``.
+    Default buffer: 1 GiB on GPU (well past L2), 256 MiB on CPU (well past the last-level cache)."""
+    torch_device = torch.device(device)
+    megabytes = megabytes or (1024 if torch_device.type == "cuda" else 256)
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=torch_device).fill_(1)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), torch_device, warmup_ms=20, rep_ms=100, min_reps=3)
+    return 2 * src.numel() / (timing.median_ms * 1e-3) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_tflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None) -> float:
+    """Achieved TFLOP/s of a square ``size`` matmul in ``dtype`` (default 1024 on CPU, 8192 on GPU)."""
+    torch_device = torch.device(device)
+    size = size or (8192 if torch_device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=torch_device).to(dtype)
+    b = torch.randn(size, size, device=torch_device).to(dtype)
+    timing = time_fn(lambda: a @ b, torch_device, warmup_ms=20, rep_ms=100, min_reps=3)
+    return 2 * size**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """The roofline a row is measured against."""
+
+    tflops: float
+    gbps: float
+    source: str  # "nominal" (data sheet) or "measured"
+
+
+def device_peak(device: torch.device | str, dtype: torch.dtype) -> Peak:
+    """Compute and bandwidth peak for ``dtype`` on ``device``: the data sheet for known GPUs (fp32 means
+    non-tensor-core fp32, as torch's default disallows TF32 matmuls), else measured here."""
+    device = torch.device(device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    known = nominal_peaks(device_name(device)) if device.type == "cuda" else None
+    if known is not None and dtype_name in known[0]:
+        return Peak(known[0][dtype_name], known[1], "nominal")
+    return Peak(measured_matmul_tflops(str(device), dtype), measured_bandwidth_gbps(str(device)), "measured")
+
+
+def floors_us(flops: float | None, nbytes: float | None, peak: Peak) -> dict[str, float]:
+    """Lower bounds on the time in microseconds: FLOPs at the compute peak, bytes at the bandwidth."""
+    floors = {}
+    if flops:
+        floors["flop_floor_us"] = flops / (peak.tflops * 1e12) * 1e6
+    if nbytes:
+        floors["byte_floor_us"] = nbytes / (peak.gbps * 1e9) * 1e6
+    return floors
+
+
+def describe_floors(flops: float | None, nbytes: float | None, peak: Peak) -> str:
+    """One line, e.g. ``floor: 12.3 us at 989 TFLOP/s (compute), 4.1 us at 3350 GB/s (memory)``."""
+    floors = floors_us(flops, nbytes, peak)
+    parts = []
+    if "flop_floor_us" in floors:
+        parts.append(f"{floors['flop_floor_us']:.1f} us at {peak.tflops:.4g} TFLOP/s (compute)")
+    if "byte_floor_us" in floors:
+        parts.append(f"{floors['byte_floor_us']:.1f} us at {peak.gbps:.4g} GB/s (memory)")
+    return "floor: " + ", ".join(parts) + f" [{peak.source} peak]" if parts else "floor: no FLOP/byte count given"
+
+
+# Environment --------------------------------------------------------------------------------------
+
+
+def _package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` for local changes), or None where git or the repo is absent."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str) -> dict:
+    """The tags every result carries: device, versions, commit, date (UTC)."""
+    device = torch.device(device)
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "fastvl": _package_version("fastvl"),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _package_version("triton"),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+# Rows and results ---------------------------------------------------------------------------------
+
+
+def progress(iterable: Iterable, description: str, total: int | None = None):
+    """A tqdm bar on stderr for sweeps (silent when stderr is not a terminal)."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(iterable, desc=description, total=total, file=sys.stderr, leave=False, disable=None)
+
+
+class Results:
+    """Rows of one benchmark run on one device, with the run's environment.
+
+    ``measure`` times a callable and appends a row; ``ratios`` compares variants of the same benchmark and
+    params; ``table`` formats them; ``save`` writes ``<stem>.json`` (and plots via :func:`plot`).
+    """
+
+    def __init__(self, suite: str, device: torch.device | str, *, quick: bool = False):
+        self.suite = suite
+        self.device = torch.device(device)
+        self.quick = quick
+        self.env = environment(self.device)
+        self.rows: list[dict] = []
+
+    def measure(self, fn: Callable[[], object], *, name: str, variant: str, params: dict | None = None,
+                dtype: torch.dtype = torch.float32, flops: float | None = None, nbytes: float | None = None,
+                grad_to_none: Sequence[torch.Tensor] | None = None, memory: bool = True, **extra) -> dict:
+        """Times ``fn`` (and its peak memory unless ``memory=False``) and appends the row.
+
+        ``flops`` / ``nbytes``: the work of one call (state the formula in the benchmark), used for
+        achieved TFLOP/s, GB/s, % of peak and the floors. ``extra`` keys are stored in the row as given.
+        """
+        budget = {"warmup_ms": 5.0, "rep_ms": 20.0, "min_reps": 3} if self.quick else {}
+        timing = time_fn(fn, self.device, grad_to_none=grad_to_none, **budget)
+        row = {"suite": self.suite, "name": name, "variant": variant, "params": dict(params or {}),
+               "dtype": str(dtype).removeprefix("torch."), "device": self.env["device"],
+               **dataclasses.asdict(timing)}
+        if memory:
+            for tensor in grad_to_none or ():
+                tensor.grad = None
+            row["peak_mem_mb"] = peak_memory(fn, self.device) / 2**20
+        if flops or nbytes:
+            peak = device_peak(self.device, dtype)
+            seconds = timing.median_ms * 1e-3
+            row.update(peak_source=peak.source, **floors_us(flops, nbytes, peak))
+            if flops:
+                row.update(flops=flops, tflops=flops / seconds / 1e12, pct_peak_tflops=100 * flops / seconds / 1e12 / peak.tflops)
+            if nbytes:
+                row.update(bytes=nbytes, gbps=nbytes / seconds / 1e9, pct_peak_gbps=100 * nbytes / seconds / 1e9 / peak.gbps)
+        row.update(extra)
+        self.rows.append(row)
+        return row
+
+    def ratios(self, baseline: str) -> list[dict]:
+        """For every row whose (name, params) also has a ``baseline`` variant in this run:
+        ``speedup`` = baseline median time / this time, ``memory_ratio`` = this peak / baseline peak."""
+        return ratios(self.rows, baseline)
+
+    def table(self, baselines: Sequence[str] = ()) -> str:
+        return format_table(self.rows, baselines)
+
+    def to_json(self, baselines: Sequence[str] = ()) -> dict:
+        return {"schema": SCHEMA_VERSION, "suite": self.suite, "quick": self.quick, "env": self.env,
+                "rows": self.rows, "ratios": [r for b in baselines for r in self.ratios(b)]}
+
+    def save(self, path: str | Path, baselines: Sequence[str] = ()) -> Path:
+        """Writes the JSON document to ``path`` (parents created) and returns it."""
+        return write_json(path, self.to_json(baselines))
+
+
+def _group_key(row: dict) -> tuple:
+    return row["name"], json.dumps(row["params"], sort_keys=True), row.get("dtype")
+
+
+def ratios(rows: Sequence[dict], baseline: str) -> list[dict]:
+    by_group = {_group_key(row): row for row in rows if row["variant"] == baseline}
+    out = []
+    for row in rows:
+        base = by_group.get(_group_key(row))
+        if base is None or row["variant"] == baseline:
+            continue
+        entry = {"name": row["name"], "params": row["params"], "dtype": row.get("dtype"), "variant": row["variant"],
+                 "baseline": baseline, "speedup": base["median_ms"] / row["median_ms"]}
+        if row.get("peak_mem_mb") and base.get("peak_mem_mb"):
+            entry["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
+        out.append(entry)
+    return out
+
+
+def format_table(rows: Sequence[dict], baselines: Sequence[str] = ()) -> str:
+    """A fixed-width table: one line per row, with speed-up columns against each named baseline."""
+    speedups = {b: {(_group_key(r), r["variant"]): r["speedup"] for r in ratios(rows, b)} for b in baselines}
+    header = ["benchmark", "params", "variant", "median ms", "p20-p80 ms", "peak MB", "TFLOP/s", "GB/s",
+              *[f"x vs {b}" for b in baselines]]
+    lines = []
+    for row in rows:
+        params = " ".join(f"{k}={v}" for k, v in row["params"].items())
+        mem = row.get("peak_mem_mb")
+        cells = [row["name"], params, row["variant"], f"{row['median_ms']:.3f}",
+                 f"{row['p20_ms']:.3f}-{row['p80_ms']:.3f}", "-" if mem is None else f"{mem:.1f}",
+                 f"{row['tflops']:.3g}" if "tflops" in row else "-", f"{row['gbps']:.4g}" if "gbps" in row else "-"]
+        for b in baselines:
+            value = speedups[b].get((_group_key(row), row["variant"]))
+            cells.append("-" if value is None else f"{value:.2f}")
+        lines.append(cells)
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) for cells in [header, *lines])
+
+
+def write_json(path: str | Path, document: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    return path
+
+
+def load_rows(path: str | Path) -> tuple[dict, list[dict]]:
+    """(env, rows) of a saved JSON document."""
+    document = json.loads(Path(path).read_text())
+    return document["env"], document["rows"]
+
+
+def results_dir(device: torch.device | str, root: str | Path = DEFAULT_RESULTS_DIR) -> Path:
+    """``<root>/<YYYY-MM-DD>-<device slug>`` for this run."""
+    slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return Path(root) / f"{datetime.date.today().isoformat()}-{slug}"
+
+
+# Plots --------------------------------------------------------------------------------------------
+
+
+def plot(rows: Sequence[dict], path: str | Path, *, x: str, y: str = "median_ms", series: str = "variant",
+         title: str = "", env: dict | None = None, logx: bool = False, logy: bool = False) -> Path:
+    """Line plot of ``y`` against the param ``x``, one line per value of ``series`` (a row key such as
+    ``variant``, or a param name). Rows may be result rows or ratio rows. Uses the Agg backend."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if x not in row["params"] or y not in row:
+            continue
+        label = str(row.get(series, row["params"].get(series)))
+        lines.setdefault(label, []).append((row["params"][x], row[y]))
+    if not lines:
+        raise ValueError(f"no rows have param {x!r} and value {y!r} to plot")
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    if logx:
+        axes.set_xscale("log", base=2)
+    if logy:
+        axes.set_yscale("log")
+    subtitle = f"\n{env['device']}, torch {env['torch']}, {env['date'][:10]}" if env else ""
+    axes.set_title(title + subtitle, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

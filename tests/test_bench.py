@@ -1,0 +1,74 @@
+"""The benchmark harness and ``fastvl bench`` at tiny sizes on CPU: valid JSON (keys, positive numbers),
+PNG files that exist, peak memory that counts what it should."""
+
+import json
+
+import pytest
+import torch
+
+from fastvl.bench import harness
+
+
+def _positive(row: dict, *keys: str) -> None:
+    for key in keys:
+        assert row[key] > 0, f"{row['name']}/{row['variant']}: {key} = {row[key]}"
+
+
+def test_timing_quantiles_are_ordered_and_positive():
+    x = torch.randn(64, 64)
+    timing = harness.time_fn(lambda: x @ x, "cpu", warmup_ms=1, rep_ms=5)
+    assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+def test_cpu_peak_memory_counts_live_tensors_not_inputs():
+    x = torch.randn(1024, 256)  # 1 MiB, allocated before the call: not counted
+
+    def two_live_copies():
+        a = x * 2  # 1 MiB
+        b = a + 1  # 1 MiB, both alive
+        del a
+        return b.view(-1)  # a view allocates nothing
+
+    peak = harness.peak_memory(two_live_copies, "cpu")
+    assert peak == 2 * x.numel() * 4
+
+
+def test_cpu_peak_memory_sees_backward():
+    w = torch.randn(512, 512, requires_grad=True)
+    x = torch.randn(128, 512)
+    peak = harness.peak_memory(lambda: (x @ w).square().sum().backward(), "cpu")
+    assert peak >= w.numel() * 4  # at least the weight's gradient
+
+
+def test_floors_and_peaks():
+    peak = harness.Peak(tflops=100.0, gbps=1000.0, source="nominal")
+    floors = harness.floors_us(2e9, 1e9, peak)
+    assert floors == pytest.approx({"flop_floor_us": 20.0, "byte_floor_us": 1000.0})
+    assert "20.0 us" in harness.describe_floors(2e9, 1e9, peak)
+    assert harness.nominal_peaks("NVIDIA H100 80GB HBM3")[1] == 3350.0
+    assert harness.nominal_peaks("NVIDIA H200")[1] == 4800.0
+    assert harness.nominal_peaks("NVIDIA A100-SXM4-80GB")[0]["bfloat16"] == 312.0
+    assert harness.nominal_peaks("cpu") is None
+    assert harness.measured_bandwidth_gbps("cpu", megabytes=16) > 0
+
+
+def test_results_json_ratios_table_and_plot(tmp_path):
+    results = harness.Results("unit", "cpu", quick=True)
+    a, b = torch.randn(96, 96), torch.randn(96, 96)
+    for n in (32, 96):
+        results.measure(lambda: a[:n] @ b, name="matmul", variant="fast", params={"n": n}, flops=2 * n * 96 * 96,
+                        nbytes=4 * (n * 96 * 2 + 96 * 96))
+        results.measure(lambda: (a[:n, :, None] * b[None]).sum(1), name="matmul", variant="slow", params={"n": n},
+                        flops=2 * n * 96 * 96)
+    path = results.save(tmp_path / "unit.json", baselines=["slow"])
+    document = json.loads(path.read_text())
+    assert {"schema", "suite", "env", "rows", "ratios"} <= document.keys()
+    assert {"device", "date", "git_commit", "torch", "triton", "fastvl"} <= document["env"].keys()
+    assert len(document["rows"]) == 4 and len(document["ratios"]) == 2
+    for row in document["rows"]:
+        _positive(row, "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "tflops", "pct_peak_tflops", "flop_floor_us")
+    for ratio in document["ratios"]:
+        _positive(ratio, "speedup", "memory_ratio")
+    assert "x vs slow" in results.table(["slow"])
+    png = harness.plot(document["rows"], tmp_path / "unit.png", x="n", title="matmul", env=document["env"])
+    assert png.stat().st_size > 1000
