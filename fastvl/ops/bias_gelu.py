@@ -1,0 +1,104 @@
+"""``fastvl.ops.bias_gelu``: ``gelu(x + bias)`` (erf form, as BERT's intermediate layer), the epilogue
+of the feed-forward's first projection, in one pass (and a one-pass backward that also reduces the
+bias gradient).
+
+Backends (auto order): ``triton`` (CUDA; on the CPU only when asked for explicitly, under
+``TRITON_INTERPRET=1``), ``reference`` (eager PyTorch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvl import _checks
+from fastvl.dispatch import op, triton_available, triton_device
+from fastvl.reference.bias_gelu import bias_gelu_ref
+
+BIAS_GELU = op("bias_gelu")
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """``gelu(x + bias)`` with the exact (erf) GELU ``h * 0.5 * (1 + erf(h / sqrt(2)))``.
+
+    x ``[..., N]`` (float16 / bfloat16 / float32; float64 on the reference backend), bias ``[N]`` or
+    None. Math in float32; the result has x's dtype. Gradients flow to x and bias.
+    """
+    _checks.tensor("x", x, shape="[..., N]", ndim=range(1, 8))
+    if bias is not None:
+        _checks.tensor("bias", bias, shape=f"[N] = [{x.shape[-1]}]", ndim=1)
+        _checks.same_shape("bias", bias, [x.shape[-1]], "[N] with N = x.shape[-1]")
+        _checks.same_device("x", x, bias=bias)
+    chosen = BIAS_GELU.select(backend, x.device, dtype=x.dtype)
+    return chosen.impl(x, bias)
+
+
+def _launch(kernel_name: str, x2: torch.Tensor, bias: torch.Tensor | None):
+    import triton  # noqa: PLC0415
+
+    from fastvl.kernels import bias_gelu as kernels  # noqa: PLC0415
+
+    rows, cols = x2.shape
+    grid = (triton.cdiv(rows, kernels.BLOCK_M), triton.cdiv(cols, kernels.BLOCK_N))
+    return getattr(kernels, kernel_name), grid, dict(HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
+                                                      BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
+
+
+@torch.library.custom_op("fastvl::bias_gelu_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty_like(x2)
+    if x2.numel():
+        kernel, grid, meta = _launch("bias_gelu_fwd_kernel", x2, bias)
+        kernel[grid](x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), x2.shape[0], x2.shape[1], **meta)
+    return y.view(x.shape)
+
+
+@_bias_gelu_fwd.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastvl::bias_gelu_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dbias or empty)."""
+    cols = x.shape[-1]
+    x2 = x.reshape(-1, cols).contiguous()
+    dy2 = dy.reshape(-1, cols).contiguous()
+    dx = torch.empty_like(x2)
+    kernel, grid, meta = _launch("bias_gelu_bwd_kernel", x2, bias)
+    partial = torch.zeros(grid[0] if bias is not None else 0, cols, dtype=torch.float32, device=x.device)
+    if x2.numel():
+        kernel[grid](dy2, x2, bias if bias is not None else x2, dx, partial if bias is not None else dx,
+                     dy2.stride(0), x2.stride(0), dx.stride(0), x2.shape[0], cols, **meta)
+    dbias = partial.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx.view(x.shape), dbias
+
+
+@_bias_gelu_bwd.register_fake
+def _(dy, x, bias):
+    return torch.empty_like(x), torch.empty_like(bias) if bias is not None else x.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias = _bias_gelu_bwd(dy, x, bias)
+    return dx, dbias if bias is not None else None
+
+
+_bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_supports(device, dtype, **_features) -> list[str]:
+    reasons = triton_device(device)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {dtype} (triton takes float16, bfloat16, float32)")
+    return reasons
+
+
+BIAS_GELU.register("triton", available=triton_available, supports=_triton_supports, auto_devices=("cuda",))(_bias_gelu_fwd)
+BIAS_GELU.register("reference")(bias_gelu_ref)

@@ -1,0 +1,202 @@
+"""``fastvl.ops.layer_norm``: ``LayerNorm(dropout(x) + residual)``, the epilogue of every BERT
+sub-layer (``BertSelfOutput``, ``BertOutput``, ViLBERT's ``biOutput``), in one pass over memory.
+
+Backends (auto order): ``triton`` (CUDA; on the CPU only when asked for explicitly, under
+``TRITON_INTERPRET=1``), ``apex`` (apex's ``FusedLayerNorm`` after an eager dropout + add; only when
+apex is installed), ``reference`` (eager PyTorch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvl import _checks
+from fastvl.dispatch import needs_cuda_device, needs_module, op, triton_available, triton_device
+from fastvl.reference.layer_norm import layer_norm_ref
+
+LAYER_NORM = op("layer_norm")
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None, dropout_p: float = 0.0, eps: float = 1e-12, *,
+               backend: str | None = None) -> torch.Tensor:
+    """``LayerNorm(dropout(x) + residual) * weight + bias`` over the last dim.
+
+    x ``[..., N]`` (float16 / bfloat16 / float32; float64 on the reference backend); residual
+    ``[..., N]`` like x, or None; weight ``[N]``; bias ``[N]`` or None; ``eps`` defaults to BERT's
+    1e-12. ``dropout_p`` applies to x only (pass 0 in eval mode). Statistics are computed in float32;
+    the result has x's dtype. Gradients flow to x, residual, weight and bias.
+    """
+    _checks.tensor("x", x, shape="[..., N]", ndim=range(1, 8))
+    hidden = x.shape[-1]
+    _checks.tensor("weight", weight, shape=f"[N] = [{hidden}]", ndim=1)
+    _checks.same_shape("weight", weight, [hidden], "[N] with N = x.shape[-1]")
+    if bias is not None:
+        _checks.tensor("bias", bias, shape=f"[N] = [{hidden}]", ndim=1)
+        _checks.same_shape("bias", bias, [hidden], "[N] with N = x.shape[-1]")
+    if residual is not None:
+        _checks.tensor("residual", residual, shape="[..., N] like x")
+        _checks.same_shape("residual", residual, list(x.shape), "x's shape")
+        _checks.same_dtype("x", x, residual=residual)
+    _checks.same_device("x", x, weight=weight, bias=bias, residual=residual)
+    _checks.probability("dropout_p", dropout_p)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    chosen = LAYER_NORM.select(backend, x.device, dtype=x.dtype, hidden=hidden, dropout=dropout_p > 0.0)
+    return chosen.impl(x, weight, bias, residual, dropout_p, eps)
+
+
+def _reference_impl(x, weight, bias, residual, dropout_p, eps):
+    return layer_norm_ref(x, weight, bias, residual, dropout_p, eps)
+
+
+# Triton backend: custom ops (visible to torch.compile) + autograd ---------------------------------
+
+
+def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps):
+    from fastvl.kernels.layer_norm import layer_norm_fwd_kernel, num_warps_for  # noqa: PLC0415
+
+    import triton  # noqa: PLC0415
+
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden).contiguous()
+    rows = x2.shape[0]
+    residual2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
+    has_dropout = seed is not None
+    store_sum = has_dropout or residual is not None
+    y = torch.empty_like(x2)
+    hidden_sum = torch.empty_like(x2) if store_sum else x2.new_empty(0)
+    keep = torch.empty(x2.shape, dtype=torch.int8, device=x.device) if has_dropout else x2.new_empty(0, dtype=torch.int8)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if rows:
+        block = max(triton.next_power_of_2(hidden), 128)
+        layer_norm_fwd_kernel[(rows,)](
+            x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
+            seed if seed is not None else mean, y, hidden_sum if store_sum else y, keep if has_dropout else y,
+            mean, rstd, x2.stride(0), residual2.stride(0) if residual2 is not None else 0, y.stride(0),
+            hidden if store_sum else 0, hidden if has_dropout else 0, hidden, dropout_p, eps,
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, HAS_BIAS=bias is not None,
+            STORE_SUM=store_sum, BLOCK_N=block, num_warps=num_warps_for(block))
+    return y.view(x.shape), hidden_sum.view(x.shape) if store_sum else hidden_sum, keep, mean, rstd
+
+
+@torch.library.custom_op("fastvl::layer_norm_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                    seed: torch.Tensor | None, dropout_p: float, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, pre-norm sum or empty, int8 keep-mask or empty, mean [M], rstd [M])."""
+    return _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
+
+
+@_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, seed, dropout_p, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    store_sum = seed is not None or residual is not None
+    keep_shape = (rows, x.shape[-1]) if seed is not None else (0,)
+    return (torch.empty_like(x), torch.empty_like(x) if store_sum else x.new_empty(0),
+            x.new_empty(keep_shape, dtype=torch.int8), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
+    from fastvl.kernels.layer_norm import layer_norm_bwd_kernel, num_warps_for  # noqa: PLC0415
+
+    import triton  # noqa: PLC0415
+
+    hidden = dy.shape[-1]
+    dy2 = dy.reshape(-1, hidden).contiguous()
+    h2 = hidden_sum.reshape(-1, hidden)
+    rows = dy2.shape[0]
+    has_dropout = keep.numel() > 0
+    dh = torch.empty_like(h2)
+    dx = torch.empty_like(h2) if has_dropout else dh.new_empty(0)
+    if dy.is_cuda:
+        programs = min(rows, 4 * torch.cuda.get_device_properties(dy.device).multi_processor_count)
+    else:
+        programs = min(rows, 8)
+    programs = max(programs, 1)
+    rows_per_program = triton.cdiv(max(rows, 1), programs)
+    partial_w = torch.zeros(programs, hidden, dtype=torch.float32, device=dy.device)
+    partial_b = torch.zeros_like(partial_w) if has_bias else partial_w
+    if rows:
+        block = max(triton.next_power_of_2(hidden), 128)
+        layer_norm_bwd_kernel[(programs,)](
+            dy2, h2, weight, mean, rstd, keep if has_dropout else dy2, dh, dx if has_dropout else dh,
+            partial_w, partial_b, dy2.stride(0), h2.stride(0), hidden if has_dropout else 0, dh.stride(0),
+            hidden if has_dropout else 0, rows, hidden, rows_per_program, dropout_p,
+            HAS_DROPOUT=has_dropout, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps_for(block))
+    dweight = partial_w.sum(0).to(weight.dtype)
+    dbias = partial_b.sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
+    return dh.view(dy.shape), dx.view(dy.shape) if has_dropout else dx, dweight, dbias
+
+
+@torch.library.custom_op("fastvl::layer_norm_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _layer_norm_bwd(dy: torch.Tensor, hidden_sum: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor, keep: torch.Tensor, dropout_p: float, has_bias: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d pre-norm sum = d residual, dx or empty when no dropout, dweight, dbias or empty)."""
+    return _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
+    return (torch.empty_like(dy), torch.empty_like(dy) if keep.numel() else dy.new_empty(0),
+            torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, seed, dropout_p, eps = inputs
+    _, hidden_sum, keep, mean, rstd = output
+    stored = hidden_sum if (seed is not None or residual is not None) else x
+    ctx.save_for_backward(stored, weight, mean, rstd, keep)
+    ctx.dropout_p, ctx.has_bias, ctx.has_residual = dropout_p, bias is not None, residual is not None
+
+
+def _backward(ctx, dy, _dsum, _dkeep, _dmean, _drstd):
+    stored, weight, mean, rstd, keep = ctx.saved_tensors
+    dh, dx, dweight, dbias = _layer_norm_bwd(dy, stored, weight, mean, rstd, keep, ctx.dropout_p, ctx.has_bias)
+    return (dx if keep.numel() else dh, dh if ctx.has_residual else None, dweight,
+            dbias if ctx.has_bias else None, None, None, None)
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_impl(x, weight, bias, residual, dropout_p, eps):
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+    return _layer_norm_fwd(x, residual, weight, bias, seed, float(dropout_p), float(eps))[0]
+
+
+def _triton_supports(device, dtype, hidden, **_features) -> list[str]:
+    reasons = triton_device(device)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {dtype} (triton takes float16, bfloat16, float32)")
+    if hidden > 8192:
+        reasons.append(f"hidden size {hidden} > 8192 (one row per program)")
+    return reasons
+
+
+def _apex_impl(x, weight, bias, residual, dropout_p, eps):
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine  # noqa: PLC0415
+
+    hidden = torch.nn.functional.dropout(x, dropout_p) if dropout_p > 0.0 else x
+    if residual is not None:
+        hidden = hidden + residual
+    if bias is None:
+        bias = torch.zeros_like(weight)
+    return fused_layer_norm_affine(hidden, weight, bias, hidden.shape[-1:], eps)
+
+
+def _apex_supports(device, dtype, **_features) -> list[str]:
+    reasons = needs_cuda_device(device)
+    if dtype == torch.float64:
+        reasons.append("dtype float64")
+    return reasons
+
+
+LAYER_NORM.register("triton", available=triton_available, supports=_triton_supports, auto_devices=("cuda",))(_triton_impl)
+LAYER_NORM.register("apex", available=needs_module("apex"), supports=_apex_supports, auto_devices=("cuda",))(_apex_impl)
+LAYER_NORM.register("reference")(_reference_impl)

@@ -1,0 +1,96 @@
+"""fastvl.ops.layer_norm (residual + dropout + LayerNorm) against the float64 reference."""
+
+import pytest
+import torch
+
+import fastvl
+from fastvl.ops.layer_norm import _layer_norm_fwd
+from fastvl.reference.layer_norm import layer_norm_ref
+from fastvl.testing import check_op
+
+
+def _inputs(generator, shape, residual=True, bias=True):
+    hidden = shape[-1]
+    x = torch.randn(*shape, generator=generator) * 2 + 0.5
+    weight = torch.randn(hidden, generator=generator)
+    return (x, torch.randn(*shape, generator=generator) if residual else None, weight,
+            torch.randn(hidden, generator=generator) if bias else None)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("shape,residual,bias", [((2, 23, 48), True, True), ((37, 130), False, True),
+                                                  ((5, 64), True, False), ((1, 1, 768), True, True)])
+def test_forward_backward_parity(generator, backend, shape, residual, bias):
+    x, res, weight, b = _inputs(generator, shape, residual, bias)
+    inputs = [t for t in (x, res, weight, b) if t is not None]
+
+    def split(args):
+        args = list(args)
+        return args.pop(0), (args.pop(0) if residual else None), args.pop(0), (args.pop(0) if bias else None)
+
+    def fused(*args):
+        x_, r_, w_, b_ = split(args)
+        return fastvl.ops.layer_norm(x_, w_, b_, r_, eps=1e-5, backend=backend)
+
+    def reference(*args):
+        x_, r_, w_, b_ = split(args)
+        return layer_norm_ref(x_, w_, b_, r_, eps=1e-5)
+
+    check_op(fused, reference, inputs, name=f"layer_norm[{backend}]")
+
+
+@pytest.mark.interpret
+def test_triton_dropout_replays_its_keep_mask(generator):
+    x, res, weight, bias = _inputs(generator, (3, 7, 40))
+    seed = torch.tensor([2024])
+    keep = _layer_norm_fwd(x, res, weight, bias, seed, 0.25, 1e-12)[2].view(x.shape).bool()
+    assert 0.6 < keep.float().mean() < 0.9
+    check_op(lambda *a: _layer_norm_fwd(a[0], a[1], a[2], a[3], seed, 0.25, 1e-12)[0],
+             lambda *a: layer_norm_ref(a[0], a[2], a[3], a[1], 0.25, dropout_mask=keep), [x, res, weight, bias],
+             name="layer_norm dropout")
+    again = _layer_norm_fwd(x, res, weight, bias, seed, 0.25, 1e-12)[2].view(x.shape).bool()
+    assert torch.equal(keep, again)
+
+
+@pytest.mark.interpret
+def test_triton_float16_parity(generator):
+    x, res, weight, bias = (t.half() for t in _inputs(generator, (9, 96)))
+    check_op(lambda *a: fastvl.ops.layer_norm(a[0], a[2], a[3], a[1], backend="triton"),
+             lambda *a: layer_norm_ref(a[0], a[2], a[3], a[1]), [x, res, weight, bias], name="layer_norm fp16")
+
+
+def test_auto_uses_reference_on_cpu_and_matches_torch(generator):
+    x, res, weight, bias = _inputs(generator, (4, 32))
+    assert fastvl.ops.layer_norm.__module__ == "fastvl.ops.layer_norm"
+    from fastvl.dispatch import op
+
+    assert op("layer_norm").select(None, x.device, dtype=x.dtype, hidden=32, dropout=False).name == "reference"
+    expected = torch.nn.functional.layer_norm(x + res, (32,), weight, bias, 1e-12)
+    torch.testing.assert_close(fastvl.ops.layer_norm(x, weight, bias, res), expected)
+
+
+def test_bad_inputs(generator):
+    x, res, weight, bias = _inputs(generator, (4, 32))
+    with pytest.raises(ValueError, match="weight"):
+        fastvl.ops.layer_norm(x, weight[:16], bias)
+    with pytest.raises(ValueError, match="residual"):
+        fastvl.ops.layer_norm(x, weight, bias, res[:2])
+    with pytest.raises(TypeError, match="residual"):
+        fastvl.ops.layer_norm(x, weight, bias, res.double())
+    with pytest.raises(ValueError, match="dropout_p"):
+        fastvl.ops.layer_norm(x, weight, bias, dropout_p=1.0)
+
+
+@pytest.mark.interpret
+def test_compiles_without_graph_breaks(generator):
+    x, res, weight, bias = _inputs(generator, (6, 48))
+    x.requires_grad_(True)
+
+    def block(x_, r_):
+        with fastvl.use_backend(layer_norm="triton"):
+            return fastvl.ops.layer_norm(x_ * 2, weight, bias, r_)
+
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    out = compiled(x, res)
+    out.sum().backward()
+    torch.testing.assert_close(out, layer_norm_ref(x.detach() * 2, weight, bias, res))
