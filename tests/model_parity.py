@@ -32,11 +32,13 @@ def _outputs(value) -> list[torch.Tensor]:
 
 
 def check_model_parity(model: torch.nn.Module, run: Callable, inputs: Sequence, *, name: str = "model",
-                       seed: int = 0, grads: bool = True) -> list[ParityResult]:
+                       seed: int = 0, grads: bool = True, fused: dict | None = None) -> list[ParityResult]:
     """``run(model, *inputs)`` returns a tensor, a tuple or a dict of tensors. The model must be
-    deterministic (eval mode or zero dropout). Returns every comparison made (all ok)."""
+    deterministic (eval mode or zero dropout). ``fused`` picks backends per op for the fused run
+    (default: auto). Returns every comparison made (all ok)."""
     eager, exact = copy.deepcopy(model), copy.deepcopy(model).double()
-    fused_out = _outputs(run(model, *inputs))
+    with use_backend(**(fused or {})):
+        fused_out = _outputs(run(model, *inputs))
     with use_backend("reference"):
         eager_out = _outputs(run(eager, *inputs))
         exact_out = _outputs(run(exact, *_double(list(inputs))))
@@ -51,7 +53,8 @@ def check_model_parity(model: torch.nn.Module, run: Callable, inputs: Sequence, 
     assert chosen, f"{name}: no differentiable output"
     for outs, net in ((fused_out, model), (eager_out, eager), (exact_out, exact)):
         net.zero_grad(set_to_none=True)
-        torch.autograd.backward([outs[i] for i in chosen], [upstream[i].to(outs[i].dtype) for i in chosen])
+        with use_backend(**(fused or {})):
+            torch.autograd.backward([outs[i] for i in chosen], [upstream[i].to(outs[i].dtype) for i in chosen])
     checked = 0
     for (pname, f), (_, e), (_, x) in zip(model.named_parameters(), eager.named_parameters(),
                                          exact.named_parameters()):

@@ -113,10 +113,15 @@ def test_vit_matches_independent_definition(generator):
     torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, 4, 17, dtype=torch.float64))
 
 
-def test_vit_parity_and_checkpointing(generator):
+TRITON_LAYERS = pytest.param({"layer_norm": "triton", "bias_gelu": "triton"}, marks=pytest.mark.interpret,
+                              id="triton-interpreter")
+
+
+@pytest.mark.parametrize("fused", [None, TRITON_LAYERS])
+def test_vit_parity_and_checkpointing(generator, fused):
     vit = _tiny_vit()
     images = torch.randn(3, 3, 32, 32, generator=generator)
-    check_model_parity(vit, lambda m, x: m(x), [images], name="vit")
+    check_model_parity(vit, lambda m, x: m(x), [images], name="vit", fused=fused)
     vit.train().gradient_checkpointing = True
     torch.testing.assert_close(vit(images), vit.eval()(images))
 

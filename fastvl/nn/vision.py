@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvl import _checks
-from fastvl.ops import attention
+from fastvl.ops import attention, bias_gelu, layer_norm
 
 
 class PatchEmbedding(nn.Module):
@@ -63,7 +63,9 @@ class ViTAttention(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-LN transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (exact GELU)."""
+    """Pre-LN transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (exact GELU).
+    LayerNorms run through :func:`fastvl.ops.layer_norm`, fc1's bias + GELU through
+    :func:`fastvl.ops.bias_gelu`."""
 
     def __init__(self, dim: int = 768, heads: int = 12, mlp_ratio: float = 4.0, eps: float = 1e-6,
                  attention_dropout: float = 0.0, dropout: float = 0.0):
@@ -77,13 +79,19 @@ class ViTBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, return_probs: bool = False):
-        attended = self.attn(self.norm1(x), return_probs)
+        attended = self.attn(_norm(self.norm1, x), return_probs)
         probs = None
         if return_probs:
             attended, probs = attended
         x = x + self.dropout(attended)
-        x = x + self.dropout(self.mlp.fc2(self.dropout(F.gelu(self.mlp.fc1(self.norm2(x))))))
+        hidden = bias_gelu(F.linear(_norm(self.norm2, x), self.mlp.fc1.weight), self.mlp.fc1.bias)
+        x = x + self.dropout(self.mlp.fc2(self.dropout(hidden)))
         return (x, probs) if return_probs else x
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` through :func:`fastvl.ops.layer_norm` (the module only holds the parameters)."""
+    return layer_norm(x, norm.weight, norm.bias, eps=norm.eps)
 
 
 class VisionTransformer(nn.Module):
@@ -124,7 +132,7 @@ class VisionTransformer(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        x = self.norm(x)
+        x = _norm(self.norm, x)
         return (x, probabilities) if return_attention else x
 
 
