@@ -1,20 +1,27 @@
 """``fastvl.ops.region_kl_loss`` and ``linear_region_kl_loss``: ViLBERT's masked-region KL loss.
 
-Backends (auto order): ``reference`` (the original formula). The loss issue adds ``triton`` (GPU)
-and ``cpp`` (CPU, csrc/) backends that compute the loss and its gradient in one pass.
+Backends (auto order): ``triton`` (CUDA; CPU only when asked for, under ``TRITON_INTERPRET=1``),
+``cpp`` (CPU, ``fastvl._C.region_kl_rows``), ``reference`` (the original formula). The fused backends
+compute each masked row's loss and its gradient in one kernel (the gradient is written during the
+forward, as Liger-Kernel does, and scaled by the upstream gradient in the backward), never materialise
+``log_softmax``, read nothing of unmasked rows, and keep the masked count on the device.
+
+``linear_region_kl_loss`` projects only the masked regions, chunk by chunk (see ``fastvl.ops._linear_loss``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastvl import _checks
-from fastvl.dispatch import op
+from fastvl import _checks, _ext
+from fastvl.dispatch import needs_cpu_device, op, triton_available, triton_device
+from fastvl.ops import _linear_loss
 from fastvl.reference.region_kl import linear_region_kl_loss_ref, region_kl_loss_ref
 
 REGION_KL = op("region_kl_loss")
 LINEAR_REGION_KL = op("linear_region_kl_loss")
 REDUCTIONS = ("mean", "sum", "none")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _validate_targets(logits_name: str, leading: torch.Size, classes: int, reference: torch.Tensor,
@@ -33,42 +40,174 @@ def region_kl_loss(logits: torch.Tensor, target_probs: torch.Tensor, region_mask
     """KL(target_probs || softmax(logits)) summed over classes, over masked regions.
 
     logits ``[..., C]`` (fp32/fp16/bf16; accumulation in fp32); target_probs ``[..., C]`` (the
-    detector's class distribution; exact zeros allowed); region_mask ``[...]`` bool, True = a masked
-    region that is scored. reduction 'mean' (over masked regions; 0 with zero gradient when nothing is
-    masked, where the original gives NaN), 'sum', or 'none' (``[...]``, 0 on unmasked regions).
+    detector's class distribution, fp32 or logits' dtype; exact zeros allowed: 0 log 0 = 0);
+    region_mask ``[...]`` bool, True = a masked region that is scored. reduction 'mean' (over masked
+    regions; 0 with zero gradient when nothing is masked, where the original gives NaN), 'sum', or
+    'none' (``[...]``, 0 on unmasked regions). The result has logits' dtype.
     ViLBERT scores positions 1.. (its IMG token at 0 is never masked): slicing is the caller's choice.
     """
     _checks.tensor("logits", logits, shape="[..., C]", ndim=range(1, 8))
     _validate_targets("logits", logits.shape[:-1], logits.shape[-1], logits, target_probs, region_mask, reduction)
     region_mask = region_mask.bool()
-    chosen = REGION_KL.select(backend, logits.device, dtype=logits.dtype, classes=logits.shape[-1])
+    chosen = REGION_KL.select(backend, logits.device, dtype=logits.dtype, target_dtype=target_probs.dtype,
+                              classes=logits.shape[-1])
     return chosen.impl(logits, target_probs, region_mask, reduction)
 
 
 def linear_region_kl_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           target_probs: torch.Tensor, region_mask: torch.Tensor, reduction: str = "mean", *,
-                          backend: str | None = None) -> torch.Tensor:
+                          chunk_rows: int | None = None, backend: str | None = None) -> torch.Tensor:
     """``region_kl_loss(hidden @ weight.T + bias, target_probs, region_mask)`` without materialising
     the logits of unmasked regions (fused backends).
 
-    hidden ``[..., K]``, weight ``[C, K]``, bias ``[C]`` or None, target_probs ``[..., C]``,
-    region_mask ``[...]`` bool. Gradients flow to hidden, weight and bias. Under ZeRO-3 pass the
-    gathered weight (call through the owning module, or inside ``GatheredParameters``).
+    hidden ``[..., K]``, weight ``[C, K]``, bias ``[C]`` or None (all one dtype), target_probs
+    ``[..., C]``, region_mask ``[...]`` bool. Gradients flow to hidden, weight and bias. The fused
+    backends gather the masked rows (one host sync on CUDA, to size the projection) and project them
+    ``chunk_rows`` at a time (default: about 16M logits per chunk). Under ZeRO-3 pass the gathered weight
+    (call through the owning module, or inside ``GatheredParameters``).
     """
-    _checks.tensor("hidden", hidden, shape="[..., K]", ndim=range(1, 8))
-    _checks.tensor("weight", weight, shape="[C, K]", ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [C, K] with K = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {list(weight.shape)}")
-    if bias is not None:
-        _checks.tensor("bias", bias, shape="[C]", ndim=1)
-        _checks.same_shape("bias", bias, [weight.shape[0]], "[C] with C = weight.shape[0]")
-    _checks.same_device("hidden", hidden, weight=weight, bias=bias)
+    _linear_loss.validate_projection(hidden, weight, bias, "C")
     _validate_targets("hidden", hidden.shape[:-1], weight.shape[0], hidden, target_probs, region_mask, reduction)
+    _linear_loss.validate_chunk_rows(chunk_rows)
     region_mask = region_mask.bool()
-    chosen = LINEAR_REGION_KL.select(backend, hidden.device, dtype=hidden.dtype, classes=weight.shape[0])
-    return chosen.impl(hidden, weight, bias, target_probs, region_mask, reduction)
+    chosen = LINEAR_REGION_KL.select(backend, hidden.device, dtype=hidden.dtype, target_dtype=target_probs.dtype,
+                                     classes=weight.shape[0])
+    return chosen.impl(hidden, weight, bias, target_probs, region_mask, reduction, chunk_rows)
 
+
+# Row kernels: one loss per row + its scaled gradient, per backend ----------------------------------
+
+
+def region_kl_rows(backend: str, logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+                   scale: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """Per-row KL of ``logits`` ``[N, C]`` (unit class stride) against ``targets`` ``[N, C]`` on rows
+    where ``selected`` (bool ``[N]``); writes ``(softmax * sum p - p) * scale`` into ``grad`` (``[N, C]``,
+    may be ``logits``) unless None; ``scale`` fp32 ``[1]`` or ``[N]``. Returns fp32 ``[N]``."""
+    if backend == "cpp":
+        return _ext.load().region_kl_rows(logits, targets, selected, scale, grad)
+    from fastvl.kernels.region_kl import block_size, num_warps, region_kl_kernel  # noqa: PLC0415
+
+    rows, classes = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows:
+        block = block_size(classes)
+        region_kl_kernel[(rows,)](
+            logits, targets, selected.view(torch.uint8), scale, loss, grad if grad is not None else logits,
+            classes, logits.stride(0), targets.stride(0), grad.stride(0) if grad is not None else 0,
+            0 if scale.numel() == 1 else 1, WRITE_GRAD=grad is not None, BLOCK_C=block, num_warps=num_warps(block))
+    return loss
+
+
+def _rows_2d(t: torch.Tensor, classes: int) -> torch.Tensor:
+    t = t.reshape(-1, classes)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _mean_scale(count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """fp32 [1]: the gradient factor of every row (1/count for 'mean', on the device)."""
+    if reduction == "mean":
+        return (1.0 / count.clamp_min(1).float()).reshape(1)
+    return torch.ones(1, dtype=torch.float32, device=count.device)
+
+
+def reduce_rows(row_loss: torch.Tensor, count: torch.Tensor, reduction: str, shape, dtype) -> torch.Tensor:
+    """Per-row fp32 losses (0 on unselected rows) -> the requested reduction, in ``dtype``."""
+    if reduction == "none":
+        return row_loss.reshape(shape).to(dtype)
+    total = row_loss.sum()
+    if reduction == "mean":
+        total = total / count.clamp_min(1).to(total.dtype)
+    return total.to(dtype)
+
+
+@torch.library.custom_op("fastvl::region_kl_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _region_kl_fwd(logits: torch.Tensor, targets: torch.Tensor, region_mask: torch.Tensor, reduction: str,
+                   backend: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d logits for an upstream gradient of 1 — or empty without ``with_grad``)."""
+    classes = logits.shape[-1]
+    logits2d, targets2d = _rows_2d(logits, classes), _rows_2d(targets, classes)
+    selected = region_mask.reshape(-1).contiguous()
+    count = selected.sum()
+    grad = torch.empty_like(logits2d) if with_grad else None
+    row_loss = region_kl_rows(backend, logits2d, targets2d, selected, _mean_scale(count, reduction), grad)
+    loss = reduce_rows(row_loss, count, reduction, region_mask.shape, logits.dtype)
+    return loss, grad.view(logits.shape) if grad is not None else logits.new_empty(0)
+
+
+@_region_kl_fwd.register_fake
+def _(logits, targets, region_mask, reduction, backend, with_grad):
+    loss_shape = region_mask.shape if reduction == "none" else ()
+    return logits.new_empty(loss_shape), torch.empty_like(logits) if with_grad else logits.new_empty(0)
+
+
+def _region_kl_setup(ctx, inputs, output):
+    ctx.reduction = inputs[3]
+    ctx.save_for_backward(output[1])
+
+
+def _region_kl_backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    upstream = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
+    return grad * upstream, None, None, None, None, None
+
+
+_region_kl_fwd.register_autograd(_region_kl_backward, setup_context=_region_kl_setup)
+
+
+def _fused_region_kl(backend: str):
+    def impl(logits, target_probs, region_mask, reduction):
+        with_grad = torch.is_grad_enabled() and logits.requires_grad
+        return _region_kl_fwd(logits, target_probs, region_mask, reduction, backend, with_grad)[0]
+
+    return impl
+
+
+def _fused_linear_region_kl(backend: str):
+    def impl(hidden, weight, bias, target_probs, region_mask, reduction, chunk_rows):
+        return _linear_loss.apply("kl", backend, hidden, weight, bias, target_probs, region_mask, reduction,
+                                  chunk_rows)
+
+    return impl
+
+
+def _gathered_rows(backend, logits, targets, scale, grad):
+    selected = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return region_kl_rows(backend, logits, targets, selected, scale, grad)
+
+
+_linear_loss.ROW_LOSSES["kl"] = _gathered_rows
+
+
+def _supports_fused(dtype: torch.dtype, target_dtype: torch.dtype, **_features) -> list[str]:
+    reasons = []
+    if dtype not in FUSED_DTYPES:
+        reasons.append(f"dtype {dtype} (fused kernels take float32, float16, bfloat16)")
+    if target_dtype not in (torch.float32, dtype):
+        reasons.append(f"target_probs dtype {target_dtype} (must be float32 or the logits' dtype)")
+    return reasons
+
+
+def _triton_supports(device: torch.device, **features) -> list[str]:
+    return triton_device(device) + _supports_fused(**features)
+
+
+def _cpp_supports(device: torch.device, **features) -> list[str]:
+    return needs_cpu_device(device) + _supports_fused(**features)
+
+
+def _cpp_available() -> list[str]:
+    reason = _ext.missing_reason("region_kl_rows")
+    return [reason] if reason else []
+
+
+for _op, _make in ((REGION_KL, _fused_region_kl), (LINEAR_REGION_KL, _fused_linear_region_kl)):
+    _op.register("triton", available=triton_available, supports=_triton_supports, auto_devices=("cuda",))(
+        _make("triton"))
+    _op.register("cpp", available=_cpp_available, supports=_cpp_supports, auto_devices=("cpu",))(_make("cpp"))
 
 REGION_KL.register("reference")(region_kl_loss_ref)
-LINEAR_REGION_KL.register("reference")(linear_region_kl_loss_ref)
+
+
+@LINEAR_REGION_KL.register("reference")
+def _linear_region_kl_reference(hidden, weight, bias, target_probs, region_mask, reduction, chunk_rows):
+    return linear_region_kl_loss_ref(hidden, weight, bias, target_probs, region_mask, reduction)
