@@ -1,0 +1,89 @@
+"""``fastvl data``: ``synth`` (the synthetic set), ``convert`` (TSV / LMDB -> shards), ``inspect`` (check a set)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from fastvl.data.format import VOCAB_FILE, DataError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    synth = actions.add_parser("synth", help="write the deterministic synthetic dataset (and its vocab.txt)")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--num-images", type=int, default=2048)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--feature-dim", type=int, default=2048)
+    synth.add_argument("--num-classes", type=int, default=24)
+    synth.add_argument("--shard-size", type=int, default=512, help="images per shard")
+
+    convert = actions.add_parser("convert", help="convert bottom-up-attention TSV or ViLBERT LMDB features")
+    convert.add_argument("inputs", nargs="+", help=".tsv files, or LMDB paths with --lmdb")
+    convert.add_argument("--captions", required=True, help="JSONL {image_id, caption} or 'image_id<TAB>caption' lines")
+    convert.add_argument("--out", required=True, help="output directory")
+    convert.add_argument("--lmdb", action="store_true", help="inputs are ViLBERT LMDB feature files")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="allow unpickling the LMDB rows (they can execute code: only for files you trust)")
+    convert.add_argument("--fields", help="comma-separated TSV column names when the files have no header")
+    convert.add_argument("--num-classes", type=int, help="detector classes (TSV without cls_prob)")
+    convert.add_argument("--vocab", help="copy this vocab.txt (e.g. BERT's) next to the shards")
+    convert.add_argument("--shard-size", type=int, default=1024, help="records per shard")
+
+    inspect = actions.add_parser("inspect", help="open a dataset, tokenise its captions and report counts")
+    inspect.add_argument("data", help="dataset directory")
+    inspect.add_argument("--vocab", help="vocab.txt (default: DATA/vocab.txt)")
+    inspect.add_argument("--strict", action="store_true", help="fail on a record that would be skipped")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run(args)
+    except DataError as error:
+        print(f"fastvl data: error: {error}")
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.action == "synth":
+        from fastvl.data.synth import make_synthetic_dataset  # noqa: PLC0415
+
+        index = make_synthetic_dataset(args.out, args.num_images, seed=args.seed, feature_dim=args.feature_dim,
+                                       num_classes=args.num_classes, shard_size=args.shard_size)
+        print(f"wrote {index['num_images']} images in {len(index['shards'])} shards and {VOCAB_FILE} to {args.out}")
+        return 0
+    if args.action == "convert":
+        import shutil  # noqa: PLC0415
+
+        from fastvl.data import convert  # noqa: PLC0415
+
+        captions = convert.read_captions(args.captions)
+        fields = tuple(args.fields.split(",")) if args.fields else None
+
+        def images():
+            for path in args.inputs:
+                if args.lmdb:
+                    yield from convert.read_vilbert_lmdb(path, trust_pickle=args.trust_pickle)
+                else:
+                    yield from convert.read_butd_tsv(path, fields, args.num_classes)
+
+        index = convert.convert(images(), captions, args.out, shard_size=args.shard_size,
+                                source=",".join(os.path.basename(p) for p in args.inputs))
+        if args.vocab:
+            shutil.copyfile(args.vocab, os.path.join(args.out, VOCAB_FILE))
+        print(json.dumps(index["conversion"]))
+        print(f"wrote {index['num_images']} records in {len(index['shards'])} shards to {args.out}")
+        return 0
+    from fastvl.data.format import RegionDataset  # noqa: PLC0415
+    from fastvl.data.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    dataset = RegionDataset(args.data, load_tokenizer(args.vocab or os.path.join(args.data, VOCAB_FILE)),
+                            strict=args.strict)
+    lengths = dataset.caption_lengths()
+    print(json.dumps({"records": len(dataset), "skipped": dataset.skipped, "feature_dim": dataset.feature_dim,
+                      "num_classes": dataset.num_classes, "max_caption_pieces": max(lengths),
+                      "mean_caption_pieces": round(sum(lengths) / len(lengths), 2)}))
+    return 0

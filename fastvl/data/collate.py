@@ -1,0 +1,182 @@
+"""ViLBERT's pretraining collation: masking, alignment negatives, padding or packing.
+
+Per pair (the released ViLBERT code's rules; SEED-SYSTEMS.md):
+
+* **Alignment**: with probability 0.5 the caption is replaced by another record's caption
+  (``is_next = 1``; 0 = aligned).
+* **Words**: each word piece (never [CLS]/[SEP]) is selected with probability 0.15; a selected one
+  becomes [MASK] 80% of the time, a uniformly random vocabulary id 10%, stays itself 10%; every
+  selected position is labelled with its original id (``mlm_labels``, -1 elsewhere).
+* **Regions**: position 0 is the IMG region (feature = mean of the image's real region features,
+  location ``[0, 0, 1, 1, 1]``, never masked). Each real region is selected with probability 0.15;
+  a selected one has its feature zeroed 90% of the time and kept 10%; every selected region is
+  labelled (``region_labels``) with the detector's class distribution as KL target.
+* Locations are ``[x1/W, y1/H, x2/W, y2/H, box area / image area]``.
+
+Randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))`` per sample, so a
+sample's masking depends only on the seed, the epoch and the sample, never on batching, worker
+count, data-parallel layout or resumption.
+
+Batches are padded to the longest sequence (optionally a multiple of ``pad_to_multiple_of``), or
+packed: every per-token / per-region field flattened to ``[total, ...]`` with int32 ``cu_seqlens``
+(FlashAttention's convention); :func:`unpack` turns a packed batch into the padded one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastvl.data.format import Example
+
+IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)
+TEXT_FIELDS = ("input_ids", "token_type_ids", "mlm_labels")
+REGION_FIELDS = ("region_feats", "region_loc", "region_targets", "region_labels")
+PAD_VALUES = {"input_ids": 0, "token_type_ids": 0, "mlm_labels": -1, "region_feats": 0.0, "region_loc": 0.0,
+              "region_targets": 0.0, "region_labels": False}
+
+
+def region_locations(boxes: np.ndarray, image_h: int, image_w: int) -> np.ndarray:
+    """Pixel boxes ``[N, 4]`` -> ViLBERT's 5-d locations ``[N, 5]`` (float32)."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    width, height = float(max(image_w, 1)), float(max(image_h, 1))
+    scaled = boxes / np.array([width, height, width, height], dtype=np.float32)
+    area = (scaled[:, 2] - scaled[:, 0]) * (scaled[:, 3] - scaled[:, 1])
+    return np.concatenate([scaled, area[:, None]], axis=1).astype(np.float32)
+
+
+class ViLBERTCollator:
+    """Turns a list of ``(epoch, index)`` sample keys into a ViLBERT pretraining batch.
+
+    ``dataset``: a :class:`fastvl.data.format.RegionDataset` (also the source of negative captions);
+    ``special``: :class:`fastvl.data.tokenizer.SpecialIds`; ``vocab_size`` for random replacements.
+    Output (padded): input_ids / token_type_ids / mlm_labels ``[B, Lt]`` long, text_mask ``[B, Lt]``
+    bool, region_feats ``[B, Lv, D]`` float32, region_loc ``[B, Lv, 5]``, region_mask ``[B, Lv]`` bool,
+    region_targets ``[B, Lv, C]``, region_labels ``[B, Lv]`` bool, is_next ``[B]`` long, plus
+    ``num_tokens`` (int: real text tokens + real regions) and ``keys`` (the sample keys).
+    """
+
+    def __init__(self, dataset, special, vocab_size: int, *, seed: int = 0, max_text_len: int = 36,
+                 max_regions: int = 36, word_mask_prob: float = 0.15, region_mask_prob: float = 0.15,
+                 negative_prob: float = 0.5, packed: bool = False, pad_to_multiple_of: int = 1):
+        if max_text_len < 3:
+            raise ValueError(f"max_text_len must be >= 3 ([CLS] word [SEP]), got {max_text_len}")
+        if max_regions < 1:
+            raise ValueError(f"max_regions must be >= 1, got {max_regions}")
+        self.dataset = dataset
+        self.special = special
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.max_text_len = max_text_len
+        self.max_regions = max_regions
+        self.word_mask_prob = word_mask_prob
+        self.region_mask_prob = region_mask_prob
+        self.negative_prob = negative_prob
+        self.packed = packed
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def sample(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        """One masked pair as unpadded arrays (text ``[Lt]``, regions ``[1 + N, ...]``)."""
+        rng = np.random.default_rng((self.seed, epoch, index))
+        example: Example = self.dataset[index]
+        is_next = 0
+        caption = example.token_ids
+        if len(self.dataset) > 1 and rng.random() < self.negative_prob:
+            other = int(rng.integers(len(self.dataset) - 1))
+            other += other >= index
+            caption, is_next = self.dataset.token_ids[other], 1
+        text = self._mask_words(caption[: self.max_text_len - 2], rng)
+        regions = self._mask_regions(example, rng)
+        return {**text, **regions, "is_next": np.int64(is_next)}
+
+    def _mask_words(self, pieces: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        s = self.special
+        ids = np.concatenate([[s.cls], pieces, [s.sep]]).astype(np.int64)
+        labels = np.full_like(ids, -1)
+        draw = rng.random(len(ids))
+        action = rng.random(len(ids))
+        random_ids = rng.integers(self.vocab_size, size=len(ids))
+        selected = draw < self.word_mask_prob
+        selected[0] = selected[-1] = False  # [CLS] and [SEP] are never masked
+        labels[selected] = ids[selected]
+        ids = np.where(selected & (action < 0.8), s.mask, ids)
+        ids = np.where(selected & (action >= 0.8) & (action < 0.9), random_ids, ids)
+        return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "mlm_labels": labels}
+
+    def _mask_regions(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        n = min(example.features.shape[0], self.max_regions)
+        features = np.asarray(example.features[:n], dtype=np.float32)
+        locations = region_locations(example.boxes[:n], example.image_h, example.image_w)
+        targets = np.asarray(example.cls_prob[:n], dtype=np.float32)
+        image_feature = features.mean(axis=0, keepdims=True)  # before masking, as the original
+        selected = rng.random(n) < self.region_mask_prob
+        zeroed = selected & (rng.random(n) < 0.9)
+        features = np.where(zeroed[:, None], np.float32(0.0), features)
+        return {
+            "region_feats": np.concatenate([image_feature, features]),
+            "region_loc": np.concatenate([np.array([IMG_LOCATION], dtype=np.float32), locations]),
+            "region_targets": np.concatenate([np.zeros((1, targets.shape[1]), np.float32), targets]),
+            "region_labels": np.concatenate([[False], selected]),
+        }
+
+    def __call__(self, keys) -> dict:
+        samples = [self.sample(int(epoch), int(index)) for epoch, index in keys]
+        batch = pack(samples) if self.packed else pad(samples, self.pad_to_multiple_of)
+        batch["keys"] = [(int(e), int(i)) for e, i in keys]
+        return batch
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad(samples: list[dict], pad_to_multiple_of: int = 1) -> dict:
+    """Per-sample arrays -> padded tensors with ``text_mask`` / ``region_mask`` (True = real)."""
+    text_lengths = [len(s["input_ids"]) for s in samples]
+    region_lengths = [len(s["region_feats"]) for s in samples]
+    lt, lv = (_round_up(max(v), pad_to_multiple_of) for v in (text_lengths, region_lengths))
+    batch = {}
+    for fields, length, lengths in ((TEXT_FIELDS, lt, text_lengths), (REGION_FIELDS, lv, region_lengths)):
+        for key in fields:
+            first = samples[0][key]
+            out = np.full((len(samples), length, *first.shape[1:]), PAD_VALUES[key], dtype=first.dtype)
+            for row, s in enumerate(samples):
+                out[row, : len(s[key])] = s[key]
+            batch[key] = torch.from_numpy(out)
+        mask = np.arange(length)[None, :] < np.array(lengths)[:, None]
+        batch["text_mask" if fields is TEXT_FIELDS else "region_mask"] = torch.from_numpy(mask)
+    batch["is_next"] = torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long)
+    batch["num_tokens"] = sum(text_lengths) + sum(region_lengths)
+    return batch
+
+
+def pack(samples: list[dict]) -> dict:
+    """Per-sample arrays -> packed ``[total, ...]`` tensors with ``cu_seqlens_text`` / ``cu_seqlens_regions``."""
+    batch: dict = {"packed": True}
+    for fields, name in ((TEXT_FIELDS, "text"), (REGION_FIELDS, "regions")):
+        lengths = [len(s[fields[0]]) for s in samples]
+        for key in fields:
+            batch[key] = torch.from_numpy(np.concatenate([s[key] for s in samples]))
+        batch[f"cu_seqlens_{name}"] = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+        batch[f"max_seqlen_{name}"] = max(lengths)
+    batch["is_next"] = torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long)
+    batch["num_tokens"] = int(batch["cu_seqlens_text"][-1] + batch["cu_seqlens_regions"][-1])
+    return batch
+
+
+def unpack(batch: dict, pad_to_multiple_of: int = 1) -> dict:
+    """A packed batch -> the padded batch :func:`pad` gives for the same samples."""
+    if not batch.get("packed"):
+        return batch
+    samples = []
+    cu_t, cu_v = batch["cu_seqlens_text"].tolist(), batch["cu_seqlens_regions"].tolist()
+    for row in range(len(cu_t) - 1):
+        sample = {k: batch[k][cu_t[row]: cu_t[row + 1]].numpy() for k in TEXT_FIELDS}
+        sample.update({k: batch[k][cu_v[row]: cu_v[row + 1]].numpy() for k in REGION_FIELDS})
+        sample["is_next"] = batch["is_next"][row]
+        samples.append(sample)
+    out = pad(samples, pad_to_multiple_of)
+    for key in ("keys",):
+        if key in batch:
+            out[key] = batch[key]
+    return out

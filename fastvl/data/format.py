@@ -1,0 +1,303 @@
+"""fastvl's on-disk region-feature format: writing shards and memory-mapping them back.
+
+The layout is documented in :mod:`fastvl.data` (the package docstring). Nothing here unpickles:
+arrays load with ``np.load(..., allow_pickle=False, mmap_mode="r")`` and captions are JSON lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+FORMAT_NAME = "fastvl-regions"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+VOCAB_FILE = "vocab.txt"
+CAPTIONS_FILE = "captions.jsonl"
+
+# array name -> (dtype it is written with, rank, description of its shape)
+ARRAYS = {
+    "features": (np.float16, 2, "[R, D]"),
+    "boxes": (np.float32, 2, "[R, 4]"),
+    "cls_prob": (np.float16, 2, "[R, C]"),
+    "num_regions": (np.int32, 1, "[n]"),
+    "image_size": (np.int32, 2, "[n, 2]"),
+}
+
+log = logging.getLogger("fastvl.data")
+
+
+class DataError(ValueError):
+    """A dataset file is missing, corrupt, truncated or inconsistent; the message names file and record."""
+
+
+@dataclasses.dataclass
+class ImageRecord:
+    """One image-caption pair as it is written to a shard.
+
+    features ``[N, D]`` (BUTD pooled RoI features), boxes ``[N, 4]`` pixel ``x1, y1, x2, y2``,
+    cls_prob ``[N, C]`` the detector's class distribution, image_h / image_w in pixels, caption text.
+    """
+
+    image_id: str
+    caption: str
+    features: np.ndarray
+    boxes: np.ndarray
+    cls_prob: np.ndarray
+    image_h: int
+    image_w: int
+
+
+@dataclasses.dataclass
+class Example:
+    """One record as the dataset serves it (arrays are read-only memory-mapped views)."""
+
+    index: int
+    image_id: str
+    token_ids: np.ndarray  # int32 word pieces of the caption, without [CLS]/[SEP]
+    features: np.ndarray
+    boxes: np.ndarray
+    cls_prob: np.ndarray
+    image_h: int
+    image_w: int
+
+
+class ShardWriter:
+    """Writes image records into ``out_dir`` as shards of ``shard_size`` images plus ``index.json``.
+
+    Use as a context manager (or call :meth:`close`); the index is written last, so a directory
+    without ``index.json`` is an unfinished conversion.
+    """
+
+    def __init__(self, out_dir: str, *, feature_dim: int, num_classes: int, shard_size: int = 1024,
+                 source: str = ""):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = out_dir
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.shard_size = shard_size
+        self.source = source
+        self.shards: list[dict] = []
+        self._pending: list[ImageRecord] = []
+        os.makedirs(out_dir, exist_ok=True)
+        stale = os.path.join(out_dir, INDEX_FILE)
+        if os.path.exists(stale):
+            os.remove(stale)
+
+    def add(self, record: ImageRecord) -> None:
+        n = record.features.shape[0]
+        where = f"record {record.image_id!r}"
+        if record.features.ndim != 2 or record.features.shape[1] != self.feature_dim:
+            raise DataError(f"{where}: features must be [N, {self.feature_dim}], got {list(record.features.shape)}")
+        if record.boxes.shape != (n, 4):
+            raise DataError(f"{where}: boxes must be [N, 4] = [{n}, 4], got {list(record.boxes.shape)}")
+        if record.cls_prob.shape != (n, self.num_classes):
+            raise DataError(f"{where}: cls_prob must be [N, C] = [{n}, {self.num_classes}], "
+                            f"got {list(record.cls_prob.shape)}")
+        self._pending.append(record)
+        if len(self._pending) == self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard-{len(self.shards):05d}"
+        shard_dir = os.path.join(self.out_dir, name)
+        os.makedirs(shard_dir, exist_ok=True)
+        records, self._pending = self._pending, []
+        arrays = {
+            "features": np.concatenate([r.features for r in records]),
+            "boxes": np.concatenate([r.boxes for r in records]),
+            "cls_prob": np.concatenate([r.cls_prob for r in records]),
+            "num_regions": np.array([r.features.shape[0] for r in records]),
+            "image_size": np.array([[r.image_h, r.image_w] for r in records]).reshape(-1, 2),
+        }
+        for key, (dtype, _, _) in ARRAYS.items():
+            np.save(os.path.join(shard_dir, f"{key}.npy"), np.ascontiguousarray(arrays[key], dtype=dtype))
+        with open(os.path.join(shard_dir, CAPTIONS_FILE), "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps({"image_id": str(r.image_id), "caption": r.caption}, ensure_ascii=False) + "\n")
+        self.shards.append({"name": name, "num_images": len(records), "num_regions": int(arrays["num_regions"].sum())})
+
+    def close(self) -> dict:
+        self._flush()
+        index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "feature_dim": self.feature_dim,
+                 "num_classes": self.num_classes, "num_images": sum(s["num_images"] for s in self.shards),
+                 "source": self.source, "shards": self.shards}
+        with open(os.path.join(self.out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1)
+        return index
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def write_dataset(out_dir: str, records: Iterable[ImageRecord], *, feature_dim: int, num_classes: int,
+                  shard_size: int = 1024, source: str = "") -> dict:
+    with ShardWriter(out_dir, feature_dim=feature_dim, num_classes=num_classes, shard_size=shard_size,
+                     source=source) as writer:
+        for record in records:
+            writer.add(record)
+    return writer.close()
+
+
+def read_index(data_dir: str) -> dict:
+    path = os.path.join(data_dir, INDEX_FILE)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; {data_dir!r} is not a fastvl dataset (make one with "
+                        "`fastvl data synth` or `fastvl data convert`)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not a readable JSON index ({error})") from error
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+        raise DataError(f"{path}: 'format' must be {FORMAT_NAME!r}")
+    if index.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format version {index.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+    for key in ("feature_dim", "num_classes", "shards"):
+        if key not in index:
+            raise DataError(f"{path}: missing key {key!r}")
+    return index
+
+
+class _Shard:
+    """One shard's arrays, memory-mapped on first use in each process (never pickled with the data)."""
+
+    def __init__(self, shard_dir: str, entry: dict, feature_dim: int, num_classes: int):
+        self.dir = shard_dir
+        self.num_images = int(entry["num_images"])
+        self.num_regions_total = int(entry["num_regions"])
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # DataLoader workers map the files themselves
+        return state
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = self._open()
+        return self._arrays
+
+    def _open(self) -> dict[str, np.ndarray]:
+        arrays = {}
+        for key, (_, ndim, shape) in ARRAYS.items():
+            path = os.path.join(self.dir, f"{key}.npy")
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: missing")
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:
+                raise DataError(f"{path}: corrupt or truncated .npy file ({error})") from error
+            if array.ndim != ndim or array.dtype.kind not in "fiu":
+                raise DataError(f"{path}: expected a numeric array {shape}, got {array.dtype} {list(array.shape)}")
+            arrays[key] = array
+        n, total = self.num_images, self.num_regions_total
+        expected = {"features": (total, self.feature_dim), "boxes": (total, 4), "cls_prob": (total, self.num_classes),
+                    "num_regions": (n,), "image_size": (n, 2)}
+        for key, shape in expected.items():
+            if arrays[key].shape != shape:
+                raise DataError(f"{os.path.join(self.dir, key + '.npy')}: shape {list(arrays[key].shape)} does not "
+                                f"match the index ({list(shape)} = {ARRAYS[key][2]})")
+        counts = np.asarray(arrays["num_regions"], dtype=np.int64)
+        if (counts < 0).any() or int(counts.sum()) != total:
+            raise DataError(f"{os.path.join(self.dir, 'num_regions.npy')}: region counts sum to {int(counts.sum())}, "
+                            f"the shard has {total} regions")
+        arrays["offsets"] = np.concatenate([[0], np.cumsum(counts)])
+        return arrays
+
+    def captions(self) -> list[tuple[str, str]]:
+        path = os.path.join(self.dir, CAPTIONS_FILE)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: missing")
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                    image_id, caption = str(row["image_id"]), row["caption"]
+                    if not isinstance(caption, str):
+                        raise TypeError("caption is not a string")
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise DataError(f"{path}:{line_number}: bad caption record ({error}); expected "
+                                    '{"image_id": ..., "caption": "..."}') from error
+                out.append((image_id, caption))
+        if len(out) != self.num_images:
+            raise DataError(f"{path}: {len(out)} captions for {self.num_images} images (truncated?)")
+        return out
+
+
+class RegionDataset:
+    """The records of a fastvl dataset directory, memory-mapped.
+
+    Captions are tokenised once at open (``tokenizer`` from :mod:`fastvl.data.tokenizer`). Records that
+    cannot train are skipped and counted in ``self.skipped`` (``{"zero_regions": k, "empty_caption": k}``,
+    logged once): an image with 0 regions or a caption with no word pieces. ``strict=True`` turns
+    a skip into a :class:`DataError` naming the file and the record. Corrupt, truncated or
+    inconsistent files always raise :class:`DataError`.
+    """
+
+    def __init__(self, data_dir: str, tokenizer, *, strict: bool = False):
+        self.dir = data_dir
+        self.index = read_index(data_dir)
+        self.feature_dim = int(self.index["feature_dim"])
+        self.num_classes = int(self.index["num_classes"])
+        self.tokenizer = tokenizer
+        self.shards = [_Shard(os.path.join(data_dir, e["name"]), e, self.feature_dim, self.num_classes)
+                       for e in self.index["shards"]]
+        self.skipped = {"zero_regions": 0, "empty_caption": 0}
+        self._where: list[tuple[int, int]] = []  # dataset index -> (shard, row)
+        self.image_ids: list[str] = []
+        self.token_ids: list[np.ndarray] = []
+        examples_of_skips = []
+        for shard_number, shard in enumerate(self.shards):
+            counts = shard.arrays()["num_regions"]
+            captions = shard.captions()
+            encoded = tokenizer.encode_batch([c for _, c in captions], add_special_tokens=False)
+            for row, ((image_id, _), encoding) in enumerate(zip(captions, encoded)):
+                reason = "zero_regions" if counts[row] == 0 else "empty_caption" if not encoding.ids else None
+                if reason is not None:
+                    where = f"{os.path.join(shard.dir, CAPTIONS_FILE)}:{row + 1} (image_id {image_id!r})"
+                    if strict:
+                        raise DataError(f"{where}: " + ("image has 0 regions" if reason == "zero_regions"
+                                                       else "caption has no word pieces"))
+                    self.skipped[reason] += 1
+                    if len(examples_of_skips) < 3:
+                        examples_of_skips.append(f"{where} [{reason}]")
+                    continue
+                self._where.append((shard_number, row))
+                self.image_ids.append(image_id)
+                self.token_ids.append(np.asarray(encoding.ids, dtype=np.int32))
+        if not self._where:
+            raise DataError(f"{data_dir}: no usable records (skipped: {self.skipped})")
+        if sum(self.skipped.values()):
+            log.warning("fastvl.data: skipped %s records of %s (%s), e.g. %s", sum(self.skipped.values()), data_dir,
+                        ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v), "; ".join(examples_of_skips))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, index: int) -> Example:
+        shard_number, row = self._where[index]
+        arrays = self.shards[shard_number].arrays()
+        start, stop = int(arrays["offsets"][row]), int(arrays["offsets"][row + 1])
+        image_h, image_w = (int(v) for v in arrays["image_size"][row])
+        return Example(index=index, image_id=self.image_ids[index], token_ids=self.token_ids[index],
+                       features=arrays["features"][start:stop], boxes=arrays["boxes"][start:stop],
+                       cls_prob=arrays["cls_prob"][start:stop], image_h=image_h, image_w=image_w)
+
+    def caption_lengths(self) -> Sequence[int]:
+        return [len(t) for t in self.token_ids]

@@ -1,0 +1,58 @@
+"""WordPiece tokenisation through the ``tokenizers`` library (BERT's uncased scheme).
+
+For real data pass BERT's ``vocab.txt`` (bert-base-uncased, as ViLBERT uses); the synthetic set trains
+its own small vocabulary with :func:`train_vocab`. Special tokens are looked up by name, so any
+BERT-style vocabulary works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+
+from fastvl.data.format import DataError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+
+def load_tokenizer(vocab_file: str, lowercase: bool = True):
+    """A BERT WordPiece tokenizer from a ``vocab.txt`` (one word piece per line)."""
+    from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415 - optional 'train' extra
+
+    if not os.path.isfile(vocab_file):
+        raise DataError(f"{vocab_file}: vocabulary file not found (pass BERT's vocab.txt with --vocab, or make a "
+                        "synthetic set with `fastvl data synth`, which writes its own)")
+    tokenizer = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise DataError(f"{vocab_file}: vocabulary lacks the special tokens {missing}")
+    return tokenizer
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    return SpecialIds(*(tokenizer.token_to_id(t) for t in SPECIAL_TOKENS))
+
+
+def train_vocab(texts: Iterable[str], out_file: str, vocab_size: int = 1000) -> str:
+    """Trains a WordPiece vocabulary on ``texts`` (deterministic for the same texts) and writes
+    ``out_file`` as a BERT ``vocab.txt`` with the special tokens first."""
+    from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415
+
+    tokenizer = BertWordPieceTokenizer(lowercase=True)
+    tokenizer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    vocab = tokenizer.get_vocab()
+    with open(out_file, "w", encoding="utf-8") as f:
+        for token, _ in sorted(vocab.items(), key=lambda item: item[1]):
+            f.write(token + "\n")
+    return out_file
