@@ -1,0 +1,18 @@
+"""fastvl's layers, built only from :mod:`fastvl.ops` and torch; each usable on its own.
+
+Every attention layer takes padding masks (bool ``[B, L]``, True = real; the original additive form
+too), supports activation checkpointing (:func:`set_gradient_checkpointing`) and returns attention
+probabilities on request (``output_attentions=True``, computed through the reference path).
+"""
+
+from fastvl.nn.attention import CrossAttention, SelfAttention
+from fastvl.nn.common import (Checkpointable, FeedForward, LayerNorm, init_bert_weights,
+                              set_gradient_checkpointing)
+from fastvl.nn.embeddings import RegionEmbeddings, TextEmbeddings
+from fastvl.nn.layers import CoAttentionLayer, CrossAttentionLayer, TransformerEncoder, TransformerLayer
+
+__all__ = [
+    "Checkpointable", "CoAttentionLayer", "CrossAttention", "CrossAttentionLayer", "FeedForward", "LayerNorm",
+    "RegionEmbeddings", "SelfAttention", "TextEmbeddings", "TransformerEncoder", "TransformerLayer",
+    "init_bert_weights", "set_gradient_checkpointing",
+]

@@ -1,0 +1,101 @@
+"""Building blocks shared by fastvl's layers: the fused LayerNorm and feed-forward modules, BERT's
+weight initialisation, activation checkpointing, and mask normalisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastvl import _checks
+from fastvl.ops import bias_gelu, layer_norm
+
+
+class LayerNorm(nn.Module):
+    """``torch.nn.LayerNorm(hidden, eps)`` (same parameters, ``weight`` / ``bias``) whose forward can
+    also take the sub-layer's residual and dropout: ``forward(x, residual, dropout_p)`` =
+    ``LN(dropout(x) + residual)`` through :func:`fastvl.ops.layer_norm`. BERT's eps is 1e-12."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, residual, dropout_p if self.training else 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Checkpointable(nn.Module):
+    """A layer whose forward can run under activation checkpointing (``torch.utils.checkpoint`` with
+    ``use_reentrant=False``): set ``layer.gradient_checkpointing = True`` (or call
+    :func:`set_gradient_checkpointing` on a model). Only active in training mode with grad enabled.
+    Dropout replays exactly in the recomputation (checkpoint restores the RNG state)."""
+
+    gradient_checkpointing: bool = False
+
+    def forward(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.compute, *args, use_reentrant=False, **kwargs)
+        return self.compute(*args, **kwargs)
+
+    def compute(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+def set_gradient_checkpointing(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turns activation checkpointing on (or off) for every checkpointable layer inside ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, Checkpointable):
+            sub.gradient_checkpointing = enabled
+    return module
+
+
+class FeedForward(nn.Module):
+    """BERT's ``BertIntermediate`` + ``BertOutput``: ``LN(dropout(W2 gelu(W1 x + b1) + b2) + x)``, with
+    the bias + GELU and the residual + dropout + LN as fused epilogues.
+
+    Parameters: ``intermediate`` (Linear hidden -> intermediate), ``output`` (Linear intermediate ->
+    hidden), ``norm``. Works on ``[..., hidden]`` (padded or packed rows alike).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.1, eps: float = 1e-12,
+                 activation: str = "gelu"):
+        super().__init__()
+        if activation != "gelu":
+            raise ValueError(f"activation must be 'gelu' (BERT's erf GELU), got {activation!r}")
+        self.dropout = dropout
+        self.intermediate = nn.Linear(hidden_size, intermediate_size)
+        self.output = nn.Linear(intermediate_size, hidden_size)
+        self.norm = LayerNorm(hidden_size, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = bias_gelu(F.linear(x, self.intermediate.weight), self.intermediate.bias)
+        return self.norm(self.output(inner), x, self.dropout)
+
+
+def bool_mask(name: str, mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """A key padding mask as bool ``[B, L]`` (True = real); accepts the original additive form too."""
+    return _checks.key_padding_mask(name, mask, batch, length, device)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[..., H * D]`` -> ``[..., H, D]`` (a view)."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads))
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: Linear / Embedding weights ~ N(0, std), biases 0, LayerNorm 1 / 0.
+
+    Use as ``model.apply(lambda m: init_bert_weights(m, config.initializer_range))``."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+    if isinstance(module, (LayerNorm, nn.LayerNorm)):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
