@@ -1,0 +1,591 @@
+"""Fused multi-head attention and ViLBERT's bidirectional co-attention, FlashAttention-2 style.
+
+Forward: each program owns BLOCK_M query rows of one (sequence, head), streams the keys in blocks of
+BLOCK_N with an online softmax, and stores the output plus one log-sum-exp per row (base 2, of the
+scaled scores) -- nothing of size Lq x Lk is kept. Backward: a preprocess computes
+``delta = rowsum(O * dO)``; then one launch holds two kinds of program, dK/dV programs (one key block,
+looping over query blocks) and dQ programs (one query block, looping over key blocks), so every
+gradient element is written by exactly one program: no atomics, bitwise repeatable.
+
+Co-attention runs both directions (image queries over text keys/values, text queries over image
+keys/values) in the same launches: the grid enumerates direction 0's blocks, then direction 1's,
+and each program calls the shared block function with its direction's tensors, strides and mask.
+
+Conventions: tensors are addressed as ``[B, L, H, D]`` through explicit strides (packed batches pass
+batch stride 0 and take each sequence's first row from ``cu_seqlens``); offsets are int64 before
+they meet a stride; key masks are uint8 ``[B, Lk]`` (nonzero = real key); the log-sum-exp and delta
+are float32, ``[B, H, Lq]`` padded or ``[H, total_q]`` packed. A row with no key that may be attended
+gets log-sum-exp +inf, hence zero output and zero gradients. Dropout keeps element (b, h, m, n) when
+``tl.rand(seed, ((b * H + h) * len_q + m) * len_k + n) >= dropout_p`` (len = the padded length or
+``max_seqlen``); co-attention's direction 1 uses ``seed + 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import triton
+import triton.language as tl
+
+from fastvl.kernels.aot_spec import AotSpec
+
+LOG2E = 1.4426950408889634
+
+
+# Shared device functions -------------------------------------------------------------------------
+
+
+@triton.jit
+def _sequence(CU, b, length, IS_VARLEN: tl.constexpr):
+    """(first row, number of rows) of sequence b: from cu_seqlens when packed, else (0, length)."""
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        return start.to(tl.int64), tl.load(CU + b + 1) - start
+    else:
+        return 0, length
+
+
+@triton.jit
+def _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p):
+    """Keep-mask of a [BLOCK_M, BLOCK_N] tile of head h of sequence b (see the module docstring)."""
+    rows = (b * n_heads + h).to(tl.int64) * len_q + offs_m.to(tl.int64)
+    return tl.rand(seed, rows[:, None] * len_k + offs_n[None, :]) >= dropout_p
+
+
+@triton.jit
+def _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK: tl.constexpr):
+    """Which keys of a block exist and may be attended (inside the sequence, mask nonzero)."""
+    ok = offs_n < seq_k
+    if HAS_MASK:
+        bits = tl.load(MASK + b.to(tl.int64) * stride_mask_b + offs_n.to(tl.int64) * stride_mask_l, mask=ok, other=0)
+        ok = ok & (bits != 0)
+    return ok
+
+
+@triton.jit
+def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
+               stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+               stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+               stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+               len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
+               IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Output rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b, and their log-sum-exp."""
+    q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
+    k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m < seq_q:
+        b64, h64 = b.to(tl.int64), h.to(tl.int64)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < seq_q
+        d_ok = offs_d < head_dim
+        rows = q_start + offs_m.to(tl.int64)
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kl + offs_d[None, :] * stride_kd
+        v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vl + offs_d[None, :] * stride_vd
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end_n = seq_k
+        if IS_CAUSAL:  # key n is visible to query m when n <= m + seq_k - seq_q (bottom-right aligned)
+            end_n = tl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
+        for start_n in range(0, end_n, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK)
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            allowed = key_ok[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep exp2 finite
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
+                p = tl.where(keep, p, 0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        has_key = l_i > 0.0
+        l_safe = tl.where(has_key, l_i, 1.0)
+        inv = tl.where(has_key, 1.0 / l_safe, 0.0)
+        if HAS_DROPOUT:
+            inv = inv / (1.0 - dropout_p)
+        out = acc * inv[:, None]
+        tl.store(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        lse = tl.where(has_key, m_i + tl.log2(l_safe), float("inf"))
+        tl.store(LSE + b64 * stride_lse_b + h64 * stride_lse_h + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _delta_block(pid_m, b, h, O, DO, DELTA, CU_Q,
+                 stride_ob, stride_ol, stride_oh, stride_od, stride_dob, stride_dol, stride_doh, stride_dod,
+                 stride_lse_b, stride_lse_h, len_q, head_dim,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """delta = rowsum(O * dO) for rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b."""
+    q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m < seq_q:
+        b64, h64 = b.to(tl.int64), h.to(tl.int64)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = q_start + offs_m.to(tl.int64)
+        tile = (offs_m[:, None] < seq_q) & (offs_d[None, :] < head_dim)
+        o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                    mask=tile, other=0.0)
+        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=tile, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + b64 * stride_lse_b + h64 * stride_lse_h + rows, delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _bwd_kv_block(pid_n, b, h, Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, seed,
+                  stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+                  stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+                  stride_dkb, stride_dkl, stride_dkh, stride_dkd, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+                  stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+                  len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                  IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """dK and dV of key rows [pid_n * BLOCK_N, +BLOCK_N) of head h of sequence b (loop over queries)."""
+    q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
+    k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n < seq_k:
+        b64, h64 = b.to(tl.int64), h.to(tl.int64)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK)
+        keys = k_start + offs_n.to(tl.int64)
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b64 * stride_kb + h64 * stride_kh + keys[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b64 * stride_vb + h64 * stride_vh + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_ql + offs_d[None, :] * stride_qd
+        do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dol + offs_d[None, :] * stride_dod
+        lse_base = LSE + b64 * stride_lse_b + h64 * stride_lse_h + q_start
+        delta_base = DELTA + b64 * stride_lse_b + h64 * stride_lse_h + q_start
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        begin_m = 0
+        if IS_CAUSAL:  # queries before start_n - (seq_k - seq_q) see none of these keys
+            begin_m = (tl.maximum(start_n - (seq_k - seq_q), 0) // BLOCK_M) * BLOCK_M
+        for start_m in range(begin_m, seq_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < seq_q
+            tile = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_ql, mask=tile, other=0.0)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dol, mask=tile, other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            allowed = key_ok[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+            p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
+                inv_keep = 1.0 / (1.0 - dropout_p)
+                p_used = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                p_used = p
+            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        store_mask = (offs_n < seq_k)[:, None] & d_ok[None, :]
+        tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + keys[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
+                 (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+        tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + keys[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _bwd_q_block(pid_m, b, h, Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, seed,
+                 stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+                 stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+                 stride_dqb, stride_dql, stride_dqh, stride_dqd,
+                 stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+                 len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """dQ of query rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b (loop over keys)."""
+    q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
+    k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m < seq_q:
+        b64, h64 = b.to(tl.int64), h.to(tl.int64)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < seq_q
+        d_ok = offs_d < head_dim
+        tile = row_ok[:, None] & d_ok[None, :]
+        rows = q_start + offs_m.to(tl.int64)
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=tile, other=0.0)
+        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=tile, other=0.0)
+        lse = tl.load(LSE + b64 * stride_lse_b + h64 * stride_lse_h + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + b64 * stride_lse_b + h64 * stride_lse_h + rows, mask=row_ok, other=0.0)
+        k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kl + offs_d[None, :] * stride_kd
+        v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vl + offs_d[None, :] * stride_vd
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end_n = seq_k
+        if IS_CAUSAL:
+            end_n = tl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
+        for start_n in range(0, end_n, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK)
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            allowed = key_ok[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+            p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=tile)
+
+
+# Attention kernels -------------------------------------------------------------------------------
+
+
+@triton.jit
+def attention_fwd_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
+                         stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+                         stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+                         stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+                         len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (i, b * H + h): output and log-sum-exp of query block i of head h of sequence b."""
+    pid_bh = tl.program_id(1)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    _fwd_block(tl.program_id(0), pid_bh // n_heads, pid_bh % n_heads, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
+               stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+               stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+               stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
+               qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+
+
+@triton.jit
+def attention_bwd_delta_kernel(O, DO, DELTA, CU_Q,
+                               stride_ob, stride_ol, stride_oh, stride_od,
+                               stride_dob, stride_dol, stride_doh, stride_dod,
+                               stride_lse_b, stride_lse_h, len_q, n_heads, head_dim,
+                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program (i, b * H + h): delta = rowsum(O * dO) of query block i of head h of sequence b."""
+    pid_bh = tl.program_id(1)
+    _delta_block(tl.program_id(0), pid_bh // n_heads, pid_bh % n_heads, O, DO, DELTA, CU_Q,
+                 stride_ob, stride_ol, stride_oh, stride_od, stride_dob, stride_dol, stride_doh, stride_dod,
+                 stride_lse_b, stride_lse_h, len_q, head_dim, BLOCK_M, BLOCK_D, IS_VARLEN)
+
+
+@triton.jit
+def attention_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, SEED,
+                         stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+                         stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+                         stride_dqb, stride_dql, stride_dqh, stride_dqd, stride_dkb, stride_dkl, stride_dkh, stride_dkd,
+                         stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+                         stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+                         len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (i, b * H + h): for i < cdiv(len_k, BLOCK_N), dK/dV of key block i; otherwise dQ of
+    query block i - cdiv(len_k, BLOCK_N); of head h of sequence b."""
+    pid = tl.program_id(0)
+    kv_blocks = tl.cdiv(len_k, BLOCK_N)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    if pid < kv_blocks:
+        _bwd_kv_block(pid, b, h, Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, seed,
+                      stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+                      stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+                      stride_dkb, stride_dkl, stride_dkh, stride_dkd, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+                      stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
+                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
+                      HAS_DROPOUT, PRECISION)
+    else:
+        _bwd_q_block(pid - kv_blocks, b, h, Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, seed,
+                     stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+                     stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+                     stride_dqb, stride_dql, stride_dqh, stride_dqd,
+                     stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
+                     qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
+                     HAS_DROPOUT, PRECISION)
+
+
+@triton.jit
+def dropout_keep_kernel(KEEP, SEED, stride_keep_b, stride_keep_h, stride_keep_m, seed_offset,
+                        n_heads, len_q, len_k, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Debug: program (i, b * H + h) writes the keep-mask rows of query block i of head h of sequence
+    b exactly as the attention kernels draw them (seed = SEED + seed_offset), for every key."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seed = tl.load(SEED) + seed_offset
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = KEEP + b.to(tl.int64) * stride_keep_b + h.to(tl.int64) * stride_keep_h
+    for start_n in range(0, len_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
+        tl.store(base + offs_m[:, None].to(tl.int64) * stride_keep_m + offs_n[None, :], keep.to(tl.int8),
+                 mask=(offs_m[:, None] < len_q) & (offs_n[None, :] < len_k))
+
+
+# Co-attention kernels (direction 0: image queries over text keys/values; 1: text over image) ------
+
+
+@triton.jit
+def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+                            stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
+                            stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_qtb, stride_qtl, stride_qth, stride_qtd,
+                            stride_ktb, stride_ktl, stride_kth, stride_ktd, stride_vtb, stride_vtl, stride_vth, stride_vtd,
+                            stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_otb, stride_otl, stride_oth, stride_otd,
+                            stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
+                            stride_mask_vb, stride_mask_vl, stride_mask_tb, stride_mask_tl,
+                            len_v, len_t, n_heads, head_dim, qk_scale, dropout_p,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
+                            HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (i, b * H + h): for i < v_blocks = cdiv(len_v, BLOCK_M), image-query block i over the
+    text keys/values (ctx_v); otherwise text-query block i - v_blocks over the image keys/values
+    (ctx_t); head h, sequence b."""
+    pid = tl.program_id(0)
+    v_blocks = tl.cdiv(len_v, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    if pid < v_blocks:
+        _fwd_block(pid, b, h, QV, KT, VT, OV, LSE_V, MASK_T, CU_V, CU_T, seed,
+                   stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
+                   stride_vtb, stride_vtl, stride_vth, stride_vtd, stride_ovb, stride_ovl, stride_ovh, stride_ovd,
+                   stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
+                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
+                   PRECISION)
+    else:
+        _fwd_block(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
+                   stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
+                   stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_otb, stride_otl, stride_oth, stride_otd,
+                   stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
+                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
+                   PRECISION)
+
+
+@triton.jit
+def co_attention_bwd_delta_kernel(OV, OT, DOV, DOT, DELTA_V, DELTA_T, CU_V, CU_T,
+                                  stride_ovb, stride_ovl, stride_ovh, stride_ovd,
+                                  stride_otb, stride_otl, stride_oth, stride_otd,
+                                  stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                                  stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                                  stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
+                                  len_v, len_t, n_heads, head_dim,
+                                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program (i, b * H + h): delta of image-query block i (i < v_blocks = cdiv(len_v, BLOCK_M)) or
+    of text-query block i - v_blocks, head h, sequence b."""
+    pid = tl.program_id(0)
+    v_blocks = tl.cdiv(len_v, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    if pid < v_blocks:
+        _delta_block(pid, b, h, OV, DOV, DELTA_V, CU_V,
+                     stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                     stride_lse_vb, stride_lse_vh, len_v, head_dim, BLOCK_M, BLOCK_D, IS_VARLEN)
+    else:
+        _delta_block(pid - v_blocks, b, h, OT, DOT, DELTA_T, CU_T,
+                     stride_otb, stride_otl, stride_oth, stride_otd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                     stride_lse_tb, stride_lse_th, len_t, head_dim, BLOCK_M, BLOCK_D, IS_VARLEN)
+
+
+@triton.jit
+def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, DOV, DOT, DQV, DKV, DVV, DQT, DKT, DVT,
+                            LSE_V, LSE_T, DELTA_V, DELTA_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+                            stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
+                            stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_qtb, stride_qtl, stride_qth, stride_qtd,
+                            stride_ktb, stride_ktl, stride_kth, stride_ktd, stride_vtb, stride_vtl, stride_vth, stride_vtd,
+                            stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                            stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                            stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
+                            stride_dkvb, stride_dkvl, stride_dkvh, stride_dkvd,
+                            stride_dvvb, stride_dvvl, stride_dvvh, stride_dvvd,
+                            stride_dqtb, stride_dqtl, stride_dqth, stride_dqtd,
+                            stride_dktb, stride_dktl, stride_dkth, stride_dktd,
+                            stride_dvtb, stride_dvtl, stride_dvth, stride_dvtd,
+                            stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
+                            stride_mask_vb, stride_mask_vl, stride_mask_tb, stride_mask_tl,
+                            len_v, len_t, n_heads, head_dim, qk_scale, scale, dropout_p,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
+                            HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (i, b * H + h) of head h, sequence b; by i, in this order: an image key block (dK_v,
+    dV_v, from the text queries), a text key block (dK_t, dV_t, from the image queries), an
+    image-query block (dQ_v), a text-query block (dQ_t). Key blocks have BLOCK_N rows, query blocks
+    BLOCK_M."""
+    pid = tl.program_id(0)
+    v_blocks = tl.cdiv(len_v, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    kv_v_blocks = tl.cdiv(len_v, BLOCK_N)
+    kv_t_blocks = tl.cdiv(len_t, BLOCK_N)
+    if pid < kv_v_blocks:  # image keys/values serve direction 1 (text queries)
+        _bwd_kv_block(pid, b, h, QT, KV, VV, DOT, DKV, DVV, LSE_T, DELTA_T, MASK_V, CU_T, CU_V, seed + 1,
+                      stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
+                      stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                      stride_dkvb, stride_dkvl, stride_dkvh, stride_dkvd, stride_dvvb, stride_dvvl, stride_dvvh, stride_dvvd,
+                      stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
+                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
+                      HAS_DROPOUT, PRECISION)
+    elif pid < kv_v_blocks + kv_t_blocks:  # text keys/values serve direction 0 (image queries)
+        _bwd_kv_block(pid - kv_v_blocks, b, h, QV, KT, VT, DOV, DKT, DVT, LSE_V, DELTA_V, MASK_T, CU_V, CU_T, seed,
+                      stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
+                      stride_vtb, stride_vtl, stride_vth, stride_vtd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                      stride_dktb, stride_dktl, stride_dkth, stride_dktd, stride_dvtb, stride_dvtl, stride_dvth, stride_dvtd,
+                      stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
+                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
+                      HAS_DROPOUT, PRECISION)
+    elif pid < kv_v_blocks + kv_t_blocks + v_blocks:
+        _bwd_q_block(pid - kv_v_blocks - kv_t_blocks, b, h, QV, KT, VT, DOV, DQV, LSE_V, DELTA_V, MASK_T, CU_V, CU_T,
+                     seed, stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
+                     stride_vtb, stride_vtl, stride_vth, stride_vtd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                     stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
+                     stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
+                     qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
+                     HAS_DROPOUT, PRECISION)
+    else:
+        _bwd_q_block(pid - kv_v_blocks - kv_t_blocks - v_blocks, b, h, QT, KV, VV, DOT, DQT, LSE_T, DELTA_T, MASK_V,
+                     CU_T, CU_V, seed + 1,
+                     stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
+                     stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                     stride_dqtb, stride_dqtl, stride_dqth, stride_dqtd,
+                     stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
+                     qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
+                     HAS_DROPOUT, PRECISION)
+
+
+# Launch configurations (the launchers pick from these; AOT_SPECS lists every one) ----------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+MAX_HEAD_DIM = 128
+HEAD_BLOCKS = (32, 64, 128)  # BLOCK_D: the head dim rounded up to a power of two, at least 32
+LONG_SEQUENCE = 512  # from this many query rows on, the forward uses 128-row query blocks
+DTYPES = ("fp16", "bf16", "fp32")
+# tl.dot precision per dtype: fp32 stays exact fp32 (ieee) to meet the fp32 parity rule.
+PRECISION = {"fp16": "tf32", "bf16": "tf32", "fp32": "ieee"}
+INTERPRETER_CONFIG = BlockConfig(32, 16, 1, 1)  # small blocks: several per sequence in CPU tests
+DELTA_BLOCK_M = 64
+
+
+def head_block(head_dim: int) -> int:
+    return max(32, triton.next_power_of_2(head_dim))
+
+
+def fwd_config(dtype: str, block_d: int, long: bool) -> BlockConfig:
+    if dtype == "fp32":
+        return BlockConfig(64, 32, 4, 2)
+    if long:
+        return BlockConfig(128, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
+    return BlockConfig(64, 64, 4, 2 if block_d == 128 else 3)
+
+
+def bwd_config(dtype: str, block_d: int) -> BlockConfig:
+    if dtype == "fp32":
+        return BlockConfig(32, 32, 4, 1)
+    return BlockConfig(64, 64, 8 if block_d == 128 else 4, 2)
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
+    """Triton types of a kernel's arguments, read from their names: upper-case names are pointers
+    (LSE/DELTA float32, MASK uint8, CU int32, SEED int64, KEEP int8, the rest the data dtype), the
+    scales and dropout_p float32, every other runtime argument int32."""
+    pointer = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "CU": "*i32", "SEED": "*i64", "KEEP": "*i8"}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():
+            signature[name] = pointer.get(name.split("_")[0], f"*{dtype}")
+        elif name in ("qk_scale", "scale", "dropout_p"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def _spec(name: str, kernel, dtype: str, constexprs: dict, config: BlockConfig, uses_dot: bool) -> AotSpec:
+    return AotSpec(name, kernel, _signature(kernel, dtype, constexprs), constexprs, config.num_warps,
+                   config.num_stages, uses_dot)
+
+
+def _aot_specs() -> list[AotSpec]:
+    """Every configuration the launchers can pick, with every feature flag on (the largest code)."""
+    specs = []
+    for dtype in DTYPES:
+        uses_dot = dtype != "fp32"  # exact fp32 dots run on the CUDA cores, not wgmma
+        for block_d in HEAD_BLOCKS:
+            tag = f"{dtype}_d{block_d}"
+            flags = {"BLOCK_D": block_d, "IS_VARLEN": False, "HAS_DROPOUT": True, "PRECISION": PRECISION[dtype]}
+            fwd_longs = (False,) if dtype == "fp32" else (False, True)
+            for long in fwd_longs:
+                config = fwd_config(dtype, block_d, long)
+                blocks = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+                suffix = f"_m{config.block_m}"
+                specs.append(_spec(f"attention_fwd_{tag}{suffix}", attention_fwd_kernel, dtype,
+                                   {**flags, **blocks, "HAS_MASK": True, "IS_CAUSAL": True}, config, uses_dot))
+                specs.append(_spec(f"co_attention_fwd_{tag}{suffix}", co_attention_fwd_kernel, dtype,
+                                   {**flags, **blocks, "HAS_MASK_V": True, "HAS_MASK_T": True}, config, uses_dot))
+            config = bwd_config(dtype, block_d)
+            blocks = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+            specs.append(_spec(f"attention_bwd_{tag}", attention_bwd_kernel, dtype,
+                               {**flags, **blocks, "HAS_MASK": True, "IS_CAUSAL": True}, config, uses_dot))
+            specs.append(_spec(f"co_attention_bwd_{tag}", co_attention_bwd_kernel, dtype,
+                               {**flags, **blocks, "HAS_MASK_V": True, "HAS_MASK_T": True}, config, uses_dot))
+            delta = {"BLOCK_M": DELTA_BLOCK_M, "BLOCK_D": block_d, "IS_VARLEN": False}
+            delta_config = BlockConfig(DELTA_BLOCK_M, 0, 4, 1)
+            specs.append(_spec(f"attention_bwd_delta_{tag}", attention_bwd_delta_kernel, dtype, delta, delta_config,
+                               False))
+            specs.append(_spec(f"co_attention_bwd_delta_{tag}", co_attention_bwd_delta_kernel, dtype, delta,
+                               delta_config, False))
+    keep = fwd_config("fp16", 64, False)
+    specs.append(_spec("attention_dropout_keep", dropout_keep_kernel, "fp16",
+                       {"BLOCK_M": keep.block_m, "BLOCK_N": keep.block_n}, keep, False))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
