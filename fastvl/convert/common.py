@@ -1,0 +1,172 @@
+"""What every checkpoint converter shares: safe loading, key bookkeeping and the strict report.
+
+A converter reads the original state dict through a :class:`SourceState` (``take`` marks a key used;
+a key that is absent is recorded as missing), builds the fastvl state dict, and calls
+:func:`load_converted`, which loads it into the model and reports, by name, every original key that
+was missing or left unused, every model parameter not produced and every shape that disagrees.
+Strict by default: any of those raises :class:`ConversionError`. Weights the original defines but
+never uses in its forward (``known_unused`` patterns) are listed in the report and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+
+# Older BERT checkpoints name LayerNorm parameters gamma / beta.
+_GAMMA_BETA = re.compile(r"(?<=LayerNorm)\.(gamma|beta)$|(?<=LayerNorm\d)\.(gamma|beta)$")
+_CONTAINER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: the message names every offending key."""
+
+
+def load_state_dict_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Loads a checkpoint file as a flat ``{name: tensor}`` dict on the CPU.
+
+    ``.safetensors`` files load with safetensors; anything else with ``torch.load(weights_only=True)``,
+    which refuses arbitrary pickled objects. ``allow_pickle=True`` (only for files you trust) falls back
+    to full unpickling. A top-level container (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        return load_file(path, device="cpu")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the fix named
+        if not allow_pickle:
+            raise ConversionError(
+                f"{path!r} cannot be loaded with weights_only=True ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); it contains pickled objects. If you trust "
+                "the file, pass allow_pickle=True (CLI: --allow-pickle)") from error
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    return unwrap_state_dict(loaded)
+
+
+def unwrap_state_dict(loaded) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint object (nested ``state_dict`` / ``model`` containers)."""
+    while isinstance(loaded, Mapping) and not any(isinstance(v, torch.Tensor) for v in loaded.values()):
+        inner = next((loaded[k] for k in _CONTAINER_KEYS if k in loaded), None)
+        if inner is None:
+            raise ConversionError(f"no tensors found in the checkpoint (top-level keys: {sorted(loaded)[:20]})")
+        loaded = inner
+    if not isinstance(loaded, Mapping):
+        raise ConversionError(f"expected a state dict, got {type(loaded).__name__}")
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def normalise_keys(state_dict: Mapping[str, torch.Tensor], strip_prefixes: Iterable[str] = ("module.",)
+                   ) -> dict[str, torch.Tensor]:
+    """Renames ``LayerNorm.gamma`` / ``beta`` to ``weight`` / ``bias`` and strips wrapper prefixes
+    (DataParallel's ``module.``) present on every key."""
+    state = dict(state_dict)
+    for prefix in strip_prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    renamed = {}
+    for key, value in state.items():
+        renamed[_GAMMA_BETA.sub(lambda m: ".weight" if "gamma" in m.group(0) else ".bias", key)] = value
+    return renamed
+
+
+class SourceState:
+    """The original state dict being converted; records which keys were used and which were missing."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], known_unused: Iterable[str] = ()):
+        self.state = normalise_keys(state_dict)
+        self.known_unused = tuple(known_unused)
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.state
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return [k for k in self.state if k.startswith(prefix)]
+
+    def take(self, key: str) -> torch.Tensor | None:
+        """The tensor named ``key`` (marked used), or None (recorded missing)."""
+        if key not in self.state:
+            self.missing.append(key)
+            return None
+        self.used.add(key)
+        return self.state[key]
+
+    def take_cat(self, keys: Iterable[str], dim: int = 0) -> torch.Tensor | None:
+        """The named tensors concatenated along ``dim`` (e.g. query / key / value -> a fused QKV)."""
+        parts = [self.take(k) for k in keys]
+        return None if any(p is None for p in parts) else torch.cat(parts, dim=dim)
+
+    def is_known_unused(self, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.known_unused)
+
+    def unused(self) -> list[str]:
+        return sorted(k for k in self.state if k not in self.used and not self.is_known_unused(k))
+
+    def skipped(self) -> list[str]:
+        return sorted(k for k in self.state if k not in self.used and self.is_known_unused(k))
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion did. ``ok`` when nothing was missing, unused, unproduced or mis-shaped."""
+
+    loaded: list[str]
+    missing_in_checkpoint: list[str]
+    unused_in_checkpoint: list[str]
+    skipped_known_unused: list[str]
+    not_produced: list[str]
+    shape_mismatches: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_in_checkpoint or self.unused_in_checkpoint or self.not_produced
+                    or self.shape_mismatches)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for title, names in (("missing in the checkpoint", self.missing_in_checkpoint),
+                             ("unused checkpoint keys", self.unused_in_checkpoint),
+                             ("model tensors not produced", self.not_produced),
+                             ("shape mismatches", self.shape_mismatches),
+                             ("known-unused weights skipped", self.skipped_known_unused)):
+            if names:
+                lines.append(f"{title} ({len(names)}): " + ", ".join(names))
+        return "\n".join(lines)
+
+
+def load_converted(model: torch.nn.Module, converted: Mapping[str, torch.Tensor | None], source: SourceState, *,
+                   strict: bool = True) -> ConversionReport:
+    """Loads ``converted`` (fastvl names; None where a source key was missing) into ``model``.
+
+    With ``strict`` (the default), raises :class:`ConversionError` naming every problem; otherwise
+    loads what matches and returns the report (check ``report.ok``).
+    """
+    expected = model.state_dict()
+    produced = {k: v for k, v in converted.items() if v is not None}
+    mismatches = [f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
+                  for k, v in produced.items() if k in expected and v.shape != expected[k].shape]
+    extra = sorted(k for k in produced if k not in expected)
+    report = ConversionReport(
+        loaded=sorted(k for k in produced if k in expected and produced[k].shape == expected[k].shape),
+        missing_in_checkpoint=sorted(set(source.missing)), unused_in_checkpoint=source.unused(),
+        skipped_known_unused=source.skipped(), not_produced=sorted(k for k in expected if k not in produced),
+        shape_mismatches=mismatches + [f"{k}: produced but not a model tensor" for k in extra])
+    if strict and not report.ok:
+        raise ConversionError(f"checkpoint does not match {type(model).__name__}:\n{report}")
+    loadable = {k: produced[k] for k in report.loaded}
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name in loadable:
+                tensor.copy_(loadable[name].to(tensor.dtype))
+    return report
