@@ -1,0 +1,528 @@
+"""VL-BERT (Su et al., 2020): one BERT stream over the caption's tokens and the image's regions.
+
+The stream is packed as the original packs it: the real text tokens first, then the valid objects,
+then a learned END embedding, padding only at the tail. Text tokens keep positions ``0..n-1``;
+every object shares position ``n``; END takes ``n + 1``. Segments: the text's own token types (A = 0,
+B = 1), objects and END C = 2. Every element also carries a visual feature embedding: the text tokens
+that of the region named by their tag (by default region 0, the whole-image box), the objects their
+own. Visual features pass through the zero-initialised ``visual_ln_text`` / ``visual_ln_object``
+LayerNorms, so training starts from BERT's text-only behaviour.
+
+Packing is done with one stable sort of ``(text, object, END, padding)`` group ids and a gather:
+no host sync, the packed length is fixed at ``Lt + R + 1`` (the original trims to the longest row;
+the extra tail rows are padding and change no output).
+
+Models: :class:`VLBERT` (the backbone), :class:`VLBERTForPretraining` (MLM with visual clues,
+masked RoI classification, the optional sentence-image relation head), and the task models
+:class:`VLBERTForVQA`, :class:`VLBERTForVCR`, :class:`VLBERTForRefCOCO`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvl import _checks
+from fastvl.nn import LayerNorm, TransformerEncoder, init_bert_weights
+from fastvl.nn.geometry import VisualFeatureEmbedding, check_boxes
+from fastvl.ops import bias_gelu, linear_cross_entropy
+
+# Keys of the original ``NETWORK.VLBERT`` config that describe training, not the network.
+_TRAINING_ONLY_KEYS = {"input_transform_type", "pos_embedding_frozen", "from_scratch", "initializer_range"}
+
+
+@dataclasses.dataclass
+class VLBERTConfig:
+    """VL-BERT's configuration. Field names are the original ``NETWORK.VLBERT`` keys where one exists;
+    the rest are fastvl's (feature width, sinusoid size, class counts, which heads exist)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 3
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    visual_size: int = 768  # IMAGE_FINAL_DIM: width of the visual feature embedding
+    visual_ln: bool = True
+    visual_scale_text_init: float = 0.0
+    visual_scale_object_init: float = 0.0
+    with_pooler: bool = False
+    visual_feature_dim: int = 2048  # RoI feature width
+    sinusoid_dim: int = 256  # per coordinate; the geometry is 8 * sinusoid_dim wide
+    visual_region_classes: int = 1601  # detector classes (masked RoI classification)
+    object_word_classes: int = 1  # object_word_embed_mode 2 -> 1 (one shared embedding), 1 -> 81
+    with_mlm_head: bool = True
+    with_mvrc_head: bool = True
+    with_rel_head: bool = False  # off in the released pretraining config
+    pad_token_id: int = 0
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> VLBERTConfig:
+        """``"base"`` (12 x 768), ``"large"`` (24 x 1024) or ``"tiny"`` (for tests)."""
+        _checks.choice("name", name, list(VLBERT_CONFIGS))
+        return cls(**{**VLBERT_CONFIGS[name], **overrides})
+
+    @classmethod
+    def from_original(cls, config: Mapping, strict: bool = True) -> VLBERTConfig:
+        """From the original YAML config as a dict: the whole file (``NETWORK.VLBERT`` and the
+        ``NETWORK.WITH_*_LOSS`` / ``IMAGE_FINAL_DIM`` flags are read) or its ``NETWORK.VLBERT`` part.
+        Unknown keys raise ``ValueError`` unless ``strict=False``; settings fastvl cannot honour
+        (frozen word embeddings with special words, absolute object positions, semantic object
+        embeddings) always raise."""
+        values: dict = {}
+        network = config.get("NETWORK") if isinstance(config.get("NETWORK"), Mapping) else None
+        vlbert = dict(network["VLBERT"] if network is not None else config)
+        if network is not None:
+            flags = {"WITH_MLM_LOSS": "with_mlm_head", "WITH_MVRC_LOSS": "with_mvrc_head",
+                     "WITH_REL_LOSS": "with_rel_head"}
+            values.update({field: bool(network[key]) for key, field in flags.items() if key in network})
+            if network.get("IMAGE_SEMANTIC"):
+                raise ValueError("NETWORK.IMAGE_SEMANTIC (class embeddings in the RoI feature) is not supported")
+            if "IMAGE_FINAL_DIM" in network:
+                values["visual_size"] = int(network["IMAGE_FINAL_DIM"])
+        if vlbert.pop("word_embedding_frozen", False):
+            raise ValueError("word_embedding_frozen=True (separate special-word embeddings) is not supported")
+        if not vlbert.pop("obj_pos_id_relative", True):
+            raise ValueError("obj_pos_id_relative=False (objects at positions 510/511) is not supported; the "
+                             "original asserts against it too")
+        if vlbert.pop("position_padding_idx", -1) != -1:
+            raise ValueError("position_padding_idx other than -1 (RoBERTa positions) is not supported")
+        mode = vlbert.pop("object_word_embed_mode", 2)
+        if mode not in (1, 2):
+            raise ValueError(f"object_word_embed_mode must be 1 (81 classes) or 2 (one embedding), got {mode}")
+        values["object_word_classes"] = 81 if mode == 1 else 1
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in vlbert if k not in fields and k not in _TRAINING_ONLY_KEYS)
+        if unknown and strict:
+            raise ValueError(f"unknown VL-BERT config keys {unknown} (pass strict=False to ignore them)")
+        values.update({k: v for k, v in vlbert.items() if k in fields})
+        config_out = cls(**values)
+        if config_out.hidden_act != "gelu":
+            raise ValueError(f"hidden_act must be 'gelu', got {config_out.hidden_act!r}")
+        return config_out
+
+
+VLBERT_CONFIGS: dict[str, dict] = {
+    "base": {},
+    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+              "visual_size": 1024},
+    "tiny": {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64, "max_position_embeddings": 40, "visual_size": 32, "visual_feature_dim": 24,
+             "sinusoid_dim": 4, "visual_region_classes": 11},
+}
+
+
+@dataclasses.dataclass
+class VLBERTOutput:
+    """``sequence`` [B, L, H] packed states (L = Lt + R + 1), ``attention_mask`` [B, L] (True = real),
+    ``text`` [B, Lt, H] and ``objects`` [B, R, H] unpacked to the inputs' layout (zeros where padded),
+    ``pooled`` [B, H] (tanh pooler on position 0, or None), ``attentions`` (per layer, on request)."""
+
+    sequence: torch.Tensor
+    attention_mask: torch.Tensor
+    text: torch.Tensor
+    objects: torch.Tensor
+    pooled: torch.Tensor | None = None
+    attentions: list | None = None
+
+
+def dense_gelu(dense: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``gelu(dense(x))`` with the bias + GELU fused (:func:`fastvl.ops.bias_gelu`)."""
+    return bias_gelu(F.linear(x, dense.weight), dense.bias)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's MLM head: ``dense -> GELU -> LayerNorm`` then the decoder, whose weight is the word
+    embedding matrix passed in at call time (tied), plus ``bias``."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = LayerNorm(hidden_size, eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(dense_gelu(self.dense, hidden))
+
+    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., vocab]``."""
+        return F.linear(self.transform(hidden), decoder_weight, self.bias)
+
+    def loss(self, hidden: torch.Tensor, decoder_weight: torch.Tensor, labels: torch.Tensor,
+             ignore_index: int) -> torch.Tensor:
+        """Mean cross-entropy over labelled positions through :func:`fastvl.ops.linear_cross_entropy`;
+        0 with zero gradient when no position is labelled (the original's mean gives NaN there)."""
+        return linear_cross_entropy(self.transform(hidden), decoder_weight, self.bias, labels, ignore_index)
+
+
+class VLBERT(nn.Module):
+    """The VL-BERT backbone: embeddings, visual feature embedding, packing, BERT encoder, pooler.
+
+    Parameters: ``word_embeddings``, ``end_embedding`` [1, H], ``position_embeddings``,
+    ``token_type_embeddings`` [3, H], ``embedding_norm``, ``visual`` (geometry + RoI feature ->
+    visual_size; the original's ``obj_downsample``), ``object_linguistic_embeddings``,
+    ``visual_1x1_text`` / ``visual_1x1_object`` (only when visual_size != hidden_size),
+    ``visual_ln_text`` / ``visual_ln_object`` (or scalar ``visual_scale_text`` / ``visual_scale_object``
+    when ``visual_ln`` is off), ``encoder`` (:class:`fastvl.nn.TransformerEncoder`), ``pooler``.
+    """
+
+    def __init__(self, config: VLBERTConfig):
+        super().__init__()
+        self.config = c = config
+        h = c.hidden_size
+        self.word_embeddings = nn.Embedding(c.vocab_size, h)
+        self.end_embedding = nn.Embedding(1, h)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, h)
+        self.embedding_norm = LayerNorm(h, c.layer_norm_eps)
+        self.visual = VisualFeatureEmbedding(c.visual_feature_dim, c.visual_size, c.sinusoid_dim, dropout=0.1)
+        self.object_linguistic_embeddings = nn.Embedding(c.object_word_classes, h)
+        self.visual_1x1_text = nn.Linear(c.visual_size, h) if c.visual_size != h else None
+        self.visual_1x1_object = nn.Linear(c.visual_size, h) if c.visual_size != h else None
+        if c.visual_ln:
+            self.visual_ln_text = LayerNorm(h, c.layer_norm_eps)
+            self.visual_ln_object = LayerNorm(h, c.layer_norm_eps)
+        else:
+            self.visual_scale_text = nn.Parameter(torch.tensor(float(c.visual_scale_text_init)))
+            self.visual_scale_object = nn.Parameter(torch.tensor(float(c.visual_scale_object_init)))
+        self.encoder = TransformerEncoder(c.num_hidden_layers, h, c.num_attention_heads, c.intermediate_size,
+                                          c.hidden_dropout_prob, c.attention_probs_dropout_prob, c.layer_norm_eps)
+        self.pooler = nn.Linear(h, h) if c.with_pooler else None
+        self.apply(lambda m: init_bert_weights(m, c.initializer_range))
+        if c.visual_ln:
+            self.visual_ln_text.weight.data.fill_(c.visual_scale_text_init)
+            self.visual_ln_object.weight.data.fill_(c.visual_scale_object_init)
+
+    def _visual(self, reps: torch.Tensor, which: str) -> torch.Tensor:
+        projection = getattr(self, f"visual_1x1_{which}")
+        if projection is not None:
+            reps = projection(reps)
+        if self.config.visual_ln:
+            return getattr(self, f"visual_ln_{which}")(reps)
+        return reps * getattr(self, f"visual_scale_{which}")
+
+    def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
+                token_type_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                region_mask: torch.Tensor | None = None, text_tags: torch.Tensor | None = None,
+                object_classes: torch.Tensor | None = None, masked_regions: torch.Tensor | None = None,
+                mask_visual_embedding: torch.Tensor | None = None, mask_word_embedding: torch.Tensor | None = None,
+                output_attentions: bool = False) -> VLBERTOutput:
+        """Encodes a batch.
+
+        input_ids ``[B, Lt]`` (e.g. ``[CLS] caption [SEP]``); region_features ``[B, R, F]`` (F =
+        ``visual_feature_dim``, 2048); boxes ``[B, R, 4]`` normalised ``(x1, y1, x2, y2)`` in [0, 1];
+        region 0 is by convention the whole image (``[0, 0, 1, 1]``, its feature the mean of the
+        others), whose representation every text token receives unless ``text_tags`` ``[B, Lt]``
+        names another region. token_type_ids ``[B, Lt]`` in {0, 1} (default 0); text_mask ``[B, Lt]``
+        (default ``input_ids != pad``, the original's ``> 0``); region_mask ``[B, R]`` (default all
+        real; the boxes of padded regions are not read); object_classes ``[B, R]`` indexes
+        ``object_linguistic_embeddings`` (default 0). masked_regions ``[B, R]`` bool: those regions'
+        features become ``mask_visual_embedding`` [F] and their word embedding
+        ``mask_word_embedding`` [H] (masked RoI classification).
+        """
+        c = self.config
+        batch, text_len, regions = self._validate(input_ids, region_features, boxes, token_type_ids, text_mask,
+                                                  region_mask, text_tags, object_classes, masked_regions)
+        device = input_ids.device
+        if text_mask is None:
+            text_mask = input_ids != c.pad_token_id
+        if region_mask is None:
+            region_mask = torch.ones(batch, regions, dtype=torch.bool, device=device)
+        check_boxes("boxes", boxes, region_mask)
+        # Padded regions may hold anything (e.g. -1 boxes): zero them so nothing non-finite flows back.
+        real = region_mask[..., None]
+        zero = region_features.new_zeros(())
+        features = torch.where(real, region_features, zero)
+        boxes = torch.where(real, boxes, boxes.new_zeros(()))
+        if masked_regions is not None:
+            features = torch.where(masked_regions[..., None], mask_visual_embedding.to(features.dtype), features)
+        object_reps = self.visual(features, boxes) * real.to(features.dtype)  # [B, R, visual_size]
+
+        tags = torch.zeros_like(input_ids) if text_tags is None else text_tags.clamp(min=0)
+        text_visual = torch.gather(object_reps, 1, tags[..., None].expand(-1, -1, object_reps.shape[-1]))
+        text_vl = self.word_embeddings(input_ids) + self._visual(text_visual, "text")
+        classes = torch.zeros_like(region_mask, dtype=torch.long) if object_classes is None else object_classes
+        object_words = self.object_linguistic_embeddings(classes)
+        if masked_regions is not None:
+            object_words = torch.where(masked_regions[..., None], mask_word_embedding.to(object_words.dtype),
+                                       object_words)
+        object_vl = object_words + self._visual(object_reps, "object")
+
+        # Pack: group 0 = text, 1 = objects, 2 = END, 3 = padding; a stable sort keeps each group's order.
+        length = text_len + regions + 1
+        end = self.end_embedding.weight.to(text_vl.dtype).expand(batch, 1, -1)
+        sources = torch.cat((text_vl, object_vl.to(text_vl.dtype), end), dim=1)
+        pad_group = torch.full((), 3, dtype=torch.long, device=device)
+        group = torch.cat((torch.where(text_mask, 0, pad_group), torch.where(region_mask, 1, pad_group),
+                           torch.full((batch, 1), 2, dtype=torch.long, device=device)), dim=1)
+        order = torch.sort(group, dim=1, stable=True).indices  # packed slot p <- source order[:, p]
+        packed_group = torch.gather(group, 1, order)
+        packed = torch.gather(sources, 1, order[..., None].expand(-1, -1, sources.shape[-1]))
+        attention_mask = packed_group < 3
+        n_text = text_mask.sum(1, keepdim=True)
+        slots = torch.arange(length, device=device).expand(batch, -1)
+        positions = torch.where(packed_group == 0, slots, torch.where(packed_group == 1, n_text, n_text + 1))
+        positions = torch.where(attention_mask, positions, 0)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        types = torch.cat((token_type_ids.long(), torch.full((batch, regions + 1), 2, dtype=torch.long, device=device)),
+                          dim=1)
+        types = torch.where(attention_mask, torch.gather(types, 1, order), 0)
+        embedded = self.embedding_norm(self.position_embeddings(positions) + self.token_type_embeddings(types),
+                                       packed)
+        embedded = F.dropout(embedded, c.hidden_dropout_prob, self.training)
+
+        encoded = self.encoder(embedded, attention_mask, output_attentions=output_attentions)
+        attentions = None
+        if output_attentions:
+            encoded, attentions = encoded
+        # Unpack: source s sits at packed slot inverse[:, s].
+        inverse = torch.empty_like(order).scatter_(1, order, slots)
+        hidden = encoded.shape[-1]
+        text = torch.gather(encoded, 1, inverse[:, :text_len, None].expand(-1, -1, hidden))
+        objects = torch.gather(encoded, 1, inverse[:, text_len:text_len + regions, None].expand(-1, -1, hidden))
+        text = text * text_mask[..., None].to(text.dtype)
+        objects = objects * region_mask[..., None].to(objects.dtype)
+        pooled = torch.tanh(self.pooler(encoded[:, 0])) if self.pooler is not None else None
+        return VLBERTOutput(encoded, attention_mask, text, objects, pooled, attentions)
+
+    def _validate(self, input_ids, region_features, boxes, token_type_ids, text_mask, region_mask, text_tags,
+                  object_classes, masked_regions) -> tuple[int, int, int]:
+        c = self.config
+        ints = (torch.int64, torch.int32)
+        _checks.tensor("input_ids", input_ids, shape="[B, Lt] int64", ndim=2, dtypes=ints)
+        width = c.visual_feature_dim
+        _checks.tensor("region_features", region_features, shape=f"[B, R, {width}]", ndim=3)
+        if region_features.shape[-1] != width:
+            raise ValueError(f"region_features must have shape [B, R, {width}] (RoI features of width {width}), "
+                             f"got {list(region_features.shape)}")
+        batch, text_len = input_ids.shape
+        regions = region_features.shape[1]
+        if region_features.shape[0] != batch:
+            raise ValueError(f"region_features has batch size {region_features.shape[0]} but input_ids has "
+                             f"{batch}; they must match")
+        if regions < 1:
+            raise ValueError("region_features must hold at least one region (region 0: the whole image)")
+        _checks.tensor("boxes", boxes, shape="[B, R, 4]", ndim=3)
+        _checks.same_shape("boxes", boxes, [batch, regions, 4], "[B, R, 4] with B, R of region_features")
+        if text_len + 2 > c.max_position_embeddings:
+            raise ValueError(f"input_ids has {text_len} tokens; VL-BERT needs text length + 2 (objects, END) <= "
+                             f"max_position_embeddings = {c.max_position_embeddings}")
+        text_form, region_form = f"[B, Lt] = [{batch}, {text_len}]", f"[B, R] = [{batch}, {regions}]"
+        for name, value, form, dtypes in (("token_type_ids", token_type_ids, text_form, ints),
+                                          ("text_mask", text_mask, text_form, (torch.bool,)),
+                                          ("text_tags", text_tags, text_form, ints),
+                                          ("region_mask", region_mask, region_form, (torch.bool,)),
+                                          ("object_classes", object_classes, region_form, ints),
+                                          ("masked_regions", masked_regions, region_form, (torch.bool,))):
+            if value is not None:
+                _checks.tensor(name, value, shape=form, ndim=2, dtypes=dtypes)
+                _checks.same_shape(name, value, [batch, text_len if form == text_form else regions], form)
+        _checks.same_device("input_ids", input_ids, region_features=region_features, boxes=boxes,
+                            token_type_ids=token_type_ids, text_mask=text_mask, region_mask=region_mask,
+                            text_tags=text_tags, object_classes=object_classes, masked_regions=masked_regions)
+        return batch, text_len, regions
+
+
+class VLBERTForPretraining(nn.Module):
+    """VL-BERT pretraining: MLM with visual clues, masked RoI classification, and (when
+    ``with_rel_head``) the sentence-image relation head, off by default as in the released config.
+
+    Parameters: ``vlbert``, ``object_mask_visual_embedding`` [1, F] (zero-initialised),
+    ``object_mask_word_embedding`` [1, H], ``mlm_head`` (decoder tied to the word embeddings),
+    ``mvrc_head`` (``dense`` + GELU -> ``classifier`` over ``visual_region_classes``),
+    ``relationship_head`` (Linear(H, 2) on the pooled state; needs ``with_pooler``).
+    """
+
+    def __init__(self, config: VLBERTConfig):
+        super().__init__()
+        if config.with_rel_head and not config.with_pooler:
+            raise ValueError("with_rel_head needs with_pooler=True (the relation head reads the pooled state)")
+        self.config = config
+        h = config.hidden_size
+        self.vlbert = VLBERT(config)
+        self.object_mask_visual_embedding = nn.Embedding(1, config.visual_feature_dim)
+        self.object_mask_word_embedding = nn.Embedding(1, h)
+        self.mlm_head = MaskedLMHead(h, config.vocab_size, config.layer_norm_eps) if config.with_mlm_head else None
+        self.mvrc_head = None
+        if config.with_mvrc_head:
+            self.mvrc_head = nn.Module()
+            self.mvrc_head.dense = nn.Linear(h, h)
+            self.mvrc_head.classifier = nn.Linear(h, config.visual_region_classes)
+        self.relationship_head = nn.Linear(h, 2) if config.with_rel_head else None
+        for module in (self.object_mask_word_embedding, self.mlm_head, self.mvrc_head, self.relationship_head):
+            if module is not None:
+                module.apply(lambda m: init_bert_weights(m, config.initializer_range))
+        nn.init.zeros_(self.object_mask_visual_embedding.weight)
+
+    def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
+                mlm_labels: torch.Tensor | None = None, masked_regions: torch.Tensor | None = None,
+                region_class_scores: torch.Tensor | None = None, relationship_labels: torch.Tensor | None = None,
+                **inputs) -> dict[str, torch.Tensor]:
+        """Losses (and logits) for one batch; ``inputs`` go to :meth:`VLBERT.forward`.
+
+        mlm_labels ``[B, Lt]`` int64, -1 where not predicted (the original's ignore index): loss =
+        mean cross-entropy over labelled tokens, **0 with zero gradient when none is labelled** (the
+        original's mean is NaN there). masked_regions ``[B, R]`` bool with region_class_scores
+        ``[B, R, C]`` (the detector's class probabilities): loss = mean over masked real regions of the
+        soft cross-entropy ``-sum_c p_c log softmax(logits)_c``, 0 when none is masked (guarded, as
+        the original). relationship_labels ``[B]`` (1 = matching caption) with ``with_rel_head``.
+        Returns ``mlm_loss``, ``mvrc_loss``, ``relationship_loss`` (those that apply), their sum
+        ``loss``, and ``mvrc_logits`` / ``relationship_logits``.
+        """
+        c = self.config
+        out = self.vlbert(input_ids, region_features, boxes, masked_regions=masked_regions,
+                          mask_visual_embedding=self.object_mask_visual_embedding.weight[0],
+                          mask_word_embedding=self.object_mask_word_embedding.weight[0], **inputs)
+        result: dict[str, torch.Tensor] = {}
+        if mlm_labels is not None:
+            if self.mlm_head is None:
+                raise ValueError("mlm_labels given but the model has no MLM head (with_mlm_head=False)")
+            _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64", ndim=2, dtypes=(torch.int64,))
+            _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
+            result["mlm_loss"] = self.mlm_head.loss(out.text, self.vlbert.word_embeddings.weight, mlm_labels, -1)
+        if masked_regions is not None and region_class_scores is not None and self.mvrc_head is not None:
+            _checks.tensor("region_class_scores", region_class_scores, shape=f"[B, R, {c.visual_region_classes}]",
+                           ndim=3)
+            _checks.same_shape("region_class_scores", region_class_scores,
+                               [*masked_regions.shape, c.visual_region_classes], "[B, R, C]")
+            logits = self.mvrc_head.classifier(dense_gelu(self.mvrc_head.dense, out.objects))
+            region_mask = inputs.get("region_mask")
+            chosen = masked_regions if region_mask is None else masked_regions & region_mask
+            per_region = -(region_class_scores.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1)
+            weight = chosen.to(per_region.dtype)
+            result["mvrc_loss"] = (per_region * weight).sum() / weight.sum().clamp(min=1)
+            result["mvrc_logits"] = logits
+        if self.relationship_head is not None:
+            logits = self.relationship_head(out.pooled)
+            result["relationship_logits"] = logits
+            if relationship_labels is not None:
+                result["relationship_loss"] = F.cross_entropy(logits, relationship_labels)
+        losses = [v for k, v in result.items() if k.endswith("_loss")]
+        if losses:
+            result["loss"] = torch.stack(losses).sum()
+        return result
+
+
+class VLBERTForVQA(nn.Module):
+    """VQA as VL-BERT fine-tunes it: the text is ``[CLS] question [SEP] [MASK] [SEP]`` (the answer
+    segment has token type 1); the hidden state at the [MASK] answer slot goes through an MLM-style
+    transform (``head.dense`` + GELU + ``head.norm``), dropout, and ``head.classifier`` over the
+    answers (3129). Loss: BCE against the soft scores, times the number of answers (as the original).
+    """
+
+    def __init__(self, config: VLBERTConfig, num_answers: int = 3129, classifier_dropout: float = 0.1):
+        super().__init__()
+        self.config, self.num_answers, self.classifier_dropout = config, num_answers, classifier_dropout
+        self.vlbert = VLBERT(config)
+        self.head = nn.Module()
+        self.head.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.head.norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.head.classifier = nn.Linear(config.hidden_size, num_answers)
+        self.head.apply(lambda m: init_bert_weights(m, config.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor,
+                answer_positions: torch.Tensor, *, answer_scores: torch.Tensor | None = None,
+                **inputs) -> dict[str, torch.Tensor]:
+        """answer_positions ``[B]``: index of the [MASK] answer slot in input_ids; answer_scores
+        ``[B, num_answers]`` soft targets in [0, 1]. Returns ``logits`` (and ``loss``)."""
+        _checks.tensor("answer_positions", answer_positions, shape="[B] int64", ndim=1,
+                       dtypes=(torch.int64, torch.int32))
+        _checks.same_shape("answer_positions", answer_positions, [input_ids.shape[0]], "[B]")
+        out = self.vlbert(input_ids, region_features, boxes, **inputs)
+        slot = torch.gather(out.text, 1, answer_positions.long()[:, None, None].expand(-1, 1, out.text.shape[-1]))
+        hidden = self.head.norm(dense_gelu(self.head.dense, slot[:, 0]))
+        hidden = F.dropout(hidden, self.classifier_dropout, self.training)
+        logits = self.head.classifier(hidden)
+        result = {"logits": logits}
+        if answer_scores is not None:
+            _checks.same_shape("answer_scores", answer_scores, list(logits.shape), "[B, num_answers]")
+            result["loss"] = F.binary_cross_entropy_with_logits(logits, answer_scores.to(logits.dtype)) \
+                * self.num_answers
+        return result
+
+
+class VLBERTForVCR(nn.Module):
+    """VCR multiple choice: each (question, answer option) text with the image is one sequence; the
+    tanh pooler's output -> dropout -> ``classifier`` Linear(H, 1) scores it; softmax cross-entropy
+    over the options."""
+
+    def __init__(self, config: VLBERTConfig, classifier_dropout: float = 0.1):
+        super().__init__()
+        config = dataclasses.replace(config, with_pooler=True)
+        self.config, self.classifier_dropout = config, classifier_dropout
+        self.vlbert = VLBERT(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        init_bert_weights(self.classifier, config.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
+                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, text_tags: torch.Tensor | None = None,
+                **region_inputs) -> dict[str, torch.Tensor]:
+        """input_ids ``[B, C, Lt]`` (C options; token_type_ids / text_mask / text_tags likewise);
+        region inputs ``[B, R, ...]`` shared by the options. labels ``[B]`` the right option.
+        Returns ``logits`` ``[B, C]`` (and ``loss``)."""
+        _checks.tensor("input_ids", input_ids, shape="[B, C, Lt] int64", ndim=3, dtypes=(torch.int64, torch.int32))
+        batch, options, _ = input_ids.shape
+        if region_features.shape[0] != batch:
+            raise ValueError(f"region_features has batch size {region_features.shape[0]} but input_ids has "
+                             f"{batch}; they must match")
+
+        def per_option(t):
+            return None if t is None else t.flatten(0, 1)
+
+        def repeat(t):
+            return None if t is None else t.repeat_interleave(options, dim=0)
+
+        out = self.vlbert(per_option(input_ids), repeat(region_features), repeat(boxes),
+                          token_type_ids=per_option(token_type_ids), text_mask=per_option(text_mask),
+                          text_tags=per_option(text_tags), **{k: repeat(v) for k, v in region_inputs.items()})
+        logits = self.classifier(F.dropout(out.pooled, self.classifier_dropout, self.training)).view(batch, options)
+        result = {"logits": logits}
+        if labels is not None:
+            result["loss"] = F.cross_entropy(logits, labels)
+        return result
+
+
+class VLBERTForRefCOCO(nn.Module):
+    """RefCOCO+ grounding: each region's state -> ``head.dense`` + GELU -> dropout ->
+    ``head.classifier`` Linear(H, 1); BCE over real regions against ``IoU > 0.5`` with the target."""
+
+    def __init__(self, config: VLBERTConfig, classifier_dropout: float = 0.1):
+        super().__init__()
+        self.config, self.classifier_dropout = config, classifier_dropout
+        self.vlbert = VLBERT(config)
+        self.head = nn.Module()
+        self.head.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.head.classifier = nn.Linear(config.hidden_size, 1)
+        self.head.apply(lambda m: init_bert_weights(m, config.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
+                ious: torch.Tensor | None = None, **inputs) -> dict[str, torch.Tensor]:
+        """ious ``[B, R]``: each region's IoU with the referred box (label = IoU > 0.5). Returns
+        ``logits`` ``[B, R]`` (padded regions -10000, as the original) and ``loss`` (mean BCE over
+        real regions)."""
+        out = self.vlbert(input_ids, region_features, boxes, **inputs)
+        hidden = dense_gelu(self.head.dense, out.objects)
+        logits = self.head.classifier(F.dropout(hidden, self.classifier_dropout, self.training))[..., 0]
+        region_mask = inputs.get("region_mask")
+        if region_mask is None:
+            region_mask = torch.ones_like(logits, dtype=torch.bool)
+        result = {"logits": logits.masked_fill(~region_mask, -10000.0)}
+        if ious is not None:
+            _checks.same_shape("ious", ious, list(logits.shape), "[B, R]")
+            targets = (ious > 0.5).to(logits.dtype)
+            per_region = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+            weight = region_mask.to(per_region.dtype)
+            result["loss"] = (per_region * weight).sum() / weight.sum().clamp(min=1)
+        return result
