@@ -16,7 +16,9 @@ class TextEmbeddings(nn.Module):
     Parameters: ``word_embeddings`` [vocab, hidden], ``position_embeddings`` [max_positions, hidden],
     ``token_type_embeddings`` [type_vocab, hidden], ``norm``.
     ``forward(input_ids [B, L] long, token_type_ids [B, L] long | None (= 0), position_ids [B, L] |
-    [L] | None (= 0..L-1))`` -> ``[B, L, hidden]``.
+    [L] | None (= 0..L-1), insert_after_first [B, K, hidden] | None)`` -> ``[B, L (+ K), hidden]``;
+    ``insert_after_first`` is spliced in after the first token before the LayerNorm (ViLBERT's task
+    token: no position or type embedding added to it).
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int = 512,
@@ -29,7 +31,7 @@ class TextEmbeddings(nn.Module):
         self.norm = LayerNorm(hidden_size, eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, insert_after_first: torch.Tensor | None = None) -> torch.Tensor:
         _checks.tensor("input_ids", input_ids, shape="[B, L] int64", ndim=2, dtypes=(torch.int64, torch.int32))
         length = input_ids.shape[1]
         if length > self.position_embeddings.num_embeddings:
@@ -44,7 +46,12 @@ class TextEmbeddings(nn.Module):
         embedded = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        embedded = self.norm(self.token_type_embeddings(token_type_ids), embedded)
+        if insert_after_first is None:
+            embedded = self.norm(self.token_type_embeddings(token_type_ids), embedded)
+        else:
+            embedded = embedded + self.token_type_embeddings(token_type_ids)
+            embedded = torch.cat([embedded[:, :1], insert_after_first.to(embedded.dtype), embedded[:, 1:]], dim=1)
+            embedded = self.norm(embedded)
         return F.dropout(embedded, self.dropout, self.training)
 
 

@@ -1,0 +1,552 @@
+"""ViLBERT (Lu et al., 2019) on fastvl's fused layers, wired exactly as the released encoder runs it.
+
+Two streams: a BERT text stream (``layer``) and a visual stream over detector regions (``v_layer``),
+joined by co-attention layers (``c_layer``). For co-attention layer i, the text stream runs its
+layers up to ``t_biattention_id[i]`` and the visual stream up to ``v_biattention_id[i]``, then the
+co-attention layer mixes both; after the last one the visual stream runs its remaining layers, then
+the text stream. The default 6-layer model therefore runs text 0-5, co 0, [text 6, visual 0, co 1],
+..., [text 10, visual 4, co 5], visual 5, text 11: the first co-attention sees the raw region
+embeddings. Text layers below ``fixed_t_layer`` (visual below ``fixed_v_layer``) run without grad.
+
+Inputs (the interface the training code uses)::
+
+    input_ids [B, Lt] long, token_type_ids [B, Lt] long, text_mask [B, Lt] bool (True = real token),
+    region_feats [B, Lv, v_feature_size] float, region_loc [B, Lv, 5] float in [0, 1]
+    ([x1/W, y1/H, x2/W, y2/H, area fraction]), region_mask [B, Lv] bool (True = real region).
+
+Region 0 is the IMG token, built by the data collator (``fastvl.data``): its feature is the mean of
+the real regions' features and its location the whole image ``[0, 0, 1, 1, 1]``; it is never masked.
+
+Where the original computes NaN (region KL or MLM with nothing masked), fastvl returns 0 with zero
+gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvl import _checks
+from fastvl.dispatch import use_backend
+from fastvl.nn import (CoAttentionLayer, LayerNorm, RegionEmbeddings, TextEmbeddings, TransformerLayer,
+                       init_bert_weights)
+from fastvl.ops import bias_gelu, linear_cross_entropy, linear_region_kl_loss
+
+# Keys of the original JSON configs that fastvl accepts but that do not change the model it builds.
+_IGNORED_ORIGINAL_KEYS = {
+    "bi_intermediate_size", "bi_attention_type", "pooling_method", "fast_mode", "in_batch_pairs",
+    "intra_gate", "dynamic_attention", "visual_target", "objective", "num_negative", "model", "visualization",
+    "predict_feature", "v_initializer_range", "vocab_size_or_config_json_file", "bi_hidden_act",
+}
+
+
+@dataclasses.dataclass
+class ViLBERTConfig:
+    """ViLBERT's configuration, with the original JSON keys (``bert_base_6layer_6conect.json`` and
+    friends) as field names. ``ViLBERTConfig.from_dict(json.load(f))`` accepts an original config as
+    it is; ``ViLBERTConfig.named("base" | "2-layer" | "4-layer" | "6-layer" | "8-layer" | "tiny")``.
+
+    fastvl additions: ``max_regions`` (the most regions, IMG included, a batch may have) and
+    ``layer_norm_eps`` (BERT's 1e-12).
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    v_feature_size: int = 2048
+    v_target_size: int = 1601
+    v_hidden_size: int = 1024
+    v_num_hidden_layers: int = 6
+    v_num_attention_heads: int = 8
+    v_intermediate_size: int = 1024
+    v_attention_probs_dropout_prob: float = 0.1
+    v_hidden_act: str = "gelu"
+    v_hidden_dropout_prob: float = 0.1
+    bi_hidden_size: int = 1024
+    bi_num_attention_heads: int = 8
+    v_biattention_id: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    t_biattention_id: list[int] = dataclasses.field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
+    fixed_t_layer: int = 0
+    fixed_v_layer: int = 0
+    fusion_method: str = "mul"
+    with_coattention: bool = True
+    task_specific_tokens: bool = False
+    num_task_tokens: int = 20
+    max_regions: int = 101
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self):
+        self.v_biattention_id, self.t_biattention_id = list(self.v_biattention_id), list(self.t_biattention_id)
+        if len(self.v_biattention_id) != len(self.t_biattention_id):
+            raise ValueError(f"v_biattention_id {self.v_biattention_id} and t_biattention_id "
+                             f"{self.t_biattention_id} must have the same length (one entry per co-attention layer)")
+        for name, ids, depth in (("v_biattention_id", self.v_biattention_id, self.v_num_hidden_layers),
+                                 ("t_biattention_id", self.t_biattention_id, self.num_hidden_layers)):
+            if any(b < a for a, b in zip(ids, ids[1:])) or any(not 0 <= i <= depth for i in ids):
+                raise ValueError(f"{name} must be non-decreasing layer indices in [0, {depth}], got {ids}")
+        _checks.choice("fusion_method", self.fusion_method, ("mul", "sum"))
+        for name in ("hidden_act", "v_hidden_act"):
+            _checks.choice(name, getattr(self, name), ("gelu",))
+        for hidden, heads in ((self.hidden_size, self.num_attention_heads),
+                              (self.v_hidden_size, self.v_num_attention_heads),
+                              (self.bi_hidden_size, self.bi_num_attention_heads)):
+            if hidden % heads:
+                raise ValueError(f"hidden size {hidden} must be divisible by its number of heads {heads}")
+
+    @property
+    def num_co_attention_layers(self) -> int:
+        return len(self.v_biattention_id)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], **overrides) -> ViLBERTConfig:
+        """From an original JSON config dict (keys as they are); unknown keys are warned about."""
+        merged = {**config, **overrides}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if "vocab_size_or_config_json_file" in merged and "vocab_size" not in merged:
+            merged["vocab_size"] = merged["vocab_size_or_config_json_file"]
+        unknown = sorted(k for k in merged if k not in fields and k not in _IGNORED_ORIGINAL_KEYS)
+        if unknown:
+            warnings.warn(f"ViLBERTConfig: ignoring unknown config keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in merged.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> ViLBERTConfig:
+        """A named configuration: "base" (= "6-layer", the paper's default bert_base_6layer_6conect),
+        "2-layer", "4-layer", "8-layer" (the paper's co-attention depths; the visual stream has as many
+        layers), or "tiny" (small sizes, the same wiring as "2-layer", for tests and CI)."""
+        depths = {"2-layer": 2, "4-layer": 4, "6-layer": 6, "base": 6, "8-layer": 8}
+        if name in depths:
+            depth = depths[name]
+            base = dict(v_num_hidden_layers=depth, v_biattention_id=list(range(depth)),
+                        t_biattention_id=list(range(12 - depth, 12)))
+        elif name == "tiny":
+            base = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
+                        max_position_embeddings=64, v_hidden_size=24, v_num_hidden_layers=2,
+                        v_num_attention_heads=2, v_intermediate_size=40, bi_hidden_size=16, bi_num_attention_heads=2,
+                        v_biattention_id=[0, 1], t_biattention_id=[2, 3])
+        else:
+            raise ValueError(f"unknown ViLBERT config {name!r}; known: {[*depths, 'tiny']}")
+        return cls(**{**base, **overrides})
+
+
+def _backend_scope(backend: str | None):
+    return use_backend(backend) if backend is not None else contextlib.nullcontext()
+
+
+class ViLBERTModel(nn.Module):
+    """The two-stream encoder (the original's ``BertModel``) with its poolers.
+
+    Parameters: ``embeddings`` (:class:`TextEmbeddings`), ``task_embeddings`` (only with
+    ``task_specific_tokens``), ``v_embeddings`` (:class:`RegionEmbeddings`), ``layer.{i}`` /
+    ``v_layer.{i}`` (:class:`TransformerLayer`), ``c_layer.{i}`` (:class:`CoAttentionLayer`),
+    ``t_pooler`` / ``v_pooler`` (Linear -> bi_hidden_size, ReLU on the first token of each stream).
+
+    ``backend``: run every op on this backend (e.g. "reference", the parity baseline); None = auto.
+    ``validate_values``: check region locations are in [0, 1] (one host sync per forward; skipped
+    under torch.compile).
+    """
+
+    def __init__(self, config: ViLBERTConfig, backend: str | None = None, validate_values: bool = True):
+        super().__init__()
+        self.config, self.backend, self.validate_values = config, backend, validate_values
+        c = config
+        self.embeddings = TextEmbeddings(c.vocab_size, c.hidden_size, c.max_position_embeddings, c.type_vocab_size,
+                                         c.hidden_dropout_prob, c.layer_norm_eps)
+        self.task_embeddings = nn.Embedding(c.num_task_tokens, c.hidden_size) if c.task_specific_tokens else None
+        self.v_embeddings = RegionEmbeddings(c.v_feature_size, c.v_hidden_size, 5, c.v_hidden_dropout_prob,
+                                             c.layer_norm_eps)
+        self.layer = nn.ModuleList(
+            TransformerLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_dropout_prob,
+                             c.attention_probs_dropout_prob, c.layer_norm_eps) for _ in range(c.num_hidden_layers))
+        self.v_layer = nn.ModuleList(
+            TransformerLayer(c.v_hidden_size, c.v_num_attention_heads, c.v_intermediate_size, c.v_hidden_dropout_prob,
+                             c.v_attention_probs_dropout_prob, c.layer_norm_eps) for _ in range(c.v_num_hidden_layers))
+        self.c_layer = nn.ModuleList(
+            CoAttentionLayer(c.hidden_size, c.v_hidden_size, c.bi_hidden_size, c.bi_num_attention_heads,
+                             c.intermediate_size, c.v_intermediate_size, c.hidden_dropout_prob, c.v_hidden_dropout_prob,
+                             c.attention_probs_dropout_prob, c.layer_norm_eps)
+            for _ in range(c.num_co_attention_layers if c.with_coattention else 0))
+        self.t_pooler = nn.Linear(c.hidden_size, c.bi_hidden_size)
+        self.v_pooler = nn.Linear(c.v_hidden_size, c.bi_hidden_size)
+        self.apply(lambda m: init_bert_weights(m, c.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
+                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None,
+                task_ids: torch.Tensor | None = None, output_attentions: bool = False) -> dict[str, Any]:
+        """Returns a dict: ``sequence_t [B, Lt(+1), hidden]``, ``sequence_v [B, Lv, v_hidden]``,
+        ``pooled_t`` / ``pooled_v`` ``[B, bi_hidden]``, ``text_mask`` (with the task token's slot when
+        used), and with ``output_attentions`` ``attentions`` = {"t": [...], "v": [...], "c": [(v, t)...]}."""
+        with _backend_scope(self.backend):
+            return self._encode(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
+                                task_ids, output_attentions)
+
+    def validate(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids):
+        c = self.config
+        _checks.tensor("input_ids", input_ids, shape="[B, Lt] int64", ndim=2, dtypes=(torch.int64, torch.int32))
+        batch, length = input_ids.shape
+        extra = 1 if c.task_specific_tokens else 0
+        if length + extra > c.max_position_embeddings:
+            raise ValueError(f"input_ids has {length} tokens (+{extra} task token), more than the config's "
+                             f"max_position_embeddings = {c.max_position_embeddings}")
+        for name, value in (("token_type_ids", token_type_ids), ("text_mask", text_mask)):
+            if value is not None:
+                _checks.tensor(name, value, shape="[B, Lt]", ndim=2, dtypes=None)
+                _checks.same_shape(name, value, [batch, length], "[B, Lt] like input_ids")
+        _checks.tensor("region_feats", region_feats, shape=f"[B, Lv, {c.v_feature_size}]", ndim=3)
+        if region_feats.shape[0] != batch:
+            raise ValueError(f"region_feats has batch size {region_feats.shape[0]} but input_ids has {batch}; "
+                             "the text and image streams must have the same batch size")
+        if region_feats.shape[-1] != c.v_feature_size:
+            raise ValueError(f"region_feats must have shape [B, Lv, {c.v_feature_size}] (v_feature_size), "
+                             f"got {list(region_feats.shape)}")
+        regions = region_feats.shape[1]
+        if regions > c.max_regions:
+            raise ValueError(f"region_feats has {regions} regions, more than the config's max_regions = "
+                             f"{c.max_regions} (IMG token included)")
+        _checks.tensor("region_loc", region_loc, shape="[B, Lv, 5]", ndim=3)
+        _checks.same_shape("region_loc", region_loc, [batch, regions, 5], "[B, Lv, 5] with B, Lv of region_feats")
+        if region_mask is not None:
+            _checks.tensor("region_mask", region_mask, shape="[B, Lv]", ndim=2, dtypes=None)
+            _checks.same_shape("region_mask", region_mask, [batch, regions], "[B, Lv] like region_feats")
+        _checks.same_device("input_ids", input_ids, token_type_ids=token_type_ids, text_mask=text_mask,
+                            region_feats=region_feats, region_loc=region_loc, region_mask=region_mask)
+        if c.task_specific_tokens and task_ids is None:
+            raise ValueError("task_ids [B, 1] is required: the config has task_specific_tokens")
+        if self.validate_values and not torch.compiler.is_compiling():
+            outside = (region_loc < 0) | (region_loc > 1)
+            if bool(outside.any()):
+                where = outside.nonzero()[0].tolist()
+                raise ValueError(f"region_loc must hold [x1/W, y1/H, x2/W, y2/H, area fraction] in [0, 1]; "
+                                 f"region_loc{where} = {region_loc[tuple(where)].item():.4g} is outside")
+
+    def _encode(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids,
+                output_attentions):
+        self.validate(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids)
+        c = self.config
+        batch = input_ids.shape[0]
+        if text_mask is None:
+            text_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if region_mask is None:
+            region_mask = torch.ones(region_feats.shape[:2], dtype=torch.bool, device=region_feats.device)
+        text_mask = _checks.key_padding_mask("text_mask", text_mask, *input_ids.shape, input_ids.device)
+        region_mask = _checks.key_padding_mask("region_mask", region_mask, *region_feats.shape[:2], input_ids.device)
+        inserted = None
+        if self.task_embeddings is not None:
+            inserted = self.task_embeddings(task_ids.view(batch, -1))
+            text_mask = torch.cat([text_mask[:, :1], torch.ones_like(text_mask[:, :1]), text_mask[:, 1:]], dim=1)
+        text = self.embeddings(input_ids, token_type_ids, insert_after_first=inserted)
+        image = self.v_embeddings(region_feats, region_loc)
+
+        probs: dict[str, list] = {"t": [], "v": [], "c": []}
+
+        def run(layers, start, end, fixed, hidden, mask, key):
+            # the original: layers [start, fixed) without grad (start jumps to fixed), then [start, end)
+            if start < fixed:
+                with torch.no_grad():
+                    for index in range(start, fixed):
+                        hidden = self._layer(layers[index], hidden, mask, output_attentions, probs[key])
+                start = fixed
+            for index in range(start, end):
+                hidden = self._layer(layers[index], hidden, mask, output_attentions, probs[key])
+            return hidden, start
+
+        t_start = v_start = 0
+        for count, (v_end, t_end) in enumerate(zip(c.v_biattention_id, c.t_biattention_id)):
+            text, t_start = run(self.layer, t_start, t_end, c.fixed_t_layer, text, text_mask, "t")
+            image, v_start = run(self.v_layer, v_start, v_end, c.fixed_v_layer, image, region_mask, "v")
+            if c.with_coattention:
+                out = self.c_layer[count](image, region_mask, text, text_mask, output_attentions=output_attentions)
+                image, text = out[0], out[1]
+                if output_attentions:
+                    probs["c"].append(out[2])
+            v_start, t_start = v_end, t_end
+        image, _ = run(self.v_layer, v_start, len(self.v_layer), 0, image, region_mask, "v")
+        text, _ = run(self.layer, t_start, len(self.layer), 0, text, text_mask, "t")
+        result = {"sequence_t": text, "sequence_v": image, "pooled_t": F.relu(self.t_pooler(text[:, 0])),
+                  "pooled_v": F.relu(self.v_pooler(image[:, 0])), "text_mask": text_mask, "region_mask": region_mask}
+        if output_attentions:
+            result["attentions"] = probs
+        return result
+
+    @staticmethod
+    def _layer(layer, hidden, mask, output_attentions, probs):
+        if output_attentions:
+            hidden, layer_probs = layer(hidden, mask, output_attentions=True)
+            probs.append(layer_probs)
+            return hidden
+        return layer(hidden, mask)
+
+
+def fuse(config: ViLBERTConfig, pooled_t: torch.Tensor, pooled_v: torch.Tensor) -> torch.Tensor:
+    """The fused vector: ``pooled_t * pooled_v`` ("mul") or ``pooled_t + pooled_v`` ("sum")."""
+    return pooled_t * pooled_v if config.fusion_method == "mul" else pooled_t + pooled_v
+
+
+class PredictionTransform(nn.Module):
+    """BERT's ``BertPredictionHeadTransform``: ``LN(gelu(dense(x)))`` (parameters ``dense``, ``norm``)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = LayerNorm(hidden_size, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(bias_gelu(F.linear(x, self.dense.weight), self.dense.bias))
+
+
+class PretrainingHeads(nn.Module):
+    """ViLBERT's ``BertPreTrainingHeads``: MLM (``predictions``: transform + ``bias``; the decoder is the
+    tied word-embedding matrix, passed in), alignment (``bi_seq_relationship``: Linear(bi_hidden, 2)),
+    masked-region classification (``image_predictions``: transform + ``decoder`` Linear(v_hidden,
+    v_target_size))."""
+
+    def __init__(self, config: ViLBERTConfig):
+        super().__init__()
+        c = config
+        self.predictions = nn.Module()
+        self.predictions.transform = PredictionTransform(c.hidden_size, c.layer_norm_eps)
+        self.predictions.bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.bi_seq_relationship = nn.Linear(c.bi_hidden_size, 2)
+        self.image_predictions = nn.Module()
+        self.image_predictions.transform = PredictionTransform(c.v_hidden_size, c.layer_norm_eps)
+        self.image_predictions.decoder = nn.Linear(c.v_hidden_size, c.v_target_size)
+
+
+@dataclasses.dataclass
+class ViLBERTPretrainingOutput:
+    """``loss`` = mlm + region + align (equal weights; the sum of the losses whose labels were given,
+    None if none); ``losses`` {"mlm", "region", "align"}; the scores when asked for
+    (``return_scores=True``): ``prediction_scores_t [B, Lt, vocab]``, ``prediction_scores_v
+    [B, Lv, v_target_size]``, and always ``alignment_scores [B, 2]``; the encoder outputs."""
+
+    loss: torch.Tensor | None
+    losses: dict[str, torch.Tensor]
+    alignment_scores: torch.Tensor
+    prediction_scores_t: torch.Tensor | None = None
+    prediction_scores_v: torch.Tensor | None = None
+    encoder: dict[str, Any] | None = None
+
+
+class ViLBERTForPretraining(nn.Module):
+    """ViLBERT with its pretraining heads (the original's ``BertForMultiModalPreTraining``).
+
+    Parameters: ``bert`` (:class:`ViLBERTModel`), ``cls`` (:class:`PretrainingHeads`).
+    ``forward(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
+    mlm_labels=None, region_targets=None, region_labels=None, is_next=None, *, task_ids=None,
+    return_scores=False, output_attentions=False)`` -> :class:`ViLBERTPretrainingOutput`.
+
+    * MLM: cross-entropy through the tied decoder over labels ``mlm_labels [B, Lt]`` (-1 = ignored);
+      the mean over labelled tokens, 0 with zero gradient when none (the original: NaN).
+    * Region: ``KL(region_targets || softmax(scores))`` summed over the ``v_target_size`` classes, over
+      regions 1.. (IMG excluded) with ``region_labels [B, Lv]`` True, divided by their count; 0 with
+      zero gradient when no region is masked (the original: NaN). ``region_targets [B, Lv, C]``.
+    * Alignment: cross-entropy of ``bi_seq_relationship(dropout(fused))`` against ``is_next [B]``
+      (0 = aligned caption).
+    """
+
+    def __init__(self, config: ViLBERTConfig, backend: str | None = None, validate_values: bool = True):
+        super().__init__()
+        self.config, self.backend = config, backend
+        self.bert = ViLBERTModel(config, backend, validate_values)
+        self.cls = PretrainingHeads(config)
+        self.cls.apply(lambda m: init_bert_weights(m, config.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
+                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None,
+                mlm_labels: torch.Tensor | None = None, region_targets: torch.Tensor | None = None,
+                region_labels: torch.Tensor | None = None, is_next: torch.Tensor | None = None, *,
+                task_ids: torch.Tensor | None = None, return_scores: bool = False,
+                output_attentions: bool = False) -> ViLBERTPretrainingOutput:
+        with _backend_scope(self.backend):
+            return self._forward(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
+                                 mlm_labels, region_targets, region_labels, is_next, task_ids, return_scores,
+                                 output_attentions)
+
+    def _forward(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, mlm_labels,
+                 region_targets, region_labels, is_next, task_ids, return_scores, output_attentions):
+        c = self.config
+        encoded = self.bert(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids,
+                            output_attentions)
+        batch, regions = region_feats.shape[:2]
+        seq_t, seq_v = encoded["sequence_t"], encoded["sequence_v"]
+        fused = F.dropout(fuse(c, encoded["pooled_t"], encoded["pooled_v"]), 0.1, self.training)
+        alignment_scores = self.cls.bi_seq_relationship(fused)
+        heads = self.cls
+        hidden_t = heads.predictions.transform(seq_t)
+        hidden_v = heads.image_predictions.transform(seq_v)
+        word_weight = self.bert.embeddings.word_embeddings.weight
+        losses: dict[str, torch.Tensor] = {}
+        if mlm_labels is not None:
+            _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64 (-1 = ignored)", ndim=2,
+                           dtypes=(torch.int64, torch.int32))
+            _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
+            if c.task_specific_tokens:  # the task token's slot is never labelled
+                mlm_labels = torch.cat([mlm_labels[:, :1], torch.full_like(mlm_labels[:, :1], -1), mlm_labels[:, 1:]], 1)
+            losses["mlm"] = linear_cross_entropy(hidden_t, word_weight, heads.predictions.bias, mlm_labels, -1)
+        if region_targets is not None or region_labels is not None:
+            if region_targets is None or region_labels is None:
+                raise ValueError("region_targets and region_labels must be given together")
+            _checks.tensor("region_targets", region_targets, shape=f"[B, Lv, {c.v_target_size}]", ndim=3)
+            _checks.same_shape("region_targets", region_targets, [batch, regions, c.v_target_size],
+                               "[B, Lv, v_target_size] with B, Lv of region_feats")
+            _checks.tensor("region_labels", region_labels, shape="[B, Lv] bool", ndim=2, dtypes=None)
+            _checks.same_shape("region_labels", region_labels, [batch, regions], "[B, Lv] like region_mask")
+            losses["region"] = linear_region_kl_loss(hidden_v[:, 1:], heads.image_predictions.decoder.weight,
+                                                     heads.image_predictions.decoder.bias,
+                                                     region_targets[:, 1:].to(hidden_v.dtype),
+                                                     region_labels[:, 1:].bool())
+        if is_next is not None:
+            _checks.tensor("is_next", is_next, shape="[B] int64 (0 = aligned)", ndim=1, dtypes=(torch.int64, torch.int32))
+            _checks.same_shape("is_next", is_next, [batch], "[B]")
+            losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
+        total = None
+        for value in losses.values():
+            total = value if total is None else total + value
+        output = ViLBERTPretrainingOutput(total, losses, alignment_scores, encoder=encoded)
+        if return_scores:
+            output.prediction_scores_t = F.linear(hidden_t, word_weight, heads.predictions.bias)
+            output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)
+        return output
+
+
+class MLPClassifier(nn.Module):
+    """The task heads' 2-layer MLP. Release "multi-task" (vilbert-multi-task's ``SimpleClassifier``):
+    ``out(LN(gelu(dense(x))))``; release "beta" (vilbert_beta's): ``out(dropout(relu(dense(x))))``
+    (its checkpoints store weight-normed matrices, folded by the converter).
+    Parameters: ``dense``, ``norm`` (multi-task only), ``out``."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, release: str = "multi-task",
+                 dropout: float = 0.5, eps: float = 1e-12):
+        super().__init__()
+        _checks.choice("release", release, ("multi-task", "beta"))
+        self.release, self.dropout = release, dropout
+        self.dense = nn.Linear(in_dim, hidden_dim)
+        self.norm = LayerNorm(hidden_dim, eps) if release == "multi-task" else None
+        self.out = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            return self.out(self.norm(bias_gelu(F.linear(x, self.dense.weight), self.dense.bias)))
+        return self.out(F.dropout(F.relu(self.dense(x)), self.dropout, self.training))
+
+
+@dataclasses.dataclass
+class ViLBERTTaskOutput:
+    """Every task head's scores (the original computes them all; a task reads its own):
+    ``vqa [B, num_labels]``, ``gqa [B, 1533]`` (multi-task), ``nlvr2 [B/2, 2]`` (multi-task, even B),
+    ``option_score [B, 1]`` (VCR / retrieval: view as [N, options]), ``snli_ve [B, 3]`` (multi-task),
+    ``region_score [B, Lv]`` (RefCOCO+; padded regions -10000), ``token_score [B, Lt]``,
+    ``alignment_scores [B, 2]`` (zero-shot retrieval: the pretraining alignment head), ``encoder``."""
+
+    vqa: torch.Tensor
+    option_score: torch.Tensor
+    region_score: torch.Tensor
+    token_score: torch.Tensor
+    alignment_scores: torch.Tensor
+    gqa: torch.Tensor | None = None
+    nlvr2: torch.Tensor | None = None
+    snli_ve: torch.Tensor | None = None
+    encoder: dict[str, Any] | None = None
+
+
+class ViLBERTForTasks(nn.Module):
+    """ViLBERT with the downstream heads (the original's ``VILBertForVLTasks``).
+
+    Parameters: ``bert``, ``cls`` (pretraining heads, kept for zero-shot retrieval), ``vil_prediction``
+    (:class:`MLPClassifier` bi -> 2 bi -> num_labels, VQA), ``vil_logit`` (Linear(bi, 1): VCR and
+    retrieval, one score per option), ``vision_logit`` (Linear(v_hidden, 1): RefCOCO+, one score per
+    region), ``linguistic_logit`` (Linear(hidden, 1)); release "multi-task" adds ``vil_prediction_gqa``
+    (-> 1533), ``vil_binary_prediction`` (2 bi -> 2 bi -> 2, NLVR2 on pairs of fused vectors) and
+    ``vil_tri_prediction`` (Linear(bi, 3), SNLI-VE). Loss helpers: :func:`vqa_loss`,
+    :func:`multiple_choice_loss`, :func:`region_loss`, :func:`classification_loss`.
+    """
+
+    def __init__(self, config: ViLBERTConfig, num_labels: int = 3129, release: str = "multi-task",
+                 dropout: float = 0.1, backend: str | None = None, validate_values: bool = True):
+        super().__init__()
+        _checks.choice("release", release, ("multi-task", "beta"))
+        c = config
+        self.config, self.backend, self.release, self.dropout = config, backend, release, dropout
+        self.bert = ViLBERTModel(config, backend, validate_values)
+        self.cls = PretrainingHeads(config)
+        bi = c.bi_hidden_size
+        self.vil_prediction = MLPClassifier(bi, 2 * bi, num_labels, release, eps=c.layer_norm_eps)
+        if release == "multi-task":
+            self.vil_prediction_gqa = MLPClassifier(bi, 2 * bi, 1533, release, eps=c.layer_norm_eps)
+            self.vil_binary_prediction = MLPClassifier(2 * bi, 2 * bi, 2, release, eps=c.layer_norm_eps)
+            self.vil_tri_prediction = nn.Linear(bi, 3)
+        self.vil_logit = nn.Linear(bi, 1)
+        self.vision_logit = nn.Linear(c.v_hidden_size, 1)
+        self.linguistic_logit = nn.Linear(c.hidden_size, 1)
+        for name, module in self.named_children():
+            if name != "bert":
+                module.apply(lambda m: init_bert_weights(m, c.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
+                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None, *,
+                task_ids: torch.Tensor | None = None, output_attentions: bool = False) -> ViLBERTTaskOutput:
+        with _backend_scope(self.backend):
+            encoded = self.bert(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
+                                task_ids, output_attentions)
+            raw_fused = fuse(self.config, encoded["pooled_t"], encoded["pooled_v"])
+            fused = F.dropout(raw_fused, self.dropout, self.training)
+            seq_v = F.dropout(encoded["sequence_v"], self.dropout, self.training)
+            seq_t = F.dropout(encoded["sequence_t"], self.dropout, self.training)
+            region_pad = (~encoded["region_mask"]).to(seq_v.dtype) * -10000.0
+            out = ViLBERTTaskOutput(
+                vqa=self.vil_prediction(fused), option_score=self.vil_logit(fused),
+                region_score=self.vision_logit(seq_v).squeeze(-1) + region_pad,
+                token_score=self.linguistic_logit(seq_t).squeeze(-1),
+                alignment_scores=self.cls.bi_seq_relationship(F.dropout(raw_fused, 0.1, self.training)),
+                encoder=encoded)
+            if self.release == "multi-task":
+                out.gqa = self.vil_prediction_gqa(fused)
+                out.snli_ve = self.vil_tri_prediction(fused)
+                if fused.shape[0] % 2 == 0:
+                    out.nlvr2 = self.vil_binary_prediction(fused.reshape(-1, 2 * fused.shape[1]))
+            return out
+
+
+def vqa_loss(scores: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+    """VQA: binary cross-entropy on soft answer scores ``[B, num_labels]``, mean x num_labels (the
+    original's scaling)."""
+    return F.binary_cross_entropy_with_logits(scores, soft_targets.to(scores.dtype)) * soft_targets.shape[1]
+
+
+def multiple_choice_loss(option_score: torch.Tensor, labels: torch.Tensor, num_options: int) -> torch.Tensor:
+    """VCR / caption retrieval: ``option_score [N * options, 1]`` viewed as ``[N, options]``, softmax
+    cross-entropy against the right option ``labels [N]``."""
+    return F.cross_entropy(option_score.view(-1, num_options), labels.long())
+
+
+def region_loss(region_score: torch.Tensor, iou: torch.Tensor, region_mask: torch.Tensor,
+                threshold: float = 0.5) -> torch.Tensor:
+    """RefCOCO+: binary cross-entropy of each real region's score ``[B, Lv]`` against
+    ``iou >= threshold``, summed over real regions and divided by B (the original's mean x Lv, where
+    padded regions, scored -10000, add nothing)."""
+    mask = region_mask.to(region_score.dtype)
+    targets = (iou >= threshold).to(region_score.dtype)
+    per_region = F.binary_cross_entropy_with_logits(region_score, targets, reduction="none")
+    return (per_region * mask).sum() / region_score.shape[0]
+
+
+def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """NLVR2 (``nlvr2 [B/2, 2]``) and SNLI-VE (``snli_ve [B, 3]``): softmax cross-entropy."""
+    return F.cross_entropy(scores, labels.long())
