@@ -72,3 +72,21 @@ def test_results_json_ratios_table_and_plot(tmp_path):
     assert "x vs slow" in results.table(["slow"])
     png = harness.plot(document["rows"], tmp_path / "unit.png", x="n", title="matmul", env=document["env"])
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_fastvl_bench_ops_quick_writes_json_and_png(tmp_path, capsys):
+    from fastvl.cli import main
+
+    assert main(["bench", "ops", "--quick", "--out", str(tmp_path), "--only", "co_attention", "region_kl_loss"]) == 0
+    document = json.loads((tmp_path / "ops.json").read_text())
+    assert document["suite"] == "ops" and document["env"]["size"] == "tiny"
+    variants = {(row["op"], row["variant"]) for row in document["rows"]}
+    assert {("co_attention", "reference"), ("co_attention", "sdpa"), ("region_kl_loss", "reference")} <= variants
+    for row in document["rows"]:
+        _positive(row, "median_ms", "p20_ms", "p80_ms", "peak_mem_mb")
+        assert row["params"]["pass"] in ("fwd", "fwd+bwd")
+    assert any(r["variant"] == "sdpa" and r["name"] == "co_attention" for r in document["ratios"])
+    assert (tmp_path / "ops-co_attention.png").stat().st_size > 1000
+    assert (tmp_path / "ops-region_kl_loss.png").stat().st_size > 1000
+    assert "x vs reference" in capsys.readouterr().out

@@ -62,6 +62,11 @@ class Timing:
     p20_ms: float
     p80_ms: float
 
+    @classmethod
+    def of(cls, times_ms: Sequence[float]) -> Timing:
+        ordered = sorted(times_ms)
+        return cls(statistics.median(ordered), _quantile(ordered, 0.2), _quantile(ordered, 0.8))
+
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
     position = q * (len(sorted_values) - 1)
@@ -87,12 +92,12 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup_ms: 
         fn()
         return (time.perf_counter() - start) * 1e3
 
-    first = call()  # also the estimate that sizes warm-up and repetitions
-    for _ in range(max(0, min(max_reps, int(warmup_ms / max(first, 1e-3))) - 1)):
+    call()  # the first call pays for lazy initialisation
+    estimate = max(call(), 1e-3)  # sizes the warm-up and the repetitions
+    for _ in range(min(max_reps, int(warmup_ms / estimate))):
         call()
-    reps = max(min_reps, min(max_reps, int(rep_ms / max(first, 1e-3))))
-    times = sorted(call() for _ in range(reps))
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8))
+    reps = max(min_reps, min(max_reps, int(rep_ms / estimate)))
+    return Timing.of([call() for _ in range(reps)])
 
 
 # Peak memory --------------------------------------------------------------------------------------
@@ -323,9 +328,7 @@ class Results:
         """
         budget = {"warmup_ms": 5.0, "rep_ms": 20.0, "min_reps": 3} if self.quick else {}
         timing = time_fn(fn, self.device, grad_to_none=grad_to_none, **budget)
-        row = {"suite": self.suite, "name": name, "variant": variant, "params": dict(params or {}),
-               "dtype": str(dtype).removeprefix("torch."), "device": self.env["device"],
-               **dataclasses.asdict(timing)}
+        row = self.add(timing, name=name, variant=variant, params=params, dtype=dtype)
         if memory:
             for tensor in grad_to_none or ():
                 tensor.grad = None
@@ -339,6 +342,14 @@ class Results:
             if nbytes:
                 row.update(bytes=nbytes, gbps=nbytes / seconds / 1e9, pct_peak_gbps=100 * nbytes / seconds / 1e9 / peak.gbps)
         row.update(extra)
+        return row
+
+    def add(self, timing: Timing, *, name: str, variant: str, params: dict | None = None,
+            dtype: torch.dtype = torch.float32, **extra) -> dict:
+        """Appends a row for a timing taken elsewhere (e.g. a training step's own phase timers)."""
+        row = {"suite": self.suite, "name": name, "variant": variant, "params": dict(params or {}),
+               "dtype": str(dtype).removeprefix("torch."), "device": self.env["device"],
+               **dataclasses.asdict(timing), **extra}
         self.rows.append(row)
         return row
 

@@ -1,0 +1,107 @@
+"""``fastvl bench``: throughput and memory benchmarks, fused vs reference.
+
+``fastvl bench ops [--quick]``
+    The op-level suite (:mod:`fastvl.bench.ops`: every op of ``fastvl.ops`` with every backend here) and
+    every ``benchmarks/bench_*.py`` module of the checkout that defines ``run(results, size)``.
+``fastvl bench model --model vilbert-base``
+    Whole-model pretraining steps (forward + backward + optimizer), fused backends vs
+    ``backend="reference"``, with the largest batch that fits (:mod:`fastvl.bench.model`).
+
+Both print a table and write JSON (device, versions, commit, date) and PNG plots under ``--out``
+(default ``benchmarks/results/<date>-<device>/``). Sizes default to the papers' on GPU and small on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from fastvl.bench import harness
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BENCHMARKS_DIR = harness.REPO_ROOT / "benchmarks"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    ops = modes.add_parser("ops", help="op-level suite: every op and backend, plus benchmarks/bench_*.py")
+    model = modes.add_parser("model", help="model-level training throughput, fused vs reference")
+    for sub in (ops, model):
+        sub.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+        sub.add_argument("--out", type=Path, default=None,
+                         help="result folder (default: benchmarks/results/<date>-<device>/)")
+        sub.add_argument("--quick", action="store_true", help="tiny shapes and short timing budgets (CI)")
+        sub.add_argument("--no-plots", action="store_true", help="JSON and table only")
+    ops.add_argument("--size", choices=("tiny", "small", "paper"), default=None,
+                     help="shapes (default: paper on GPU, small on CPU, tiny with --quick)")
+    ops.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
+    ops.add_argument("--only", nargs="*", default=(),
+                     help="run only these ops / benchmark names (prefixes) / benchmarks/bench_<suite>.py suites")
+    ops.add_argument("--builtin-only", action="store_true", help="skip the benchmarks/bench_*.py modules")
+
+    from fastvl.bench import model as model_bench  # noqa: PLC0415
+
+    model_bench.add_arguments(model)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device) if args.device else harness.default_device()
+    out_dir = args.out or harness.results_dir(device)
+    if args.mode == "ops":
+        return run_ops(args, device, out_dir)
+    from fastvl.bench import model as model_bench  # noqa: PLC0415
+
+    return model_bench.run(args, device, out_dir)
+
+
+def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
+    from fastvl.bench import ops  # noqa: PLC0415
+
+    size = args.size or ("tiny" if args.quick else "paper" if device.type == "cuda" else "small")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    results = harness.Results("ops", device, quick=args.quick)
+    results.env["size"] = size
+    notes = ops.run(results, size, dtype, only=args.only)
+    _report(results, out_dir / "ops.json", ["reference"], notes)
+    if not args.no_plots:
+        for path in ops.plot_speedups(results, out_dir):
+            print(f"wrote {path}")
+    if not args.builtin_only:
+        for module_path in sorted(BENCHMARKS_DIR.glob("bench_*.py")):
+            _run_module(module_path, args, device, out_dir, size, dtype)
+    return 0
+
+
+def _run_module(path: Path, args: argparse.Namespace, device: torch.device, out_dir: Path, size: str,
+                dtype: torch.dtype) -> None:
+    """Runs a ``benchmarks/bench_<area>.py`` module's ``run(results, size, dtype)`` (and ``plot(results,
+    out_dir)`` if it has one) into ``<out>/<area>.json``."""
+    suite = path.stem.removeprefix("bench_")
+    if args.only and suite not in args.only:
+        return
+    spec = importlib.util.spec_from_file_location(f"fastvl_benchmarks_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "run"):
+        print(f"skipping {path.name}: it defines no run(results, size, dtype)", file=sys.stderr)
+        return
+    results = harness.Results(suite, device, quick=args.quick)
+    results.env["size"] = size
+    notes = module.run(results, size, dtype) or []
+    _report(results, out_dir / f"{suite}.json", getattr(module, "BASELINES", ["reference"]), notes)
+    if not args.no_plots and hasattr(module, "plot"):
+        for plot_path in module.plot(results, out_dir) or []:
+            print(f"wrote {plot_path}")
+
+
+def _report(results: harness.Results, path: Path, baselines: list[str], notes: list[str]) -> None:
+    print(f"\n== {results.suite} on {results.env['device']} (torch {results.env['torch']}, "
+          f"commit {(results.env['git_commit'] or 'unknown')[:12]}) ==")
+    print(results.table(baselines))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {results.save(path, baselines)}")

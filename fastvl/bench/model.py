@@ -1,0 +1,256 @@
+"""``fastvl bench model``: whole-model pretraining throughput, fused backends vs ``backend="reference"``.
+
+For each backend the same model (same seed, so the same weights), the same synthetic batch and the same
+precision run AdamW training steps; a step is split into forward, backward and optimizer with CUDA
+events on GPU (wall clock on CPU), and the median step gives samples/s and tokens/s (text tokens +
+regions per sample, padded positions included). Peak memory = parameters + optimizer state (after the
+first step) + the step's own peak (gradients and activations; see :mod:`fastvl.bench.harness` for how it
+is measured on each device). The largest batch that fits is searched per backend by doubling and then
+bisecting: a batch fits when a training step runs without running out of memory and its peak memory is
+within ``--memory-cap-gb`` (default: the GPU's memory; 4 GiB on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import fastvl
+from fastvl.bench import harness
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("fused", "reference")
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """How to build a model and a synthetic pretraining batch for it."""
+
+    build: Callable[[], torch.nn.Module]
+    batch: Callable[[object, int, torch.Generator, torch.device], dict]
+    config: object
+    text_len: int
+    regions: int
+
+
+def _vilbert(size: str) -> ModelSpec:
+    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining  # noqa: PLC0415
+
+    config = ViLBERTConfig.named(size)
+    return ModelSpec(lambda: ViLBERTForPretraining(config), _vilbert_batch, config, text_len=36, regions=37)
+
+
+MODELS: dict[str, Callable[[], ModelSpec]] = {
+    "vilbert-tiny": lambda: _vilbert("tiny"),
+    "vilbert-base": lambda: _vilbert("base"),
+}
+
+
+def _vilbert_batch(config, batch: int, generator: torch.Generator, device: torch.device, text_len: int = 36,
+                   regions: int = 37) -> dict:
+    """A ViLBERT pretraining batch with ragged text and regions, 15% of tokens and regions masked."""
+    text_lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=generator)
+    region_counts = torch.randint(regions // 2, regions + 1, (batch,), generator=generator)
+    text_mask = torch.arange(text_len)[None] < text_lengths[:, None]
+    region_mask = torch.arange(regions)[None] < region_counts[:, None]
+    input_ids = torch.randint(1, config.vocab_size, (batch, text_len), generator=generator) * text_mask
+    masked_words = (torch.rand(batch, text_len, generator=generator) < 0.15) & text_mask
+    masked_words[:, 1] = True
+    masked_regions = (torch.rand(batch, regions, generator=generator) < 0.15) & region_mask
+    masked_regions[:, 0] = False  # the IMG token is never masked
+    masked_regions[:, 1] = True
+    corners = torch.rand(batch, regions, 2, 2, generator=generator).sort(dim=2).values  # x1<x2, y1<y2
+    x1, x2, y1, y2 = corners[..., 0, 0], corners[..., 1, 0], corners[..., 0, 1], corners[..., 1, 1]
+    area = (x2 - x1) * (y2 - y1)
+    tensors = {
+        "input_ids": input_ids,
+        "token_type_ids": torch.zeros(batch, text_len, dtype=torch.long),
+        "text_mask": text_mask,
+        "region_feats": torch.randn(batch, regions, config.v_feature_size, generator=generator).relu(),
+        "region_loc": torch.stack([x1, y1, x2, y2, area], dim=-1),
+        "region_mask": region_mask,
+        "mlm_labels": torch.where(masked_words, input_ids, torch.full_like(input_ids, -1)),
+        "region_targets": torch.softmax(4 * torch.randn(batch, regions, config.v_target_size, generator=generator), -1),
+        "region_labels": torch.where(masked_regions, 1, -1),
+        "is_next": torch.randint(0, 2, (batch,), generator=generator),
+    }
+    return {name: t.to(device) for name, t in tensors.items()}
+
+
+@contextlib.contextmanager
+def backend_scope(backend: str):
+    """``fused``: fastvl's default dispatch (fastest backend per op); ``reference``: every op eager."""
+    if backend == "reference":
+        with fastvl.use_backend("reference"):
+            yield
+    else:
+        yield
+
+
+class Trainer:
+    """One model + AdamW + batch under one backend and precision; ``step()`` returns phase times (ms)."""
+
+    def __init__(self, spec: ModelSpec, backend: str, batch_size: int, device: torch.device, precision: str,
+                 seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = spec.build().to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.batch = spec.batch(spec.config, batch_size, torch.Generator().manual_seed(seed), device)
+        self.backend, self.device = backend, device
+        self.autocast_dtype = PRECISIONS[precision]
+
+    def _forward(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model(**self.batch).loss
+
+    def step(self) -> tuple[float, float, float]:
+        with backend_scope(self.backend):
+            marks = [_Mark(self.device)]
+            loss = self._forward()
+            marks.append(_Mark(self.device))
+            loss.backward()
+            marks.append(_Mark(self.device))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            marks.append(_Mark(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return tuple(a.elapsed_ms(b) for a, b in zip(marks, marks[1:]))
+
+    def persistent_bytes(self) -> int:
+        """Parameters and optimizer state (gradients are counted in the step's peak)."""
+        tensors = list(self.model.parameters())
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def peak_bytes(self) -> int:
+        return self.persistent_bytes() + harness.peak_memory(self.step, self.device)
+
+
+class _Mark:
+    """A point in time: a recorded CUDA event on GPU, ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device):
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+        else:
+            self.event, self.time = None, time.perf_counter()
+
+    def elapsed_ms(self, later: _Mark) -> float:
+        if self.event is not None:
+            return self.event.elapsed_time(later.event)
+        return (later.time - self.time) * 1e3
+
+
+def _fits(spec: ModelSpec, backend: str, batch_size: int, device: torch.device, precision: str, cap: int) -> bool:
+    try:
+        trainer = Trainer(spec, backend, batch_size, device, precision)
+        trainer.step()  # creates the optimizer state
+        return trainer.peak_bytes() <= cap
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        trainer = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def largest_batch(spec: ModelSpec, backend: str, device: torch.device, precision: str, cap: int,
+                  limit: int) -> int:
+    """The largest batch size <= ``limit`` whose training step fits in ``cap`` bytes (0 if none does)."""
+    low, high = 0, 1
+    while high <= limit and _fits(spec, backend, high, device, precision, cap):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # low fits, high does not (or is past the limit)
+        middle = (low + high) // 2
+        if _fits(spec, backend, middle, device, precision, cap):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(MODELS), default="vilbert-base")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="batch sizes to time (default: 64 on GPU, 8 on CPU, 2 with --quick)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per point (default: 10 GPU, 3 CPU)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="memory a batch may use in the search (default: the GPU's memory, 4 on CPU)")
+    parser.add_argument("--max-batch-limit", type=int, default=None,
+                        help="stop the search here (default: 4096 on GPU, 256 on CPU)")
+
+
+def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
+    spec = MODELS[args.model]()
+    gpu = device.type == "cuda"
+    batches = args.batch or [2 if args.quick else 64 if gpu else 8]
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    steps = args.steps or (10 if gpu else 2 if args.quick else 3)
+    results = harness.Results(f"model-{args.model}", device, quick=args.quick)
+    results.env.update(model=args.model, precision=precision, seed=args.seed)
+    name = f"{args.model} train step"
+    tokens = spec.text_len + spec.regions
+    for batch_size, backend in harness.progress([(b, k) for b in batches for k in args.backends], args.model):
+        trainer = Trainer(spec, backend, batch_size, device, precision, seed=args.seed)
+        for _ in range(args.warmup):
+            trainer.step()
+        phases = [trainer.step() for _ in range(steps)]
+        timing = harness.Timing.of([sum(p) for p in phases])
+        median = timing.median_ms
+        results.add(timing, name=name, variant=backend, params={"batch": batch_size, "text": spec.text_len,
+                                                        "regions": spec.regions, "precision": precision},
+                    dtype=PRECISIONS[precision] or torch.float32,
+                    forward_ms=statistics.median(p[0] for p in phases),
+                    backward_ms=statistics.median(p[1] for p in phases),
+                    optimizer_ms=statistics.median(p[2] for p in phases),
+                    samples_per_s=batch_size / (median * 1e-3), tokens_per_s=batch_size * tokens / (median * 1e-3),
+                    peak_mem_mb=trainer.peak_bytes() / 2**20, steps=steps)
+        del trainer
+    document = results.to_json(["reference"])
+    if not args.no_max_batch:
+        cap = int((args.memory_cap_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if gpu else 4))
+                  * 2**30)
+        limit = args.max_batch_limit or (4096 if gpu else 256)
+        document["max_batch"] = {backend: largest_batch(spec, backend, device, precision, cap, limit)
+                                 for backend in harness.progress(args.backends, "largest batch")}
+        document["max_batch_search"] = {"cap_bytes": cap, "limit": limit}
+    _print_summary(results, document)
+    print(f"wrote {harness.write_json(out_dir / f'model-{args.model}.json', document)}")
+    if not args.no_plots:
+        for y, label in (("samples_per_s", "samples/s"), ("peak_mem_mb", "peak memory (MiB)")):
+            path = harness.plot(results.rows, out_dir / f"model-{args.model}-{y}.png", x="batch", y=y,
+                                title=f"{args.model} training step ({precision}): {label}", env=results.env)
+            print(f"wrote {path}")
+    return 0
+
+
+def _print_summary(results: harness.Results, document: dict) -> None:
+    header = f"{'backend':<10} {'batch':>5} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'optim':>8} {'samples/s':>10} " \
+             f"{'tokens/s':>10} {'peak MiB':>9}"
+    print(f"\n== {results.suite} on {results.env['device']} ({results.env['precision']}) ==\n{header}")
+    for row in results.rows:
+        print(f"{row['variant']:<10} {row['params']['batch']:>5} {row['median_ms']:>9.2f} {row['forward_ms']:>8.2f} "
+              f"{row['backward_ms']:>8.2f} {row['optimizer_ms']:>8.2f} {row['samples_per_s']:>10.1f} "
+              f"{row['tokens_per_s']:>10.0f} {row['peak_mem_mb']:>9.1f}")
+    for ratio in document["ratios"]:
+        print(f"{ratio['variant']} vs {ratio['baseline']} at batch {ratio['params']['batch']}: "
+              f"{ratio['speedup']:.2f}x samples/s, {ratio.get('memory_ratio', float('nan')):.2f}x peak memory")
+    if "max_batch" in document:
+        sizes = document["max_batch"]
+        cap_gib = document["max_batch_search"]["cap_bytes"] / 2**30
+        print("largest batch that fits (" + f"{cap_gib:.1f} GiB): " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
