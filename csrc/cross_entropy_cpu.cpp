@@ -40,15 +40,15 @@ void cross_entropy_rows_kernel(const at::Tensor& logits, const at::Tensor& label
       double sum_exp = 0.0;
       for (int64_t c = 0; c < classes; ++c) sum_exp += std::exp(static_cast<float>(x[c]) - row_max);
       const float log_sum_exp = static_cast<float>(std::log(sum_exp));
-      loss_data[row] = (row_max - static_cast<float>(x[label])) + log_sum_exp;
+      const float label_logit = static_cast<float>(x[label]);  // read before grad may overwrite x
+      loss_data[row] = (row_max - label_logit) + log_sum_exp;
       if (!grad_row) continue;
       const float row_scale = scale_data[row * scale_stride];
       const float log_norm = row_max + log_sum_exp;
       for (int64_t c = 0; c < classes; ++c) {
         grad_row[c] = static_cast<scalar_t>(std::exp(static_cast<float>(x[c]) - log_norm) * row_scale);
       }
-      grad_row[label] = static_cast<scalar_t>(
-          (std::exp(static_cast<float>(x[label]) - log_norm) - 1.f) * row_scale);
+      grad_row[label] = static_cast<scalar_t>((std::exp(label_logit - log_norm) - 1.f) * row_scale);
     }
   });
 }

@@ -1,16 +1,19 @@
 """``fastvl.ops.linear_cross_entropy``: the MLM head (projection to the vocabulary + cross-entropy).
 
-Backends (auto order): ``reference`` (projects every position, as the original). The loss issue adds
-fused backends that project only the positions whose label is not ignored, chunk by chunk.
+Backends (auto order): ``triton`` (CUDA; CPU only when asked for, under ``TRITON_INTERPRET=1``), ``cpp``
+(CPU, ``fastvl._C.cross_entropy_rows``), ``reference`` (projects every position, as the original). The
+fused backends project only the positions whose label is not ignored, chunk by chunk, and turn each
+chunk's logits into their gradient in place while computing the loss (``fastvl.ops._linear_loss``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastvl import _checks
-from fastvl.dispatch import op
-from fastvl.ops.region_kl import REDUCTIONS
+from fastvl import _checks, _ext
+from fastvl.dispatch import needs_cpu_device, op, triton_available, triton_device
+from fastvl.ops import _linear_loss
+from fastvl.ops.region_kl import FUSED_DTYPES, REDUCTIONS
 from fastvl.reference.cross_entropy import linear_cross_entropy_ref
 
 LINEAR_CROSS_ENTROPY = op("linear_cross_entropy")
@@ -18,28 +21,89 @@ LINEAR_CROSS_ENTROPY = op("linear_cross_entropy")
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          labels: torch.Tensor, ignore_index: int = -1, reduction: str = "mean", *,
-                         backend: str | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, backend: str | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``.
 
-    hidden ``[..., K]``; weight ``[V, K]`` (tied to the word embeddings in BERT); bias ``[V]`` or None;
-    labels int64 ``[...]`` in ``[0, V)`` or ``ignore_index`` (default -1, ViLBERT's; HF uses -100).
-    reduction 'mean' over non-ignored positions (0 with zero gradient when all are ignored), 'sum',
-    or 'none'. Under ZeRO-3 pass the gathered weight.
+    hidden ``[..., K]``; weight ``[V, K]`` (tied to the word embeddings in BERT); bias ``[V]`` or None
+    (all one dtype: fp32/fp16/bf16 fused, accumulation in fp32); labels int64 ``[...]`` in ``[0, V)`` or
+    ``ignore_index`` (default -1, ViLBERT's; HF uses -100). reduction 'mean' over non-ignored positions
+    (0 with zero gradient when all are ignored), 'sum', or 'none'. The fused backends project only the
+    non-ignored positions (one host sync on CUDA to count them), ``chunk_rows`` at a time (default:
+    about 16M logits per chunk). Labels are range-checked on the host first (a sync on CUDA). Under
+    ZeRO-3 pass the gathered weight (call through the owning module).
     """
-    _checks.tensor("hidden", hidden, shape="[..., K]", ndim=range(1, 8))
-    _checks.tensor("weight", weight, shape="[V, K]", ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [V, K] with K = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {list(weight.shape)}")
-    if bias is not None:
-        _checks.tensor("bias", bias, shape="[V]", ndim=1)
-        _checks.same_shape("bias", bias, [weight.shape[0]], "[V] with V = weight.shape[0]")
+    _linear_loss.validate_projection(hidden, weight, bias, "V")
     _checks.tensor("labels", labels, shape="[...] int64", dtypes=(torch.int64, torch.int32))
     _checks.same_shape("labels", labels, list(hidden.shape[:-1]), "hidden's shape without the last dim")
-    _checks.same_device("hidden", hidden, weight=weight, bias=bias, labels=labels)
+    _checks.same_device("hidden", hidden, labels=labels)
     _checks.choice("reduction", reduction, REDUCTIONS)
+    _linear_loss.validate_chunk_rows(chunk_rows)
+    _check_label_range(labels, weight.shape[0], ignore_index)
     chosen = LINEAR_CROSS_ENTROPY.select(backend, hidden.device, dtype=hidden.dtype, classes=weight.shape[0])
-    return chosen.impl(hidden, weight, bias, labels.long(), ignore_index, reduction)
+    return chosen.impl(hidden, weight, bias, labels.long(), ignore_index, reduction, chunk_rows)
 
 
-LINEAR_CROSS_ENTROPY.register("reference")(linear_cross_entropy_ref)
+def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(f"labels must be in [0, V) = [0, {vocab}) or ignore_index = {ignore_index}, found {value}")
+
+
+def cross_entropy_rows(backend: str, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                       scale: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """Per-row cross-entropy of ``logits`` ``[N, C]`` (unit class stride) against int64 ``labels``
+    ``[N]``, rows labelled ``ignore_index`` give 0; writes ``(softmax - onehot) * scale`` into ``grad``
+    (``[N, C]``, may be ``logits``) unless None; ``scale`` fp32 ``[1]`` or ``[N]``. Returns fp32 ``[N]``."""
+    if backend == "cpp":
+        return _ext.load().cross_entropy_rows(logits, labels, ignore_index, scale, grad)
+    from fastvl.kernels.cross_entropy import cross_entropy_kernel  # noqa: PLC0415
+    from fastvl.kernels.region_kl import block_size, num_warps  # noqa: PLC0415
+
+    rows, classes = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows:
+        block = block_size(classes)
+        cross_entropy_kernel[(rows,)](
+            logits, labels, scale, loss, grad if grad is not None else logits, classes, ignore_index,
+            logits.stride(0), grad.stride(0) if grad is not None else 0, 0 if scale.numel() == 1 else 1,
+            WRITE_GRAD=grad is not None, BLOCK_C=block, num_warps=num_warps(block))
+    return loss
+
+
+def _gathered_rows(backend, logits, labels, scale, grad):
+    # Gathered rows are never ignored; -1 cannot collide with a label in [0, V).
+    return cross_entropy_rows(backend, logits, labels.contiguous(), -1, scale, grad)
+
+
+_linear_loss.ROW_LOSSES["ce"] = _gathered_rows
+
+
+def _fused(backend: str):
+    def impl(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows):
+        return _linear_loss.apply("ce", backend, hidden, weight, bias, labels, labels != ignore_index, reduction,
+                                  chunk_rows)
+
+    return impl
+
+
+def _supports_fused(dtype: torch.dtype, **_features) -> list[str]:
+    return [] if dtype in FUSED_DTYPES else [f"dtype {dtype} (fused kernels take float32, float16, bfloat16)"]
+
+
+def _cpp_available() -> list[str]:
+    reason = _ext.missing_reason("cross_entropy_rows")
+    return [reason] if reason else []
+
+
+LINEAR_CROSS_ENTROPY.register("triton", available=triton_available, auto_devices=("cuda",),
+                              supports=lambda device, **f: triton_device(device) + _supports_fused(**f))(_fused("triton"))
+LINEAR_CROSS_ENTROPY.register("cpp", available=_cpp_available, auto_devices=("cpu",),
+                              supports=lambda device, **f: needs_cpu_device(device) + _supports_fused(**f))(_fused("cpp"))
+
+
+@LINEAR_CROSS_ENTROPY.register("reference")
+def _reference(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows):
+    return linear_cross_entropy_ref(hidden, weight, bias, labels, ignore_index, reduction)
