@@ -1,7 +1,11 @@
 """``fastvl.ops.itc_loss``, ``itc_queue_update_`` and ``itm_hard_negatives``: ALBEF's image-text
 contrastive loss with momentum distillation, its queue, and its ITM hard-negative sampler.
 
-Backends (auto order): ``reference`` (ALBEF's formulas). The loss issue adds fused backends.
+Backends (auto order): ``triton`` (CUDA; CPU only when asked for, under ``TRITON_INTERPRET=1``), ``cpp``
+(CPU), ``reference`` (ALBEF's formulas). The fused backends are one custom op computing both directions'
+soft cross-entropy and their gradients in the forward: per direction the similarity GEMMs run in torch
+(the op is GEMM-bound on GPU), the distillation targets are built in place, and the region-KL row kernel
+turns each similarity row into its loss and gradient, so only three ``[B, B + Q]`` buffers live at once.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import torch
 
 from fastvl import _checks
 from fastvl.dispatch import op
+from fastvl.ops.region_kl import REGION_KL, region_kl_rows
 from fastvl.reference.itc import itc_loss_ref, itc_queue_update_ref, itm_hard_negatives_ref
 
 ITC = op("itc_loss")
@@ -39,6 +44,9 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
     if isinstance(temp, torch.Tensor):
         if temp.numel() != 1:
             raise ValueError(f"temp must be a float or a one-element tensor, got shape {list(temp.shape)}")
+        # A CUDA temp is not read back: that would be a host sync every step.
+        if temp.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(temp.detach() > 0):
+            raise ValueError(f"temp must be > 0, got {float(temp)!r}")
     elif not temp > 0:
         raise ValueError(f"temp must be > 0, got {temp!r}")
     if not 0.0 <= alpha <= 1.0:
@@ -70,5 +78,78 @@ def itm_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
                          f"and {list(sim_t2i.shape)}")
     return itm_hard_negatives_ref(sim_i2t, sim_t2i, generator)
 
+
+# Fused backends --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvl::itc_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
+             temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
+             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d/d img_feat, d/d txt_feat, d/d temp) for an upstream gradient of 1 (grads empty without
+    ``with_grad``)."""
+    batch = img_feat.shape[0]
+    inv_temp = 1.0 / temp.float().reshape(())
+    half_mean = torch.full((1,), 0.5 / batch, dtype=torch.float32, device=img_feat.device)
+    every_row = torch.ones(batch, dtype=torch.bool, device=img_feat.device)
+    loss = torch.zeros((), dtype=torch.float32, device=img_feat.device)
+    grads, grad_temp = [], torch.zeros((), dtype=torch.float32, device=img_feat.device)
+    with torch.no_grad():
+        txt_all = torch.cat([txt_feat_m.t(), txt_queue.to(txt_feat_m.dtype)], dim=1)
+        img_all = torch.cat([img_feat_m.t(), img_queue.to(img_feat_m.dtype)], dim=1)
+        for feat, feat_m, other_all in ((img_feat, img_feat_m, txt_all), (txt_feat, txt_feat_m, img_all)):
+            # Distillation targets alpha * softmax(sim_m) + (1 - alpha) * onehot(diagonal), built in place.
+            targets = (feat_m @ other_all).float().mul_(inv_temp).softmax(dim=1).mul_(alpha)
+            targets.diagonal().add_(1.0 - alpha)
+            sim = (feat @ other_all).mul_(inv_temp.to(feat.dtype))
+            grad = torch.empty_like(sim) if with_grad else None
+            kl_rows = region_kl_rows(backend, sim, targets, every_row, half_mean, grad)
+            # soft cross-entropy = KL(t || softmax) - sum t log t
+            loss += (kl_rows - torch.xlogy(targets, targets).sum(dim=1)).sum() * (0.5 / batch)
+            if with_grad:
+                grads.append((grad @ other_all.t()).mul_(inv_temp.to(grad.dtype)))
+                grad_temp -= (grad.float() * sim.float()).sum() * inv_temp
+    empty = [img_feat.new_empty(0) for _ in range(3)]
+    if not with_grad:
+        return loss.to(img_feat.dtype), *empty
+    return loss.to(img_feat.dtype), grads[0], grads[1], grad_temp.to(temp.dtype).reshape(temp.shape)
+
+
+@_itc_fwd.register_fake
+def _(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m, backend, with_grad):
+    if not with_grad:
+        return img_feat.new_empty(()), img_feat.new_empty(0), img_feat.new_empty(0), img_feat.new_empty(0)
+    return img_feat.new_empty(()), torch.empty_like(img_feat), torch.empty_like(txt_feat), torch.empty_like(temp)
+
+
+def _itc_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _itc_backward(ctx, grad_loss, *_grads_of_grads):
+    grad_img, grad_txt, grad_temp = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    return grad_img, grad_txt, None, None, grad_temp, None, None, None, None, None
+
+
+_itc_fwd.register_autograd(_itc_backward, setup_context=_itc_setup)
+
+
+def _fused(backend: str):
+    def impl(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m):
+        if not isinstance(temp, torch.Tensor):
+            temp = torch.tensor(float(temp), dtype=torch.float32, device=img_feat.device)
+        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img_feat, txt_feat, temp))
+        return _itc_fwd(img_feat, txt_feat, img_queue, txt_queue, temp.reshape(()), float(alpha),
+                        img_feat_m.detach(), txt_feat_m.detach(), backend, with_grad)[0]
+
+    return impl
+
+
+for _backend in ("triton", "cpp"):
+    _row_backend = REGION_KL.backends[_backend]
+    ITC.register(_backend, available=_row_backend.available, auto_devices=_row_backend.auto_devices,
+                 supports=lambda device, dtype, _b=_row_backend, **_f: _b.supports(device=device, dtype=dtype,
+                                                                                  target_dtype=torch.float32))(
+        _fused(_backend))
 
 ITC.register("reference")(itc_loss_ref)
