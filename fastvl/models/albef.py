@@ -182,14 +182,16 @@ class ALBEF(nn.Module):
     ``text_proj`` (Linear -> embed_dim), ``itm_head`` (Linear(H, 2)), ``temp``; momentum copies
     ``visual_encoder_m``, ``text_encoder_m``, ``vision_proj_m``, ``text_proj_m`` (no gradient);
     buffers ``image_queue`` / ``text_queue`` ``[embed_dim, queue_size]`` and ``queue_ptr``.
+    ``with_mlm_head=False`` builds the retrieval model (ALBEF's fine-tuned retrieval checkpoints have
+    no MLM head); :meth:`forward` then needs ``mlm=False``.
     """
 
-    def __init__(self, config: ALBEFConfig):
+    def __init__(self, config: ALBEFConfig, with_mlm_head: bool = True):
         super().__init__()
         self.config = c = config
         self.visual_encoder = VisionTransformer(c.image_res, c.patch_size, c.vision_width, c.vision_depth,
                                                 c.vision_heads, c.vision_mlp_ratio, c.vision_eps)
-        self.text_encoder = ALBEFTextEncoder(c)
+        self.text_encoder = ALBEFTextEncoder(c, with_mlm_head=with_mlm_head)
         self.vision_proj = nn.Linear(c.vision_width, c.embed_dim)
         self.text_proj = nn.Linear(c.hidden_size, c.embed_dim)
         self.itm_head = nn.Linear(c.hidden_size, 2)
@@ -257,7 +259,7 @@ class ALBEF(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 alpha: float | None = None, update: bool | None = None, generator: torch.Generator | None = None,
                 itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None, mlm: bool = True) -> dict[str, torch.Tensor]:
         """One pretraining step's losses: ``loss_itc``, ``loss_itm``, ``loss_mlm`` and their sum ``loss``.
 
         images ``[B, 3, S, S]``; input_ids ``[B, L]`` (``[CLS] tokens``, no trailing [SEP]);
@@ -266,6 +268,7 @@ class ALBEF(nn.Module):
         encoders before and the queues after the step, and clamps the temperature. ``itm_negatives``
         ``(neg_text_for_image [B], neg_image_for_text [B])`` and ``mlm_inputs`` ``(masked_ids,
         labels)`` replace the random draws (which use ``generator``). B >= 2 (one negative each).
+        ``mlm=False`` skips MLM (ALBEF's retrieval fine-tuning: ITC + ITM only).
 
         MLM with nothing to predict (every label -100) gives ``loss_mlm`` = 0 with zero gradient; the
         original's mean is NaN there.
@@ -310,15 +313,18 @@ class ALBEF(nn.Module):
         itm_labels = torch.cat((torch.ones(batch, dtype=torch.long, device=images.device),
                                 torch.zeros(2 * batch, dtype=torch.long, device=images.device)))
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
-
+        result = {"loss_itc": loss_itc, "loss_itm": loss_itm, "itm_logits": itm_logits}
+        if not mlm:
+            return {**result, "loss": loss_itc + loss_itm}
+        if self.text_encoder.mlm_head is None:
+            raise ValueError("this ALBEF has no MLM head (with_mlm_head=False); call with mlm=False")
         masked_ids, labels = self.mask_tokens(input_ids, generator) if mlm_inputs is None else mlm_inputs
         with torch.no_grad():
             soft = self.text_encoder_m.mlm_logits(self.text_encoder_m(masked_ids, attention_mask, image_embeds_m))
             soft = soft.softmax(-1)
         logits = self.text_encoder.mlm_logits(self.text_encoder(masked_ids, attention_mask, image_embeds))
         loss_mlm = mlm_distillation_loss(logits, labels, soft, alpha)
-        return {"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_mlm": loss_mlm,
-                "loss": loss_itc + loss_itm + loss_mlm, "itm_logits": itm_logits}
+        return {**result, "loss_mlm": loss_mlm, "loss": loss_itc + loss_itm + loss_mlm}
 
     @torch.no_grad()
     def retrieval_scores(self, images: torch.Tensor, input_ids: torch.Tensor,
