@@ -101,7 +101,7 @@ def _config_for(source: SourceState, config_dict: Mapping, task: str) -> ALBEFCo
 
 
 def albef_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping, *, task: str | None = None,
-                        strict: bool = True, return_report: bool = False):
+                        strict: bool = True, return_report: bool = False, dtype: torch.dtype = torch.float32):
     """Builds the fastvl ALBEF model for an original checkpoint and loads it.
 
     state_dict: the original's (load files with :func:`fastvl.convert.load_state_dict_file`,
@@ -111,7 +111,7 @@ def albef_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Map
     MLM head), ``"retrieval"`` (:class:`ALBEF` without it), ``"ve"`` (SNLI-VE) or ``"nlvr"``
     (NLVR2) -- default: told from the keys. The image resolution and queue size come from the
     tensors' shapes. Strict: missing, unused or mis-shaped keys raise :class:`ConversionError`
-    naming them. Returns the model (eval mode), or ``(model, report)`` with ``return_report``.
+    naming them. The model's parameters get ``dtype``. Returns the model (eval mode), or ``(model, report)`` with ``return_report``.
     """
     raw = SourceState(state_dict)
     task = task or detect_task(list(raw.state), ALBEFConfig.from_original(config_dict).num_hidden_layers)
@@ -133,7 +133,7 @@ def albef_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Map
         bias = converted.get(f"{encoder}.mlm_head.bias")
         check_tied(source, f"{encoder}.cls.predictions.decoder.weight", word, f"{encoder}'s word embeddings")
         check_tied(source, f"{encoder}.cls.predictions.decoder.bias", bias, f"{encoder}.cls.predictions.bias")
-    report = load_converted(model, converted, source, strict=strict)
+    report = load_converted(model.to(dtype), converted, source, strict=strict)
     model.eval()
     return (model, report) if return_report else model
 

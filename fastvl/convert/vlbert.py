@@ -153,14 +153,14 @@ def _config_for(source: SourceState, config_dict: Mapping, task: str) -> VLBERTC
 
 
 def vlbert_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping, *, task: str | None = None,
-                         strict: bool = True, return_report: bool = False):
+                         strict: bool = True, return_report: bool = False, dtype: torch.dtype = torch.float32):
     """Builds the fastvl VL-BERT model for an original checkpoint and loads it.
 
     state_dict: the original's (``module.``-prefixed keys, gamma/beta LayerNorm names accepted; load
     files with :func:`fastvl.convert.load_state_dict_file`, weights-only). config_dict: its YAML
     config as a dict (the whole file or ``NETWORK.VLBERT``). task: ``"pretraining"``, ``"vqa"``,
     ``"vcr"`` or ``"refcoco"`` (default: told from the keys). Strict: any missing, unused or
-    mis-shaped key raises :class:`ConversionError` naming it. Returns the model (in eval mode), or
+    mis-shaped key raises :class:`ConversionError` naming it. The model's parameters get ``dtype``. Returns the model (in eval mode), or
     ``(model, report)`` with ``return_report``.
     """
     source = SourceState(state_dict, known_unused=KNOWN_UNUSED)
@@ -180,7 +180,7 @@ def vlbert_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Ma
     converted = convert_with_rules(model, source, _rules(task))
     if task == "pretraining" and model.mlm_head is not None:
         check_tied(source, _TIED_DECODER, converted["vlbert.word_embeddings.weight"], "the word embeddings")
-    report = load_converted(model, converted, source, strict=strict)
+    report = load_converted(model.to(dtype), converted, source, strict=strict)
     model.eval()
     return (model, report) if return_report else model
 
