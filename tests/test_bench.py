@@ -90,3 +90,26 @@ def test_fastvl_bench_ops_quick_writes_json_and_png(tmp_path, capsys):
     assert (tmp_path / "ops-co_attention.png").stat().st_size > 1000
     assert (tmp_path / "ops-region_kl_loss.png").stat().st_size > 1000
     assert "x vs reference" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fastvl_bench_model_vilbert_tiny(tmp_path, capsys):
+    from fastvl.cli import main
+
+    assert main(["bench", "model", "--model", "vilbert-tiny", "--quick", "--threads", "1", "--batch", "1", "2",
+                 "--steps", "2", "--warmup", "1", "--memory-cap-gb", "0.04", "--max-batch-limit", "4",
+                 "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "model-vilbert-tiny.json").read_text())
+    assert document["env"]["model"] == "vilbert-tiny" and document["env"]["precision"] == "fp32"
+    assert {(row["variant"], row["params"]["batch"]) for row in document["rows"]} == {
+        ("fused", 1), ("fused", 2), ("reference", 1), ("reference", 2)}
+    for row in document["rows"]:
+        _positive(row, "median_ms", "forward_ms", "backward_ms", "optimizer_ms", "samples_per_s", "tokens_per_s",
+                  "peak_mem_mb")
+        assert row["forward_ms"] + row["backward_ms"] + row["optimizer_ms"] == pytest.approx(row["median_ms"], rel=0.5)
+    assert {r["variant"] for r in document["ratios"]} == {"fused"}
+    assert set(document["max_batch"]) == {"fused", "reference"}
+    assert all(1 <= size <= 4 for size in document["max_batch"].values())
+    for y in ("samples_per_s", "peak_mem_mb"):
+        assert (tmp_path / f"model-vilbert-tiny-{y}.png").stat().st_size > 1000
+    assert "largest batch that fits" in capsys.readouterr().out

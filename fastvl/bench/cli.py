@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="result folder (default: benchmarks/results/<date>-<device>/)")
         sub.add_argument("--quick", action="store_true", help="tiny shapes and short timing budgets (CI)")
         sub.add_argument("--no-plots", action="store_true", help="JSON and table only")
+        sub.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     ops.add_argument("--size", choices=("tiny", "small", "paper"), default=None,
                      help="shapes (default: paper on GPU, small on CPU, tiny with --quick)")
     ops.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -51,11 +52,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else harness.default_device()
     out_dir = args.out or harness.results_dir(device)
-    if args.mode == "ops":
-        return run_ops(args, device, out_dir)
-    from fastvl.bench import model as model_bench  # noqa: PLC0415
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        if args.mode == "ops":
+            return run_ops(args, device, out_dir)
+        from fastvl.bench import model as model_bench  # noqa: PLC0415
 
-    return model_bench.run(args, device, out_dir)
+        return model_bench.run(args, device, out_dir)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process keep their setting
 
 
 def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
