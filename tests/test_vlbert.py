@@ -1,0 +1,197 @@
+"""VL-BERT: packing, fused-vs-reference parity (outputs and every parameter gradient), heads, guards,
+configs and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_parity import check_model_parity
+
+from fastvl.models.vlbert import (VLBERTConfig, VLBERTForPretraining, VLBERTForRefCOCO, VLBERTForVCR,
+                                  VLBERTForVQA)
+
+CONFIG = VLBERTConfig.named("tiny")
+
+
+def randomise(model, generator):
+    """Random values everywhere (BERT's init leaves biases 0 and the visual scales 0: dead paths)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * (0.1 if "norm" in name or "ln" in name else 0.3)
+                    + (1.0 if name.endswith(("norm.weight", "ln_text.weight", "ln_object.weight")) else 0.0))
+    return model.eval()
+
+
+def inputs(generator, batch=3, text=23, regions=37):
+    ids = torch.randint(1, CONFIG.vocab_size, (batch, text), generator=generator)
+    ids[-1, 4:] = 0
+    ids[0, text - 2:] = 0
+    features = torch.randn(batch, regions, CONFIG.visual_feature_dim, generator=generator)
+    corner = torch.rand(batch, regions, 2, generator=generator) * 0.5
+    boxes = torch.cat((corner, corner + torch.rand(batch, regions, 2, generator=generator) * 0.5), -1)
+    boxes[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    region_mask = torch.ones(batch, regions, dtype=torch.bool)
+    region_mask[0, regions - 3:] = False
+    region_mask[-1, 2:] = False
+    boxes[~region_mask] = -1.0
+    features[~region_mask] = float("nan")  # padded regions must never be read
+    return ids, features, boxes, region_mask
+
+
+def test_packing_positions_segments_and_end(generator):
+    model = VLBERTForPretraining(CONFIG).eval()
+    ids, features, boxes, region_mask = inputs(generator, batch=2, text=6, regions=4)
+    ids[0, 4:] = 0
+    ids[1] = 1
+    region_mask[0] = torch.tensor([True, True, False, True])  # a hole: objects are compacted
+    region_mask[1] = True
+    boxes = boxes.clamp(min=0)
+    out = model.vlbert(ids, features.nan_to_num(), boxes, region_mask=region_mask,
+                       token_type_ids=torch.ones_like(ids), output_attentions=True)
+    assert out.sequence.shape == (2, 6 + 4 + 1, CONFIG.hidden_size)
+    assert out.attention_mask.sum(1).tolist() == [4 + 3 + 1, 6 + 4 + 1]
+    assert out.attention_mask[0, 8:].logical_not().all()  # padding only at the tail
+    assert not torch.isnan(out.sequence[out.attention_mask]).any()
+    assert len(out.attentions) == CONFIG.num_hidden_layers
+    assert torch.equal(out.objects[0, 2], torch.zeros(CONFIG.hidden_size))  # the padded region
+    # The zero-initialised visual scales: at init the visual features do not reach the embeddings.
+    assert not model.vlbert.visual_ln_text.weight.any() and not model.vlbert.visual_ln_object.weight.any()
+
+
+def test_packing_matches_an_explicit_sequence(generator):
+    """The packed embedding (before the encoder) equals one built token by token."""
+    model = randomise(VLBERTForPretraining(CONFIG), generator).vlbert
+    ids, features, boxes, region_mask = inputs(generator, batch=2, text=5, regions=3)
+    ids[1, 2:] = 0
+    region_mask[:] = True
+    region_mask[1, 1] = False
+    features, boxes = features.nan_to_num(), boxes.clamp(min=0)
+    types = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]])
+    captured = {}
+    model.encoder.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    model(ids, features, boxes, region_mask=region_mask, token_type_ids=types)
+    safe = torch.where(region_mask[..., None], features, 0.0)
+    reps = model.visual(safe, torch.where(region_mask[..., None], boxes, 0.0)) * region_mask[..., None]
+    for b in range(2):
+        n = int((ids[b] > 0).sum())
+        rows, positions, segments = [], [], []
+        for j in range(n):
+            rows.append(model.word_embeddings.weight[ids[b, j]] + model.visual_ln_text(reps[b, 0]))
+            positions.append(j)
+            segments.append(int(types[b, j]))
+        for r in range(3):
+            if region_mask[b, r]:
+                rows.append(model.object_linguistic_embeddings.weight[0] + model.visual_ln_object(reps[b, r]))
+                positions.append(n)
+                segments.append(2)
+        rows.append(model.end_embedding.weight[0])
+        positions.append(n + 1)
+        segments.append(2)
+        expected = model.embedding_norm(torch.stack(rows) + model.position_embeddings.weight[positions]
+                                        + model.token_type_embeddings.weight[segments])
+        torch.testing.assert_close(captured["x"][b, :len(rows)], expected)
+
+
+def _pretraining_run(model, ids, features, boxes, region_mask, labels, masked, scores):
+    return model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels, masked_regions=masked,
+                 region_class_scores=scores)
+
+
+def _pretraining_inputs(generator):
+    ids, features, boxes, region_mask = inputs(generator)
+    labels = torch.full(ids.shape, -1)
+    labels[0, [1, 5, 20]] = torch.tensor([3, 7, 9])
+    labels[2, 2] = 11  # row 1 has nothing to predict
+    masked = (torch.rand(region_mask.shape, generator=generator) < 0.3) & region_mask
+    scores = torch.softmax(torch.randn(*region_mask.shape, CONFIG.visual_region_classes, generator=generator), -1)
+    return [ids, features, boxes, region_mask, labels, masked, scores]
+
+
+def test_pretraining_parity_fused_vs_reference(generator):
+    model = randomise(VLBERTForPretraining(CONFIG), generator)
+    results = check_model_parity(model, _pretraining_run, _pretraining_inputs(generator), name="vlbert")
+    assert len(results) > 40
+
+
+@pytest.mark.interpret
+def test_pretraining_parity_triton_interpreter(generator):
+    model = randomise(VLBERTForPretraining(CONFIG), generator)
+    args = _pretraining_inputs(generator)
+    small = [args[0][:, :9], *(a[:, :6] for a in args[1:4]), args[4][:, :9], args[5][:, :6], args[6][:, :6]]
+    check_model_parity(model, _pretraining_run, small, name="vlbert-triton",
+                       fused={"layer_norm": "triton", "bias_gelu": "triton"})
+
+
+def test_mlm_with_nothing_masked_is_zero_with_zero_gradient(generator):
+    model = randomise(VLBERTForPretraining(CONFIG), generator)
+    ids, features, boxes, region_mask = inputs(generator)
+    out = model(ids, features, boxes, region_mask=region_mask, mlm_labels=torch.full(ids.shape, -1),
+                masked_regions=torch.zeros_like(region_mask),
+                region_class_scores=torch.full((*region_mask.shape, CONFIG.visual_region_classes), 0.1))
+    assert out["mlm_loss"].item() == 0.0 and out["mvrc_loss"].item() == 0.0
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any()), name
+
+
+def test_mvrc_is_soft_cross_entropy_over_masked_real_regions(generator):
+    model = randomise(VLBERTForPretraining(CONFIG), generator)
+    ids, features, boxes, region_mask, _, masked, scores = _pretraining_inputs(generator)
+    out = model(ids, features, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores)
+    logits = out["mvrc_logits"][masked]
+    expected = -(scores[masked] * F.log_softmax(logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(out["mvrc_loss"], expected)
+
+
+def test_task_heads(generator):
+    ids, features, boxes, region_mask = inputs(generator, batch=2, text=7, regions=5)
+    vqa = randomise(VLBERTForVQA(CONFIG, num_answers=9), generator)
+    scores = torch.rand(2, 9, generator=generator)
+    out = vqa(ids, features, boxes, torch.tensor([3, 1]), region_mask=region_mask, answer_scores=scores)
+    torch.testing.assert_close(out["loss"], F.binary_cross_entropy_with_logits(out["logits"], scores) * 9)
+
+    vcr = randomise(VLBERTForVCR(CONFIG), generator)
+    options = torch.randint(1, CONFIG.vocab_size, (2, 4, 7), generator=generator)
+    out = vcr(options, features, boxes, region_mask=region_mask, labels=torch.tensor([2, 0]))
+    assert out["logits"].shape == (2, 4)
+    single = vcr.vlbert(options[1, 3:4], features[1:], boxes[1:], region_mask=region_mask[1:]).pooled
+    torch.testing.assert_close(out["logits"][1, 3], vcr.classifier(single)[0, 0])
+    torch.testing.assert_close(out["loss"], F.cross_entropy(out["logits"], torch.tensor([2, 0])))
+
+    ref = randomise(VLBERTForRefCOCO(CONFIG), generator)
+    ious = torch.rand(2, 5, generator=generator)
+    out = ref(ids, features, boxes, region_mask=region_mask, ious=ious)
+    real = out["logits"][region_mask]
+    torch.testing.assert_close(out["loss"], F.binary_cross_entropy_with_logits(real, (ious[region_mask] > 0.5).float()))
+    assert (out["logits"][~region_mask] == -10000.0).all()
+
+
+def test_named_and_original_configs():
+    released = {"with_pooler": False, "input_transform_type": 1, "visual_size": 768, "hidden_size": 768,
+                "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+                "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512,
+                "type_vocab_size": 3, "vocab_size": 30522, "initializer_range": 0.02, "visual_scale_text_init": 0.0,
+                "visual_scale_object_init": 0.0, "visual_ln": True, "pos_embedding_frozen": False}
+    yaml = {"NETWORK": {"IMAGE_FINAL_DIM": 768, "WITH_REL_LOSS": False, "WITH_MLM_LOSS": True,
+                        "WITH_MVRC_LOSS": True, "VLBERT": released}}
+    assert VLBERTConfig.from_original(yaml) == VLBERTConfig.named("base")
+    assert VLBERTConfig.named("large").num_hidden_layers == 24
+    with pytest.raises(ValueError, match="word_embedding_frozen"):
+        VLBERTConfig.from_original({**released, "word_embedding_frozen": True})
+    with pytest.raises(ValueError, match="with_pooler"):
+        VLBERTForPretraining(VLBERTConfig.named("tiny", with_rel_head=True))
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (lambda a: {**a, "features": a["features"][..., :-1]}, ValueError, "RoI features of width 24"),
+    (lambda a: {**a, "boxes": a["boxes"] * 3}, ValueError, r"outside \[0, 1\]"),
+    (lambda a: {**a, "ids": a["ids"][:1]}, ValueError, "batch size"),
+    (lambda a: {**a, "ids": torch.ones(2, 39, dtype=torch.long)}, ValueError, "max_position_embeddings"),
+    (lambda a: {**a, "region_mask": a["region_mask"].long()}, TypeError, "region_mask must have a dtype"),
+    (lambda a: {**a, "boxes": a["boxes"][:, :2]}, ValueError, "boxes must have shape"),
+])
+def test_bad_input(generator, change, error, message):
+    model = VLBERTForPretraining(CONFIG)
+    ids, features, boxes, region_mask = inputs(generator, batch=2, text=5, regions=4)
+    args = change({"ids": ids, "features": features, "boxes": boxes, "region_mask": region_mask})
+    with pytest.raises(error, match=message):
+        model.vlbert(args["ids"], args["features"], args["boxes"], region_mask=args["region_mask"])
