@@ -2,10 +2,11 @@
 
 Forward: each program owns BLOCK_M query rows of one (sequence, head), streams the keys in blocks of
 BLOCK_N with an online softmax, and stores the output plus one log-sum-exp per row (base 2, of the
-scaled scores) -- nothing of size Lq x Lk is kept. Backward: a preprocess computes
-``delta = rowsum(O * dO)``; then one launch holds two kinds of program, dK/dV programs (one key block,
-looping over query blocks) and dQ programs (one query block, looping over key blocks), so every
-gradient element is written by exactly one program: no atomics, bitwise repeatable.
+scaled scores) -- nothing of size Lq x Lk is kept. Backward: one launch holds two kinds of program,
+dK/dV programs (one key block, looping over query blocks) and dQ programs (one query block, looping
+over key blocks); each recomputes ``delta = rowsum(O * dO)`` of the query tiles it reads instead of
+a separate preprocess launch. Every gradient element is written by exactly one program: no atomics,
+bitwise repeatable.
 
 Co-attention runs both directions (image queries over text keys/values, text queries over image
 keys/values) in the same launches: the grid enumerates direction 0's blocks, then direction 1's,
@@ -13,11 +14,12 @@ and each program calls the shared block function with its direction's tensors, s
 
 Conventions: tensors are addressed as ``[B, L, H, D]`` through explicit strides (packed batches pass
 batch stride 0 and take each sequence's first row from ``cu_seqlens``); offsets are int64 before
-they meet a stride; key masks are uint8 ``[B, Lk]`` (nonzero = real key); the log-sum-exp and delta
-are float32, ``[B, H, Lq]`` padded or ``[H, total_q]`` packed. A row with no key that may be attended
+they meet a stride; key masks are uint8 ``[B, Lk]`` (nonzero = real key); the log-sum-exp
+is float32, ``[B, H, Lq]`` padded or ``[H, total_q]`` packed. A row with no key that may be attended
 gets log-sum-exp +inf, hence zero output and zero gradients. Dropout keeps element (b, h, m, n) when
 ``tl.rand(seed, ((b * H + h) * len_q + m) * len_k + n) >= dropout_p`` (len = the padded length or
-``max_seqlen``); co-attention's direction 1 uses ``seed + 1``.
+``max_seqlen``); co-attention's direction 1 uses ``seed + 1``. Forward and backward are one launch
+each, for attention and for both directions of co-attention.
 """
 
 from __future__ import annotations
@@ -126,38 +128,18 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
 
 
 @triton.jit
-def _delta_block(pid_m, b, h, O, DO, DELTA, CU_Q,
-                 stride_ob, stride_ol, stride_oh, stride_od, stride_dob, stride_dol, stride_doh, stride_dod,
-                 stride_lse_b, stride_lse_h, len_q, head_dim,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """delta = rowsum(O * dO) for rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b."""
-    q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
-    if start_m < seq_q:
-        b64, h64 = b.to(tl.int64), h.to(tl.int64)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        rows = q_start + offs_m.to(tl.int64)
-        tile = (offs_m[:, None] < seq_q) & (offs_d[None, :] < head_dim)
-        o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                    mask=tile, other=0.0)
-        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                     mask=tile, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + b64 * stride_lse_b + h64 * stride_lse_h + rows, delta, mask=offs_m < seq_q)
-
-
-@triton.jit
-def _bwd_kv_block(pid_n, b, h, Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, seed,
+def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
                   stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                  stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+                  stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+                  stride_dob, stride_dol, stride_doh, stride_dod,
                   stride_dkb, stride_dkl, stride_dkh, stride_dkd, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
                   stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
                   len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                   IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """dK and dV of key rows [pid_n * BLOCK_N, +BLOCK_N) of head h of sequence b (loop over queries)."""
+    """dK and dV of key rows [pid_n * BLOCK_N, +BLOCK_N) of head h of sequence b (loop over queries;
+    each query block's delta = rowsum(O * dO) is recomputed from its O and dO tiles)."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
@@ -176,7 +158,7 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K
         q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_ql + offs_d[None, :] * stride_qd
         do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dol + offs_d[None, :] * stride_dod
         lse_base = LSE + b64 * stride_lse_b + h64 * stride_lse_h + q_start
-        delta_base = DELTA + b64 * stride_lse_b + h64 * stride_lse_h + q_start
+        o_base = O + b64 * stride_ob + h64 * stride_oh + q_start * stride_ol + offs_d[None, :] * stride_od
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         begin_m = 0
@@ -188,8 +170,9 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K
             tile = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_ql, mask=tile, other=0.0)
             do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dol, mask=tile, other=0.0)
+            o = tl.load(o_base + offs_m[:, None].to(tl.int64) * stride_ol, mask=tile, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             allowed = key_ok[None, :]
             if IS_CAUSAL:
@@ -214,9 +197,10 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K
 
 
 @triton.jit
-def _bwd_q_block(pid_m, b, h, Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, seed,
+def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
                  stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                 stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+                 stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+                 stride_dob, stride_dol, stride_doh, stride_dod,
                  stride_dqb, stride_dql, stride_dqh, stride_dqd,
                  stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
                  len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
@@ -240,7 +224,9 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, see
         do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=tile, other=0.0)
         lse = tl.load(LSE + b64 * stride_lse_b + h64 * stride_lse_h + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + b64 * stride_lse_b + h64 * stride_lse_h + rows, mask=row_ok, other=0.0)
+        o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                    mask=tile, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kl + offs_d[None, :] * stride_kd
         v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vl + offs_d[None, :] * stride_vd
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -291,22 +277,10 @@ def attention_fwd_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
 
 
 @triton.jit
-def attention_bwd_delta_kernel(O, DO, DELTA, CU_Q,
-                               stride_ob, stride_ol, stride_oh, stride_od,
-                               stride_dob, stride_dol, stride_doh, stride_dod,
-                               stride_lse_b, stride_lse_h, len_q, n_heads, head_dim,
-                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Program (i, b * H + h): delta = rowsum(O * dO) of query block i of head h of sequence b."""
-    pid_bh = tl.program_id(1)
-    _delta_block(tl.program_id(0), pid_bh // n_heads, pid_bh % n_heads, O, DO, DELTA, CU_Q,
-                 stride_ob, stride_ol, stride_oh, stride_od, stride_dob, stride_dol, stride_doh, stride_dod,
-                 stride_lse_b, stride_lse_h, len_q, head_dim, BLOCK_M, BLOCK_D, IS_VARLEN)
-
-
-@triton.jit
-def attention_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, SEED,
+def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED,
                          stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                         stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+                         stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+                         stride_dob, stride_dol, stride_doh, stride_dod,
                          stride_dqb, stride_dql, stride_dqh, stride_dqd, stride_dkb, stride_dkl, stride_dkh, stride_dkd,
                          stride_dvb, stride_dvl, stride_dvh, stride_dvd,
                          stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
@@ -323,18 +297,18 @@ def attention_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, 
     h = pid_bh % n_heads
     seed = tl.load(SEED) if HAS_DROPOUT else 0
     if pid < kv_blocks:
-        _bwd_kv_block(pid, b, h, Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, seed,
+        _bwd_kv_block(pid, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
                       stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                      stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
-                      stride_dkb, stride_dkl, stride_dkh, stride_dkd, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+                      stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+                      stride_dob, stride_dol, stride_doh, stride_dod, stride_dkb, stride_dkl, stride_dkh, stride_dkd, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
                       stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
                       HAS_DROPOUT, PRECISION)
     else:
-        _bwd_q_block(pid - kv_blocks, b, h, Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, seed,
+        _bwd_q_block(pid - kv_blocks, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
                      stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                     stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
-                     stride_dqb, stride_dql, stride_dqh, stride_dqd,
+                     stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+                     stride_dob, stride_dol, stride_doh, stride_dod, stride_dqb, stride_dql, stride_dqh, stride_dqd,
                      stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
                      HAS_DROPOUT, PRECISION)
@@ -399,37 +373,12 @@ def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V
 
 
 @triton.jit
-def co_attention_bwd_delta_kernel(OV, OT, DOV, DOT, DELTA_V, DELTA_T, CU_V, CU_T,
-                                  stride_ovb, stride_ovl, stride_ovh, stride_ovd,
-                                  stride_otb, stride_otl, stride_oth, stride_otd,
-                                  stride_dovb, stride_dovl, stride_dovh, stride_dovd,
-                                  stride_dotb, stride_dotl, stride_doth, stride_dotd,
-                                  stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
-                                  len_v, len_t, n_heads, head_dim,
-                                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Program (i, b * H + h): delta of image-query block i (i < v_blocks = cdiv(len_v, BLOCK_M)) or
-    of text-query block i - v_blocks, head h, sequence b."""
-    pid = tl.program_id(0)
-    v_blocks = tl.cdiv(len_v, BLOCK_M)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    if pid < v_blocks:
-        _delta_block(pid, b, h, OV, DOV, DELTA_V, CU_V,
-                     stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
-                     stride_lse_vb, stride_lse_vh, len_v, head_dim, BLOCK_M, BLOCK_D, IS_VARLEN)
-    else:
-        _delta_block(pid - v_blocks, b, h, OT, DOT, DELTA_T, CU_T,
-                     stride_otb, stride_otl, stride_oth, stride_otd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
-                     stride_lse_tb, stride_lse_th, len_t, head_dim, BLOCK_M, BLOCK_D, IS_VARLEN)
-
-
-@triton.jit
-def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, DOV, DOT, DQV, DKV, DVV, DQT, DKT, DVT,
-                            LSE_V, LSE_T, DELTA_V, DELTA_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, DVV, DQT, DKT, DVT,
+                            LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
                             stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
                             stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_qtb, stride_qtl, stride_qth, stride_qtd,
                             stride_ktb, stride_ktl, stride_kth, stride_ktd, stride_vtb, stride_vtl, stride_vth, stride_vtd,
+                            stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_otb, stride_otl, stride_oth, stride_otd,
                             stride_dovb, stride_dovl, stride_dovh, stride_dovd,
                             stride_dotb, stride_dotl, stride_doth, stride_dotd,
                             stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
@@ -457,34 +406,38 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, DOV, DOT, DQV, DKV, DVV, DQT
     kv_v_blocks = tl.cdiv(len_v, BLOCK_N)
     kv_t_blocks = tl.cdiv(len_t, BLOCK_N)
     if pid < kv_v_blocks:  # image keys/values serve direction 1 (text queries)
-        _bwd_kv_block(pid, b, h, QT, KV, VV, DOT, DKV, DVV, LSE_T, DELTA_T, MASK_V, CU_T, CU_V, seed + 1,
+        _bwd_kv_block(pid, b, h, QT, KV, VV, OT, DOT, DKV, DVV, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
                       stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                      stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                      stride_vvb, stride_vvl, stride_vvh, stride_vvd,
+                      stride_otb, stride_otl, stride_oth, stride_otd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
                       stride_dkvb, stride_dkvl, stride_dkvh, stride_dkvd, stride_dvvb, stride_dvvl, stride_dvvh, stride_dvvd,
                       stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
                       HAS_DROPOUT, PRECISION)
     elif pid < kv_v_blocks + kv_t_blocks:  # text keys/values serve direction 0 (image queries)
-        _bwd_kv_block(pid - kv_v_blocks, b, h, QV, KT, VT, DOV, DKT, DVT, LSE_V, DELTA_V, MASK_T, CU_V, CU_T, seed,
+        _bwd_kv_block(pid - kv_v_blocks, b, h, QV, KT, VT, OV, DOV, DKT, DVT, LSE_V, MASK_T, CU_V, CU_T, seed,
                       stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
-                      stride_vtb, stride_vtl, stride_vth, stride_vtd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                      stride_vtb, stride_vtl, stride_vth, stride_vtd,
+                      stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
                       stride_dktb, stride_dktl, stride_dkth, stride_dktd, stride_dvtb, stride_dvtl, stride_dvth, stride_dvtd,
                       stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
                       HAS_DROPOUT, PRECISION)
     elif pid < kv_v_blocks + kv_t_blocks + v_blocks:
-        _bwd_q_block(pid - kv_v_blocks - kv_t_blocks, b, h, QV, KT, VT, DOV, DQV, LSE_V, DELTA_V, MASK_T, CU_V, CU_T,
+        _bwd_q_block(pid - kv_v_blocks - kv_t_blocks, b, h, QV, KT, VT, OV, DOV, DQV, LSE_V, MASK_T, CU_V, CU_T,
                      seed, stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
-                     stride_vtb, stride_vtl, stride_vth, stride_vtd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                     stride_vtb, stride_vtl, stride_vth, stride_vtd,
+                      stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
                      stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
                      stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
                      HAS_DROPOUT, PRECISION)
     else:
-        _bwd_q_block(pid - kv_v_blocks - kv_t_blocks - v_blocks, b, h, QT, KV, VV, DOT, DQT, LSE_T, DELTA_T, MASK_V,
+        _bwd_q_block(pid - kv_v_blocks - kv_t_blocks - v_blocks, b, h, QT, KV, VV, OT, DOT, DQT, LSE_T, MASK_V,
                      CU_T, CU_V, seed + 1,
                      stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                     stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                     stride_vvb, stride_vvl, stride_vvh, stride_vvd,
+                      stride_otb, stride_otl, stride_oth, stride_otd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
                      stride_dqtb, stride_dqtl, stride_dqth, stride_dqtd,
                      stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
@@ -503,20 +456,22 @@ class BlockConfig:
 
 
 MAX_HEAD_DIM = 128
-HEAD_BLOCKS = (32, 64, 128)  # BLOCK_D: the head dim rounded up to a power of two, at least 32
+HEAD_BLOCKS = (64, 128)  # BLOCK_D: the head dim rounded up to a power of two, at least 64
 LONG_SEQUENCE = 512  # from this many query rows on, the forward uses 128-row query blocks
 DTYPES = ("fp16", "bf16", "fp32")
 # tl.dot precision per dtype: fp32 stays exact fp32 (ieee) to meet the fp32 parity rule.
 PRECISION = {"fp16": "tf32", "bf16": "tf32", "fp32": "ieee"}
 INTERPRETER_CONFIG = BlockConfig(32, 16, 1, 1)  # small blocks: several per sequence in CPU tests
-DELTA_BLOCK_M = 64
+KEEP_CONFIG = BlockConfig(64, 64, 4, 1)  # dropout_keep_kernel (debug helper)
 
 
 def head_block(head_dim: int) -> int:
-    return max(32, triton.next_power_of_2(head_dim))
+    return max(64, triton.next_power_of_2(head_dim))
 
 
 def fwd_config(dtype: str, block_d: int, long: bool) -> BlockConfig:
+    """Forward blocks; ``long``: at least LONG_SEQUENCE query rows (attention only; co-attention's
+    ViLBERT-length streams always take the short configuration)."""
     if dtype == "fp32":
         return BlockConfig(64, 32, 4, 2)
     if long:
@@ -532,9 +487,9 @@ def bwd_config(dtype: str, block_d: int) -> BlockConfig:
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
     """Triton types of a kernel's arguments, read from their names: upper-case names are pointers
-    (LSE/DELTA float32, MASK uint8, CU int32, SEED int64, KEEP int8, the rest the data dtype), the
+    (LSE float32, MASK uint8, CU int32, SEED int64, KEEP int8, the rest the data dtype), the
     scales and dropout_p float32, every other runtime argument int32."""
-    pointer = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "CU": "*i32", "SEED": "*i64", "KEEP": "*i8"}
+    pointer = {"LSE": "*fp32", "MASK": "*u8", "CU": "*i32", "SEED": "*i64", "KEEP": "*i8"}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -554,38 +509,43 @@ def _spec(name: str, kernel, dtype: str, constexprs: dict, config: BlockConfig, 
 
 
 def _aot_specs() -> list[AotSpec]:
-    """Every configuration the launchers can pick, with every feature flag on (the largest code)."""
+    """Every block configuration the launchers can pick, in bfloat16 and float32 (fp16 lowers like
+    bf16: it is compiled once per kernel), with masks and causal on; dropout on in the bf16 builds."""
     specs = []
-    for dtype in DTYPES:
+    for dtype in ("bf16", "fp32"):
         uses_dot = dtype != "fp32"  # exact fp32 dots run on the CUDA cores, not wgmma
         for block_d in HEAD_BLOCKS:
             tag = f"{dtype}_d{block_d}"
-            flags = {"BLOCK_D": block_d, "IS_VARLEN": False, "HAS_DROPOUT": True, "PRECISION": PRECISION[dtype]}
-            fwd_longs = (False,) if dtype == "fp32" else (False, True)
-            for long in fwd_longs:
+            flags = {"BLOCK_D": block_d, "IS_VARLEN": False, "HAS_DROPOUT": dtype == "bf16",
+                     "PRECISION": PRECISION[dtype]}
+            attention_flags = {**flags, "HAS_MASK": True, "IS_CAUSAL": True}
+            co_flags = {**flags, "HAS_MASK_V": True, "HAS_MASK_T": True}
+            for long in (False,) if dtype == "fp32" else (False, True):
                 config = fwd_config(dtype, block_d, long)
-                blocks = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
-                suffix = f"_m{config.block_m}"
-                specs.append(_spec(f"attention_fwd_{tag}{suffix}", attention_fwd_kernel, dtype,
-                                   {**flags, **blocks, "HAS_MASK": True, "IS_CAUSAL": True}, config, uses_dot))
-                specs.append(_spec(f"co_attention_fwd_{tag}{suffix}", co_attention_fwd_kernel, dtype,
-                                   {**flags, **blocks, "HAS_MASK_V": True, "HAS_MASK_T": True}, config, uses_dot))
+                specs.append(_spec(f"attention_fwd_{tag}_m{config.block_m}", attention_fwd_kernel, dtype,
+                                   {**attention_flags, **_blocks(config)}, config, uses_dot))
+            config = fwd_config(dtype, block_d, False)
+            specs.append(_spec(f"co_attention_fwd_{tag}", co_attention_fwd_kernel, dtype,
+                               {**co_flags, **_blocks(config)}, config, uses_dot))
             config = bwd_config(dtype, block_d)
-            blocks = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
             specs.append(_spec(f"attention_bwd_{tag}", attention_bwd_kernel, dtype,
-                               {**flags, **blocks, "HAS_MASK": True, "IS_CAUSAL": True}, config, uses_dot))
+                               {**attention_flags, **_blocks(config)}, config, uses_dot))
             specs.append(_spec(f"co_attention_bwd_{tag}", co_attention_bwd_kernel, dtype,
-                               {**flags, **blocks, "HAS_MASK_V": True, "HAS_MASK_T": True}, config, uses_dot))
-            delta = {"BLOCK_M": DELTA_BLOCK_M, "BLOCK_D": block_d, "IS_VARLEN": False}
-            delta_config = BlockConfig(DELTA_BLOCK_M, 0, 4, 1)
-            specs.append(_spec(f"attention_bwd_delta_{tag}", attention_bwd_delta_kernel, dtype, delta, delta_config,
-                               False))
-            specs.append(_spec(f"co_attention_bwd_delta_{tag}", co_attention_bwd_delta_kernel, dtype, delta,
-                               delta_config, False))
-    keep = fwd_config("fp16", 64, False)
-    specs.append(_spec("attention_dropout_keep", dropout_keep_kernel, "fp16",
-                       {"BLOCK_M": keep.block_m, "BLOCK_N": keep.block_n}, keep, False))
+                               {**co_flags, **_blocks(config)}, config, uses_dot))
+    fp16 = {"BLOCK_D": 64, "IS_VARLEN": True, "HAS_DROPOUT": False, "PRECISION": PRECISION["fp16"]}
+    config = fwd_config("fp16", 64, False)
+    specs.append(_spec("co_attention_fwd_fp16_d64_varlen", co_attention_fwd_kernel, "fp16",
+                       {**fp16, "HAS_MASK_V": False, "HAS_MASK_T": False, **_blocks(config)}, config, True))
+    config = bwd_config("fp16", 64)
+    specs.append(_spec("attention_bwd_fp16_d64_varlen", attention_bwd_kernel, "fp16",
+                       {**fp16, "HAS_MASK": False, "IS_CAUSAL": False, **_blocks(config)}, config, True))
+    specs.append(_spec("attention_dropout_keep", dropout_keep_kernel, "fp16", _blocks(KEEP_CONFIG), KEEP_CONFIG,
+                       False))
     return specs
+
+
+def _blocks(config: BlockConfig) -> dict[str, int]:
+    return {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
 
 
 AOT_SPECS = _aot_specs()

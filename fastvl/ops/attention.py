@@ -203,19 +203,13 @@ def _kernels():
     return kernels
 
 
-def block_configs(dtype: torch.dtype, head_dim: int, max_seqlen_q: int):
-    """(forward, backward) BlockConfig the launchers use for these inputs."""
+def block_configs(dtype: torch.dtype, head_dim: int, long: bool):
+    """(forward, backward) BlockConfig the launchers use; ``long``: a long-sequence attention."""
     kernels = _kernels()
     if triton_interpreting():
         return kernels.INTERPRETER_CONFIG, kernels.INTERPRETER_CONFIG
     name, block_d = _DTYPE_NAMES[dtype], kernels.head_block(head_dim)
-    return (kernels.fwd_config(name, block_d, max_seqlen_q >= kernels.LONG_SEQUENCE),
-            kernels.bwd_config(name, block_d))
-
-
-def _delta_block_m() -> int:
-    kernels = _kernels()
-    return kernels.INTERPRETER_CONFIG.block_m if triton_interpreting() else kernels.DELTA_BLOCK_M
+    return kernels.fwd_config(name, block_d, long), kernels.bwd_config(name, block_d)
 
 
 def rows_strides(t: torch.Tensor, packed: bool) -> tuple[int, ...]:
@@ -265,7 +259,7 @@ def _attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale
     batch = cu_q.shape[0] - 1 if packed else q.shape[0]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse, lse_stride = new_lse(q, batch, packed)
-    config, _ = block_configs(q.dtype, head_dim, max_q)
+    config, _ = block_configs(q.dtype, head_dim, max_q >= kernels.LONG_SEQUENCE)
     grid = (_triton_cdiv(max_q, config.block_m), batch * heads)
     if q.numel() == 0 or grid[0] * grid[1] == 0:
         return out.zero_(), lse.fill_(math.inf)
@@ -288,22 +282,15 @@ def _attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, ma
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0 or batch * heads == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    stride_lse = lse_strides(lse, packed)
-    block_d = kernels.head_block(head_dim)
-    delta_m = _delta_block_m()
-    kernels.attention_bwd_delta_kernel[(_triton_cdiv(max_q, delta_m), batch * heads)](
-        out, grad_out, delta, cu_q if packed else seed, *rows_strides(out, packed), *rows_strides(grad_out, packed),
-        *stride_lse, max_q, heads, head_dim, BLOCK_M=delta_m, BLOCK_D=block_d, IS_VARLEN=packed)
-    _, config = block_configs(q.dtype, head_dim, max_q)
+    _, config = block_configs(q.dtype, head_dim, False)
     grid = (_triton_cdiv(max_k, config.block_n) + _triton_cdiv(max_q, config.block_m), batch * heads)
     mask_ptr, *mask_stride = mask_arg(mask, seed)
     kernels.attention_bwd_kernel[grid](
-        q, k, v, grad_out, dq, dk, dv, lse, delta, mask_ptr, cu_q if packed else seed, cu_k if packed else seed, seed,
-        *rows_strides(q, packed), *rows_strides(k, packed), *rows_strides(v, packed), *rows_strides(grad_out, packed),
-        *rows_strides(dq, packed), *rows_strides(dk, packed), *rows_strides(dv, packed), *stride_lse, *mask_stride,
+        q, k, v, out, grad_out, dq, dk, dv, lse, mask_ptr, cu_q if packed else seed, cu_k if packed else seed, seed,
+        *(s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in rows_strides(t, packed)),
+        *lse_strides(lse, packed), *mask_stride,
         max_q, max_k, heads, head_dim, scale * kernels.LOG2E, scale, dropout_p,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, HAS_MASK=mask is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=kernels.head_block(head_dim), HAS_MASK=mask is not None,
         IS_VARLEN=packed, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0,
         PRECISION=kernels.PRECISION[_DTYPE_NAMES[q.dtype]], num_warps=config.num_warps, num_stages=config.num_stages)
     return dq, dk, dv
@@ -320,7 +307,7 @@ def dropout_keep_mask(seed: int | torch.Tensor, batch: int, heads: int, len_q: i
         device = seed.device if device is None else device
     seed = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(1)
     keep = torch.empty((batch, heads, len_q, len_k), dtype=torch.int8, device=seed.device)
-    config = kernels.INTERPRETER_CONFIG if triton_interpreting() else kernels.fwd_config("fp16", 64, False)
+    config = kernels.INTERPRETER_CONFIG if triton_interpreting() else kernels.KEEP_CONFIG
     if keep.numel():
         kernels.dropout_keep_kernel[(_triton_cdiv(len_q, config.block_m), batch * heads)](
             keep, seed, keep.stride(0), keep.stride(1), keep.stride(2), seed_offset, heads, len_q, len_k,
@@ -411,7 +398,7 @@ def triton_supports(dtype, head_dim, device, **_features) -> list[str]:
 # Other backends ---------------------------------------------------------------------------------------
 
 
-def _plain_features(dtype, head_dim, device, packed, mask=False, seeded=False, causal=False, **_features):
+def _plain_features(dtype, head_dim, device, packed, seeded=False, **_features):
     """Reasons shared by the thin xformers / flash_attn wrappers: dense, unmasked, on CUDA."""
     reasons = needs_cuda_device(device)
     if packed:
@@ -463,7 +450,7 @@ def _flash_attn_impl(q, k, v, mask, dropout_p, scale, causal, cu_q, cu_k, max_q,
                                              causal=causal, deterministic=deterministic)
 
 
-def _torch_supports(device, seeded=False, deterministic=False, dropout=False, **_features) -> list[str]:
+def _torch_supports(device, seeded=False, deterministic=False, **_features) -> list[str]:
     reasons = []
     if seeded:
         reasons.append("dropout_seed is honoured by the triton backend only")

@@ -16,7 +16,7 @@ import torch
 
 from fastvl import _checks
 from fastvl.dispatch import op, triton_available
-from fastvl.ops.attention import (ATTENTION, _DTYPE_NAMES, _delta_block_m, _kernels, _max_seqlen, _torch_supports,
+from fastvl.ops.attention import (ATTENTION, _DTYPE_NAMES, _kernels, _max_seqlen, _torch_supports,
                                   _triton_cdiv, block_configs, check_cu_seqlens, draw_seed, lse_strides, mask_arg,
                                   new_lse, rows_strides, triton_supports)
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
@@ -100,7 +100,7 @@ def _co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu
     ctx_t = torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)
     lse_v, stride_lse_v = new_lse(q_v, batch, packed)
     lse_t, stride_lse_t = new_lse(q_t, batch, packed)
-    config, _ = block_configs(q_v.dtype, head_dim, max(len_v, len_t))
+    config, _ = block_configs(q_v.dtype, head_dim, False)
     grid = (_triton_cdiv(len_v, config.block_m) + _triton_cdiv(len_t, config.block_m), batch * heads)
     if grid[0] * grid[1] == 0:
         return ctx_v.zero_(), ctx_t.zero_(), lse_v.fill_(math.inf), lse_t.fill_(math.inf)
@@ -130,28 +130,20 @@ def _co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, 
     if batch * heads == 0 or len_v + len_t == 0:
         return tuple(g.zero_() for g in grads)
     dq_v, dk_v, dv_v, dq_t, dk_t, dv_t = grads
-    delta_v, delta_t = torch.empty_like(lse_v), torch.empty_like(lse_t)
-    stride_lse_v, stride_lse_t = lse_strides(lse_v, packed), lse_strides(lse_t, packed)
-    block_d = kernels.head_block(head_dim)
-    delta_m = _delta_block_m()
-    cu_v_arg, cu_t_arg = (cu_v, cu_t) if packed else (seed, seed)
-    kernels.co_attention_bwd_delta_kernel[(_triton_cdiv(len_v, delta_m) + _triton_cdiv(len_t, delta_m), batch * heads)](
-        ctx_v, ctx_t, grad_v, grad_t, delta_v, delta_t, cu_v_arg, cu_t_arg,
-        *rows_strides(ctx_v, packed), *rows_strides(ctx_t, packed), *rows_strides(grad_v, packed),
-        *rows_strides(grad_t, packed), *stride_lse_v, *stride_lse_t, len_v, len_t, heads, head_dim,
-        BLOCK_M=delta_m, BLOCK_D=block_d, IS_VARLEN=packed)
-    _, config = block_configs(q_v.dtype, head_dim, max(len_v, len_t))
+    if not packed:
+        cu_v = cu_t = seed  # unused placeholders
+    _, config = block_configs(q_v.dtype, head_dim, False)
     blocks = sum(_triton_cdiv(n, config.block_n) + _triton_cdiv(n, config.block_m) for n in (len_v, len_t))
     mask_v_ptr, *mask_v_stride = mask_arg(mask_v, seed)
     mask_t_ptr, *mask_t_stride = mask_arg(mask_t, seed)
     kernels.co_attention_bwd_kernel[(blocks, batch * heads)](
-        q_v, k_v, v_v, q_t, k_t, v_t, grad_v, grad_t, dq_v, dk_v, dv_v, dq_t, dk_t, dv_t,
-        lse_v, lse_t, delta_v, delta_t, mask_v_ptr, mask_t_ptr, cu_v_arg, cu_t_arg, seed,
-        *(s for t in (q_v, k_v, v_v, q_t, k_t, v_t, grad_v, grad_t, dq_v, dk_v, dv_v, dq_t, dk_t, dv_t)
+        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, dq_v, dk_v, dv_v, dq_t, dk_t, dv_t,
+        lse_v, lse_t, mask_v_ptr, mask_t_ptr, cu_v, cu_t, seed,
+        *(s for t in (q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, dq_v, dk_v, dv_v, dq_t, dk_t, dv_t)
           for s in rows_strides(t, packed)),
-        *stride_lse_v, *stride_lse_t, *mask_v_stride, *mask_t_stride,
+        *lse_strides(lse_v, packed), *lse_strides(lse_t, packed), *mask_v_stride, *mask_t_stride,
         len_v, len_t, heads, head_dim, scale * kernels.LOG2E, scale, dropout_p,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=kernels.head_block(head_dim),
         HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0,
         PRECISION=kernels.PRECISION[_DTYPE_NAMES[q_v.dtype]], num_warps=config.num_warps,
         num_stages=config.num_stages)
@@ -192,7 +184,7 @@ def co_attention_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, q_v: torch.T
                         cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int, max_seqlen_t: int, dropout_p: float,
                         scale: float, seed: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t): one delta launch and one launch for every gradient."""
+    """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch."""
     return _co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v,
                                   mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p, scale, seed)
 
