@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from fastvl.data.format import VOCAB_FILE, ImageRecord, write_dataset
-from fastvl.data.tokenizer import train_vocab
+from fastvl.data.tokenizer import closed_vocab
 
 CLASS_NAMES = ("dog", "cat", "horse", "bird", "car", "bus", "bicycle", "tree", "house", "person", "boat", "chair",
                "table", "lamp", "cup", "bottle", "clock", "kite", "train", "sheep", "cow", "flower", "bench", "plane")
@@ -81,7 +81,7 @@ def make_synthetic_dataset(out_dir: str, num_images: int = 2048, *, seed: int = 
     index = write_dataset(out_dir, synth_records(num_images, **kwargs), feature_dim=feature_dim,
                           num_classes=num_classes, shard_size=shard_size, source=f"synth(seed={seed})")
     # every template word, class name (singular and plural) and count word, whatever the sample drew
-    words = [t.replace("{", "").replace("}", "") for t in TEMPLATES]
+    words = [t.replace("{", " ").replace("}", " ") for t in TEMPLATES]
     words += [f"{name} {name}s" for name in CLASS_NAMES] + list(COUNT_WORDS.values()) + ["many"]
-    train_vocab(words, os.path.join(out_dir, VOCAB_FILE), vocab_size=400)
+    closed_vocab(words, os.path.join(out_dir, VOCAB_FILE))
     return index

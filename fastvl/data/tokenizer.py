@@ -44,15 +44,27 @@ def special_ids(tokenizer) -> SpecialIds:
 
 
 def train_vocab(texts: Iterable[str], out_file: str, vocab_size: int = 1000) -> str:
-    """Trains a WordPiece vocabulary on ``texts`` (deterministic for the same texts) and writes
-    ``out_file`` as a BERT ``vocab.txt`` with the special tokens first."""
+    """Trains a WordPiece vocabulary on ``texts`` with the ``tokenizers`` trainer and writes ``out_file``
+    as a BERT ``vocab.txt``: the special tokens first, then the learnt pieces sorted. The trainer breaks
+    frequency ties differently between runs; use :func:`closed_vocab` where the file must be the same."""
     from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415
 
     tokenizer = BertWordPieceTokenizer(lowercase=True)
     tokenizer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
                                   special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    vocab = tokenizer.get_vocab()
+    pieces = sorted(set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS))
     with open(out_file, "w", encoding="utf-8") as f:
-        for token, _ in sorted(vocab.items(), key=lambda item: item[1]):
-            f.write(token + "\n")
+        f.write("\n".join([*SPECIAL_TOKENS, *pieces]) + "\n")
+    return out_file
+
+
+def closed_vocab(words: Iterable[str], out_file: str) -> str:
+    """A WordPiece ``vocab.txt`` for a closed set of words: the special tokens, every character (alone
+    and as a ``##`` continuation) and every whole word, sorted, so the same words always give the same
+    file (the WordPiece trainer breaks frequency ties differently between runs)."""
+    words = {w.lower() for text in words for w in text.split()}
+    chars = {c for w in words for c in w}
+    pieces = sorted(chars) + sorted(f"##{c}" for c in chars) + sorted(words - chars)
+    with open(out_file, "w", encoding="utf-8") as f:
+        f.write("\n".join([*SPECIAL_TOKENS, *pieces]) + "\n")
     return out_file

@@ -1,0 +1,184 @@
+"""``fastvl pretrain`` (one process, or one per device under a launcher) and
+``deepspeed [--num_gpus N | --hostfile H] -m fastvl.train ...`` (the same arguments).
+
+The DeepSpeed JSON config (``--deepspeed``, default ``fastvl/configs/zero2.json``) decides ZeRO
+stage, precision, batch sizes and clipping; ``--global-batch``, ``--micro-batch``, ``--zero-stage``,
+``--precision`` and ``--clip`` override it. Without an ``optimizer`` / ``scheduler`` section the
+model family's preset (AdamW with decoupled weight decay, warm-up then decay) is used; with one,
+DeepSpeed builds what the config says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import socket
+import sys
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvl.train.families import model_names  # noqa: PLC0415
+    from fastvl.train.presets import PRESETS  # noqa: PLC0415
+
+    parser.add_argument("--model", default="vilbert-tiny", choices=model_names(), help="model family and size")
+    parser.add_argument("--data", required=True, help="dataset directory (fastvl data synth / convert)")
+    parser.add_argument("--vocab", help="WordPiece vocab.txt (default: DATA/vocab.txt)")
+    parser.add_argument("--out", default="runs/pretrain", help="log.jsonl and checkpoints/ go here")
+    parser.add_argument("--deepspeed", dest="ds_config", default=os.path.join(CONFIG_DIR, "zero2.json"),
+                        help="DeepSpeed JSON config (see fastvl/configs/)")
+    parser.add_argument("--global-batch", type=int, help="override train_batch_size (all ranks, all micro-steps)")
+    parser.add_argument("--micro-batch", type=int, help="override train_micro_batch_size_per_gpu")
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="override zero_optimization.stage")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override the config's precision")
+    parser.add_argument("--clip", type=float, help="override gradient_clipping")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="optimizer/schedule preset (default: the family's)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    parser.add_argument("--warmup-steps", type=int, help="warm-up steps (default: the preset's)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=10.0, help="training length in epochs (default 10)")
+    length.add_argument("--max-steps", type=int, help="training length in optimizer steps")
+    parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this global step; the "
+                        "schedule still spans the whole run, so a later call resumes it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-text-len", type=int, default=36)
+    parser.add_argument("--max-regions", type=int, default=36, help="real regions per image (plus IMG)")
+    parser.add_argument("--packed", action="store_true", help="collate packed cu_seqlens batches")
+    parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in "
+                        "the backward pass (less memory, ~30%% more compute)")
+    parser.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--no-resume", action="store_true", help="start fresh even if OUT/checkpoints has one")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    parser.add_argument("--strict-data", action="store_true", help="fail on records that would be skipped")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def load_config(args: argparse.Namespace, world_size: int) -> tuple[dict, str]:
+    """The DeepSpeed config with the command line's overrides applied, and its precision."""
+    with open(args.ds_config, encoding="utf-8") as f:
+        config = json.load(f)
+    config = copy.deepcopy(config)
+    if args.global_batch is not None or args.micro_batch is not None:
+        global_batch = args.global_batch or config.get("train_batch_size")
+        micro = args.micro_batch or config.get("train_micro_batch_size_per_gpu")
+        if global_batch is None or micro is None:
+            raise ValueError("give both --global-batch and --micro-batch, or set both in the config")
+        config["train_batch_size"], config["train_micro_batch_size_per_gpu"] = global_batch, micro
+        config.pop("gradient_accumulation_steps", None)
+    if "train_batch_size" not in config:
+        config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"]
+                                      * config.get("gradient_accumulation_steps", 1) * world_size)
+    if args.zero_stage is not None:
+        config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if args.clip is not None:
+        config["gradient_clipping"] = args.clip
+    precision = ("bf16" if config.get("bf16", {}).get("enabled") else
+                 "fp16" if config.get("fp16", {}).get("enabled") else "fp32")
+    if args.precision is not None:
+        precision = args.precision
+        config.setdefault("bf16", {})["enabled"] = precision == "bf16"
+        config.setdefault("fp16", {})["enabled"] = precision == "fp16"
+    if precision == "fp16":
+        config["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+    config.setdefault("steps_per_print", 10**9)  # fastvl logs itself
+    return config, precision
+
+
+def init_distributed() -> None:
+    """Joins the launcher's process group; a plain single process becomes rank 0 of 1."""
+    import deepspeed  # noqa: PLC0415
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               auto_mpi_discovery=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    import deepspeed  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset  # noqa: PLC0415
+    from fastvl.data.sampler import GlobalBatchSampler  # noqa: PLC0415
+    from fastvl.data.tokenizer import load_tokenizer, special_ids  # noqa: PLC0415
+    from fastvl.train import families, presets  # noqa: PLC0415
+    from fastvl.train.loop import Trainer, TrainingDiverged  # noqa: PLC0415
+
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    family, variant = families.resolve(args.model)
+    config, precision = load_config(args, world_size)
+    try:
+        tokenizer = load_tokenizer(args.vocab or os.path.join(args.data, VOCAB_FILE))
+        dataset = RegionDataset(args.data, tokenizer, strict=args.strict_data)
+    except DataError as error:
+        print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
+        return 2
+    micro = config["train_micro_batch_size_per_gpu"]
+    sampler = GlobalBatchSampler(len(dataset), config["train_batch_size"], micro, world_size=world_size, rank=rank,
+                                 seed=args.seed)
+    total_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
+    collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=args.seed,
+                                    packed=args.packed, max_text_len=args.max_text_len, max_regions=args.max_regions)
+    options = families.ModelOptions(vocab_size=tokenizer.get_vocab_size(), num_classes=dataset.num_classes,
+                                    feature_dim=dataset.feature_dim, dropout=args.dropout,
+                                    activation_checkpointing=args.activation_checkpointing)
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = family.make_model(variant, options)
+    preset = presets.PRESETS[args.preset or family.preset]
+    config.setdefault("gradient_clipping", preset.gradient_clipping)
+    optimizer = scheduler = None
+    if "optimizer" not in config:
+        optimizer = presets.make_optimizer(model, preset, args.lr)
+    if "scheduler" not in config:
+        if optimizer is None:
+            raise ValueError("a config with an 'optimizer' section needs a 'scheduler' section too")
+        scheduler = presets.make_scheduler(optimizer, preset, total_steps, args.warmup_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                           model_parameters=None if optimizer else
+                                           presets.param_groups(model, preset.weight_decay))
+    os.makedirs(args.out, exist_ok=True)
+    trainer = Trainer(engine, family, sampler, collator, out_dir=args.out, total_steps=total_steps, seed=args.seed,
+                      precision=precision, log_every=args.log_every, save_every=args.save_every,
+                      keep_checkpoints=args.keep_checkpoints, num_workers=args.num_workers,
+                      progress=not args.no_progress and sys.stderr.isatty(), stop_after=args.stop_after,
+                      config=config)
+    if not args.no_resume:
+        trainer.resume()
+    parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    trainer.logger.event(
+        {"event": "start", "model": args.model, "parameters": parameters, "world_size": world_size,
+         "precision": precision, "zero_stage": config.get("zero_optimization", {}).get("stage", 0),
+         "global_batch": sampler.global_batch, "micro_batch": micro, "grad_accum": sampler.grad_accum,
+         "total_steps": total_steps, "start_step": trainer.start_step, "records": len(dataset),
+         "skipped_records": dataset.skipped, "config": config},
+        f"pretrain {args.model}: {parameters / 1e6:.1f}M parameters, {world_size} rank(s), {precision}, ZeRO "
+        f"{config.get('zero_optimization', {}).get('stage', 0)}, global batch {sampler.global_batch} = {micro} x "
+        f"{sampler.grad_accum} x {world_size}, {len(dataset)} records ({sum(dataset.skipped.values())} skipped), "
+        f"steps {trainer.start_step} -> {total_steps}")
+    if trainer.start_step >= total_steps:
+        print(f"nothing to do: the checkpoint in {args.out} is at step {trainer.start_step} of {total_steps}")
+        return 0
+    try:
+        trainer.train()
+    except TrainingDiverged as error:
+        print(f"fastvl pretrain: {error}", file=sys.stderr)
+        return 3
+    return 0

@@ -1,0 +1,310 @@
+"""The pretraining loop: DeepSpeed engine, data position, checkpoints, logging, resumption.
+
+DeepSpeed does what it does (ZeRO 0-3, bf16 / fp16 with dynamic loss scaling, gradient
+accumulation to the configured global batch, clipping, optimizer and scheduler stepping,
+checkpoint files); this module feeds it micro-batches and keeps the run resumable:
+
+* every micro-batch reseeds torch's RNG from ``(seed, global step, chunk)``, so dropout depends on
+  which samples a micro-batch holds, never on the rank or on when the process started;
+* a checkpoint (``save_checkpoint`` every ``--save-every`` steps, and when SIGTERM arrives) stores
+  the model, optimizer, scheduler and loss scaler (DeepSpeed), the data position in ``client_state``,
+  and every rank's python / numpy / torch RNG states (``rng-rank{R}.pt`` in the tag folder, written
+  before DeepSpeed updates ``latest``); resuming from ``latest`` continues with the next global
+  batch, so a run killed at any moment continues exactly;
+* a non-finite loss stops a bf16 / fp32 run before anything is saved (the last good checkpoint
+  stays ``latest``); fp16 steps with overflowing gradients are skipped by DeepSpeed's loss scaler
+  and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger("fastvl.train")
+CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "log.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf in a bf16 or fp32 run."""
+
+
+def nvtx_range(name: str):
+    """An NVTX range on CUDA machines (shows in Nsight Systems), nothing elsewhere."""
+    if torch.cuda.is_available():
+        return torch.cuda.nvtx.range(name)
+    return contextlib.nullcontext()
+
+
+def micro_batch_seed(seed: int, global_step: int, chunk: int) -> int:
+    return int(np.random.default_rng((seed, global_step, chunk, 0x5EED)).integers(2**62))
+
+
+# RNG state ------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """python / numpy / torch (and CUDA) RNG states as tensors and plain types (loadable weights_only)."""
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state()}
+    state["numpy"]["state"] = dict(state["numpy"]["state"])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Metrics --------------------------------------------------------------------------------------------
+
+
+def memory_mib() -> dict:
+    if torch.cuda.is_available():
+        return {"gpu_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {"rss_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def loss_scale(engine) -> float | None:
+    optimizer = engine.optimizer
+    for attribute in ("cur_scale", "loss_scale"):
+        value = getattr(optimizer, attribute, None)
+        if isinstance(value, (int, float, torch.Tensor)):
+            return float(value)
+    return None
+
+
+class Logger:
+    """Rank 0 writes one JSON object per logged step to OUT/log.jsonl and a line to stdout."""
+
+    def __init__(self, path: str | None, enabled: bool):
+        self.enabled = enabled
+        self.file = open(path, "a", encoding="utf-8") if enabled and path else None  # noqa: SIM115
+
+    def event(self, record: dict, line: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if line:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class _SigtermFlag:
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class _KeyBatches:
+    """DataLoader batch sampler: the (epoch, index) keys of this rank's micro-batches, in order."""
+
+    def __init__(self, sampler, start: int, stop: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __iter__(self) -> Iterator[list]:
+        return (mb.keys for mb in self.sampler.iterate(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.sampler.grad_accum
+
+
+class _Identity(torch.utils.data.Dataset):
+    def __getitem__(self, key):
+        return key
+
+
+# The loop -------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs ``total_steps`` optimizer steps of ``engine`` over ``sampler`` / ``collator``.
+
+    ``family`` turns a batch into model inputs; ``out_dir`` receives ``log.jsonl`` and ``checkpoints/``.
+    """
+
+    def __init__(self, engine, family, sampler, collator, *, out_dir: str, total_steps: int, seed: int,
+                 precision: str, log_every: int = 10, save_every: int = 0, keep_checkpoints: int = 2,
+                 num_workers: int = 0, progress: bool = True, stop_after: int | None = None, config: dict):
+        import torch.distributed as dist  # noqa: PLC0415
+
+        self.engine = engine
+        self.family = family
+        self.sampler = sampler
+        self.collator = collator
+        self.out_dir = out_dir
+        self.checkpoint_dir = os.path.join(out_dir, CHECKPOINT_DIR)
+        self.total_steps = total_steps
+        self.seed = seed
+        self.precision = precision
+        self.log_every = max(1, log_every)
+        self.save_every = save_every
+        self.keep_checkpoints = keep_checkpoints
+        self.num_workers = num_workers
+        self.stop_after = stop_after
+        self.config = config
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.logger = Logger(os.path.join(out_dir, LOG_FILE), self.rank == 0)
+        self.progress = progress and self.rank == 0
+        self.start_step = 0
+
+    # checkpoints ----------------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Loads ``checkpoints/latest`` if there is one; returns whether it did."""
+        if not os.path.isfile(os.path.join(self.checkpoint_dir, "latest")):
+            return False
+        path, client_state = self.engine.load_checkpoint(self.checkpoint_dir, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None or client_state is None:
+            raise RuntimeError(f"{self.checkpoint_dir}: DeepSpeed could not load the latest checkpoint")
+        data = client_state["data"]
+        self.sampler.check_resumable(data)
+        self.start_step = int(data["global_step"])
+        tag_dir = path if os.path.isdir(path) else os.path.dirname(path)
+        rng_file = os.path.join(tag_dir, f"rng-rank{self.rank}.pt")
+        if os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        self.logger.event({"event": "resume", "step": self.start_step, "checkpoint": tag_dir},
+                          f"resumed from {tag_dir} at step {self.start_step}")
+        return True
+
+    def save(self, global_step: int) -> str:
+        tag = f"step-{global_step:08d}"
+        tag_dir = os.path.join(self.checkpoint_dir, tag)
+        os.makedirs(tag_dir, exist_ok=True)
+        torch.save(rng_state(), os.path.join(tag_dir, f"rng-rank{self.rank}.pt"))
+        client_state = {"data": self.sampler.state_dict(global_step), "seed": self.seed}
+        self.engine.save_checkpoint(self.checkpoint_dir, tag=tag, client_state=client_state)
+        if self.rank == 0:
+            self._prune(tag)
+        self.logger.event({"event": "checkpoint", "step": global_step, "path": tag_dir})
+        return tag_dir
+
+    def _prune(self, newest: str) -> None:
+        tags = sorted(t for t in os.listdir(self.checkpoint_dir) if t.startswith("step-") and t != newest)
+        for tag in tags[: max(0, len(tags) - (self.keep_checkpoints - 1))]:
+            shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
+
+    # training -------------------------------------------------------------------------------------
+
+    def _loader(self, stop: int):
+        return torch.utils.data.DataLoader(_Identity(), batch_sampler=_KeyBatches(self.sampler, self.start_step, stop),
+                                           collate_fn=self.collator, num_workers=self.num_workers,
+                                           persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+
+    def train(self) -> dict:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        stop = self.total_steps if self.stop_after is None else min(self.total_steps, self.stop_after)
+        objectives = self.family.objectives
+        sigterm = _SigtermFlag()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=self.total_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+        # per optimizer step: objective sums, total, micro-batch count, tokens, SIGTERM seen
+        sums = torch.zeros(len(objectives) + 4, dtype=torch.float64)
+        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        last: dict = {}
+        self.engine.train()
+        micro_batches = self.sampler.iterate(self.start_step, stop)
+        data_iter = iter(self._loader(stop))
+        try:
+            while True:
+                with nvtx_range("data"):
+                    batch = next(data_iter, None)
+                if batch is None:
+                    break
+                micro = next(micro_batches)
+                torch.manual_seed(micro_batch_seed(self.seed, micro.global_step, micro.chunk))
+                inputs = {k: (v.to(self.engine.device) if isinstance(v, torch.Tensor) else v)
+                          for k, v in self.family.model_inputs(batch).items()}
+                with nvtx_range("forward"):
+                    out = self.engine(**inputs)
+                with nvtx_range("backward"):
+                    self.engine.backward(out.loss)
+                with nvtx_range("step"):
+                    self.engine.step()
+                values = [float(out.losses[name].detach()) for name in objectives]
+                sums += torch.tensor([*values, float(out.loss.detach()), 1.0, batch["num_tokens"], sigterm.raised],
+                                     dtype=torch.float64)
+                if micro.micro_step + 1 < self.sampler.grad_accum:
+                    continue
+                # one optimizer step done -----------------------------------------------------------
+                global_step = micro.global_step + 1
+                if self.world_size > 1:
+                    dist.all_reduce(sums)
+                count = sums[len(objectives) + 1].item()
+                means = (sums[: len(objectives) + 1] / count).tolist()
+                tokens, stop_requested = sums[-2].item(), sums[-1].item() > 0
+                sums.zero_()
+                window_samples += self.sampler.global_batch
+                window_tokens += tokens
+                if not math.isfinite(means[-1]) and self.precision != "fp16":
+                    latest = os.path.join(self.checkpoint_dir, "latest")
+                    kept = open(latest).read().strip() if os.path.isfile(latest) else "none"  # noqa: SIM115
+                    raise TrainingDiverged(
+                        f"loss is {means[-1]} at step {global_step} ({self.precision}); stopping without saving. "
+                        f"The last good checkpoint is {kept!r} in {self.checkpoint_dir}. Lower the learning rate, "
+                        "raise the warm-up or gradient clipping, or check the data.")
+                last = {"step": global_step, "loss": means[-1], **dict(zip(objectives, means[:-1]))}
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{means[-1]:.3f}", refresh=False)
+                if global_step % self.log_every == 0 or global_step == stop:
+                    elapsed = time.perf_counter() - window_start
+                    record = {**last, "epoch": micro.epoch, "lr": self.engine.get_lr()[0],
+                              "loss_scale": loss_scale(self.engine), "skipped_steps": int(self.engine.skipped_steps),
+                              "samples_per_s": round(window_samples / elapsed, 2),
+                              "tokens_per_s": round(window_tokens / elapsed, 1), **memory_mib()}
+                    text = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "step")
+                    self.logger.event(record, f"step {global_step}/{self.total_steps} {text} lr={record['lr']:.3g} "
+                                              f"{record['samples_per_s']} samples/s {record['tokens_per_s']} tokens/s")
+                    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                if stop_requested or (self.save_every and global_step % self.save_every == 0) or global_step == stop:
+                    with nvtx_range("checkpoint"):
+                        path = self.save(global_step)
+                    if stop_requested:
+                        self.logger.event({"event": "sigterm", "step": global_step, "checkpoint": path},
+                                          f"SIGTERM: saved {path}; stopping")
+                        break
+        finally:
+            sigterm.restore()
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+        return last
