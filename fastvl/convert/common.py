@@ -146,13 +146,16 @@ class ConversionReport:
 
 
 def load_converted(model: torch.nn.Module, converted: Mapping[str, torch.Tensor | None], source: SourceState, *,
-                   strict: bool = True) -> ConversionReport:
+                   strict: bool = True, expected: Iterable[str] | None = None) -> ConversionReport:
     """Loads ``converted`` (fastvl names; None where a source key was missing) into ``model``.
 
-    With ``strict`` (the default), raises :class:`ConversionError` naming every problem; otherwise
-    loads what matches and returns the report (check ``report.ok``).
+    ``expected``: the model tensors the checkpoint must provide (default: all of them; a partial
+    initialisation such as a text stream from BERT names its part). With ``strict`` (the default),
+    raises :class:`ConversionError` naming every problem; otherwise loads what matches and returns
+    the report (check ``report.ok``).
     """
-    expected = model.state_dict()
+    state = model.state_dict()
+    expected = {k: state[k] for k in expected} if expected is not None else state
     produced = {k: v for k, v in converted.items() if v is not None}
     mismatches = [f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
                   for k, v in produced.items() if k in expected and v.shape != expected[k].shape]

@@ -1,0 +1,119 @@
+"""``fastvl convert``: original checkpoints -> fastvl (and ViLBERT back to the original layout).
+
+    fastvl convert vilbert pytorch_model.bin --config bert_base_6layer_6conect.json -o vilbert.safetensors
+    fastvl convert vlbert  vl-bert_base.model --config vlbert.json -o vlbert.safetensors
+    fastvl convert albef   ALBEF.pth --config albef.json -o albef.safetensors
+    fastvl convert hf-bert bert-base-uncased.bin --config bert_base_6layer_6conect.json -o init.safetensors
+    fastvl convert vilbert vilbert.safetensors --to-original -o pytorch_model.bin
+
+The output is a safetensors file of the fastvl state dict plus ``<output>.json`` naming the model class
+and its config (``--to-original`` reads that pair back). Checkpoints load with ``weights_only=True``
+(safetensors as is); ``--allow-pickle`` unpickles, for files you trust only. Conversion is strict
+unless ``--no-strict``: every missing or unused key is printed by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+from fastvl.convert.common import ConversionError, load_state_dict_file
+
+# name -> (module, function from the original layout)
+CONVERTERS = {
+    "vilbert": ("fastvl.convert.vilbert", "vilbert_from_original"),
+    "vlbert": ("fastvl.convert.vlbert", "vlbert_from_original"),
+    "albef": ("fastvl.convert.albef", "albef_from_original"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", choices=[*CONVERTERS, "hf-bert"],
+                        help="source format; hf-bert initialises a ViLBERT text stream from Hugging Face BERT")
+    parser.add_argument("checkpoint", help="the checkpoint file (.bin / .pth / .pt / .safetensors)")
+    parser.add_argument("--config", help="the original JSON config (for hf-bert: the ViLBERT config to build)")
+    parser.add_argument("-o", "--output", required=True, help="output file (.safetensors; .bin with --to-original)")
+    parser.add_argument("--to-original", action="store_true",
+                        help="vilbert only: convert a fastvl checkpoint written by this command back to the original layout")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="unpickle checkpoints that weights_only=True refuses (only for files you trust)")
+    parser.add_argument("--no-strict", action="store_true", help="load what matches and report the rest")
+
+
+def _read_json(path: str | None, what: str) -> dict:
+    if path is None:
+        raise SystemExit(f"fastvl convert: --config is required ({what})")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _save_fastvl(model: torch.nn.Module, output: str) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, output)
+    config = model.config if hasattr(model, "config") else None
+    sidecar = {"class": f"{type(model).__module__}.{type(model).__name__}",
+               "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
+               "release": getattr(model, "release", None)}
+    vqa = getattr(model, "vil_prediction", None)
+    if vqa is not None:
+        sidecar["num_labels"] = vqa.out.out_features
+    with open(output + ".json", "w") as handle:
+        json.dump(sidecar, handle, indent=1)
+
+
+def _to_original(args) -> int:
+    from fastvl.convert.vilbert import vilbert_to_original  # noqa: PLC0415
+    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks  # noqa: PLC0415
+
+    if args.model != "vilbert":
+        raise SystemExit("fastvl convert: --to-original supports vilbert only")
+    sidecar = _read_json(args.checkpoint + ".json", "the .json written next to the fastvl checkpoint")
+    config = ViLBERTConfig(**sidecar["config"])
+    if sidecar["class"].endswith("ViLBERTForTasks"):
+        model = ViLBERTForTasks(config, num_labels=sidecar.get("num_labels", 3129), release=sidecar["release"])
+    else:
+        model = ViLBERTForPretraining(config)
+    model.load_state_dict(load_state_dict_file(args.checkpoint, allow_pickle=args.allow_pickle))
+    state = vilbert_to_original(model)
+    if args.output.endswith(".safetensors"):
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        save_file({k: v.contiguous() for k, v in state.items()}, args.output)
+    else:
+        torch.save(state, args.output)
+    print(f"wrote {len(state)} tensors in the original ViLBERT layout to {args.output}")
+    return 0
+
+
+def run(args) -> int:
+    if args.to_original:
+        return _to_original(args)
+    try:
+        state = load_state_dict_file(args.checkpoint, allow_pickle=args.allow_pickle)
+        if args.model == "hf-bert":
+            from fastvl.convert.hf_bert import text_stream_from_hf_bert  # noqa: PLC0415
+            from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining  # noqa: PLC0415
+
+            model = ViLBERTForPretraining(ViLBERTConfig.from_dict(_read_json(args.config, "the ViLBERT config")))
+            report = text_stream_from_hf_bert(model, state, strict=not args.no_strict)
+        else:
+            module_name, function = CONVERTERS[args.model]
+            convert = getattr(importlib.import_module(module_name), function)
+            model, report = convert(state, _read_json(args.config, "the original config"),
+                                    strict=not args.no_strict, return_report=True)
+    except (ConversionError, FileNotFoundError) as error:
+        print(f"fastvl convert: {error}", file=sys.stderr)
+        return 1
+    print(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    _save_fastvl(model, args.output)
+    print(f"wrote {type(model).__name__} to {args.output} (+ {os.path.basename(args.output)}.json)")
+    return 0 if report.ok else 2
