@@ -1,0 +1,167 @@
+"""ALBEF: fused-vs-reference parity of the pretraining losses (outputs and every parameter gradient),
+momentum / queue / temperature updates, MLM masking and its guard, retrieval re-ranking, the
+classifiers, configs and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_parity import check_model_parity
+
+from fastvl.models.albef import ALBEF, ALBEFClassifier, ALBEFConfig, mlm_distillation_loss
+
+CONFIG = ALBEFConfig.named("tiny")
+
+
+def randomise(model, generator):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "temp":
+                continue
+            base = 1.0 if name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name else 0.0
+            p.copy_(base + torch.randn(p.shape, generator=generator) * (0.1 if base else 0.3))
+    return model.eval()
+
+
+def batch(generator, size=4, length=9):
+    images = torch.randn(size, 3, CONFIG.image_res, CONFIG.image_res, generator=generator)
+    ids = torch.randint(3, CONFIG.vocab_size, (size, length), generator=generator)
+    ids[:, 0] = CONFIG.cls_token_id
+    ids[1, 6:] = CONFIG.pad_token_id
+    ids[-1, 3:] = CONFIG.pad_token_id
+    return images, ids
+
+
+def _run(model, images, ids, negatives, masked, labels):
+    out = model(images, ids, itm_negatives=negatives, mlm_inputs=(masked, labels), update=False)
+    return {k: out[k] for k in ("loss_itc", "loss_itm", "loss_mlm", "itm_logits")}
+
+
+def _parity_inputs(model, generator):
+    images, ids = batch(generator)
+    masked, labels = model.mask_tokens(ids, generator, probability=0.4)
+    labels[0, 1] = ids[0, 1]  # at least one prediction
+    return [images, ids, (torch.tensor([2, 0, 3, 1]), torch.tensor([1, 3, 0, 2])), masked, labels]
+
+
+def test_pretraining_parity_fused_vs_reference(generator):
+    model = randomise(ALBEF(CONFIG), generator)
+    results = check_model_parity(model, _run, _parity_inputs(model, generator), name="albef")
+    names = " ".join(r.name for r in results)
+    assert "grad temp" in names and "visual_encoder.blocks.0.attn.qkv.weight" in names
+    assert "visual_encoder_m" not in names  # momentum copies take no gradient
+
+
+def test_step_updates_momentum_queues_and_temperature(generator):
+    model = randomise(ALBEF(CONFIG), generator)
+    with torch.no_grad():
+        model.temp.fill_(0.9)
+    images, ids = batch(generator)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(images, ids, update=True, generator=generator)
+    assert model.temp.item() == pytest.approx(0.5)  # clamped to [0.001, 0.5]
+    m = CONFIG.momentum
+    name = "visual_encoder.blocks.1.mlp.fc1.weight"
+    torch.testing.assert_close(model.state_dict()[name.replace("encoder.", "encoder_m.", 1)],
+                               m * before[name.replace("encoder.", "encoder_m.", 1)] + (1 - m) * before[name])
+    assert model.queue_ptr.tolist() == [4]
+    with torch.no_grad():  # the queue's first columns hold this step's momentum features
+        _, image_feat_m = model.image_features(images, momentum=True)
+        _, text_feat_m = model.text_features(ids, ids != 0, momentum=True)
+    torch.testing.assert_close(model.image_queue[:, :4], image_feat_m.t())
+    torch.testing.assert_close(model.text_queue[:, :4], text_feat_m.t())
+    torch.testing.assert_close(model.image_queue[:, 4:], before["image_queue"][:, 4:])
+
+
+def test_mlm_masking_follows_albef(generator):
+    model = ALBEF(CONFIG)
+    ids = torch.randint(3, CONFIG.vocab_size, (64, 25), generator=generator)
+    ids[:, 0] = CONFIG.cls_token_id
+    ids[:, 20:] = CONFIG.pad_token_id
+    masked, labels = model.mask_tokens(ids, generator)
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and not chosen[:, 20:].any()
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
+    assert 0.10 < chosen[:, 1:20].float().mean() < 0.20
+    replaced = (masked == CONFIG.mask_token_id) & chosen
+    assert 0.7 < replaced.sum() / chosen.sum() < 0.9
+
+
+def test_mlm_with_nothing_masked_is_zero_with_zero_gradient(generator):
+    model = randomise(ALBEF(CONFIG), generator)
+    images, ids = batch(generator)
+    out = model(images, ids, itm_negatives=(torch.tensor([1, 0, 3, 2]), torch.tensor([1, 0, 3, 2])),
+                mlm_inputs=(ids, torch.full_like(ids, -100)), update=False)
+    assert out["loss_mlm"].item() == 0.0
+    out["loss_mlm"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or not p.grad.any(), name
+
+
+def test_mlm_distillation_loss_formula(generator):
+    logits = torch.randn(2, 5, 11, generator=generator, dtype=torch.float64)
+    labels = torch.full((2, 5), -100)
+    labels[0, 2], labels[1, 4] = 3, 7
+    soft = torch.softmax(torch.randn(2, 5, 11, generator=generator, dtype=torch.float64), -1)
+    chosen = labels != -100
+    hard = F.cross_entropy(logits[chosen], labels[chosen])
+    distil = -(soft[chosen] * F.log_softmax(logits[chosen], -1)).sum(-1).mean()
+    torch.testing.assert_close(mlm_distillation_loss(logits, labels, soft, 0.4), 0.6 * hard + 0.4 * distil)
+
+
+def test_retrieval_reranks_top_k_by_itm(generator):
+    model = randomise(ALBEF(CONFIG), generator)
+    images, ids = batch(generator, size=3)
+    texts = torch.cat((ids, ids[:2].flip(1)))  # 5 texts
+    texts[3:, 0] = CONFIG.cls_token_id
+    i2t, t2i = model.retrieval_scores(images, texts, k=2, chunk=3)
+    assert i2t.shape == (3, 5) and t2i.shape == (5, 3)
+    assert ((i2t != -100).sum(1) == 2).all() and ((t2i != -100).sum(1) == 2).all()
+    with torch.no_grad():
+        image_tokens, image_feat = model.image_features(images)
+        _, text_feat = model.text_features(texts, texts != 0)
+        top = (image_feat @ text_feat.t())[1].topk(2).indices
+        for t in top.tolist():
+            fused = model.text_encoder(texts[t:t + 1], texts[t:t + 1] != 0, image_tokens[1:2])
+            torch.testing.assert_close(i2t[1, t], model.itm_head(fused[:, 0])[0, 1])
+
+
+def test_classifiers_snli_ve_and_nlvr2(generator):
+    images, ids = batch(generator, size=2)
+    ve = randomise(ALBEFClassifier(CONFIG, num_classes=3), generator)
+    out = ve(images, ids, labels=torch.tensor([0, 2]))
+    assert out["logits"].shape == (2, 3)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(out["logits"], torch.tensor([0, 2])))
+    nlvr = randomise(ALBEFClassifier(CONFIG, num_classes=2, num_images=2), generator)
+    assert len(nlvr.text_encoder.fusion_layers) == 2 * (CONFIG.num_hidden_layers - CONFIG.fusion_layer)
+    other = torch.randn(images.shape, generator=generator)
+    swapped = nlvr((other, images), ids)["logits"]
+    assert not torch.allclose(nlvr((images, other), ids)["logits"], swapped)  # the two images play different roles
+    check_model_parity(nlvr, lambda m, a, b, t: m((a, b), t)["logits"], [images, other, ids], name="nlvr2")
+
+
+def test_configs():
+    pretrain = {"image_res": 256, "embed_dim": 256, "batch_size_train": 64, "temp": 0.07, "mlm_probability": 0.15,
+                "queue_size": 65536, "momentum": 0.995, "alpha": 0.4, "vision_width": 768,
+                "optimizer": {"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02},
+                "bert_config": {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1,
+                                "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,
+                                "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-12,
+                                "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
+                                "num_hidden_layers": 12, "pad_token_id": 0, "type_vocab_size": 2,
+                                "vocab_size": 30522, "fusion_layer": 6, "encoder_width": 768}}
+    assert ALBEFConfig.from_original(pretrain) == ALBEFConfig.named("base")
+    with pytest.raises(ValueError, match="unknown ALBEF config keys"):
+        ALBEFConfig.from_original({**pretrain, "queue_sise": 3})
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda im, ids: (im[..., :16, :16], ids), r"images must have shape \[B, 3, 32, 32\]"),
+    (lambda im, ids: (im, ids[:3]), "batch size"),
+    (lambda im, ids: (im[:1], ids[:1]), "at least 2"),
+    (lambda im, ids: (im, torch.ones(4, 40, dtype=torch.long)), "max_position_embeddings"),
+])
+def test_bad_input(generator, change, message):
+    model = ALBEF(CONFIG)
+    images, ids = change(*batch(generator))
+    with pytest.raises(ValueError, match=message):
+        model(images, ids, update=False)
