@@ -113,3 +113,16 @@ def test_fastvl_bench_model_vilbert_tiny(tmp_path, capsys):
     for y in ("samples_per_s", "peak_mem_mb"):
         assert (tmp_path / f"model-vilbert-tiny-{y}.png").stat().st_size > 1000
     assert "largest batch that fits" in capsys.readouterr().out
+
+
+def test_fastvl_bench_profile_saves_top_ops(tmp_path):
+    from fastvl.cli import main
+
+    assert main(["bench", "profile", "--model", "vilbert-tiny", "--quick", "--threads", "1", "--warmup", "1",
+                 "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "profile-vilbert-tiny.json").read_text())
+    assert document["env"]["model"] == "vilbert-tiny" and document["total_us"] > 0
+    assert 5 <= len(document["top"]) <= 30
+    assert all(item["self_us"] > 0 and item["calls"] > 0 for item in document["top"])
+    assert document["top"][0]["self_us"] >= document["top"][-1]["self_us"]
+    assert "Self CPU" in (tmp_path / "profile-vilbert-tiny.txt").read_text()

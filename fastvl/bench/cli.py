@@ -6,6 +6,8 @@
 ``fastvl bench model --model vilbert-base``
     Whole-model pretraining steps (forward + backward + optimizer), fused backends vs
     ``backend="reference"``, with the largest batch that fits (:mod:`fastvl.bench.model`).
+``fastvl bench profile --model vilbert-base``
+    torch.profiler over one fused training step; saves the top kernels by time.
 
 Both print a table and write JSON (device, versions, commit, date) and PNG plots under ``--out``
 (default ``benchmarks/results/<date>-<device>/``). Sizes default to the papers' on GPU and small on CPU.
@@ -30,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     ops = modes.add_parser("ops", help="op-level suite: every op and backend, plus benchmarks/bench_*.py")
     model = modes.add_parser("model", help="model-level training throughput, fused vs reference")
-    for sub in (ops, model):
+    profile = modes.add_parser("profile", help="torch.profiler of one fused training step: the top kernels")
+    for sub in (ops, model, profile):
         sub.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         sub.add_argument("--out", type=Path, default=None,
                          help="result folder (default: benchmarks/results/<date>-<device>/)")
@@ -47,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvl.bench import model as model_bench  # noqa: PLC0415
 
     model_bench.add_arguments(model)
+    model_bench.add_arguments(profile)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
             return run_ops(args, device, out_dir)
         from fastvl.bench import model as model_bench  # noqa: PLC0415
 
+        if args.mode == "profile":
+            model_bench.profile_step(args, device, out_dir)
+            return 0
         return model_bench.run(args, device, out_dir)
     finally:
         torch.set_num_threads(threads)  # callers in the same process keep their setting

@@ -244,6 +244,48 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     return 0
 
 
+def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, top: int = 30) -> dict:
+    """torch.profiler over one fused training step (after warm-up): the ``top`` kernels by their own
+    device time (CPU ops by their own CPU time on CPU), as ``profile-<model>.json`` and ``.txt``."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    gpu = device.type == "cuda"
+    spec = MODELS[args.model]()
+    batch_size = (args.batch or [2 if args.quick else 64 if gpu else 8])[0]
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    trainer = Trainer(spec, "fused", batch_size, device, precision, seed=args.seed)
+    for _ in range(max(1, args.warmup)):
+        trainer.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        trainer.step()
+    averages = prof.key_averages()
+    if gpu:  # kernels only: events that ran on the device
+        events = [e for e in averages if e.self_device_time_total > 0]
+        own_time = {e.key: e.self_device_time_total for e in events}
+    else:
+        events = list(averages)
+        own_time = {e.key: e.self_cpu_time_total for e in events}
+    total = sum(own_time.values()) or 1.0
+    ranked = sorted(events, key=lambda e: own_time[e.key], reverse=True)[:top]
+    env = harness.environment(device)
+    document = {"schema": harness.SCHEMA_VERSION, "env": {**env, "model": args.model, "precision": precision,
+                                                           "batch": batch_size},
+                "measure": "self device time of each kernel" if gpu else "self CPU time of each op",
+                "total_us": total,
+                "top": [{"name": e.key, "calls": e.count, "self_us": own_time[e.key],
+                         "percent": 100 * own_time[e.key] / total} for e in ranked]}
+    path = harness.write_json(out_dir / f"profile-{args.model}.json", document)
+    sort_by = "self_device_time_total" if gpu else "self_cpu_time_total"
+    (out_dir / f"profile-{args.model}.txt").write_text(averages.table(sort_by=sort_by, row_limit=top) + "\n")
+    print(f"top {min(top, len(ranked))} of one {args.model} training step ({precision}, batch {batch_size}, "
+          f"{document['measure']}):")
+    for item in document["top"][:15]:
+        print(f"  {item['percent']:5.1f}%  {item['self_us'] / 1e3:9.3f} ms  x{item['calls']:<5} {item['name'][:90]}")
+    print(f"wrote {path}")
+    return document
+
+
 def _print_summary(results: harness.Results, document: dict) -> None:
     header = f"{'backend':<10} {'batch':>5} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'optim':>8} {'samples/s':>10} " \
              f"{'tokens/s':>10} {'peak MiB':>9}"
