@@ -442,3 +442,25 @@ def test_albef_strict_errors(generator):
         albef_from_original(state, ALBEF_CONFIG)
     with pytest.raises(ValueError, match="unknown ALBEF config keys"):
         albef_from_original(original_albef_state(generator), {**ALBEF_CONFIG, "imag_res": 3})
+
+
+def test_fastvl_convert_cli(generator, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fastvl.cli import main
+
+    for name, state, config, container in (("vlbert", original_vlbert_state(generator), VLBERT_CONFIG, "state_dict"),
+                                            ("albef", original_albef_state(generator), ALBEF_CONFIG, "model")):
+        checkpoint, config_path = tmp_path / f"{name}.pth", tmp_path / f"{name}.json"
+        torch.save({container: state}, checkpoint)
+        config_path.write_text(json.dumps(config))
+        output = tmp_path / "out" / f"{name}.safetensors"
+        assert main(["convert", name, str(checkpoint), "--config", str(config_path), "-o", str(output)]) == 0
+        converted = load_file(str(output))
+        convert = vlbert_from_original if name == "vlbert" else albef_from_original
+        expected = convert(state, config).state_dict()
+        assert sorted(converted) == sorted(expected)
+        assert all(torch.equal(converted[k], expected[k]) for k in expected)
+    assert "known-unused weights skipped (2)" in capsys.readouterr().out
