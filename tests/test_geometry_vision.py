@@ -6,6 +6,7 @@ import pytest
 import torch
 from model_parity import check_model_parity
 
+from fastvl.nn import set_gradient_checkpointing
 from fastvl.nn.geometry import VisualFeatureEmbedding, box_geometry_embedding
 from fastvl.nn.vision import VisionTransformer, resize_pos_embed
 
@@ -122,8 +123,14 @@ def test_vit_parity_and_checkpointing(generator, fused):
     vit = _tiny_vit()
     images = torch.randn(3, 3, 32, 32, generator=generator)
     check_model_parity(vit, lambda m, x: m(x), [images], name="vit", fused=fused)
-    vit.train().gradient_checkpointing = True
-    torch.testing.assert_close(vit(images), vit.eval()(images))
+    reference = vit(images)
+    set_gradient_checkpointing(vit.train())
+    assert all(block.gradient_checkpointing for block in vit.blocks)
+    images.requires_grad_(True)
+    out = vit(images)
+    torch.testing.assert_close(out, reference)
+    out.sum().backward()
+    assert images.grad is not None and vit.blocks[0].attn.qkv.weight.grad is not None
 
 
 def test_vit_bad_images():

@@ -195,3 +195,14 @@ def test_bad_input(generator, change, error, message):
     args = change({"ids": ids, "features": features, "boxes": boxes, "region_mask": region_mask})
     with pytest.raises(error, match=message):
         model.vlbert(args["ids"], args["features"], args["boxes"], region_mask=args["region_mask"])
+
+
+def test_traces_without_graph_breaks(generator):
+    """``torch.compile(fullgraph=True)`` accepts the whole pretraining step (dynamo only: eager backend)."""
+    model = randomise(VLBERTForPretraining(CONFIG), generator)
+    args = _pretraining_inputs(generator)
+    args[1] = args[1].nan_to_num()
+    compiled = torch.compile(lambda *a: _pretraining_run(model, *a), backend="eager", fullgraph=True)
+    out, expected = compiled(*args), _pretraining_run(model, *args)
+    for key in expected:
+        torch.testing.assert_close(out[key], expected[key])

@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fastvl import _checks
+from fastvl.nn.common import Checkpointable
 from fastvl.ops import attention, bias_gelu, layer_norm
 
 
@@ -62,10 +62,11 @@ class ViTAttention(nn.Module):
         return self.proj(attention(q, k, v, dropout_p=dropout).reshape(batch, length, dim))
 
 
-class ViTBlock(nn.Module):
+class ViTBlock(Checkpointable):
     """Pre-LN transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (exact GELU).
     LayerNorms run through :func:`fastvl.ops.layer_norm`, fc1's bias + GELU through
-    :func:`fastvl.ops.bias_gelu`."""
+    :func:`fastvl.ops.bias_gelu`. Checkpointable (``gradient_checkpointing = True``, or
+    :func:`fastvl.nn.set_gradient_checkpointing` on the model)."""
 
     def __init__(self, dim: int = 768, heads: int = 12, mlp_ratio: float = 4.0, eps: float = 1e-6,
                  attention_dropout: float = 0.0, dropout: float = 0.0):
@@ -78,7 +79,7 @@ class ViTBlock(nn.Module):
         self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, return_probs: bool = False):
+    def compute(self, x: torch.Tensor, return_probs: bool = False):
         attended = self.attn(_norm(self.norm1, x), return_probs)
         probs = None
         if return_probs:
@@ -109,7 +110,6 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_ratio, eps, attention_dropout, dropout)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.gradient_checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_vit_weights)
@@ -128,8 +128,6 @@ class VisionTransformer(nn.Module):
             if return_attention:
                 x, probs = block(x, True)
                 probabilities.append(probs)
-            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         x = _norm(self.norm, x)
