@@ -165,3 +165,20 @@ def test_bad_input(generator, change, message):
     images, ids = change(*batch(generator))
     with pytest.raises(ValueError, match=message):
         model(images, ids, update=False)
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+                                          pytest.param("cuda", torch.float16, marks=pytest.mark.gpu)])
+def test_autocast_losses_and_gradients(generator, device, dtype):
+    """Under autocast the losses stay near the float32 ones and every gradient is finite."""
+    model = randomise(ALBEF(CONFIG), generator)
+    args = _parity_inputs(model, generator)
+    expected = _run(model, *args)
+    model = model.to(device)
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else tuple(t.to(device) for t in a) for a in args]
+    with torch.autocast(device, dtype):
+        out = _run(model, *moved)
+    sum(out[k].float() for k in ("loss_itc", "loss_itm", "loss_mlm")).backward()
+    for key in ("loss_itc", "loss_itm", "loss_mlm"):
+        torch.testing.assert_close(out[key].float().cpu(), expected[key], rtol=0.05, atol=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

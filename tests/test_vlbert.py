@@ -206,3 +206,19 @@ def test_traces_without_graph_breaks(generator):
     out, expected = compiled(*args), _pretraining_run(model, *args)
     for key in expected:
         torch.testing.assert_close(out[key], expected[key])
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+                                          pytest.param("cuda", torch.float16, marks=pytest.mark.gpu)])
+def test_autocast_losses_and_gradients(generator, device, dtype):
+    """Under autocast the losses stay near the float32 ones and every gradient is finite."""
+    model = randomise(VLBERTForPretraining(CONFIG), generator)
+    args = _pretraining_inputs(generator)
+    expected = _pretraining_run(model, *args)
+    model = model.to(device)
+    with torch.autocast(device, dtype):
+        out = _pretraining_run(model, *(a.to(device) for a in args))
+    out["loss"].float().backward()
+    for key in ("mlm_loss", "mvrc_loss"):
+        torch.testing.assert_close(out[key].float().cpu(), expected[key], rtol=0.05, atol=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

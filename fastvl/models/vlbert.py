@@ -162,7 +162,9 @@ class MaskedLMHead(nn.Module):
              ignore_index: int) -> torch.Tensor:
         """Mean cross-entropy over labelled positions through :func:`fastvl.ops.linear_cross_entropy`;
         0 with zero gradient when no position is labelled (the original's mean gives NaN there)."""
-        return linear_cross_entropy(self.transform(hidden), decoder_weight, self.bias, labels, ignore_index)
+        hidden = self.transform(hidden)  # under autocast: the low-precision dtype the projection runs in
+        return linear_cross_entropy(hidden, decoder_weight.to(hidden.dtype), self.bias.to(hidden.dtype), labels,
+                                    ignore_index)
 
 
 class VLBERT(nn.Module):
