@@ -9,10 +9,13 @@ from fastvl.nn.attention import CrossAttention, SelfAttention
 from fastvl.nn.common import (Checkpointable, FeedForward, LayerNorm, init_bert_weights,
                               set_gradient_checkpointing)
 from fastvl.nn.embeddings import RegionEmbeddings, TextEmbeddings
+from fastvl.nn.geometry import VisualFeatureEmbedding, box_geometry_embedding
 from fastvl.nn.layers import CoAttentionLayer, CrossAttentionLayer, TransformerEncoder, TransformerLayer
+from fastvl.nn.vision import PatchEmbedding, VisionTransformer, ViTBlock
 
 __all__ = [
     "Checkpointable", "CoAttentionLayer", "CrossAttention", "CrossAttentionLayer", "FeedForward", "LayerNorm",
     "RegionEmbeddings", "SelfAttention", "TextEmbeddings", "TransformerEncoder", "TransformerLayer",
     "init_bert_weights", "set_gradient_checkpointing",
+    "PatchEmbedding", "VisionTransformer", "ViTBlock", "VisualFeatureEmbedding", "box_geometry_embedding",
 ]
