@@ -51,3 +51,12 @@ def test_compiles_without_graph_breaks(generator):
     out.sum().backward()
     torch.testing.assert_close(out, bias_gelu_ref(x.detach(), bias.detach()) * 2)
     assert x.grad is not None and bias.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_parity(dtype):
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 37, 3072, generator=generator) * 3).to(dtype).cuda()
+    bias = torch.randn(3072, generator=generator).to(dtype).cuda()
+    check_op(fastvl.ops.bias_gelu, bias_gelu_ref, [x, bias], name=f"bias_gelu {dtype}")

@@ -76,9 +76,22 @@ def test_bad_inputs(generator):
     with pytest.raises(ValueError, match="residual"):
         fastvl.ops.layer_norm(x, weight, bias, res[:2])
     with pytest.raises(TypeError, match="residual"):
-        fastvl.ops.layer_norm(x, weight, bias, res.double())
+        fastvl.ops.layer_norm(x, weight, bias, res.long())
     with pytest.raises(ValueError, match="dropout_p"):
         fastvl.ops.layer_norm(x, weight, bias, dropout_p=1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_low_precision_sublayer_on_float32_residual_stream(generator, backend):
+    # under autocast a bf16 sub-layer output meets the float32 residual stream: the result is float32
+    x, res, weight, bias = _inputs(generator, (5, 48))
+    x = x.bfloat16().requires_grad_(True)
+    res.requires_grad_(True)
+    out = fastvl.ops.layer_norm(x, weight, bias, res, backend=backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, layer_norm_ref(x.detach().double(), weight, bias, res.detach()).float())
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and res.grad.dtype == torch.float32
 
 
 @pytest.mark.interpret
@@ -94,3 +107,25 @@ def test_compiles_without_graph_breaks(generator):
     out = compiled(x, res)
     out.sum().backward()
     torch.testing.assert_close(out, layer_norm_ref(x.detach() * 2, weight, bias, res))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [768, 1024, 3000])
+def test_gpu_parity(dtype, hidden):
+    generator = torch.Generator().manual_seed(hidden)
+    x, res, weight, bias = (t.cuda() for t in _inputs(generator, (4, 37, hidden)))
+    x, res = x.to(dtype), res.to(dtype)
+    check_op(lambda *a: fastvl.ops.layer_norm(a[0], a[2], a[3], a[1]), lambda *a: layer_norm_ref(a[0], a[2], a[3], a[1]),
+             [x, res, weight, bias], name=f"layer_norm {dtype}")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_is_triton_and_dropout_keeps_1_minus_p():
+    from fastvl.dispatch import op
+
+    x = torch.randn(64, 1024, device="cuda")
+    assert op("layer_norm").select(None, x.device, dtype=x.dtype, hidden=1024, dropout=True).name == "triton"
+    seed = torch.tensor([7], device="cuda")
+    keep = _layer_norm_fwd(x, None, torch.ones(1024, device="cuda"), None, seed, 0.1, 1e-12)[2]
+    assert abs(keep.float().mean().item() - 0.9) < 0.01

@@ -138,6 +138,12 @@ def test_packed_equals_padded(generator):
     packed = layer(text[text_mask], None, image[image_mask], None, cu_seqlens=cu, max_seqlen=23, cu_seqlens_k=cu_k,
                    max_seqlen_k=17)
     torch.testing.assert_close(packed, padded[text_mask], rtol=1e-5, atol=1e-5)
+    co = _init(CoAttentionLayer(32, 24, 16, 2, 48, 40))
+    padded_image, padded_text = co(image, image_mask, text, text_mask)
+    packed_image, packed_text = co(image[image_mask], None, text[text_mask], None, cu_seqlens_v=cu_k, max_seqlen_v=17,
+                                   cu_seqlens_t=cu, max_seqlen_t=23)
+    torch.testing.assert_close(packed_image, padded_image[image_mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_text, padded_text[text_mask], rtol=1e-5, atol=1e-5)
     bert = _init(TransformerLayer(32, 4, 48))
     torch.testing.assert_close(bert(text[text_mask], cu_seqlens=cu, max_seqlen=23), bert(text, text_mask)[text_mask],
                                rtol=1e-5, atol=1e-5)

@@ -245,3 +245,34 @@ def test_compile_fullgraph(generator):
     batch = _batch(generator)
     compiled = torch.compile(lambda **b: model(**b).loss, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(**batch), model(**batch).loss)
+
+
+def test_autocast_bf16_checkpointing_and_attentions(generator):
+    from fastvl.nn import set_gradient_checkpointing
+
+    model = _perturb(ViLBERTForPretraining(ViLBERTConfig.named("tiny", **SMALL)))
+    batch = _batch(generator)
+    exact = model(**batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(**batch)
+    assert abs(low.loss.item() - exact.item()) < 0.05 * abs(exact.item())
+    low.loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(3)  # dropout on: checkpointing must replay it
+        model(**batch).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    plain = grads()
+    set_gradient_checkpointing(model)
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+    model.eval()
+    encoded = model.bert(*(batch[k] for k in ("input_ids", "token_type_ids", "text_mask", "region_feats",
+                                              "region_loc", "region_mask")), output_attentions=True)
+    probs = encoded["attentions"]
+    assert len(probs["t"]) == 4 and len(probs["v"]) == 2 and len(probs["c"]) == 2
+    assert probs["c"][0][0].shape == (2, 2, 37, 23) and probs["t"][0].shape == (2, 4, 23, 23)

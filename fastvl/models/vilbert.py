@@ -399,7 +399,9 @@ class ViLBERTForPretraining(nn.Module):
             _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
             if c.task_specific_tokens:  # the task token's slot is never labelled
                 mlm_labels = torch.cat([mlm_labels[:, :1], torch.full_like(mlm_labels[:, :1], -1), mlm_labels[:, 1:]], 1)
-            losses["mlm"] = linear_cross_entropy(hidden_t, word_weight, heads.predictions.bias, mlm_labels, -1)
+            # (under autocast the head runs in the activations' dtype, as F.linear would)
+            losses["mlm"] = linear_cross_entropy(hidden_t, word_weight.to(hidden_t.dtype),
+                                                 heads.predictions.bias.to(hidden_t.dtype), mlm_labels, -1)
         if region_targets is not None or region_labels is not None:
             if region_targets is None or region_labels is None:
                 raise ValueError("region_targets and region_labels must be given together")
@@ -408,8 +410,9 @@ class ViLBERTForPretraining(nn.Module):
                                "[B, Lv, v_target_size] with B, Lv of region_feats")
             _checks.tensor("region_labels", region_labels, shape="[B, Lv] bool", ndim=2, dtypes=None)
             _checks.same_shape("region_labels", region_labels, [batch, regions], "[B, Lv] like region_mask")
-            losses["region"] = linear_region_kl_loss(hidden_v[:, 1:], heads.image_predictions.decoder.weight,
-                                                     heads.image_predictions.decoder.bias,
+            decoder = heads.image_predictions.decoder
+            losses["region"] = linear_region_kl_loss(hidden_v[:, 1:], decoder.weight.to(hidden_v.dtype),
+                                                     decoder.bias.to(hidden_v.dtype),
                                                      region_targets[:, 1:].to(hidden_v.dtype),
                                                      region_labels[:, 1:].bool())
         if is_next is not None:

@@ -4,8 +4,8 @@ cross-attention to the image, feed-forward) and ViLBERT's co-attention layer (``
 Every layer takes padding masks (bool ``[B, L]``, True = real; the original additive 0 / -10000 form
 is accepted too), supports activation checkpointing (``layer.gradient_checkpointing = True``), and
 returns attention probabilities when called with ``output_attentions=True`` (that call runs the
-attention through the reference path). The self- and cross-attention layers also take packed
-``[total, hidden]`` rows with ``cu_seqlens``.
+attention through the reference path). Every layer also takes packed ``[total, hidden]`` rows with
+``cu_seqlens`` (the co-attention layer one per stream).
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ class CoAttentionLayer(Checkpointable):
     ``norm1``, ``dense2`` (bi -> hidden), ``norm2``, ``v_ffn``, ``t_ffn``.
     ``forward(image [B, Lv, v_hidden], image_mask [B, Lv] | None, text [B, Lt, hidden], text_mask
     [B, Lt] | None, output_attentions=False)`` -> ``(image, text)``, or ``(image, text, (probs_v
-    [B, Hb, Lv, Lt], probs_t [B, Hb, Lt, Lv]))``. Padded batches only (the op has no packed form).
+    [B, Hb, Lv, Lt], probs_t [B, Hb, Lt, Lv]))``. Packed form: image ``[total_v, v_hidden]`` and text
+    ``[total_t, hidden]`` with masks None and ``cu_seqlens_v`` / ``cu_seqlens_t`` (int32 ``[B + 1]``,
+    each stream its own lengths), optional ``max_seqlen_v`` / ``max_seqlen_t``.
     """
 
     def __init__(self, hidden_size: int, v_hidden_size: int, bi_hidden_size: int, bi_num_heads: int,
@@ -146,8 +148,13 @@ class CoAttentionLayer(Checkpointable):
         self.t_ffn = FeedForward(hidden_size, intermediate_size, hidden_dropout, eps, activation)
 
     def compute(self, image: torch.Tensor, image_mask: torch.Tensor | None, text: torch.Tensor,
-                text_mask: torch.Tensor | None, output_attentions: bool = False):
-        if image.dim() != 3 or text.dim() != 3 or image.shape[0] != text.shape[0]:
+                text_mask: torch.Tensor | None, output_attentions: bool = False, *,
+                cu_seqlens_v: torch.Tensor | None = None, max_seqlen_v: int | None = None,
+                cu_seqlens_t: torch.Tensor | None = None, max_seqlen_t: int | None = None):
+        packed = cu_seqlens_v is not None or cu_seqlens_t is not None
+        if packed and output_attentions:
+            raise ValueError("output_attentions=True needs the padded form, not cu_seqlens")
+        if not packed and (image.dim() != 3 or text.dim() != 3 or image.shape[0] != text.shape[0]):
             raise ValueError(f"image [B, Lv, v_hidden] and text [B, Lt, hidden] must share B, got "
                              f"{list(image.shape)} and {list(text.shape)}")
         q_v, k_v, v_v = split_heads(self.v_qkv(image), 3 * self.bi_num_heads).chunk(3, dim=-2)
@@ -161,7 +168,9 @@ class CoAttentionLayer(Checkpointable):
             ctx_t, probs_t = attention_ref(q_t, k_v, v_v, mask_v, dropout_p, return_probs=True)
             probs = (probs_v, probs_t)
         else:
-            ctx_v, ctx_t = co_attention(q_v, k_v, v_v, image_mask, q_t, k_t, v_t, text_mask, dropout_p)
+            ctx_v, ctx_t = co_attention(q_v, k_v, v_v, image_mask, q_t, k_t, v_t, text_mask, dropout_p,
+                                        cu_seqlens_v=cu_seqlens_v, cu_seqlens_t=cu_seqlens_t,
+                                        max_seqlen_v=max_seqlen_v, max_seqlen_t=max_seqlen_t)
         image = self.norm1(self.dense1(ctx_v.flatten(-2)), image, self.v_hidden_dropout)
         text = self.norm2(self.dense2(ctx_t.flatten(-2)), text, self.hidden_dropout)
         image, text = self.v_ffn(image), self.t_ffn(text)

@@ -23,9 +23,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """``LayerNorm(dropout(x) + residual) * weight + bias`` over the last dim.
 
     x ``[..., N]`` (float16 / bfloat16 / float32; float64 on the reference backend); residual
-    ``[..., N]`` like x, or None; weight ``[N]``; bias ``[N]`` or None; ``eps`` defaults to BERT's
-    1e-12. ``dropout_p`` applies to x only (pass 0 in eval mode). Statistics are computed in float32;
-    the result has x's dtype. Gradients flow to x, residual, weight and bias.
+    ``[..., N]`` like x (any float dtype), or None; weight ``[N]``; bias ``[N]`` or None; ``eps``
+    defaults to BERT's 1e-12. ``dropout_p`` applies to x only (pass 0 in eval mode). Statistics are
+    computed in float32; the result has the promoted dtype of x and residual (under autocast a bf16
+    sub-layer output added to a float32 residual stream gives float32, as torch's LayerNorm does).
+    Gradients flow to x, residual, weight and bias.
     """
     _checks.tensor("x", x, shape="[..., N]", ndim=range(1, 8))
     hidden = x.shape[-1]
@@ -37,12 +39,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if residual is not None:
         _checks.tensor("residual", residual, shape="[..., N] like x")
         _checks.same_shape("residual", residual, list(x.shape), "x's shape")
-        _checks.same_dtype("x", x, residual=residual)
     _checks.same_device("x", x, weight=weight, bias=bias, residual=residual)
     _checks.probability("dropout_p", dropout_p)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    chosen = LAYER_NORM.select(backend, x.device, dtype=x.dtype, hidden=hidden, dropout=dropout_p > 0.0)
+    dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    chosen = LAYER_NORM.select(backend, x.device, dtype=dtype, hidden=hidden, dropout=dropout_p > 0.0)
     return chosen.impl(x, weight, bias, residual, dropout_p, eps)
 
 
@@ -64,8 +66,9 @@ def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps):
     residual2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
     has_dropout = seed is not None
     store_sum = has_dropout or residual is not None
-    y = torch.empty_like(x2)
-    hidden_sum = torch.empty_like(x2) if store_sum else x2.new_empty(0)
+    out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = torch.empty_like(x2, dtype=out_dtype)
+    hidden_sum = torch.empty_like(x2, dtype=out_dtype) if store_sum else x2.new_empty(0)
     keep = torch.empty(x2.shape, dtype=torch.int8, device=x.device) if has_dropout else x2.new_empty(0, dtype=torch.int8)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
@@ -94,7 +97,8 @@ def _(x, residual, weight, bias, seed, dropout_p, eps):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     store_sum = seed is not None or residual is not None
     keep_shape = (rows, x.shape[-1]) if seed is not None else (0,)
-    return (torch.empty_like(x), torch.empty_like(x) if store_sum else x.new_empty(0),
+    out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    return (torch.empty_like(x, dtype=out_dtype), torch.empty_like(x, dtype=out_dtype) if store_sum else x.new_empty(0),
             x.new_empty(keep_shape, dtype=torch.int8), x.new_empty(rows, dtype=torch.float32),
             x.new_empty(rows, dtype=torch.float32))
 

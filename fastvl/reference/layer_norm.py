@@ -14,9 +14,9 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x ``[..., N]``; residual ``[..., N]`` or None; weight / bias ``[N]``; ``eps`` defaults to BERT's
     1e-12. ``dropout_mask`` (bool ``[..., N]``, True = kept) replaces random dropout so a kernel's
     keep-mask can be replayed; kept values are scaled by ``1 / (1 - dropout_p)``. ``upcast=True``
-    computes in float64 and casts back to x's dtype.
+    computes in float64 and casts back. The result has the promoted dtype of x and residual.
     """
-    out_dtype = x.dtype
+    out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
     if upcast:
         x, weight = x.double(), weight.double()
         bias = bias.double() if bias is not None else None
