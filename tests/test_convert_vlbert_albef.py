@@ -464,3 +464,12 @@ def test_fastvl_convert_cli(generator, tmp_path, capsys):
         assert sorted(converted) == sorted(expected)
         assert all(torch.equal(converted[k], expected[k]) for k in expected)
     assert "known-unused weights skipped (2)" in capsys.readouterr().out
+
+
+def test_albef_position_grid_resized_for_another_resolution(generator):
+    state = original_albef_state(generator)
+    model = albef_from_original(state, ALBEF_CONFIG, image_res=3 * PATCH, dtype=torch.float64)
+    assert model.config.image_res == 3 * PATCH and model.visual_encoder.pos_embed.shape == (1, 10, VW)
+    assert torch.equal(model.visual_encoder.pos_embed[:, 0], state["visual_encoder.pos_embed"][:, 0])
+    images = _rand(generator, 2, 3, 3 * PATCH, 3 * PATCH, scale=1.0)
+    assert model.image_features(images)[0].shape == (2, 10, VW)

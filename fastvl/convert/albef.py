@@ -25,6 +25,7 @@ import torch
 from fastvl.convert.common import ConversionError, SourceState, load_converted
 from fastvl.convert.vlbert import Rule, check_tied, convert_with_rules, export_with_rules
 from fastvl.models.albef import ALBEF, ALBEFClassifier, ALBEFConfig
+from fastvl.nn.vision import resize_pos_embed
 
 TASKS = ("pretrain", "retrieval", "ve", "nlvr")
 KNOWN_UNUSED = ("*embeddings.position_ids", "idx_queue")
@@ -88,20 +89,28 @@ def detect_task(keys: list[str], num_hidden_layers: int) -> str:
                           f"{list(TASKS)}")
 
 
-def _config_for(source: SourceState, config_dict: Mapping, task: str) -> ALBEFConfig:
+def _config_for(source: SourceState, config_dict: Mapping, image_res: int | None) -> ALBEFConfig:
     config = ALBEFConfig.from_original(config_dict)
     shapes = {k: v.shape for k, v in source.state.items()}
     updates = {}
     if "visual_encoder.pos_embed" in shapes:
         side = round((shapes["visual_encoder.pos_embed"][1] - 1) ** 0.5)
         updates["image_res"] = side * config.patch_size
+    if image_res is not None:  # fine-tune at another resolution: interpolate the position grid, as ALBEF does
+        if image_res % config.patch_size:
+            raise ValueError(f"image_res ({image_res}) must be a multiple of patch_size ({config.patch_size})")
+        for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
+            if key in source.state:
+                source.state[key] = resize_pos_embed(source.state[key], (image_res // config.patch_size) ** 2)
+        updates["image_res"] = image_res
     if "image_queue" in shapes:
         updates.update(embed_dim=shapes["image_queue"][0], queue_size=shapes["image_queue"][1])
     return dataclasses.replace(config, **updates)
 
 
 def albef_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping, *, task: str | None = None,
-                        strict: bool = True, return_report: bool = False, dtype: torch.dtype = torch.float32):
+                        strict: bool = True, return_report: bool = False, dtype: torch.dtype = torch.float32,
+                        image_res: int | None = None):
     """Builds the fastvl ALBEF model for an original checkpoint and loads it.
 
     state_dict: the original's (load files with :func:`fastvl.convert.load_state_dict_file`,
@@ -110,7 +119,8 @@ def albef_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Map
     ``config_bert.json``, or the BERT keys merged in. task: ``"pretrain"`` (:class:`ALBEF` with the
     MLM head), ``"retrieval"`` (:class:`ALBEF` without it), ``"ve"`` (SNLI-VE) or ``"nlvr"``
     (NLVR2) -- default: told from the keys. The image resolution and queue size come from the
-    tensors' shapes. Strict: missing, unused or mis-shaped keys raise :class:`ConversionError`
+    tensors' shapes; ``image_res`` (e.g. 384 for a 256-px checkpoint) interpolates the position
+    embeddings bicubically to that resolution, as ALBEF's fine-tuning scripts do. Strict: missing, unused or mis-shaped keys raise :class:`ConversionError`
     naming them. The model's parameters get ``dtype``. Returns the model (eval mode), or ``(model, report)`` with ``return_report``.
     """
     raw = SourceState(state_dict)
@@ -119,7 +129,7 @@ def albef_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Map
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     classifier = task in ("ve", "nlvr")
     source = SourceState(state_dict, known_unused=KNOWN_UNUSED + (_CLASSIFIER_MOMENTUM if classifier else ()))
-    config = _config_for(source, config_dict, task)
+    config = _config_for(source, config_dict, image_res)
     if classifier:
         classes = source.state["cls_head.2.weight"].shape[0] if "cls_head.2.weight" in source else 3
         model = ALBEFClassifier(config, num_classes=classes, num_images=2 if task == "nlvr" else 1)
