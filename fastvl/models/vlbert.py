@@ -28,7 +28,7 @@ from torch import nn
 
 from fastvl import _checks
 from fastvl.nn import LayerNorm, TransformerEncoder, init_bert_weights
-from fastvl.nn.geometry import VisualFeatureEmbedding, check_boxes
+from fastvl.nn.geometry import VisualFeatureEmbedding
 from fastvl.ops import bias_gelu, linear_cross_entropy
 
 # Keys of the original ``NETWORK.VLBERT`` config that describe training, not the network.
@@ -240,7 +240,6 @@ class VLBERT(nn.Module):
             text_mask = input_ids != c.pad_token_id
         if region_mask is None:
             region_mask = torch.ones(batch, regions, dtype=torch.bool, device=device)
-        check_boxes("boxes", boxes, region_mask)
         # Padded regions may hold anything (e.g. -1 boxes): zero them so nothing non-finite flows back.
         real = region_mask[..., None]
         zero = region_features.new_zeros(())
@@ -248,7 +247,7 @@ class VLBERT(nn.Module):
         boxes = torch.where(real, boxes, boxes.new_zeros(()))
         if masked_regions is not None:
             features = torch.where(masked_regions[..., None], mask_visual_embedding.to(features.dtype), features)
-        object_reps = self.visual(features, boxes) * real.to(features.dtype)  # [B, R, visual_size]
+        object_reps = self.visual(features, boxes, region_mask) * real.to(features.dtype)  # [B, R, visual_size]
 
         tags = torch.zeros_like(input_ids) if text_tags is None else text_tags.clamp(min=0)
         text_visual = torch.gather(object_reps, 1, tags[..., None].expand(-1, -1, object_reps.shape[-1]))
