@@ -2,7 +2,7 @@
 
 ``fastvl bench ops [--quick]``
     The op-level suite (:mod:`fastvl.bench.ops`: every op of ``fastvl.ops`` with every backend here) and
-    every ``benchmarks/bench_*.py`` module of the checkout that defines ``run(results, size)``.
+    every ``benchmarks/bench_*.py`` module of the checkout (see ``_run_module`` for the two conventions).
 ``fastvl bench model --model vilbert-base``
     Whole-model pretraining steps (forward + backward + optimizer), fused backends vs
     ``backend="reference"``, with the largest batch that fits (:mod:`fastvl.bench.model`).
@@ -91,8 +91,9 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
 
 def _run_module(path: Path, args: argparse.Namespace, device: torch.device, out_dir: Path, size: str,
                 dtype: torch.dtype) -> None:
-    """Runs a ``benchmarks/bench_<area>.py`` module's ``run(results, size, dtype)`` (and ``plot(results,
-    out_dir)`` if it has one) into ``<out>/<area>.json``."""
+    """Runs a ``benchmarks/bench_<area>.py`` module: its ``run(results, size, dtype)`` (and ``plot(results,
+    out_dir)`` if it has one) into ``<out>/<area>.json``; or else its ``main(argv)`` with ``--device``,
+    ``--out`` and ``--quick`` (the module then writes its own JSON and PNGs into ``<out>``)."""
     suite = path.stem.removeprefix("bench_")
     if args.only and suite not in args.only:
         return
@@ -100,7 +101,12 @@ def _run_module(path: Path, args: argparse.Namespace, device: torch.device, out_
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "run"):
-        print(f"skipping {path.name}: it defines no run(results, size, dtype)", file=sys.stderr)
+        if not hasattr(module, "main"):
+            print(f"skipping {path.name}: it defines neither run(results, size, dtype) nor main(argv)",
+                  file=sys.stderr)
+            return
+        print(f"\n== {path.name} ==")
+        module.main(["--device", str(device), "--out", str(out_dir)] + (["--quick"] if args.quick else []))
         return
     results = harness.Results(suite, device, quick=args.quick)
     results.env["size"] = size

@@ -168,7 +168,7 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu {_cpu_model()} x{torch.get_num_threads()} threads"
+    return f"cpu {_cpu_model()}"
 
 
 def _cpu_model() -> str:
