@@ -463,6 +463,11 @@ def test_fastvl_convert_cli(generator, tmp_path, capsys):
         expected = convert(state, config).state_dict()
         assert sorted(converted) == sorted(expected)
         assert all(torch.equal(converted[k], expected[k]) for k in expected)
+        back = tmp_path / f"{name}-original.pth"
+        assert main(["convert", name, str(output), "--to-original", "-o", str(back)]) == 0
+        restored = load_state_dict_file(back)
+        assert sorted(restored) == sorted(k for k in state if not k.endswith("position_ids"))
+        assert all(torch.equal(restored[k], state[k].float()) for k in restored)
     assert "known-unused weights skipped (2)" in capsys.readouterr().out
 
 

@@ -163,3 +163,20 @@ def albef_to_original(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 encoder.embeddings.word_embeddings.weight.detach().clone()
             exported[f"text_encoder{suffix}.cls.predictions.decoder.bias"] = encoder.mlm_head.bias.detach().clone()
     return exported
+
+
+def albef_from_fastvl(state_dict: Mapping[str, torch.Tensor], sidecar: Mapping) -> torch.nn.Module:
+    """Rebuilds the ALBEF model a ``fastvl convert`` run saved: its state dict and the ``.json``
+    sidecar (``class``, ``config``). Loads strictly."""
+    config = ALBEFConfig(**sidecar["config"])
+    name = str(sidecar["class"]).rsplit(".", 1)[-1]
+    if name == "ALBEF":
+        model = ALBEF(config, with_mlm_head=any(k.startswith("text_encoder.mlm_head.") for k in state_dict))
+    elif name == "ALBEFClassifier":
+        fusion = {k.split(".")[2] for k in state_dict if k.startswith("text_encoder.fusion_layers.")}
+        images = 2 if len(fusion) > config.num_hidden_layers - config.fusion_layer else 1
+        model = ALBEFClassifier(config, num_classes=state_dict["cls_head.2.weight"].shape[0], num_images=images)
+    else:
+        raise ConversionError(f"the sidecar names {sidecar['class']!r}, not a fastvl ALBEF model")
+    model.load_state_dict(dict(state_dict))
+    return model.eval()

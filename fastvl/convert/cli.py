@@ -1,4 +1,4 @@
-"""``fastvl convert``: original checkpoints -> fastvl (and ViLBERT back to the original layout).
+"""``fastvl convert``: original checkpoints -> fastvl (and back to the original layout).
 
     fastvl convert vilbert pytorch_model.bin --config bert_base_6layer_6conect.json -o vilbert.safetensors
     fastvl convert vlbert  vl-bert_base.model --config vlbert.json -o vlbert.safetensors
@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the original JSON config (for hf-bert: the ViLBERT config to build)")
     parser.add_argument("-o", "--output", required=True, help="output file (.safetensors; .bin with --to-original)")
     parser.add_argument("--to-original", action="store_true",
-                        help="vilbert only: convert a fastvl checkpoint written by this command back to the original layout")
+                        help="vilbert / vlbert / albef: convert a fastvl checkpoint written by this command back to the "
+                             "original layout")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="unpickle checkpoints that weights_only=True refuses (only for files you trust)")
     parser.add_argument("--no-strict", action="store_true", help="load what matches and report the rest")
@@ -56,7 +57,7 @@ def _read_json(path: str | None, what: str) -> dict:
 def _save_fastvl(model: torch.nn.Module, output: str) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # tied weights: own copies
     save_file(state, output)
     config = model.config if hasattr(model, "config") else None
     sidecar = {"class": f"{type(model).__module__}.{type(model).__name__}",
@@ -70,11 +71,18 @@ def _save_fastvl(model: torch.nn.Module, output: str) -> None:
 
 
 def _to_original(args) -> int:
+    if args.model in ("vlbert", "albef"):  # rebuilt from the sidecar by the model's own converter module
+        module = importlib.import_module(f"fastvl.convert.{args.model}")
+        sidecar = _read_json(args.checkpoint + ".json", "the .json written next to the fastvl checkpoint")
+        model = getattr(module, f"{args.model}_from_fastvl")(
+            load_state_dict_file(args.checkpoint, allow_pickle=args.allow_pickle), sidecar)
+        return _write_original(getattr(module, f"{args.model}_to_original")(model), args.output,
+                               {"vlbert": "VL-BERT", "albef": "ALBEF"}[args.model])
     from fastvl.convert.vilbert import vilbert_to_original  # noqa: PLC0415
     from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks  # noqa: PLC0415
 
     if args.model != "vilbert":
-        raise SystemExit("fastvl convert: --to-original supports vilbert only")
+        raise SystemExit("fastvl convert: --to-original supports vilbert, vlbert and albef")
     sidecar = _read_json(args.checkpoint + ".json", "the .json written next to the fastvl checkpoint")
     config = ViLBERTConfig(**sidecar["config"])
     if sidecar["class"].endswith("ViLBERTForTasks"):
@@ -82,14 +90,17 @@ def _to_original(args) -> int:
     else:
         model = ViLBERTForPretraining(config)
     model.load_state_dict(load_state_dict_file(args.checkpoint, allow_pickle=args.allow_pickle))
-    state = vilbert_to_original(model)
-    if args.output.endswith(".safetensors"):
+    return _write_original(vilbert_to_original(model), args.output, "ViLBERT")
+
+
+def _write_original(state: dict, output: str, name: str) -> int:
+    if output.endswith(".safetensors"):
         from safetensors.torch import save_file  # noqa: PLC0415
 
-        save_file({k: v.contiguous() for k, v in state.items()}, args.output)
+        save_file({k: v.contiguous() for k, v in state.items()}, output)
     else:
-        torch.save(state, args.output)
-    print(f"wrote {len(state)} tensors in the original ViLBERT layout to {args.output}")
+        torch.save(state, output)
+    print(f"wrote {len(state)} tensors in the original {name} layout to {output}")
     return 0
 
 

@@ -200,3 +200,20 @@ def vlbert_to_original(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if task == "pretraining" and model.mlm_head is not None:
         exported["module." + _TIED_DECODER] = model.vlbert.word_embeddings.weight.detach().clone()
     return exported
+
+
+def vlbert_from_fastvl(state_dict: Mapping[str, torch.Tensor], sidecar: Mapping) -> torch.nn.Module:
+    """Rebuilds the VL-BERT model a ``fastvl convert`` run saved: its state dict and the ``.json``
+    sidecar (``class``, ``config``). Loads strictly."""
+    config = VLBERTConfig(**sidecar["config"])
+    name = str(sidecar["class"]).rsplit(".", 1)[-1]
+    classes = {"VLBERTForPretraining": VLBERTForPretraining, "VLBERTForVCR": VLBERTForVCR,
+               "VLBERTForRefCOCO": VLBERTForRefCOCO}
+    if name == "VLBERTForVQA":
+        model = VLBERTForVQA(config, num_answers=state_dict["head.classifier.weight"].shape[0])
+    elif name in classes:
+        model = classes[name](config)
+    else:
+        raise ConversionError(f"the sidecar names {sidecar['class']!r}, not a fastvl VL-BERT task model")
+    model.load_state_dict(dict(state_dict))
+    return model.eval()
