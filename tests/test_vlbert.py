@@ -222,3 +222,36 @@ def test_autocast_losses_and_gradients(generator, device, dtype):
     for key in ("mlm_loss", "mvrc_loss"):
         torch.testing.assert_close(out[key].float().cpu(), expected[key], rtol=0.05, atol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_unpadded_encoder_gives_the_same_results(generator):
+    model = randomise(VLBERTForPretraining(CONFIG), generator)
+    args = _pretraining_inputs(generator)
+    padded = _pretraining_run(model, *args)
+    ids, features, boxes, region_mask, labels, masked, scores = args
+    unpadded = model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels, masked_regions=masked,
+                     region_class_scores=scores, unpad=True)
+    for key in padded:
+        torch.testing.assert_close(unpadded[key], padded[key])
+    grads = torch.autograd.grad(unpadded["loss"], list(model.parameters()), allow_unused=True)
+    expected = torch.autograd.grad(padded["loss"], list(model.parameters()), allow_unused=True)
+    for got, want in zip(grads, expected):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want)
+
+
+def test_scalar_visual_scales_and_visual_projection(generator):
+    """``visual_ln: false`` (scalar scales) and visual_size != hidden_size (the 1x1 projections)."""
+    from fastvl.convert.vlbert import vlbert_from_original, vlbert_to_original
+
+    config = VLBERTConfig.named("tiny", visual_ln=False, visual_size=20, visual_scale_text_init=0.5)
+    model = randomise(VLBERTForPretraining(config), generator)
+    assert model.vlbert.visual_1x1_text.in_features == 20 and model.vlbert.visual_scale_text.dim() == 0
+    ids, features, boxes, region_mask = inputs(generator, batch=2, text=5, regions=4)
+    out = model.vlbert(ids, features, boxes, region_mask=region_mask)
+    assert torch.isfinite(out.text).all()
+    back = vlbert_from_original(vlbert_to_original(model), {**{k: getattr(config, k) for k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings", "sinusoid_dim", "visual_ln")}})
+    torch.testing.assert_close(back.vlbert(ids, features, boxes, region_mask=region_mask).text, out.text)

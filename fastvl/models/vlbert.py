@@ -218,7 +218,7 @@ class VLBERT(nn.Module):
                 region_mask: torch.Tensor | None = None, text_tags: torch.Tensor | None = None,
                 object_classes: torch.Tensor | None = None, masked_regions: torch.Tensor | None = None,
                 mask_visual_embedding: torch.Tensor | None = None, mask_word_embedding: torch.Tensor | None = None,
-                output_attentions: bool = False) -> VLBERTOutput:
+                output_attentions: bool = False, unpad: bool = False) -> VLBERTOutput:
         """Encodes a batch.
 
         input_ids ``[B, Lt]`` (e.g. ``[CLS] caption [SEP]``); region_features ``[B, R, F]`` (F =
@@ -230,7 +230,9 @@ class VLBERT(nn.Module):
         real; the boxes of padded regions are not read); object_classes ``[B, R]`` indexes
         ``object_linguistic_embeddings`` (default 0). masked_regions ``[B, R]`` bool: those regions'
         features become ``mask_visual_embedding`` [F] and their word embedding
-        ``mask_word_embedding`` [H] (masked RoI classification).
+        ``mask_word_embedding`` [H] (masked RoI classification). ``unpad=True`` runs the encoder on the
+        real rows only (packed ``[total, H]`` with ``cu_seqlens``; one host sync for the total), which
+        skips the tail padding's work; the results are the same.
         """
         c = self.config
         batch, text_len, regions = self._validate(input_ids, region_features, boxes, token_type_ids, text_mask,
@@ -283,10 +285,13 @@ class VLBERT(nn.Module):
                                        packed)
         embedded = F.dropout(embedded, c.hidden_dropout_prob, self.training)
 
-        encoded = self.encoder(embedded, attention_mask, output_attentions=output_attentions)
         attentions = None
-        if output_attentions:
-            encoded, attentions = encoded
+        if unpad and not output_attentions:
+            encoded = self._encode_unpadded(embedded, attention_mask)
+        else:
+            encoded = self.encoder(embedded, attention_mask, output_attentions=output_attentions)
+            if output_attentions:
+                encoded, attentions = encoded
         # Unpack: source s sits at packed slot inverse[:, s].
         inverse = torch.empty_like(order).scatter_(1, order, slots)
         hidden = encoded.shape[-1]
@@ -296,6 +301,13 @@ class VLBERT(nn.Module):
         objects = objects * region_mask[..., None].to(objects.dtype)
         pooled = torch.tanh(self.pooler(encoded[:, 0])) if self.pooler is not None else None
         return VLBERTOutput(encoded, attention_mask, text, objects, pooled, attentions)
+
+    def _encode_unpadded(self, embedded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder on the real rows (a prefix of every packed row) as one varlen batch."""
+        lengths = attention_mask.sum(1)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        rows = self.encoder(embedded[attention_mask], cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
+        return embedded.new_zeros(embedded.shape).index_put((attention_mask,), rows)
 
     def _validate(self, input_ids, region_features, boxes, token_type_ids, text_mask, region_mask, text_tags,
                   object_classes, masked_regions) -> tuple[int, int, int]:
