@@ -188,13 +188,15 @@ def test_named_and_original_configs():
     (lambda a: {**a, "ids": torch.ones(2, 39, dtype=torch.long)}, ValueError, "max_position_embeddings"),
     (lambda a: {**a, "region_mask": a["region_mask"].long()}, TypeError, "region_mask must have a dtype"),
     (lambda a: {**a, "boxes": a["boxes"][:, :2]}, ValueError, "boxes must have shape"),
+    (lambda a: {**a, "masked_regions": a["region_mask"]}, ValueError, "mask_visual_embedding"),
 ])
 def test_bad_input(generator, change, error, message):
     model = VLBERTForPretraining(CONFIG)
     ids, features, boxes, region_mask = inputs(generator, batch=2, text=5, regions=4)
     args = change({"ids": ids, "features": features, "boxes": boxes, "region_mask": region_mask})
     with pytest.raises(error, match=message):
-        model.vlbert(args["ids"], args["features"], args["boxes"], region_mask=args["region_mask"])
+        model.vlbert(args["ids"], args["features"], args["boxes"], region_mask=args["region_mask"],
+                     masked_regions=args.get("masked_regions"))
 
 
 def test_traces_without_graph_breaks(generator):

@@ -238,6 +238,9 @@ class VLBERT(nn.Module):
         batch, text_len, regions = self._validate(input_ids, region_features, boxes, token_type_ids, text_mask,
                                                   region_mask, text_tags, object_classes, masked_regions)
         device = input_ids.device
+        if masked_regions is not None and (mask_visual_embedding is None or mask_word_embedding is None):
+            raise ValueError("masked_regions needs mask_visual_embedding [F] and mask_word_embedding [H] (use "
+                             "VLBERTForPretraining, which owns them)")
         if text_mask is None:
             text_mask = input_ids != c.pad_token_id
         if region_mask is None:
