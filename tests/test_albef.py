@@ -182,3 +182,39 @@ def test_autocast_losses_and_gradients(generator, device, dtype):
     for key in ("loss_itc", "loss_itm", "loss_mlm"):
         torch.testing.assert_close(out[key].float().cpu(), expected[key], rtol=0.05, atol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_itc_and_itm_losses_follow_albef(generator):
+    """The wiring: ITC against momentum features + queues with distillation targets, ITM over the B
+    positive pairs then (text, hard negative image) and (hard negative text, image), written out."""
+    model = randomise(ALBEF(CONFIG), generator).double()
+    images, ids = batch(generator)
+    images = images.double()
+    neg_text, neg_image = torch.tensor([2, 0, 3, 1]), torch.tensor([1, 3, 0, 2])
+    out = model(images, ids, itm_negatives=(neg_text, neg_image), mlm=False, update=False, alpha=0.3)
+    mask = ids != 0
+    with torch.no_grad():
+        image_tokens, image_feat = model.image_features(images)
+        text_states, text_feat = model.text_features(ids, mask)
+        _, image_m = model.image_features(images, momentum=True)
+        _, text_m = model.text_features(ids, mask, momentum=True)
+        all_text, all_image = torch.cat((text_m.t(), model.text_queue), 1), torch.cat((image_m.t(), model.image_queue), 1)
+        one_hot = torch.eye(4, all_text.shape[1], dtype=torch.float64)
+
+        def soft_ce(sim, sim_m):
+            targets = 0.3 * torch.softmax(sim_m, 1) + 0.7 * one_hot
+            return -(F.log_softmax(sim, 1) * targets).sum(1).mean()
+
+        temp = model.temp
+        itc = (soft_ce(image_feat @ all_text / temp, image_m @ all_text / temp)
+               + soft_ce(text_feat @ all_image / temp, text_m @ all_image / temp)) / 2
+        pairs = [(b, b, 1) for b in range(4)] + [(b, int(neg_image[b]), 0) for b in range(4)] + \
+                [(int(neg_text[b]), b, 0) for b in range(4)]
+        logits = torch.stack([model.itm_head(model.text_encoder.fuse(text_states[t:t + 1], mask[t:t + 1],
+                                                                     image_tokens[i:i + 1])[0, 0])
+                              for t, i, _ in pairs])
+        itm = F.cross_entropy(logits, torch.tensor([label for _, _, label in pairs]))
+    torch.testing.assert_close(out["loss_itc"], itc)
+    torch.testing.assert_close(out["itm_logits"], logits)
+    torch.testing.assert_close(out["loss_itm"], itm)
+    assert "loss_mlm" not in out
