@@ -218,3 +218,14 @@ def test_itc_and_itm_losses_follow_albef(generator):
     torch.testing.assert_close(out["itm_logits"], logits)
     torch.testing.assert_close(out["loss_itm"], itm)
     assert "loss_mlm" not in out
+
+
+def test_mlm_on_predicted_rows_equals_all_rows(generator, monkeypatch):
+    """Eager runs project only the predicted rows; under torch.compile every row is projected."""
+    model = randomise(ALBEF(CONFIG), generator)
+    args = _parity_inputs(model, generator)
+    rows_only = _run(model, *args)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    every_row = _run(model, *args)
+    for key in rows_only:
+        torch.testing.assert_close(every_row[key], rows_only[key])
