@@ -123,7 +123,8 @@ def section(runs: list[dict], readme_dir: Path = REPO) -> str:
     else:
         lines.append("No GPU results yet: the GPU runs owed are listed in "
                      "[benchmarks/results/PENDING.md](benchmarks/results/PENDING.md). "
-                     + ("The newest CPU results follow (CPU sizes, not the papers')." if cpu else "No CPU results either."))
+                     + ("The newest CPU results follow (CPU sizes, not the papers')." if cpu
+                        else "No CPU results either."))
         lines.append("")
         run = cpu[-1] if cpu else None
     if run is not None:

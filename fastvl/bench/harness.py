@@ -193,9 +193,9 @@ def nominal_peaks(name: str) -> tuple[dict[str, float], float] | None:
 @functools.lru_cache(maxsize=None)
 def measured_bandwidth_gbps(device: str = "cpu", megabytes: int | None = None) -> float:
     """Copy bandwidth in GB/s (read + write bytes counted), median of repeated ``dst.copy_(src)``.
-    Default buffer: 1 GiB on GPU (well past L2), 256 MiB on CPU (well past the last-level cache)."""
+    Default buffer: 1 GiB on GPU (well past L2), 128 MiB on CPU (past the last-level cache)."""
     torch_device = torch.device(device)
-    megabytes = megabytes or (1024 if torch_device.type == "cuda" else 256)
+    megabytes = megabytes or (1024 if torch_device.type == "cuda" else 128)
     src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=torch_device).fill_(1)
     dst = torch.empty_like(src)
     timing = time_fn(lambda: dst.copy_(src), torch_device, warmup_ms=20, rep_ms=100, min_reps=3)
@@ -338,9 +338,11 @@ class Results:
             seconds = timing.median_ms * 1e-3
             row.update(peak_source=peak.source, **floors_us(flops, nbytes, peak))
             if flops:
-                row.update(flops=flops, tflops=flops / seconds / 1e12, pct_peak_tflops=100 * flops / seconds / 1e12 / peak.tflops)
+                tflops = flops / seconds / 1e12
+                row.update(flops=flops, tflops=tflops, pct_peak_tflops=100 * tflops / peak.tflops)
             if nbytes:
-                row.update(bytes=nbytes, gbps=nbytes / seconds / 1e9, pct_peak_gbps=100 * nbytes / seconds / 1e9 / peak.gbps)
+                gbps = nbytes / seconds / 1e9
+                row.update(bytes=nbytes, gbps=gbps, pct_peak_gbps=100 * gbps / peak.gbps)
         row.update(extra)
         return row
 

@@ -32,13 +32,36 @@ BACKENDS = ("fused", "reference")
 
 @dataclasses.dataclass
 class ModelSpec:
-    """How to build a model and a synthetic pretraining batch for it."""
+    """How to build a model and a synthetic pretraining batch for it.
+
+    ``make_batch(batch_size, generator, device)`` -> the model's keyword arguments; ``shape``: the
+    per-sample lengths (text tokens, regions or patches) whose sum counts as the sample's tokens;
+    ``batch_ok``: batch sizes the model accepts (ALBEF's queue needs a divisor of its size);
+    ``deterministic``: the forward is a function of weights and batch (no momentum encoders, queues or
+    random draws), which ``fastvl parity`` needs."""
 
     build: Callable[[], torch.nn.Module]
-    batch: Callable[[object, int, torch.Generator, torch.device], dict]
+    make_batch: Callable[[int, torch.Generator, torch.device], dict]
     config: object
-    text_len: int
-    regions: int
+    shape: dict[str, int]
+    batch_ok: Callable[[int], bool] = lambda batch_size: True
+    deterministic: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.shape.values())
+
+
+def loss_of(output) -> torch.Tensor:
+    """The total pretraining loss of a model output (ViLBERT's dataclass or VL-BERT's / ALBEF's dict)."""
+    return output["loss"] if isinstance(output, dict) else output.loss
+
+
+def losses_of(output) -> dict[str, torch.Tensor]:
+    """The per-objective losses of a model output."""
+    if isinstance(output, dict):
+        return {k: v for k, v in output.items() if k.startswith("loss_") or k.endswith("_loss")}
+    return dict(output.losses)
 
 
 def _vilbert(size: str) -> ModelSpec:
@@ -46,18 +69,84 @@ def _vilbert(size: str) -> ModelSpec:
 
     config = ViLBERTConfig.named(size)
     # validate_values=False: the region-box range check is a host sync, not model work
-    return ModelSpec(lambda: ViLBERTForPretraining(config, validate_values=False), _vilbert_batch, config,
-                     text_len=36, regions=37)
+    return ModelSpec(lambda: ViLBERTForPretraining(config, validate_values=False),
+                     lambda n, g, d: _vilbert_batch(config, n, g, d, 36, 37), config, {"text": 36, "regions": 37})
+
+
+def _vlbert(size: str) -> ModelSpec:
+    from fastvl.models.vlbert import VLBERTConfig, VLBERTForPretraining  # noqa: PLC0415
+
+    config = VLBERTConfig.named(size)
+    text, regions = (59, 100) if size == "base" else (11, 9)  # base: 160 packed positions with the END token
+    return ModelSpec(lambda: VLBERTForPretraining(config),
+                     lambda n, g, d: _vlbert_batch(config, n, g, d, text, regions), config,
+                     {"text": text, "regions": regions, "end": 1})
+
+
+def _albef(size: str) -> ModelSpec:
+    from fastvl.models.albef import ALBEF, ALBEFConfig  # noqa: PLC0415
+
+    config = ALBEFConfig.named(size)
+    text = 30 if size == "base" else 12
+    patches = (config.image_res // config.patch_size) ** 2 + 1
+    return ModelSpec(lambda: ALBEF(config), lambda n, g, d: _albef_batch(config, n, g, d, text), config,
+                     {"text": text, "patches": patches},
+                     batch_ok=lambda n: n >= 2 and config.queue_size % n == 0, deterministic=False)
 
 
 MODELS: dict[str, Callable[[], ModelSpec]] = {
     "vilbert-tiny": lambda: _vilbert("tiny"),
     "vilbert-base": lambda: _vilbert("base"),
+    "vlbert-tiny": lambda: _vlbert("tiny"),
+    "vlbert-base": lambda: _vlbert("base"),
+    "albef-tiny": lambda: _albef("tiny"),
+    "albef-base": lambda: _albef("base"),
 }
 
 
-def _vilbert_batch(config, batch: int, generator: torch.Generator, device: torch.device, text_len: int = 36,
-                   regions: int = 37) -> dict:
+def _ragged_text(vocab_size: int, batch: int, length: int, generator: torch.Generator):
+    """(input_ids with 0 as padding, bool mask, MLM labels with -1 = not predicted, ~15% predicted)."""
+    lengths = torch.randint(max(2, length // 2), length + 1, (batch,), generator=generator)
+    mask = torch.arange(length)[None] < lengths[:, None]
+    input_ids = torch.randint(1, vocab_size, (batch, length), generator=generator) * mask
+    predicted = (torch.rand(batch, length, generator=generator) < 0.15) & mask
+    predicted[:, 1] = True
+    return input_ids, mask, torch.where(predicted, input_ids, torch.full_like(input_ids, -1))
+
+
+def _boxes(batch: int, regions: int, generator: torch.Generator) -> torch.Tensor:
+    """Normalised (x1, y1, x2, y2) with x1 < x2 and y1 < y2; region 0 the whole image."""
+    corners = torch.rand(batch, regions, 2, 2, generator=generator).sort(dim=2).values
+    boxes = torch.stack([corners[..., 0, 0], corners[..., 0, 1], corners[..., 1, 0], corners[..., 1, 1]], dim=-1)
+    boxes[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    return boxes
+
+
+def _vlbert_batch(config, batch: int, generator: torch.Generator, device: torch.device, text_len: int,
+                  regions: int) -> dict:
+    input_ids, text_mask, mlm_labels = _ragged_text(config.vocab_size, batch, text_len, generator)
+    counts = torch.randint(max(2, regions // 2), regions + 1, (batch,), generator=generator)
+    region_mask = torch.arange(regions)[None] < counts[:, None]
+    masked = (torch.rand(batch, regions, generator=generator) < 0.15) & region_mask
+    masked[:, 0] = False
+    masked[:, 1] = True
+    scores = torch.softmax(4 * torch.randn(batch, regions, config.visual_region_classes, generator=generator), -1)
+    tensors = {"input_ids": input_ids, "text_mask": text_mask, "mlm_labels": mlm_labels,
+               "region_features": torch.randn(batch, regions, config.visual_feature_dim, generator=generator).relu(),
+               "boxes": _boxes(batch, regions, generator), "region_mask": region_mask, "masked_regions": masked,
+               "region_class_scores": scores}
+    return {name: t.to(device) for name, t in tensors.items()}
+
+
+def _albef_batch(config, batch: int, generator: torch.Generator, device: torch.device, text_len: int) -> dict:
+    input_ids, mask, _ = _ragged_text(config.vocab_size, batch, text_len, generator)
+    input_ids[:, 0] = config.cls_token_id
+    images = torch.randn(batch, 3, config.image_res, config.image_res, generator=generator)
+    return {"images": images.to(device), "input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _vilbert_batch(config, batch: int, generator: torch.Generator, device: torch.device, text_len: int,
+                   regions: int) -> dict:
     """A ViLBERT pretraining batch with ragged text and regions (region 0 the IMG token over the whole
     image), 15% of tokens and regions masked."""
     text_lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=generator)
@@ -114,8 +203,9 @@ class Trainer:
 
     def set_batch(self, batch_size: int) -> None:
         """A fresh synthetic batch (the same for a given seed and size)."""
-        self.batch = self.spec.batch(self.spec.config, batch_size, torch.Generator().manual_seed(self.seed),
-                                     self.device)
+        if not self.spec.batch_ok(batch_size):
+            raise ValueError(f"batch size {batch_size} is not one this model accepts")
+        self.batch = self.spec.make_batch(batch_size, torch.Generator().manual_seed(self.seed), self.device)
 
     def release(self) -> None:
         """Drops the batch and gradients (and the allocator's cache on GPU), e.g. after running out of memory."""
@@ -127,7 +217,7 @@ class Trainer:
 
     def _forward(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model(**self.batch).loss
+            return loss_of(self.model(**self.batch))
 
     def step(self) -> tuple[float, float, float]:
         with backend_scope(self.backend):
@@ -171,8 +261,9 @@ class _Mark:
 
 def largest_batch(trainer: Trainer, cap: int, limit: int, start: int = 1) -> int:
     """The largest batch size <= ``limit`` whose training step fits in ``cap`` bytes (0 if none does):
-    doubling from ``start``, then bisecting until the bracket is within 1/32 of the answer (so the
-    result may be up to ~3% short of the true largest). One model per backend serves every probe."""
+    doubling from ``start``, then bisecting (over the sizes the model accepts) until the bracket is within
+    1/32 of the answer (so the result may be up to ~3% short of the true largest). One model per backend
+    serves every probe."""
 
     def fits(batch_size: int) -> bool:
         trainer.set_batch(batch_size)
@@ -183,12 +274,19 @@ def largest_batch(trainer: Trainer, cap: int, limit: int, start: int = 1) -> int
         finally:
             trainer.release()
 
-    low, high = 0, max(1, min(start, limit))
+    allowed = trainer.spec.batch_ok
+
+    def next_allowed(size: int) -> int:  # the smallest accepted size >= size (limit + 1 if none)
+        return next((n for n in range(size, limit + 1) if allowed(n)), limit + 1)
+
+    low, high = 0, next_allowed(max(1, start))
     while high <= limit and fits(high):
-        low, high = high, high * 2
-    high = min(high, limit + 1)
+        low, high = high, next_allowed(high * 2)
     while high - low > max(1, low // 32):  # low fits (or is 0), high does not (or is past the limit)
-        middle = (low + high) // 2
+        inside = [n for n in range(low + 1, high) if allowed(n)]
+        if not inside:
+            break
+        middle = inside[len(inside) // 2]
         if fits(middle):
             low = middle
         else:
@@ -221,7 +319,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     results = harness.Results(f"model-{args.model}", device, quick=args.quick)
     results.env.update(model=args.model, precision=precision, seed=args.seed)
     name = f"{args.model} train step"
-    tokens = spec.text_len + spec.regions
+    tokens = spec.tokens
     for batch_size, backend in harness.progress([(b, k) for b in batches for k in args.backends], args.model):
         trainer = Trainer(spec, backend, batch_size, device, precision, seed=args.seed)
         for _ in range(args.warmup):
@@ -229,8 +327,8 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
         phases = [trainer.step() for _ in range(steps)]
         timing = harness.Timing.of([sum(p) for p in phases])
         median = timing.median_ms
-        results.add(timing, name=name, variant=backend, params={"batch": batch_size, "text": spec.text_len,
-                                                        "regions": spec.regions, "precision": precision},
+        results.add(timing, name=name, variant=backend, params={"batch": batch_size, **spec.shape,
+                                                        "precision": precision},
                     dtype=PRECISIONS[precision] or torch.float32,
                     forward_ms=statistics.median(p[0] for p in phases),
                     backward_ms=statistics.median(p[1] for p in phases),
@@ -245,7 +343,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
         limit = args.max_batch_limit or (4096 if gpu else 256)
         document["max_batch"] = {}
         for backend in harness.progress(args.backends, "largest batch"):
-            trainer = Trainer(spec, backend, 1, device, precision, seed=args.seed)
+            trainer = Trainer(spec, backend, min(batches), device, precision, seed=args.seed)
             document["max_batch"][backend] = largest_batch(trainer, cap, limit, start=min(batches))
             del trainer
         document["max_batch_search"] = {"cap_bytes": cap, "limit": limit}

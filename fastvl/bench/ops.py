@@ -159,7 +159,8 @@ def itc_case(batch: int, embed: int, queue: int) -> Case:
 
 def cases(size: str) -> list[Case]:
     s = SIZES[size]
-    out = [attention_case("attention text self", s["batch"], s["text"], s["text"], s["text_heads"], s["text_dim"], "Lk")]
+    out = [attention_case("attention text self", s["batch"], s["text"], s["text"], s["text_heads"], s["text_dim"],
+                          "Lk")]
     out += [attention_case("attention region self", s["batch"], r, r, s["vis_heads"], s["vis_dim"], "Lk")
             for r in s["regions"]]
     out.append(attention_case("attention albef cross", s["batch"], 30, s["patches"], s["text_heads"], s["text_dim"],

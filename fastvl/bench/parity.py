@@ -14,9 +14,10 @@ and forward+backward) on the same inputs; on CUDA every layer and op replay sits
 ``nsys`` shows the same breakdown. The whole model's losses and parameter gradients are compared too
 ("end to end"); those accumulate every layer's error and are reported apart from the layer verdicts.
 
-Layers: the modules inside a ``ModuleList`` and the other leaf blocks (embeddings, poolers, head
-transforms); containers are opened. ``--perturb LAYER`` adds noise to that layer's first matrix in the
-fused copy only: a self-test that the report flags that layer and no other.
+Layers: the modules inside a ``ModuleList`` and the other blocks beside them (embeddings, poolers, head
+transforms); containers and modules holding a ``ModuleList`` somewhere inside are opened.
+``--perturb LAYER`` adds noise to that layer's first matrix in the fused copy only: a self-test that the
+report flags that layer and no other.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 import fastvl
 from fastvl import testing
 from fastvl.bench import harness
-from fastvl.bench.model import MODELS
+from fastvl.bench.model import MODELS, loss_of, losses_of
 from fastvl.dispatch import Op
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,7 +50,7 @@ def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     def is_container(module: nn.Module) -> bool:
         return (type(module).forward is nn.Module.forward or isinstance(module, (nn.ModuleList, nn.ModuleDict))
-                or any(isinstance(child, nn.ModuleList) for child in module.children()))
+                or any(isinstance(inner, nn.ModuleList) for inner in module.modules()))
 
     def visit(prefix: str, module: nn.Module, in_list: bool) -> None:
         for name, child in module.named_children():
@@ -224,6 +225,9 @@ def run_parity(model_name: str, dtype: torch.dtype, device: torch.device, *, bat
                perturb: str | None = None, time_layers: bool = True, quick: bool = False) -> dict:
     """The full report as a JSON-ready dict (see the module docstring)."""
     spec = MODELS[model_name]()
+    if not spec.deterministic:
+        raise ValueError(f"{model_name}: its forward is not a function of weights and batch alone (momentum "
+                         "encoders, queues or random draws), so fused and reference runs cannot be compared")
     torch.manual_seed(seed)
     base = spec.build().eval()
     state = base.state_dict()
@@ -236,12 +240,12 @@ def run_parity(model_name: str, dtype: torch.dtype, device: torch.device, *, bat
     fused, eager, exact = copy(dtype), copy(dtype), copy(torch.float64)
     if perturb is not None:
         _perturb(fused, perturb, seed)
-    batch = spec.batch(spec.config, batch_size, torch.Generator().manual_seed(seed), device)
+    batch = spec.make_batch(batch_size, torch.Generator().manual_seed(seed), device)
 
     # the exact run: what every replay starts from
     with fastvl.use_backend("reference"), record(exact) as (layer_calls, op_calls):
         exact_out = exact(**_cast(batch, torch.float64))
-        exact_out.loss.backward()
+        loss_of(exact_out).backward()
     end_to_end = _end_to_end(fused, eager, exact, exact_out, batch, dtype)  # before replays reset the grads
 
     layers_fused, layers_eager, layers_exact = (layer_modules(m) for m in (fused, eager, exact))
@@ -342,12 +346,12 @@ def _end_to_end(fused: nn.Module, eager: nn.Module, exact: nn.Module, exact_out,
         with _backend(side):
             model.zero_grad(set_to_none=True)
             out = model(**_cast(batch, dtype))
-            out.loss.backward()
+            loss_of(out).backward()
         outputs[side] = out
     entry = {}
-    for key, value in exact_out.losses.items():
-        entry[f"loss.{key}"] = _summary(testing.compare(f"loss.{key}", outputs["fused"].losses[key],
-                                                        outputs["eager"].losses[key], value))
+    fused_losses, eager_losses = losses_of(outputs["fused"]), losses_of(outputs["eager"])
+    for key, value in losses_of(exact_out).items():
+        entry[f"loss.{key}"] = _summary(testing.compare(f"loss.{key}", fused_losses[key], eager_losses[key], value))
     grads = [(n, p.grad) for n, p in exact.named_parameters() if p.grad is not None]
     fused_params, eager_params = dict(fused.named_parameters()), dict(eager.named_parameters())
     results = [testing.compare(f"{n}.grad", fused_params[n].grad, eager_params[n].grad, g) for n, g in grads
@@ -361,7 +365,9 @@ def _end_to_end(fused: nn.Module, eager: nn.Module, exact: nn.Module, exact_out,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(MODELS), default="vilbert-tiny")
+    parser.add_argument("--model", choices=sorted(MODELS), default="vilbert-tiny",
+                        help="a model whose forward is deterministic (not ALBEF: momentum encoders, queues, "
+                             "random negatives)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch", type=int, default=2)
