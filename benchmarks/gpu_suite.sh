@@ -7,7 +7,8 @@
 # network: --no-index --no-deps), then runs, each under its own time cap and all within one overall
 # budget (FASTVL_SUITE_BUDGET_S, default 570 s): the op benchmarks at paper sizes, ViLBERT-base
 # training throughput fused vs reference with the largest batch that fits, a torch.profiler profile of one
-# ViLBERT-base training step, the layer-by-layer parity report, and every `gpu`-marked test. Everything
+# ViLBERT-base training step, the layer-by-layer parity report, every `gpu`-marked test, then VL-BERT-base
+# and ALBEF-base training throughput and the fp32 parity report while the budget lasts. Everything
 # lands in DIR/<date>-<device>/ (DIR defaults to benchmarks/results), with a log per step and steps.tsv
 # (step, exit code, seconds). --cpu-smoke runs the same plumbing at tiny sizes on a CPU-only machine.
 set -uo pipefail
@@ -82,6 +83,8 @@ if [[ $SMOKE == 0 ]]; then
   step parity-bf16 60 "$PYTHON" -m fastvl parity --model vilbert-base --dtype bf16 --batch 8 \
     --out "$OUT/parity-vilbert-base-bfloat16.json"
   step gpu-tests 240 "$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
+  step bench-vlbert 60 "$PYTHON" -m fastvl bench model --model vlbert-base --batch 64 --no-max-batch --out "$OUT"
+  step bench-albef 60 "$PYTHON" -m fastvl bench model --model albef-base --batch 64 --no-max-batch --out "$OUT"
   step parity-fp32 45 "$PYTHON" -m fastvl parity --model vilbert-base --dtype fp32 --batch 8 \
     --out "$OUT/parity-vilbert-base-float32.json"
 else
