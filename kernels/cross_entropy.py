@@ -18,10 +18,10 @@ from fastvl.kernels.region_kl import BLOCK_SIZES, num_warps
 @triton.jit
 def cross_entropy_kernel(
     logits_ptr, label_ptr, scale_ptr, loss_ptr, grad_ptr,
-    n_classes, ignore_index, stride_logits_row, stride_grad_row, stride_scale,
-    WRITE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    n_classes, ignore_index, stride_logits_row, stride_grad_row, stride_scale, write_grad,
+    BLOCK_C: tl.constexpr,
 ):
-    # One program = one row: its loss (fp32) and, with WRITE_GRAD, its gradient row.
+    # One program = one row: its loss (fp32) and, if write_grad, its gradient row.
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     label = tl.load(label_ptr + row)
@@ -45,7 +45,7 @@ def cross_entropy_kernel(
     loss = (row_max - label_logit) + log_sum_exp
     tl.store(loss_ptr + row, tl.where(selected, loss, 0.0))
 
-    if WRITE_GRAD:
+    if write_grad != 0:
         log_norm = row_max + log_sum_exp
         scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
         grad_row = grad_ptr + row * stride_grad_row
@@ -65,15 +65,12 @@ def _specs() -> list[AotSpec]:
         signature = {
             "logits_ptr": pointer, "label_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": pointer,
             "n_classes": "i32", "ignore_index": "i64", "stride_logits_row": "i32", "stride_grad_row": "i32",
-            "stride_scale": "i32", "WRITE_GRAD": "constexpr", "BLOCK_C": "constexpr",
+            "stride_scale": "i32", "write_grad": "i32", "BLOCK_C": "constexpr",
         }
         for block in BLOCK_SIZES:
-            for write_grad in (True, False):
-                specs.append(AotSpec(
-                    name=f"cross_entropy_{dtype_name}_b{block}{'' if write_grad else '_nograd'}",
-                    kernel=cross_entropy_kernel, signature=signature,
-                    constexprs={"WRITE_GRAD": write_grad, "BLOCK_C": block},
-                    num_warps=num_warps(block), num_stages=1))
+            specs.append(AotSpec(name=f"cross_entropy_{dtype_name}_b{block}", kernel=cross_entropy_kernel,
+                                 signature=signature, constexprs={"BLOCK_C": block}, num_warps=num_warps(block),
+                                 num_stages=1))
     return specs
 
 

@@ -18,10 +18,10 @@ from fastvl.kernels.aot_spec import AotSpec
 @triton.jit
 def region_kl_kernel(
     logits_ptr, target_ptr, selected_ptr, scale_ptr, loss_ptr, grad_ptr,
-    n_classes, stride_logits_row, stride_target_row, stride_grad_row, stride_scale,
-    WRITE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    n_classes, stride_logits_row, stride_target_row, stride_grad_row, stride_scale, write_grad,
+    BLOCK_C: tl.constexpr,
 ):
-    # One program = one row: its loss (fp32) and, with WRITE_GRAD, its gradient row.
+    # One program = one row: its loss (fp32) and, if write_grad, its gradient row.
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     target_row = target_ptr + row * stride_target_row
@@ -56,7 +56,7 @@ def region_kl_kernel(
     loss = sum_p_log_p - sum_p_x + sum_p * (log_norm - shift)
     tl.store(loss_ptr + row, tl.where(selected, loss, 0.0))
 
-    if WRITE_GRAD:
+    if write_grad != 0:
         scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
         grad_row = grad_ptr + row * stride_grad_row
         for start in range(0, n_classes, BLOCK_C):
@@ -98,14 +98,11 @@ def _specs() -> list[AotSpec]:
                     "logits_ptr": logits_type, "target_ptr": _DTYPES[target_name], "selected_ptr": "*u8",
                     "scale_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": logits_type,
                     "n_classes": "i32", "stride_logits_row": "i32", "stride_target_row": "i32",
-                    "stride_grad_row": "i32", "stride_scale": "i32", "WRITE_GRAD": "constexpr", "BLOCK_C": "constexpr",
+                    "stride_grad_row": "i32", "stride_scale": "i32", "write_grad": "i32", "BLOCK_C": "constexpr",
                 }
-                for write_grad in (True, False):
-                    specs.append(AotSpec(
-                        name=f"region_kl_{logits_name}_t{target_name}_b{block}{'' if write_grad else '_nograd'}",
-                        kernel=region_kl_kernel, signature=signature,
-                        constexprs={"WRITE_GRAD": write_grad, "BLOCK_C": block},
-                        num_warps=num_warps(block), num_stages=1))
+                specs.append(AotSpec(name=f"region_kl_{logits_name}_t{target_name}_b{block}", kernel=region_kl_kernel,
+                                     signature=signature, constexprs={"BLOCK_C": block}, num_warps=num_warps(block),
+                                     num_stages=1))
     return specs
 
 

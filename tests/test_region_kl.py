@@ -133,3 +133,12 @@ def test_cpp_rejects_float64_with_reasons():
 def test_triton_gpu(dtype, classes):
     check("triton", make_inputs((64, 37), classes, "random", dtype=dtype, device="cuda"))
     check("triton", make_inputs((8, 37), classes, "random", dtype=dtype, scale=1e4, device="cuda"), "none")
+
+
+def test_second_backward_through_one_forward_is_refused():
+    logits, targets, mask = make_inputs((2, 5), 301, "all")
+    logits.requires_grad_(True)
+    loss = ops.region_kl_loss(logits, targets, mask, backend="cpp")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()

@@ -149,6 +149,7 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, bias, target, selected, kind, reduction, backend, with_grad, chunk_rows = inputs
     ctx.reduction, ctx.kind, ctx.backend, ctx.chunk_rows = reduction, kind, backend, chunk_rows
     ctx.has_bias = bias is not None
+    ctx.consumed = False
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, target, selected)
     else:
@@ -161,7 +162,12 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         grad_hidden, grad_weight, grad_bias = _linear_loss_bwd(hidden, weight, bias, target, selected, ctx.kind,
                                                                ctx.backend, grad_loss, ctx.chunk_rows)
     else:
-        grad_hidden, grad_weight, grad_bias = (g * grad_loss for g in ctx.saved_tensors)
+        # The gradients were computed in the forward for an upstream gradient of 1: scale them in place
+        # (no second copy of grad_weight), which allows one backward per forward.
+        if ctx.consumed:
+            raise RuntimeError("fastvl fused linear losses support one backward per forward (no retain_graph reuse)")
+        ctx.consumed = True
+        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors)
     return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 7
 
 

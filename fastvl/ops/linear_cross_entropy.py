@@ -69,7 +69,7 @@ def cross_entropy_rows(backend: str, logits: torch.Tensor, labels: torch.Tensor,
         cross_entropy_kernel[(rows,)](
             logits, labels, scale, loss, grad if grad is not None else logits, classes, ignore_index,
             logits.stride(0), grad.stride(0) if grad is not None else 0, 0 if scale.numel() == 1 else 1,
-            WRITE_GRAD=grad is not None, BLOCK_C=block, num_warps=num_warps(block))
+            int(grad is not None), BLOCK_C=block, num_warps=num_warps(block))
     return loss
 
 

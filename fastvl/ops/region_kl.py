@@ -94,7 +94,7 @@ def region_kl_rows(backend: str, logits: torch.Tensor, targets: torch.Tensor, se
         region_kl_kernel[(rows,)](
             logits, targets, selected.view(torch.uint8), scale, loss, grad if grad is not None else logits,
             classes, logits.stride(0), targets.stride(0), grad.stride(0) if grad is not None else 0,
-            0 if scale.numel() == 1 else 1, WRITE_GRAD=grad is not None, BLOCK_C=block, num_warps=num_warps(block))
+            0 if scale.numel() == 1 else 1, int(grad is not None), BLOCK_C=block, num_warps=num_warps(block))
     return loss
 
 
@@ -142,13 +142,19 @@ def _(logits, targets, region_mask, reduction, backend, with_grad):
 
 def _region_kl_setup(ctx, inputs, output):
     ctx.reduction = inputs[3]
+    ctx.consumed = False
     ctx.save_for_backward(output[1])
 
 
 def _region_kl_backward(ctx, grad_loss, _grad_of_grad):
+    # The gradient was written in the forward for an upstream gradient of 1: scale it in place (as
+    # Liger-Kernel does, no second [N, C] buffer), which allows one backward per forward.
+    if ctx.consumed:
+        raise RuntimeError("fastvl fused region_kl_loss supports one backward per forward (no retain_graph reuse)")
+    ctx.consumed = True
     (grad,) = ctx.saved_tensors
     upstream = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
-    return grad * upstream, None, None, None, None, None
+    return grad.mul_(upstream.to(grad.dtype)), None, None, None, None, None
 
 
 _region_kl_fwd.register_autograd(_region_kl_backward, setup_context=_region_kl_setup)
