@@ -167,6 +167,17 @@ def test_bad_input(generator, change, message):
         model(images, ids, update=False)
 
 
+def test_integer_attention_mask_as_albef_passes_it(generator):
+    model = randomise(ALBEF(CONFIG), generator)
+    images, ids = batch(generator)
+    args = dict(itm_negatives=(torch.tensor([1, 0, 3, 2]), torch.tensor([1, 0, 3, 2])), mlm=False, update=False)
+    as_bool = model(images, ids, ids != 0, **args)
+    as_long = model(images, ids, (ids != 0).long(), **args)
+    torch.testing.assert_close(as_long["loss"], as_bool["loss"])
+    with pytest.raises(TypeError, match="attention_mask"):
+        model(images, ids, (ids != 0).float(), **args)
+
+
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
                                           pytest.param("cuda", torch.float16, marks=pytest.mark.gpu)])
 def test_autocast_losses_and_gradients(generator, device, dtype):

@@ -166,13 +166,19 @@ class ALBEFTextEncoder(nn.Module):
         return self.mlm_head(hidden, self.embeddings.word_embeddings.weight)
 
 
-def _check_text(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch: int | None) -> None:
+def _text_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch: int | None,
+               pad_token_id: int) -> torch.Tensor:
+    """Checks the text inputs; returns the bool mask (True = real). ALBEF's 0 / 1 integer masks and
+    bool masks are accepted; None means ``input_ids != pad``."""
     _checks.tensor("input_ids", input_ids, shape="[B, L] int64", ndim=2, dtypes=(torch.int64, torch.int32))
-    if attention_mask is not None:
-        _checks.tensor("attention_mask", attention_mask, shape="[B, L]", ndim=2, dtypes=None)
-        _checks.same_shape("attention_mask", attention_mask, list(input_ids.shape), "[B, L] like input_ids")
     if batch is not None and input_ids.shape[0] != batch:
         raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but images has {batch}; they must match")
+    if attention_mask is None:
+        return input_ids != pad_token_id
+    _checks.tensor("attention_mask", attention_mask, shape="[B, L] bool or 0 / 1 integers", ndim=2,
+                   dtypes=(torch.bool, torch.int64, torch.int32, torch.uint8))
+    _checks.same_shape("attention_mask", attention_mask, list(input_ids.shape), "[B, L] like input_ids")
+    return attention_mask.bool()
 
 
 class ALBEF(nn.Module):
@@ -276,13 +282,11 @@ class ALBEF(nn.Module):
         c = self.config
         _checks.tensor("images", images, shape=f"[B, 3, {c.image_res}, {c.image_res}]", ndim=4)
         batch = images.shape[0]
-        _check_text(input_ids, attention_mask, batch)
+        attention_mask = _text_mask(input_ids, attention_mask, batch, c.pad_token_id)
         if batch < 2:
             raise ValueError(f"ALBEF pretraining needs a batch of at least 2 (hard negatives), got {batch}")
         alpha = c.alpha if alpha is None else alpha
         update = self.training if update is None else update
-        if attention_mask is None:
-            attention_mask = input_ids != c.pad_token_id
         if update:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
@@ -342,9 +346,7 @@ class ALBEF(nn.Module):
         top k candidates, -100 elsewhere (as the original). ``chunk`` pairs are fused at a time."""
         c = self.config
         _checks.tensor("images", images, shape=f"[Ni, 3, {c.image_res}, {c.image_res}]", ndim=4)
-        _check_text(input_ids, attention_mask, None)
-        if attention_mask is None:
-            attention_mask = input_ids != c.pad_token_id
+        attention_mask = _text_mask(input_ids, attention_mask, None, c.pad_token_id)
         image_embeds, image_feat = self.image_features(images)
         text_embeds, text_feat = self.text_features(input_ids, attention_mask)
         sims = image_feat @ text_feat.t()
@@ -420,9 +422,7 @@ class ALBEFClassifier(nn.Module):
             _checks.tensor(f"images[{index}]", image, shape="[B, 3, S, S]", ndim=4)
             if image.shape[0] != batch:
                 raise ValueError(f"images[{index}] has batch size {image.shape[0]}, images[0] has {batch}")
-        _check_text(input_ids, attention_mask, batch)
-        if attention_mask is None:
-            attention_mask = input_ids != self.config.pad_token_id
+        attention_mask = _text_mask(input_ids, attention_mask, batch, self.config.pad_token_id)
         tokens = self.visual_encoder(torch.cat(pair, dim=0)).split(batch)
         fused = self.text_encoder(input_ids, attention_mask, list(tokens))
         logits = self.cls_head(fused[:, 0])
