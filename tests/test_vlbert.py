@@ -257,3 +257,10 @@ def test_scalar_visual_scales_and_visual_projection(generator):
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
         "max_position_embeddings", "sinusoid_dim", "visual_ln")}})
     torch.testing.assert_close(back.vlbert(ids, features, boxes, region_mask=region_mask).text, out.text)
+
+
+def test_vqa_text_layout():
+    ids, types, slots = VLBERTForVQA.prepare_text(torch.tensor([[7, 8, 9], [5, 0, 0]]))
+    assert ids.tolist() == [[101, 7, 8, 9, 102, 103, 102], [101, 5, 102, 103, 102, 0, 0]]
+    assert types.tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 0, 0]]
+    assert slots.tolist() == [5, 3]

@@ -447,6 +447,22 @@ class VLBERTForVQA(nn.Module):
         self.head.classifier = nn.Linear(config.hidden_size, num_answers)
         self.head.apply(lambda m: init_bert_weights(m, config.initializer_range))
 
+    @staticmethod
+    def prepare_text(question: torch.Tensor, cls_id: int = 101, sep_id: int = 102, mask_id: int = 103,
+                     pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, Lq]`` question ids (``pad_id`` padding) -> ``(input_ids [B, Lq + 4], token_type_ids,
+        answer_positions [B])`` laid out ``[CLS] question [SEP] [MASK] [SEP]``, the last two of type 1,
+        as VL-BERT's VQA model builds them (BERT uncased ids by default)."""
+        _checks.tensor("question", question, shape="[B, Lq] int64", ndim=2, dtypes=(torch.int64, torch.int32))
+        batch, length = question.shape
+        n = (question != pad_id).sum(1, keepdim=True)
+        slots = torch.arange(length + 4, device=question.device).expand(batch, -1)
+        body = torch.cat((question.new_full((batch, 1), cls_id), question, question.new_full((batch, 3), pad_id)), 1)
+        tail = torch.where(slots == n + 2, mask_id, torch.where((slots == n + 1) | (slots == n + 3), sep_id, pad_id))
+        input_ids = torch.where(slots <= n, body, tail)
+        token_type_ids = ((slots > n + 1) & (slots <= n + 3)).long()
+        return input_ids, token_type_ids, (n + 2).squeeze(1)
+
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor,
                 answer_positions: torch.Tensor, *, answer_scores: torch.Tensor | None = None,
                 **inputs) -> dict[str, torch.Tensor]:
