@@ -126,3 +126,40 @@ def test_fastvl_bench_profile_saves_top_ops(tmp_path):
     assert all(item["self_us"] > 0 and item["calls"] > 0 for item in document["top"])
     assert document["top"][0]["self_us"] >= document["top"][-1]["self_us"]
     assert "Self CPU" in (tmp_path / "profile-vilbert-tiny.txt").read_text()
+
+
+def _update_readme_module():
+    import importlib.util
+
+    path = harness.REPO_ROOT / "benchmarks" / "update_readme.py"
+    spec = importlib.util.spec_from_file_location("update_readme", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_readme_prefers_the_newest_gpu_run_and_says_when_there_is_none(tmp_path):
+    update_readme = _update_readme_module()
+    x = torch.randn(32, 32)
+
+    def run_folder(name: str, device_type: str, date: str) -> None:
+        results = harness.Results("ops", "cpu", quick=True)
+        results.env.update(device_type=device_type, date=date, device=f"{device_type} box")
+        for variant in ("auto", "reference"):
+            results.measure(lambda: x @ x, name="matmul", variant=variant, params={"n": 32, "pass": "fwd+bwd"},
+                            flops=2 * 32**3, memory=False)
+        results.save(tmp_path / "results" / name / "ops.json", baselines=["reference"])
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n\nintro\n")
+    run_folder("2026-01-01-cpu", "cpu", "2026-01-01T00:00:00+00:00")
+    assert update_readme.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# project\n\nintro\n") and "No GPU results yet" in text and "| matmul | n=32 | auto" in text
+    assert update_readme.main(["--results", str(tmp_path / "results"), "--readme", str(readme), "--check"]) == 0
+
+    run_folder("2026-02-01-nvidia-h100", "cuda", "2026-02-01T00:00:00+00:00")
+    assert update_readme.main(["--results", str(tmp_path / "results"), "--readme", str(readme), "--check"]) == 1
+    update_readme.main(["--results", str(tmp_path / "results"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "No GPU results yet" not in text and "**cuda box**" in text and text.count(update_readme.START) == 1
