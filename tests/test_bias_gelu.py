@@ -60,3 +60,14 @@ def test_gpu_parity(dtype):
     x = (torch.randn(4, 37, 3072, generator=generator) * 3).to(dtype).cuda()
     bias = torch.randn(3072, generator=generator).to(dtype).cuda()
     check_op(fastvl.ops.bias_gelu, bias_gelu_ref, [x, bias], name=f"bias_gelu {dtype}")
+
+
+@pytest.mark.interpret
+def test_custom_op_registration(generator):
+    from fastvl.ops.bias_gelu import _bias_gelu_fwd
+
+    x = torch.randn(2, 3, 40, generator=generator, requires_grad=True)
+    bias = torch.randn(40, generator=generator, requires_grad=True)
+    for args in ((x, bias), (x, None)):
+        results = torch.library.opcheck(_bias_gelu_fwd, args)
+        assert set(results.values()) == {"SUCCESS"}, results

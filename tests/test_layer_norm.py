@@ -129,3 +129,11 @@ def test_gpu_auto_is_triton_and_dropout_keeps_1_minus_p():
     seed = torch.tensor([7], device="cuda")
     keep = _layer_norm_fwd(x, None, torch.ones(1024, device="cuda"), None, seed, 0.1, 1e-12)[2]
     assert abs(keep.float().mean().item() - 0.9) < 0.01
+
+
+@pytest.mark.interpret
+def test_custom_op_registration(generator):
+    x, res, weight, bias = (t.requires_grad_(True) for t in _inputs(generator, (2, 40)))
+    for args in ((x, res, weight, bias, None, 0.0, 1e-12), (x, None, weight, bias, torch.tensor([3]), 0.2, 1e-12)):
+        results = torch.library.opcheck(_layer_norm_fwd, args)
+        assert set(results.values()) == {"SUCCESS"}, results

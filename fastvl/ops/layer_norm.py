@@ -56,7 +56,7 @@ def _reference_impl(x, weight, bias, residual, dropout_p, eps):
 
 
 def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps):
-    from fastvl.kernels.layer_norm import layer_norm_fwd_kernel, num_warps_for  # noqa: PLC0415
+    from fastvl.kernels.layer_norm import block_rows, layer_norm_fwd_kernel, num_warps_for  # noqa: PLC0415
 
     import triton  # noqa: PLC0415
 
@@ -74,13 +74,14 @@ def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps):
     rstd = torch.empty_like(mean)
     if rows:
         block = max(triton.next_power_of_2(hidden), 128)
-        layer_norm_fwd_kernel[(rows,)](
+        block_m = block_rows(block)
+        layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
             x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
             seed if seed is not None else mean, y, hidden_sum if store_sum else y, keep if has_dropout else y,
             mean, rstd, x2.stride(0), residual2.stride(0) if residual2 is not None else 0, y.stride(0),
-            hidden if store_sum else 0, hidden if has_dropout else 0, hidden, dropout_p, eps,
+            hidden if store_sum else 0, hidden if has_dropout else 0, rows, hidden, dropout_p, eps,
             HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, HAS_BIAS=bias is not None,
-            STORE_SUM=store_sum, BLOCK_N=block, num_warps=num_warps_for(block))
+            STORE_SUM=store_sum, BLOCK_M=block_m, BLOCK_N=block, num_warps=num_warps_for(block))
     return y.view(x.shape), hidden_sum.view(x.shape) if store_sum else hidden_sum, keep, mean, rstd
 
 
@@ -104,32 +105,35 @@ def _(x, residual, weight, bias, seed, dropout_p, eps):
 
 
 def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
-    from fastvl.kernels.layer_norm import layer_norm_bwd_kernel, num_warps_for  # noqa: PLC0415
+    from fastvl.kernels.layer_norm import block_rows, layer_norm_bwd_kernel, num_warps_for  # noqa: PLC0415
 
     import triton  # noqa: PLC0415
 
     hidden = dy.shape[-1]
     dy2 = dy.reshape(-1, hidden).contiguous()
-    h2 = hidden_sum.reshape(-1, hidden)
+    h2 = hidden_sum.reshape(-1, hidden).contiguous()
     rows = dy2.shape[0]
     has_dropout = keep.numel() > 0
     dh = torch.empty_like(h2)
     dx = torch.empty_like(h2) if has_dropout else dh.new_empty(0)
-    if dy.is_cuda:
-        programs = min(rows, 4 * torch.cuda.get_device_properties(dy.device).multi_processor_count)
+    block = max(triton.next_power_of_2(hidden), 128)
+    block_m = block_rows(block)
+    row_blocks = max(triton.cdiv(rows, block_m), 1)
+    if dy.is_cuda:  # enough programs to fill the GPU, few partial rows to reduce
+        programs = min(row_blocks, 4 * torch.cuda.get_device_properties(dy.device).multi_processor_count)
     else:
-        programs = min(rows, 8)
-    programs = max(programs, 1)
-    rows_per_program = triton.cdiv(max(rows, 1), programs)
+        programs = min(row_blocks, 4)
+    blocks_per_program = triton.cdiv(row_blocks, programs)
+    programs = triton.cdiv(row_blocks, blocks_per_program)
     partial_w = torch.zeros(programs, hidden, dtype=torch.float32, device=dy.device)
     partial_b = torch.zeros_like(partial_w) if has_bias else partial_w
     if rows:
-        block = max(triton.next_power_of_2(hidden), 128)
         layer_norm_bwd_kernel[(programs,)](
             dy2, h2, weight, mean, rstd, keep if has_dropout else dy2, dh, dx if has_dropout else dh,
             partial_w, partial_b, dy2.stride(0), h2.stride(0), hidden if has_dropout else 0, dh.stride(0),
-            hidden if has_dropout else 0, rows, hidden, rows_per_program, dropout_p,
-            HAS_DROPOUT=has_dropout, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps_for(block))
+            hidden if has_dropout else 0, rows, hidden, blocks_per_program, dropout_p,
+            HAS_DROPOUT=has_dropout, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block,
+            num_warps=num_warps_for(block))
     dweight = partial_w.sum(0).to(weight.dtype)
     dbias = partial_b.sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
     return dh.view(dy.shape), dx.view(dy.shape) if has_dropout else dx, dweight, dbias
