@@ -447,6 +447,11 @@ def test_albef_strict_errors(generator):
 def test_fastvl_convert_cli(generator, tmp_path, capsys):
     import json
 
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+
     from safetensors.torch import load_file
 
     from fastvl.cli import main
@@ -456,6 +461,9 @@ def test_fastvl_convert_cli(generator, tmp_path, capsys):
         checkpoint, config_path = tmp_path / f"{name}.pth", tmp_path / f"{name}.json"
         torch.save({container: state}, checkpoint)
         config_path.write_text(json.dumps(config))
+        if name == "vlbert" and yaml is not None:  # the originals ship YAML configs
+            config_path = tmp_path / f"{name}.yaml"
+            config_path.write_text(yaml.safe_dump(config))
         output = tmp_path / "out" / f"{name}.safetensors"
         assert main(["convert", name, str(checkpoint), "--config", str(config_path), "-o", str(output)]) == 0
         converted = load_file(str(output))

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", choices=[*CONVERTERS, "hf-bert"],
                         help="source format; hf-bert initialises a ViLBERT text stream from Hugging Face BERT")
     parser.add_argument("checkpoint", help="the checkpoint file (.bin / .pth / .pt / .safetensors)")
-    parser.add_argument("--config", help="the original JSON config (for hf-bert: the ViLBERT config to build)")
+    parser.add_argument("--config", help="the original config, JSON or YAML (for hf-bert: the ViLBERT config to build)")
     parser.add_argument("-o", "--output", required=True, help="output file (.safetensors; .bin with --to-original)")
     parser.add_argument("--to-original", action="store_true",
                         help="vilbert / vlbert / albef: convert a fastvl checkpoint written by this command back to the "
@@ -51,6 +51,13 @@ def _read_json(path: str | None, what: str) -> dict:
     if path is None:
         raise SystemExit(f"fastvl convert: --config is required ({what})")
     with open(path) as handle:
+        if path.endswith((".yaml", ".yml")):  # VL-BERT's and ALBEF's configs are YAML
+            try:
+                import yaml  # noqa: PLC0415
+            except ImportError:
+                raise SystemExit(f"fastvl convert: reading {path} needs PyYAML (pip install pyyaml), or pass "
+                                 "the config as JSON") from None
+            return yaml.safe_load(handle)
         return json.load(handle)
 
 
