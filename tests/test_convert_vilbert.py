@@ -298,6 +298,16 @@ def test_hf_bert_initialises_the_text_stream(generator):
     assert torch.equal(model.bert.layer[2].attention.qkv.weight, torch.cat([q, k, v]))
     assert torch.equal(model.bert.embeddings.norm.weight, hf["bert.embeddings.LayerNorm.gamma"])
     assert torch.equal(model.bert.v_layer[0].attention.qkv.weight, visual_before)
+    pretraining = dict(hf)  # BertForPreTraining: also the MLM head (decoder tied) and the NSP head
+    _linear(pretraining, "cls.predictions.transform.dense", 16, 16, generator)
+    _norm(pretraining, "cls.predictions.transform.LayerNorm", 16, generator)
+    pretraining["cls.predictions.bias"] = torch.randn(CONFIG["vocab_size"], generator=generator)
+    pretraining["cls.predictions.decoder.weight"] = hf["bert.embeddings.word_embeddings.weight"]
+    _linear(pretraining, "cls.seq_relationship", 2, 16, generator)
+    pretraining = {k: v.float() for k, v in pretraining.items()}
+    assert text_stream_from_hf_bert(model, pretraining).ok
+    assert torch.equal(model.cls.predictions.transform.norm.weight, pretraining["cls.predictions.transform.LayerNorm.weight"])
+    assert torch.equal(model.cls.predictions.bias, pretraining["cls.predictions.bias"])
     plain = _hf_bert_state(generator, prefix="")  # BertModel layout, no bert. prefix
     assert text_stream_from_hf_bert(model, plain).ok
     plain["encoder.layer.3.output.dense.weight"] = torch.zeros(16, 24)  # a 4th layer: the stream has 3
@@ -320,6 +330,11 @@ def test_checkpoints_load_safely(generator, tmp_path):
         pickle.dump({"weights": _Payload()}, handle, protocol=2)
     with pytest.raises(ConversionError, match="allow_pickle"):
         load_state_dict_file(evil)
+    from safetensors.torch import save_file
+
+    save_file(sd, tmp_path / "model.safetensors")
+    loaded = load_state_dict_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
 
 
 def test_cli_converts_and_exports(generator, tmp_path, capsys):
