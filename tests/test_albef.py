@@ -240,3 +240,14 @@ def test_mlm_on_predicted_rows_equals_all_rows(generator, monkeypatch):
     every_row = _run(model, *args)
     for key in rows_only:
         torch.testing.assert_close(every_row[key], rows_only[key])
+
+
+@pytest.mark.slow
+def test_traces_without_graph_breaks(generator):
+    """``torch.compile(fullgraph=True)`` accepts the whole pretraining step (dynamo only: eager backend)."""
+    model = randomise(ALBEF(CONFIG), generator)
+    args = _parity_inputs(model, generator)
+    compiled = torch.compile(lambda *a: _run(model, *a), backend="eager", fullgraph=True)
+    out, expected = compiled(*args), _run(model, *args)
+    for key in expected:
+        torch.testing.assert_close(out[key], expected[key])
