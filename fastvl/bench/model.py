@@ -360,6 +360,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
 def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, top: int = 30) -> dict:
     """torch.profiler over one fused training step (after warm-up): the ``top`` kernels by their own
     device time (CPU ops by their own CPU time on CPU), as ``profile-<model>.json`` and ``.txt``."""
+    from torch.autograd import DeviceType  # noqa: PLC0415
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     gpu = device.type == "cuda"
@@ -373,8 +374,8 @@ def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, 
     with profile(activities=activities, record_shapes=False) as prof:
         trainer.step()
     averages = prof.key_averages()
-    if gpu:  # kernels only: events that ran on the device
-        events = [e for e in averages if e.self_device_time_total > 0]
+    if gpu:  # kernels only (the CPU ops that launched them would count their time twice)
+        events = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
         own_time = {e.key: e.self_device_time_total for e in events}
     else:
         events = list(averages)
