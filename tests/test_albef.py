@@ -178,7 +178,8 @@ def test_integer_attention_mask_as_albef_passes_it(generator):
         model(images, ids, (ids != 0).float(), **args)
 
 
-@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
                                           pytest.param("cuda", torch.float16, marks=pytest.mark.gpu)])
 def test_autocast_losses_and_gradients(generator, device, dtype):
     """Under autocast the losses stay near the float32 ones and every gradient is finite."""
@@ -209,7 +210,8 @@ def test_itc_and_itm_losses_follow_albef(generator):
         text_states, text_feat = model.text_features(ids, mask)
         _, image_m = model.image_features(images, momentum=True)
         _, text_m = model.text_features(ids, mask, momentum=True)
-        all_text, all_image = torch.cat((text_m.t(), model.text_queue), 1), torch.cat((image_m.t(), model.image_queue), 1)
+        all_text = torch.cat((text_m.t(), model.text_queue), 1)
+        all_image = torch.cat((image_m.t(), model.image_queue), 1)
         one_hot = torch.eye(4, all_text.shape[1], dtype=torch.float64)
 
         def soft_ce(sim, sim_m):

@@ -161,7 +161,8 @@ def independent_vlbert(s, ids, features, boxes, region_mask, width=640.0, height
     for b in range(batch):
         rows, pos = [], []
         n = int(text_mask[b].sum())
-        rows += [text_vl[b, j] + s["vlbert.token_type_embeddings.weight"][0] for j in range(text_len) if text_mask[b, j]]
+        rows += [text_vl[b, j] + s["vlbert.token_type_embeddings.weight"][0]
+                 for j in range(text_len) if text_mask[b, j]]
         pos += list(range(n))
         objects = [obj_vl[b, r] for r in range(boxes.shape[1]) if region_mask[b, r]]
         rows += [o + s["vlbert.token_type_embeddings.weight"][2] for o in objects] + \

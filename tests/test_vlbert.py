@@ -210,7 +210,8 @@ def test_traces_without_graph_breaks(generator):
         torch.testing.assert_close(out[key], expected[key])
 
 
-@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
                                           pytest.param("cuda", torch.float16, marks=pytest.mark.gpu)])
 def test_autocast_losses_and_gradients(generator, device, dtype):
     """Under autocast the losses stay near the float32 ones and every gradient is finite."""

@@ -116,12 +116,14 @@ def albef_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Map
     state_dict: the original's (load files with :func:`fastvl.convert.load_state_dict_file`,
     weights-only; the ``"model"`` container is unwrapped there). config_dict: ``Pretrain.yaml`` (or
     the task's YAML) as a dict, its ``bert_config`` given as a dict or a path of
-    ``config_bert.json``, or the BERT keys merged in. task: ``"pretrain"`` (:class:`ALBEF` with the
-    MLM head), ``"retrieval"`` (:class:`ALBEF` without it), ``"ve"`` (SNLI-VE) or ``"nlvr"``
-    (NLVR2) -- default: told from the keys. The image resolution and queue size come from the
-    tensors' shapes; ``image_res`` (e.g. 384 for a 256-px checkpoint) interpolates the position
-    embeddings bicubically to that resolution, as ALBEF's fine-tuning scripts do. Strict: missing, unused or mis-shaped keys raise :class:`ConversionError`
-    naming them. The model's parameters get ``dtype``. Returns the model (eval mode), or ``(model, report)`` with ``return_report``.
+    ``config_bert.json`` (opened as given), or the BERT keys merged in. task: ``"pretrain"``
+    (:class:`ALBEF` with the MLM head), ``"retrieval"`` (:class:`ALBEF` without it), ``"ve"``
+    (SNLI-VE) or ``"nlvr"`` (NLVR2) -- default: told from the keys. The image resolution and queue
+    size come from the tensors' shapes; ``image_res`` (e.g. 384 for a 256-px checkpoint)
+    interpolates the position embeddings bicubically to that resolution, as ALBEF's fine-tuning
+    scripts do. Strict: missing, unused or mis-shaped keys raise :class:`ConversionError` naming
+    them. The model's parameters get ``dtype``. Returns the model (eval mode), or
+    ``(model, report)`` with ``return_report``.
     """
     raw = SourceState(state_dict)
     task = task or detect_task(list(raw.state), ALBEFConfig.from_original(config_dict).num_hidden_layers)

@@ -160,8 +160,8 @@ def vlbert_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Ma
     files with :func:`fastvl.convert.load_state_dict_file`, weights-only). config_dict: its YAML
     config as a dict (the whole file or ``NETWORK.VLBERT``). task: ``"pretraining"``, ``"vqa"``,
     ``"vcr"`` or ``"refcoco"`` (default: told from the keys). Strict: any missing, unused or
-    mis-shaped key raises :class:`ConversionError` naming it. The model's parameters get ``dtype``. Returns the model (in eval mode), or
-    ``(model, report)`` with ``return_report``.
+    mis-shaped key raises :class:`ConversionError` naming it. The model's parameters get ``dtype``.
+    Returns the model (in eval mode), or ``(model, report)`` with ``return_report``.
     """
     source = SourceState(state_dict, known_unused=KNOWN_UNUSED)
     task = task or detect_task(list(source.state))

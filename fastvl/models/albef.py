@@ -265,7 +265,8 @@ class ALBEF(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 alpha: float | None = None, update: bool | None = None, generator: torch.Generator | None = None,
                 itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None, mlm: bool = True) -> dict[str, torch.Tensor]:
+                mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mlm: bool = True) -> dict[str, torch.Tensor]:
         """One pretraining step's losses: ``loss_itc``, ``loss_itm``, ``loss_mlm`` and their sum ``loss``.
 
         images ``[B, 3, S, S]``; input_ids ``[B, L]`` (``[CLS] tokens``, no trailing [SEP]);
