@@ -275,7 +275,9 @@ class ALBEF(nn.Module):
         encoders before and the queues after the step, and clamps the temperature. ``itm_negatives``
         ``(neg_text_for_image [B], neg_image_for_text [B])`` and ``mlm_inputs`` ``(masked_ids,
         labels)`` replace the random draws (which use ``generator``). B >= 2 (one negative each).
-        ``mlm=False`` skips MLM (ALBEF's retrieval fine-tuning: ITC + ITM only).
+        ``mlm=False`` skips MLM (ALBEF's retrieval fine-tuning: ITC + ITM only). Under
+        ``torch.distributed`` the queues receive the all-gathered momentum features (queue_size must
+        be a multiple of the global batch), as ALBEF's ``_dequeue_and_enqueue``.
 
         MLM with nothing to predict (every label -100) gives ``loss_mlm`` = 0 with zero gradient; the
         original's mean is NaN there.
@@ -300,8 +302,9 @@ class ALBEF(nn.Module):
             _, text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)
         loss_itc = itc_loss(image_feat, text_feat, self.image_queue, self.text_queue, self.temp, alpha,
                             image_feat_m, text_feat_m)
-        if update:
-            itc_queue_update_(self.image_queue, self.text_queue, self.queue_ptr, image_feat_m, text_feat_m)
+        if update:  # the queues hold the global batch's features, as ALBEF's all-gather does
+            itc_queue_update_(self.image_queue, self.text_queue, self.queue_ptr, _all_gather(image_feat_m),
+                              _all_gather(text_feat_m))
 
         # ITM: B positive pairs, then (positive text, negative image) and (negative text, positive image).
         if itm_negatives is None:
@@ -367,6 +370,19 @@ class ALBEF(nn.Module):
         scores_i2t = rerank(sims, lambda q, cand: q, lambda q, cand: cand)
         scores_t2i = rerank(sims.t(), lambda q, cand: cand, lambda q, cand: q)
         return scores_i2t, scores_t2i
+
+
+@torch.no_grad()
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates ``tensor`` over the ranks of the default process group (itself without one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 def mlm_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, soft_targets: torch.Tensor | None,
