@@ -115,7 +115,8 @@ def _specs() -> list[AotSpec]:
             fwd_sig = {name: f"*{dtype}" for name in ("x_ptr", "residual_ptr", "weight_ptr", "bias_ptr", "y_ptr",
                                                          "sum_ptr")}
             fwd_sig.update(seed_ptr="*i64", keep_ptr="*i8", mean_ptr="*fp32", rstd_ptr="*fp32", stride_x="i64",
-                           stride_residual="i64", stride_y="i64", stride_sum="i64", stride_keep="i64", n_rows="i32", n_cols="i32",
+                           stride_residual="i64", stride_y="i64", stride_sum="i64", stride_keep="i64", n_rows="i32",
+                           n_cols="i32",
                            dropout_p="fp32", eps="fp32", HAS_RESIDUAL="constexpr", HAS_DROPOUT="constexpr",
                            HAS_BIAS="constexpr", STORE_SUM="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr")
             specs.append(AotSpec(f"layer_norm_fwd_{dtype}_N{block}", layer_norm_fwd_kernel, fwd_sig,

@@ -30,7 +30,8 @@ def _rules(model: torch.nn.Module, with_mlm_head: bool) -> tuple[str, list[Rule]
              *transformer_layer_rules(f"{prefix}layer", "encoder.layer")]
     if with_mlm_head and "cls.predictions.transform" in names:
         table += [(r"^cls\.predictions\.bias$", lambda m: ["cls.predictions.bias"]),
-                  (r"^cls\.predictions\.transform\.dense\.(\w+)$", lambda m: [f"cls.predictions.transform.dense.{m[1]}"]),
+                  (r"^cls\.predictions\.transform\.dense\.(\w+)$",
+                   lambda m: [f"cls.predictions.transform.dense.{m[1]}"]),
                   (r"^cls\.predictions\.transform\.norm\.(\w+)$",
                    lambda m: [f"cls.predictions.transform.LayerNorm.{m[1]}"])]
     return prefix, table

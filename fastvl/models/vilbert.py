@@ -398,7 +398,8 @@ class ViLBERTForPretraining(nn.Module):
                            dtypes=(torch.int64, torch.int32))
             _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
             if c.task_specific_tokens:  # the task token's slot is never labelled
-                mlm_labels = torch.cat([mlm_labels[:, :1], torch.full_like(mlm_labels[:, :1], -1), mlm_labels[:, 1:]], 1)
+                unlabelled = torch.full_like(mlm_labels[:, :1], -1)
+                mlm_labels = torch.cat([mlm_labels[:, :1], unlabelled, mlm_labels[:, 1:]], dim=1)
             # (under autocast the head runs in the activations' dtype, as F.linear would)
             losses["mlm"] = linear_cross_entropy(hidden_t, word_weight.to(hidden_t.dtype),
                                                  heads.predictions.bias.to(hidden_t.dtype), mlm_labels, -1)
@@ -416,7 +417,8 @@ class ViLBERTForPretraining(nn.Module):
                                                      region_targets[:, 1:].to(hidden_v.dtype),
                                                      region_labels[:, 1:].bool())
         if is_next is not None:
-            _checks.tensor("is_next", is_next, shape="[B] int64 (0 = aligned)", ndim=1, dtypes=(torch.int64, torch.int32))
+            _checks.tensor("is_next", is_next, shape="[B] int64 (0 = aligned)", ndim=1,
+                           dtypes=(torch.int64, torch.int32))
             _checks.same_shape("is_next", is_next, [batch], "[B]")
             losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
         total = None

@@ -78,7 +78,8 @@ class FeedForward(nn.Module):
         return self.norm(self.output(inner), x, self.dropout)
 
 
-def bool_mask(name: str, mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+def bool_mask(name: str, mask: torch.Tensor | None, batch: int, length: int,
+              device: torch.device) -> torch.Tensor | None:
     """A key padding mask as bool ``[B, L]`` (True = real); accepts the original additive form too."""
     return _checks.key_padding_mask(name, mask, batch, length, device)
 

@@ -31,7 +31,8 @@ class TextEmbeddings(nn.Module):
         self.norm = LayerNorm(hidden_size, eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, insert_after_first: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None,
+                insert_after_first: torch.Tensor | None = None) -> torch.Tensor:
         _checks.tensor("input_ids", input_ids, shape="[B, L] int64", ndim=2, dtypes=(torch.int64, torch.int32))
         length = input_ids.shape[1]
         if length > self.position_embeddings.num_embeddings:

@@ -49,7 +49,8 @@ def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     y = torch.empty_like(x2)
     if x2.numel():
         kernel, grid, meta = _launch("bias_gelu_fwd_kernel", x2, bias)
-        kernel[grid](x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), x2.shape[0], x2.shape[1], **meta)
+        kernel[grid](x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), x2.shape[0], x2.shape[1],
+                     **meta)
     return y.view(x.shape)
 
 
@@ -100,5 +101,6 @@ def _triton_supports(device, dtype, **_features) -> list[str]:
     return reasons
 
 
-BIAS_GELU.register("triton", available=triton_available, supports=_triton_supports, auto_devices=("cuda",))(_bias_gelu_fwd)
+BIAS_GELU.register("triton", available=triton_available, supports=_triton_supports,
+                   auto_devices=("cuda",))(_bias_gelu_fwd)
 BIAS_GELU.register("reference")(bias_gelu_ref)

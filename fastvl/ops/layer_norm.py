@@ -69,7 +69,7 @@ def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps):
     out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
     y = torch.empty_like(x2, dtype=out_dtype)
     hidden_sum = torch.empty_like(x2, dtype=out_dtype) if store_sum else x2.new_empty(0)
-    keep = torch.empty(x2.shape, dtype=torch.int8, device=x.device) if has_dropout else x2.new_empty(0, dtype=torch.int8)
+    keep = x2.new_empty(x2.shape if has_dropout else (0,), dtype=torch.int8)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if rows:
@@ -205,6 +205,7 @@ def _apex_supports(device, dtype, **_features) -> list[str]:
     return reasons
 
 
-LAYER_NORM.register("triton", available=triton_available, supports=_triton_supports, auto_devices=("cuda",))(_triton_impl)
+LAYER_NORM.register("triton", available=triton_available, supports=_triton_supports,
+                    auto_devices=("cuda",))(_triton_impl)
 LAYER_NORM.register("apex", available=needs_module("apex"), supports=_apex_supports, auto_devices=("cuda",))(_apex_impl)
 LAYER_NORM.register("reference")(_reference_impl)
