@@ -253,3 +253,18 @@ def test_traces_without_graph_breaks(generator):
     out, expected = compiled(*args), _run(model, *args)
     for key in expected:
         torch.testing.assert_close(out[key], expected[key])
+
+
+def test_attention_maps_on_request(generator):
+    model = randomise(ALBEF(CONFIG), generator)
+    images, ids = batch(generator)
+    mask = ids != 0
+    tokens = model.visual_encoder(images)
+    text, text_probs = model.text_encoder.encode_text(ids, mask, output_attentions=True)
+    fused, fusion_probs = model.text_encoder.fuse(text, mask, tokens, output_attentions=True)
+    torch.testing.assert_close(fused, model.text_encoder(ids, mask, tokens))
+    assert len(text_probs) == CONFIG.fusion_layer and text_probs[0].shape == (4, 4, 9, 9)
+    cross = fusion_probs[-1][1]
+    assert cross.shape == (4, 4, 9, tokens.shape[1])
+    torch.testing.assert_close(cross.sum(-1), torch.ones(4, 4, 9))
+    assert not text_probs[0][3, :, :, 3:].any()  # padded keys get no weight

@@ -139,24 +139,36 @@ class ALBEFTextEncoder(nn.Module):
         self.mlm_head = MaskedLMHead(h, c.vocab_size, c.layer_norm_eps) if with_mlm_head else None
         self.apply(lambda m: init_bert_weights(m, c.initializer_range))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, L]`` ids -> ``[B, L, H]`` (the text layers only; ALBEF's ``mode='text'``)."""
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    output_attentions: bool = False):
+        """``[B, L]`` ids -> ``[B, L, H]`` (the text layers only; ALBEF's ``mode='text'``). With
+        ``output_attentions`` also each layer's probabilities ``[B, heads, L, L]``."""
         hidden = self.embeddings(input_ids)
+        probabilities = []
         for layer in self.text_layers:
-            hidden = layer(hidden, attention_mask)
-        return hidden
+            hidden = layer(hidden, attention_mask, output_attentions=output_attentions)
+            if output_attentions:
+                hidden, probs = hidden
+                probabilities.append(probs)
+        return (hidden, probabilities) if output_attentions else hidden
 
     def fuse(self, text: torch.Tensor, attention_mask: torch.Tensor | None, image: torch.Tensor | list,
-             image_mask: torch.Tensor | None | list = None) -> torch.Tensor:
+             image_mask: torch.Tensor | None | list = None, output_attentions: bool = False):
         """Fusion layers over text states ``[B, L, H]`` and image tokens ``[B, Lv, W]`` (``mode='fusion'``).
         ``image`` may be a list of image token tensors: fusion layer i then attends to image ``i % n``
-        (ALBEF's NLVR2 model)."""
+        (ALBEF's NLVR2 model). With ``output_attentions`` also a ``(self, cross)`` probability pair
+        per layer (the cross-attention maps ALBEF's grounding visualises)."""
         images = image if isinstance(image, (list, tuple)) else [image]
         masks = image_mask if isinstance(image_mask, (list, tuple)) else [image_mask] * len(images)
         hidden = text
+        probabilities = []
         for index, layer in enumerate(self.fusion_layers):
-            hidden = layer(hidden, attention_mask, images[index % len(images)], masks[index % len(images)])
-        return hidden
+            hidden = layer(hidden, attention_mask, images[index % len(images)], masks[index % len(images)],
+                           output_attentions=output_attentions)
+            if output_attentions:
+                hidden, self_probs, cross_probs = hidden
+                probabilities.append((self_probs, cross_probs))
+        return (hidden, probabilities) if output_attentions else hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image: torch.Tensor,
                 image_mask: torch.Tensor | None = None) -> torch.Tensor:
