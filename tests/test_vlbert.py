@@ -265,3 +265,18 @@ def test_vqa_text_layout():
     assert ids.tolist() == [[101, 7, 8, 9, 102, 103, 102], [101, 5, 102, 103, 102, 0, 0]]
     assert types.tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 0, 0]]
     assert slots.tolist() == [5, 3]
+
+
+def test_activation_checkpointing_gives_the_same_gradients(generator):
+    from fastvl.nn import set_gradient_checkpointing
+
+    config = VLBERTConfig.named("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = randomise(VLBERTForPretraining(config), generator).train()
+    model.vlbert.visual.dropout.p = 0.0
+    args = _pretraining_inputs(generator)
+    expected = torch.autograd.grad(_pretraining_run(model, *args)["loss"], list(model.parameters()))
+    set_gradient_checkpointing(model)
+    assert all(layer.gradient_checkpointing for layer in model.vlbert.encoder.layers)
+    got = torch.autograd.grad(_pretraining_run(model, *args)["loss"], list(model.parameters()))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
