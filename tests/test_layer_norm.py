@@ -137,3 +137,16 @@ def test_custom_op_registration(generator):
     for args in ((x, res, weight, bias, None, 0.0, 1e-12), (x, None, weight, bias, torch.tensor([3]), 0.2, 1e-12)):
         results = torch.library.opcheck(_layer_norm_fwd, args)
         assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_unavailable_backends_say_why(generator):
+    import importlib.util
+
+    from fastvl import BackendUnavailableError
+
+    x, res, weight, bias = _inputs(generator, (2, 16))
+    if importlib.util.find_spec("apex") is None:
+        with pytest.raises(BackendUnavailableError, match="apex.*not installed"):
+            fastvl.ops.layer_norm(x, weight, bias, res, backend="apex")
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        fastvl.ops.layer_norm(x.double(), weight, bias, res.double(), backend="triton")
