@@ -307,7 +307,7 @@ def test_hf_bert_initialises_the_text_stream(generator):
     pretraining = {k: v.float() for k, v in pretraining.items()}
     assert text_stream_from_hf_bert(model, pretraining).ok
     assert torch.equal(model.cls.predictions.transform.norm.weight, pretraining["cls.predictions.transform.LayerNorm.weight"])
-    assert torch.equal(model.cls.predictions.bias, pretraining["cls.predictions.bias"])
+    assert torch.equal(model.cls.predictions.decoder.bias, pretraining["cls.predictions.bias"])
     plain = _hf_bert_state(generator, prefix="")  # BertModel layout, no bert. prefix
     assert text_stream_from_hf_bert(model, plain).ok
     plain["encoder.layer.3.output.dense.weight"] = torch.zeros(16, 24)  # a 4th layer: the stream has 3

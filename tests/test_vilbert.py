@@ -72,12 +72,14 @@ def _independent_forward(model, b):
         h = F.linear(t, head.dense.weight, head.dense.bias)
         return _ln(h * 0.5 * (1 + torch.erf(h / math.sqrt(2))), head.norm)
 
-    scores_t = transform(text, model.cls.predictions.transform) @ emb.word_embeddings.weight.T + model.cls.predictions.bias
-    scores_v = model.cls.image_predictions.decoder(transform(image, model.cls.image_predictions.transform))
+    heads = model.cls
+    scores_t = transform(text, heads.predictions.transform) @ emb.word_embeddings.weight.T + heads.predictions.decoder.bias
+    region_decoder = heads.image_predictions.decoder
+    scores_v = F.linear(transform(image, heads.image_predictions.transform), region_decoder.weight, region_decoder.bias)
     mlm = F.cross_entropy(scores_t.flatten(0, 1), b["mlm_labels"].flatten(), ignore_index=-1)
     kl = F.kl_div(F.log_softmax(scores_v[:, 1:], 2), b["region_targets"][:, 1:], reduction="none")
     region = (kl * b["region_labels"][:, 1:, None]).sum() / b["region_labels"][:, 1:].sum()
-    align = F.cross_entropy(model.cls.bi_seq_relationship(pooled), b["is_next"])
+    align = F.cross_entropy(heads.bi_seq_relationship(pooled), b["is_next"])
     return scores_t, scores_v, mlm, region, align
 
 
@@ -146,7 +148,8 @@ def test_nothing_masked_gives_zero_losses_and_zero_gradient(generator):
     assert out.losses["mlm"].item() == 0.0 and out.losses["region"].item() == 0.0
     (out.losses["mlm"] + out.losses["region"]).backward()
     assert not model.cls.image_predictions.decoder.weight.grad.any()
-    assert not model.cls.predictions.bias.grad.any()
+    assert not model.cls.predictions.decoder.bias.grad.any()
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # tied
     assert torch.isfinite(out.loss)
 
 

@@ -29,7 +29,7 @@ def _rules(model: torch.nn.Module, with_mlm_head: bool) -> tuple[str, list[Rule]
     table = [*text_embedding_rules(f"{prefix}embeddings", "embeddings"),
              *transformer_layer_rules(f"{prefix}layer", "encoder.layer")]
     if with_mlm_head and "cls.predictions.transform" in names:
-        table += [(r"^cls\.predictions\.bias$", lambda m: ["cls.predictions.bias"]),
+        table += [(r"^cls\.predictions\.decoder\.bias$", lambda m: ["cls.predictions.bias"]),
                   (r"^cls\.predictions\.transform\.dense\.(\w+)$",
                    lambda m: [f"cls.predictions.transform.dense.{m[1]}"]),
                   (r"^cls\.predictions\.transform\.norm\.(\w+)$",

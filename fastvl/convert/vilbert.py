@@ -85,7 +85,8 @@ def rules(release: str | None) -> list[Rule]:
         (c + r"([vt])_ffn\.output\.(\w+)$", lambda m: [f"{oc}.{m[1]}.{m[2]}_output.dense.{m[3]}"]),
         (c + r"([vt])_ffn\." + _NORM, lambda m: [f"{oc}.{m[1]}.{m[2]}_output.LayerNorm.{m[3]}"]),
         (r"^bert\.([tv])_pooler\.(\w+)$", lambda m: [f"bert.{m[1]}_pooler.dense.{m[2]}"]),
-        (r"^cls\.predictions\.bias$", lambda m: ["cls.predictions.bias"]),
+        (r"^cls\.predictions\.decoder\.bias$", lambda m: ["cls.predictions.bias"]),
+        (r"^cls\.predictions\.decoder\.weight$", lambda m: [TIED_DECODER]),
         (r"^cls\.predictions\.transform\.dense\.(\w+)$", lambda m: [f"cls.predictions.transform.dense.{m[1]}"]),
         (r"^cls\.predictions\.transform\." + _NORM, lambda m: [f"cls.predictions.transform.LayerNorm.{m[1]}"]),
         (r"^cls\.bi_seq_relationship\.(\w+)$", lambda m: [f"cls.bi_seq_relationship.{m[1]}"]),
@@ -155,26 +156,31 @@ def vilbert_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: M
     converted: dict[str, torch.Tensor | None] = {}
     for name in model.state_dict():
         originals = original_names(name, table)
+        if originals == [TIED_DECODER]:
+            continue
         if release == "beta" and len(originals) == 1 and re.match(r"vil_prediction\.main\.\d\.weight$", originals[0]):
             converted[name] = _fold_weight_norm(source, originals[0])
         else:
             converted[name] = source.take_cat(originals)
-    _check_tied_decoder(source, converted.get("bert.embeddings.word_embeddings.weight"))
+    converted[TIED_DECODER] = _tied_decoder(source, converted["bert.embeddings.word_embeddings.weight"])
     report = load_converted(model, converted, source, strict=strict)
     model.eval()
     return (model, report) if return_report else model
 
 
-def _check_tied_decoder(source: SourceState, word_embeddings: torch.Tensor | None) -> None:
-    decoder = source.take(TIED_DECODER) if TIED_DECODER in source else None
-    if decoder is not None and word_embeddings is not None and not torch.equal(decoder, word_embeddings):
-        raise ConversionError(f"{TIED_DECODER} differs from bert.embeddings.word_embeddings.weight, but ViLBERT "
-                              "ties them; this checkpoint is not a ViLBERT one")
+def _tied_decoder(source: SourceState, word_embeddings: torch.Tensor | None) -> torch.Tensor | None:
+    """The MLM decoder is the word-embedding matrix; a checkpoint that stores it must store the same."""
+    if TIED_DECODER in source:
+        decoder = source.take(TIED_DECODER)
+        if word_embeddings is not None and not torch.equal(decoder, word_embeddings):
+            raise ConversionError(f"{TIED_DECODER} differs from bert.embeddings.word_embeddings.weight, but "
+                                  "ViLBERT ties them; this checkpoint is not a ViLBERT one")
+    return word_embeddings
 
 
 def vilbert_to_original(model: ViLBERTForPretraining | ViLBERTForTasks) -> dict[str, torch.Tensor]:
-    """The model's weights in the original layout (the inverse of :func:`vilbert_from_original`), with
-    the tied decoder written out as the original saves it. Lossless round trip, except for the older
+    """The model's weights in the original layout (the inverse of :func:`vilbert_from_original`), the
+    tied decoder written out as its own copy, as the original saves it. Lossless round trip, except for the older
     release's weight-normed heads, exported as ``v = W``, ``g = ||W||`` (equal up to float rounding)."""
     release = getattr(model, "release", None)
     table = rules(release)
@@ -189,7 +195,6 @@ def vilbert_to_original(model: ViLBERTForPretraining | ViLBERTForTasks) -> dict[
             continue
         for original, part in zip(originals, tensor.chunk(len(originals), dim=0)):
             out[original] = part.clone()
-    out[TIED_DECODER] = out["bert.embeddings.word_embeddings.weight"].clone()
     return out
 
 

@@ -311,22 +311,60 @@ class PredictionTransform(nn.Module):
         return self.norm(bias_gelu(F.linear(x, self.dense.weight), self.dense.bias))
 
 
-class PretrainingHeads(nn.Module):
-    """ViLBERT's ``BertPreTrainingHeads``: MLM (``predictions``: transform + ``bias``; the decoder is the
-    tied word-embedding matrix, passed in), alignment (``bi_seq_relationship``: Linear(bi_hidden, 2)),
-    masked-region classification (``image_predictions``: transform + ``decoder`` Linear(v_hidden,
-    v_target_size))."""
+class MLMDecoder(nn.Module):
+    """The MLM decoder: ``weight`` is the word-embedding matrix (the same Parameter, tied), ``bias`` its
+    own. ``forward(hidden, labels)`` gives the cross-entropy through :func:`fastvl.ops.linear_cross_entropy`
+    (labels -1 ignored), ``forward(hidden)`` the scores. The loss runs inside this module's forward so
+    that DeepSpeed ZeRO-3 gathers the (partitioned) weights before the fused op reads them."""
 
-    def __init__(self, config: ViLBERTConfig):
+    def __init__(self, word_embeddings: nn.Parameter, vocab_size: int):
+        super().__init__()
+        self.weight = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        # under autocast the head runs in the activations' dtype, as F.linear would
+        weight, bias = self.weight.to(hidden.dtype), self.bias.to(hidden.dtype)
+        if labels is None:
+            return F.linear(hidden, weight, bias)
+        return linear_cross_entropy(hidden, weight, bias, labels, -1)
+
+
+class RegionDecoder(nn.Linear):
+    """The masked-region classifier Linear(v_hidden, v_target_size). ``forward(hidden, targets, mask)``
+    gives the KL loss through :func:`fastvl.ops.linear_region_kl_loss` (inside this module's forward,
+    for ZeRO-3), ``forward(hidden)`` the scores."""
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias = self.weight.to(hidden.dtype), self.bias.to(hidden.dtype)
+        if targets is None:
+            return F.linear(hidden, weight, bias)
+        return linear_region_kl_loss(hidden, weight, bias, targets.to(hidden.dtype), mask)
+
+
+class PretrainingHeads(nn.Module):
+    """ViLBERT's ``BertPreTrainingHeads``: MLM (``predictions``: ``transform`` + ``decoder``, an
+    :class:`MLMDecoder` tied to the word embeddings), alignment (``bi_seq_relationship``:
+    Linear(bi_hidden, 2)), masked-region classification (``image_predictions``: ``transform`` +
+    ``decoder``, a :class:`RegionDecoder` Linear(v_hidden, v_target_size))."""
+
+    def __init__(self, config: ViLBERTConfig, word_embeddings: nn.Parameter):
         super().__init__()
         c = config
         self.predictions = nn.Module()
         self.predictions.transform = PredictionTransform(c.hidden_size, c.layer_norm_eps)
-        self.predictions.bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.predictions.decoder = MLMDecoder(word_embeddings, c.vocab_size)
         self.bi_seq_relationship = nn.Linear(c.bi_hidden_size, 2)
         self.image_predictions = nn.Module()
         self.image_predictions.transform = PredictionTransform(c.v_hidden_size, c.layer_norm_eps)
-        self.image_predictions.decoder = nn.Linear(c.v_hidden_size, c.v_target_size)
+        self.image_predictions.decoder = RegionDecoder(c.v_hidden_size, c.v_target_size)
+
+    def init_weights(self, std: float) -> None:
+        """BERT's initialisation for every head parameter except the tied word embeddings."""
+        for module in (self.predictions.transform, self.bi_seq_relationship, self.image_predictions):
+            module.apply(lambda m: init_bert_weights(m, std))
+        self.predictions.decoder.bias.data.zero_()
 
 
 @dataclasses.dataclass
@@ -365,8 +403,8 @@ class ViLBERTForPretraining(nn.Module):
         super().__init__()
         self.config, self.backend = config, backend
         self.bert = ViLBERTModel(config, backend, validate_values)
-        self.cls = PretrainingHeads(config)
-        self.cls.apply(lambda m: init_bert_weights(m, config.initializer_range))
+        self.cls = PretrainingHeads(config, self.bert.embeddings.word_embeddings.weight)
+        self.cls.init_weights(config.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
                 region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None,
@@ -386,12 +424,11 @@ class ViLBERTForPretraining(nn.Module):
                             output_attentions)
         batch, regions = region_feats.shape[:2]
         seq_t, seq_v = encoded["sequence_t"], encoded["sequence_v"]
-        fused = F.dropout(fuse(c, encoded["pooled_t"], encoded["pooled_v"]), 0.1, self.training)
-        alignment_scores = self.cls.bi_seq_relationship(fused)
         heads = self.cls
+        fused = F.dropout(fuse(c, encoded["pooled_t"], encoded["pooled_v"]), 0.1, self.training)
+        alignment_scores = heads.bi_seq_relationship(fused)
         hidden_t = heads.predictions.transform(seq_t)
         hidden_v = heads.image_predictions.transform(seq_v)
-        word_weight = self.bert.embeddings.word_embeddings.weight
         losses: dict[str, torch.Tensor] = {}
         if mlm_labels is not None:
             _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64 (-1 = ignored)", ndim=2,
@@ -400,9 +437,7 @@ class ViLBERTForPretraining(nn.Module):
             if c.task_specific_tokens:  # the task token's slot is never labelled
                 unlabelled = torch.full_like(mlm_labels[:, :1], -1)
                 mlm_labels = torch.cat([mlm_labels[:, :1], unlabelled, mlm_labels[:, 1:]], dim=1)
-            # (under autocast the head runs in the activations' dtype, as F.linear would)
-            losses["mlm"] = linear_cross_entropy(hidden_t, word_weight.to(hidden_t.dtype),
-                                                 heads.predictions.bias.to(hidden_t.dtype), mlm_labels, -1)
+            losses["mlm"] = heads.predictions.decoder(hidden_t, mlm_labels)
         if region_targets is not None or region_labels is not None:
             if region_targets is None or region_labels is None:
                 raise ValueError("region_targets and region_labels must be given together")
@@ -411,11 +446,8 @@ class ViLBERTForPretraining(nn.Module):
                                "[B, Lv, v_target_size] with B, Lv of region_feats")
             _checks.tensor("region_labels", region_labels, shape="[B, Lv] bool", ndim=2, dtypes=None)
             _checks.same_shape("region_labels", region_labels, [batch, regions], "[B, Lv] like region_mask")
-            decoder = heads.image_predictions.decoder
-            losses["region"] = linear_region_kl_loss(hidden_v[:, 1:], decoder.weight.to(hidden_v.dtype),
-                                                     decoder.bias.to(hidden_v.dtype),
-                                                     region_targets[:, 1:].to(hidden_v.dtype),
-                                                     region_labels[:, 1:].bool())
+            losses["region"] = heads.image_predictions.decoder(hidden_v[:, 1:], region_targets[:, 1:],
+                                                               region_labels[:, 1:].bool())
         if is_next is not None:
             _checks.tensor("is_next", is_next, shape="[B] int64 (0 = aligned)", ndim=1,
                            dtypes=(torch.int64, torch.int32))
@@ -426,7 +458,7 @@ class ViLBERTForPretraining(nn.Module):
             total = value if total is None else total + value
         output = ViLBERTPretrainingOutput(total, losses, alignment_scores, encoder=encoded)
         if return_scores:
-            output.prediction_scores_t = F.linear(hidden_t, word_weight, heads.predictions.bias)
+            output.prediction_scores_t = heads.predictions.decoder(hidden_t)
             output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)
         return output
 
@@ -490,7 +522,7 @@ class ViLBERTForTasks(nn.Module):
         c = config
         self.config, self.backend, self.release, self.dropout = config, backend, release, dropout
         self.bert = ViLBERTModel(config, backend, validate_values)
-        self.cls = PretrainingHeads(config)
+        self.cls = PretrainingHeads(config, self.bert.embeddings.word_embeddings.weight)
         bi = c.bi_hidden_size
         self.vil_prediction = MLPClassifier(bi, 2 * bi, num_labels, release, eps=c.layer_norm_eps)
         if release == "multi-task":
@@ -500,8 +532,9 @@ class ViLBERTForTasks(nn.Module):
         self.vil_logit = nn.Linear(bi, 1)
         self.vision_logit = nn.Linear(c.v_hidden_size, 1)
         self.linguistic_logit = nn.Linear(c.hidden_size, 1)
+        self.cls.init_weights(c.initializer_range)
         for name, module in self.named_children():
-            if name != "bert":
+            if name not in ("bert", "cls"):
                 module.apply(lambda m: init_bert_weights(m, c.initializer_range))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
