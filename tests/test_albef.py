@@ -51,6 +51,21 @@ def test_pretraining_parity_fused_vs_reference(generator):
     assert "visual_encoder_m" not in names  # momentum copies take no gradient
 
 
+@pytest.mark.interpret
+@pytest.mark.slow
+def test_pretraining_parity_triton_interpreter(generator):
+    """Every op with a Triton kernel on that path (head dim 16: the kernels' smallest)."""
+    config = ALBEFConfig.named("tiny", num_attention_heads=2, vision_heads=2, image_res=16)
+    model = randomise(ALBEF(config), generator)
+    images, ids = batch(generator, size=2, length=5)
+    masked, labels = model.mask_tokens(ids, generator, probability=0.5)
+    labels[0, 1] = ids[0, 1]
+    negatives = (torch.tensor([1, 0]), torch.tensor([1, 0]))
+    check_model_parity(model, _run, [images[..., :16, :16], ids, negatives, masked, labels], name="albef-triton",
+                       fused={"layer_norm": "triton", "bias_gelu": "triton", "attention": "triton",
+                              "itc_loss": "triton"})
+
+
 def test_step_updates_momentum_queues_and_temperature(generator):
     model = randomise(ALBEF(CONFIG), generator)
     with torch.no_grad():
