@@ -80,12 +80,12 @@ if [[ $SMOKE == 0 ]]; then
   step bench-ops 150 "$PYTHON" -m fastvl bench ops --out "$OUT"
   step bench-model 150 "$PYTHON" -m fastvl bench model --model vilbert-base --batch 32 64 --out "$OUT"
   step profile 60 "$PYTHON" -m fastvl bench profile --model vilbert-base --batch 64 --out "$OUT"
-  step parity-bf16 60 "$PYTHON" -m fastvl parity --model vilbert-base --dtype bf16 --batch 8 \
+  step parity-bf16 90 "$PYTHON" -m fastvl parity --model vilbert-base --dtype bf16 --batch 8 --quick \
     --out "$OUT/parity-vilbert-base-bfloat16.json"
   step gpu-tests 240 "$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
   step bench-vlbert 60 "$PYTHON" -m fastvl bench model --model vlbert-base --batch 64 --no-max-batch --out "$OUT"
   step bench-albef 60 "$PYTHON" -m fastvl bench model --model albef-base --batch 64 --no-max-batch --out "$OUT"
-  step parity-fp32 45 "$PYTHON" -m fastvl parity --model vilbert-base --dtype fp32 --batch 8 \
+  step parity-fp32 60 "$PYTHON" -m fastvl parity --model vilbert-base --dtype fp32 --batch 8 --quick \
     --out "$OUT/parity-vilbert-base-float32.json"
 else
   step bench-ops 120 "$PYTHON" -m fastvl bench ops --quick --threads 1 --only co_attention region_kl_loss \

@@ -229,15 +229,16 @@ def run_parity(model_name: str, dtype: torch.dtype, device: torch.device, *, bat
         raise ValueError(f"{model_name}: its forward is not a function of weights and batch alone (momentum "
                          "encoders, queues or random draws), so fused and reference runs cannot be compared")
     torch.manual_seed(seed)
-    base = spec.build().eval()
-    state = base.state_dict()
+    exact = spec.build().eval()
+    state = exact.state_dict()
 
     def copy(to_dtype: torch.dtype) -> nn.Module:
         model = spec.build().eval()
         model.load_state_dict(state)
         return model.to(device=device, dtype=to_dtype)
 
-    fused, eager, exact = copy(dtype), copy(dtype), copy(torch.float64)
+    fused, eager = copy(dtype), copy(dtype)
+    exact = exact.to(device=device, dtype=torch.float64)
     if perturb is not None:
         _perturb(fused, perturb, seed)
     batch = spec.make_batch(batch_size, torch.Generator().manual_seed(seed), device)
