@@ -253,6 +253,10 @@ def test_vlbert_strict_errors_name_the_keys(generator):
         vlbert_from_original(broken, VLBERT_CONFIG)
     model, report = vlbert_from_original(broken, VLBERT_CONFIG, strict=False, return_report=True)
     assert not report.ok and report.unused_in_checkpoint == ["vlbert.surprise.weight"]
+    end_to_end = {k: v for k, v in state.items() if "object_mask_visual" not in k}
+    end_to_end["module.image_feature_extractor.backbone.conv1.weight"] = torch.zeros(2, 3, 1, 1)
+    model = vlbert_from_original(end_to_end, VLBERT_CONFIG)
+    assert not model.object_mask_visual_embedding.weight.any()
     untied = dict(state)
     untied["module.vlbert.mlm_head.predictions.decoder.weight"] = state["module.vlbert.word_embeddings.weight"] + 1
     with pytest.raises(ConversionError, match="tied"):

@@ -8,7 +8,8 @@ The original saves ``{"state_dict": ...}`` with every key under DataParallel's `
 ``vlbert.mvrc_head.{transform.dense, region_cls_pred}``,
 ``vlbert.relationsip_head.caption_image_relationship`` (sic), ``image_feature_extractor.
 obj_downsample.1`` (the visual feature projection), ``object_linguistic_embeddings``,
-``object_mask_visual_embedding``, ``object_mask_word_embedding``; the task models add ``final_mlp.*``.
+``object_mask_visual_embedding`` (precomputed-feature pretraining only; end-to-end checkpoints get
+zeros, its initial value), ``object_mask_word_embedding``; the task models add ``final_mlp.*``.
 
 fastvl takes precomputed RoI features, so the detector inside end-to-end checkpoints
 (``image_feature_extractor.*`` other than ``obj_downsample``) and the text-only corpus embedding
@@ -177,6 +178,10 @@ def vlbert_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Ma
         model = VLBERTForVCR(config)
     else:
         model = VLBERTForRefCOCO(config)
+    if task == "pretraining" and "object_mask_visual_embedding.weight" not in source:
+        # End-to-end checkpoints mask raw pixels and have no masked-feature embedding; fastvl takes
+        # precomputed features, so it starts from the original's initial value for those: zeros.
+        source.state["object_mask_visual_embedding.weight"] = torch.zeros(1, config.visual_feature_dim)
     converted = convert_with_rules(model, source, _rules(task))
     if task == "pretraining" and model.mlm_head is not None:
         check_tied(source, _TIED_DECODER, converted["vlbert.word_embeddings.weight"], "the word embeddings")
