@@ -15,6 +15,8 @@ FLOPs and bytes are the useful work, stated per case:
   rows: forward ``2 M K C``, forward+backward ``6 M K C`` (projecting only the scored rows).
 * itc_loss ``B x E`` against ``B + Q`` entries: 4 similarity matmuls forward ``8 B E (B + Q)``, backward
   for the two with gradient ``4 B E (B + Q)``.
+* layer_norm (residual form) / bias_gelu ``[N, H]``: bytes of the tensors read and written once each
+  (listed with the cases); FLOPs negligible.
 """
 
 from __future__ import annotations
@@ -157,6 +159,30 @@ def itc_case(batch: int, embed: int, queue: int) -> Case:
                 flops=8 * batch * embed * (batch + queue), backward_flops_factor=0.5)
 
 
+def layer_norm_case(rows: int, hidden: int, sweep_value: int) -> Case:
+    """BERT's residual + LayerNorm epilogue (dropout off): reads x, residual, writes the output; the
+    backward reads the output gradient, x, residual and writes two input gradients."""
+
+    def make(device, dtype, generator):
+        x, residual = (_randn((rows, hidden), device, dtype, generator) for _ in range(2))
+        weight, bias = _randn((hidden,), device, dtype, generator), _randn((hidden,), device, dtype, generator)
+        return (x, weight, bias, residual), {}, [x, residual, weight, bias]
+
+    return Case("layer_norm", "layer_norm residual", {"N": rows, "H": hidden, "tokens": sweep_value}, "tokens", make,
+                nbytes=lambda size, kind: (3 if kind == "fwd" else 8) * rows * hidden * size)
+
+
+def bias_gelu_case(rows: int, hidden: int, sweep_value: int) -> Case:
+    """The feed-forward's bias + GELU: reads x, writes the output (backward: reads dy and x, writes dx)."""
+
+    def make(device, dtype, generator):
+        x, bias = _randn((rows, hidden), device, dtype, generator), _randn((hidden,), device, dtype, generator)
+        return (x, bias), {}, [x, bias]
+
+    return Case("bias_gelu", "bias_gelu", {"N": rows, "H": hidden, "tokens": sweep_value}, "tokens", make,
+                nbytes=lambda size, kind: (2 if kind == "fwd" else 5) * rows * hidden * size)
+
+
 def cases(size: str) -> list[Case]:
     s = SIZES[size]
     out = [attention_case("attention text self", s["batch"], s["text"], s["text"], s["text_heads"], s["text_dim"],
@@ -170,6 +196,9 @@ def cases(size: str) -> list[Case]:
     out.append(linear_head_case("linear_region_kl_loss", s["batch"] * 37, s["kl_hidden"], s["classes"], 37))
     out.append(linear_head_case("linear_cross_entropy", s["batch"] * s["text"], s["mlm_hidden"], s["vocab"], s["text"]))
     out.append(itc_case(s["itc_batch"], s["embed"], s["queue"]))
+    hidden, intermediate = s["text_heads"] * s["text_dim"], 4 * s["text_heads"] * s["text_dim"]
+    out += [layer_norm_case(s["batch"] * length, hidden, length) for length in (s["text"], 160)]
+    out += [bias_gelu_case(s["batch"] * length, intermediate, length) for length in (s["text"], 160)]
     return out
 
 
