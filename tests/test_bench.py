@@ -163,3 +163,30 @@ def test_update_readme_prefers_the_newest_gpu_run_and_says_when_there_is_none(tm
     update_readme.main(["--results", str(tmp_path / "results"), "--readme", str(readme)])
     text = readme.read_text()
     assert "No GPU results yet" not in text and "**cuda box**" in text and text.count(update_readme.START) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_timing_memory_and_peaks():
+    x = torch.randn(1024, 1024, device="cuda")
+    timing = harness.time_fn(lambda: x @ x, "cuda", warmup_ms=5, rep_ms=20)
+    assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
+    assert harness.peak_memory(lambda: torch.empty(8 * 2**20, dtype=torch.uint8, device="cuda"), "cuda") >= 8 * 2**20
+    peak = harness.device_peak("cuda", torch.bfloat16)
+    assert peak.tflops > 0 and peak.gbps > 0
+    assert harness.measured_bandwidth_gbps("cuda", megabytes=256) > 100
+
+
+@pytest.mark.gpu
+def test_gpu_bench_model_profile_and_parity_tiny(tmp_path):
+    from fastvl.cli import main
+
+    assert main(["bench", "model", "--model", "vilbert-tiny", "--device", "cuda", "--quick", "--batch", "4",
+                 "--max-batch-limit", "64", "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "model-vilbert-tiny.json").read_text())
+    assert document["env"]["device_type"] == "cuda" and all(v >= 4 for v in document["max_batch"].values())
+    assert main(["bench", "profile", "--model", "vilbert-tiny", "--device", "cuda", "--quick", "--out",
+                 str(tmp_path)]) == 0
+    profile = json.loads((tmp_path / "profile-vilbert-tiny.json").read_text())
+    assert profile["top"] and profile["measure"].startswith("self device time")
+    assert main(["parity", "--model", "vilbert-tiny", "--device", "cuda", "--dtype", "bf16", "--quick", "--out",
+                 str(tmp_path / "parity.json")]) == 0
