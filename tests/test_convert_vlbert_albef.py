@@ -230,6 +230,26 @@ def test_vlbert_task_heads_from_original(generator):
     torch.testing.assert_close(logits, expected)
 
 
+def test_vlbert_vcr_layout(generator):
+    """VCR checkpoints: TimeDistributed's ``vlbert._module.`` keys, a pooler, ``final_mlp.1``, and the
+    auxiliary ``cnn_loss_reg`` head (skipped)."""
+    state = {k.replace("module.vlbert.", "module.vlbert._module."): v
+             for k, v in original_vlbert_state(generator, heads=()).items() if "object_mask" not in k}
+    state["module.vlbert._module.pooler.dense.weight"] = _rand(generator, H, H)
+    state["module.vlbert._module.pooler.dense.bias"] = _rand(generator, H)
+    state["module.final_mlp.1.weight"], state["module.final_mlp.1.bias"] = _rand(generator, 1, H), _rand(generator, 1)
+    state["module.cnn_loss_reg.0.dense.weight"] = _rand(generator, H, H)
+    model, report = vlbert_from_original(state, VLBERT_CONFIG["NETWORK"]["VLBERT"], return_report=True,
+                                         dtype=torch.float64)
+    assert type(model).__name__ == "VLBERTForVCR" and report.skipped_known_unused == ["cnn_loss_reg.0.dense.weight"]
+    ids, features, boxes, region_mask = vlbert_inputs(generator)
+    logits = model(ids[:, None], features, boxes, region_mask=region_mask)["logits"]
+    plain = {k.replace("vlbert._module.", "vlbert."): v for k, v in state.items()}
+    text, _, s = independent_vlbert(plain, ids, features, boxes, region_mask)
+    expected = _linear(s, "final_mlp.1", torch.tanh(_linear(s, "vlbert.pooler.dense", text[:, 0])))
+    torch.testing.assert_close(logits, expected)
+
+
 def test_vlbert_round_trip_is_lossless(generator, tmp_path):
     state = original_vlbert_state(generator)
     path = tmp_path / "vl-bert.model"

@@ -68,7 +68,9 @@ _TASK_RULES: dict[str, list[Rule]] = {
         (r"^head\.classifier\.(\w+)$", lambda m: [f"final_mlp.2.{m[1]}"]),
     ],
 }
-KNOWN_UNUSED = ("image_feature_extractor.*", "aux_text_visual_embedding.*")
+# The detector of end-to-end checkpoints, the text-only corpus embedding of multitask pretraining, and
+# VCR's auxiliary object-classification head (a training-only loss on the objects' states).
+KNOWN_UNUSED = ("image_feature_extractor.*", "aux_text_visual_embedding.*", "cnn_loss_reg.*")
 _TIED_DECODER = "vlbert.mlm_head.predictions.decoder.weight"
 
 
@@ -165,6 +167,8 @@ def vlbert_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: Ma
     Returns the model (in eval mode), or ``(model, report)`` with ``return_report``.
     """
     source = SourceState(state_dict, known_unused=KNOWN_UNUSED)
+    # VCR wraps the backbone in TimeDistributed: its keys read ``vlbert._module.*``.
+    source.state = {k.replace("vlbert._module.", "vlbert.", 1): v for k, v in source.state.items()}
     task = task or detect_task(list(source.state))
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
