@@ -248,6 +248,8 @@ def test_vlbert_vcr_layout(generator):
     text, _, s = independent_vlbert(plain, ids, features, boxes, region_mask)
     expected = _linear(s, "final_mlp.1", torch.tanh(_linear(s, "vlbert.pooler.dense", text[:, 0])))
     torch.testing.assert_close(logits, expected)
+    exported = vlbert_to_original(model)
+    assert sorted(exported) == sorted(k for k in state if "cnn_loss_reg" not in k)
 
 
 def test_vlbert_round_trip_is_lossless(generator, tmp_path):

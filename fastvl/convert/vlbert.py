@@ -208,6 +208,8 @@ def vlbert_to_original(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     exported = export_with_rules(model, _rules(task), prefix="module.")
     if task == "pretraining" and model.mlm_head is not None:
         exported["module." + _TIED_DECODER] = model.vlbert.word_embeddings.weight.detach().clone()
+    if task == "vcr":  # the original's VCR model wraps the backbone in TimeDistributed
+        exported = {k.replace("module.vlbert.", "module.vlbert._module.", 1): v for k, v in exported.items()}
     return exported
 
 
