@@ -221,7 +221,8 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
         rows = q_start + offs_m.to(tl.int64)
         q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                     mask=tile, other=0.0)
-        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dol + offs_d[None,
+        :] * stride_dod,
                      mask=tile, other=0.0)
         lse = tl.load(LSE + b64 * stride_lse_b + h64 * stride_lse_h + rows, mask=row_ok, other=float("inf"))
         o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
@@ -300,7 +301,8 @@ def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED
         _bwd_kv_block(pid, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
                       stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
                       stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-                      stride_dob, stride_dol, stride_doh, stride_dod, stride_dkb, stride_dkl, stride_dkh, stride_dkd, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+                      stride_dob, stride_dol, stride_doh, stride_dod, stride_dkb, stride_dkl, stride_dkh, stride_dkd,
+                      stride_dvb, stride_dvl, stride_dvh, stride_dvd,
                       stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
                       HAS_DROPOUT, PRECISION)
@@ -337,10 +339,14 @@ def dropout_keep_kernel(KEEP, SEED, stride_keep_b, stride_keep_h, stride_keep_m,
 
 @triton.jit
 def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
-                            stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                            stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_qtb, stride_qtl, stride_qth, stride_qtd,
-                            stride_ktb, stride_ktl, stride_kth, stride_ktd, stride_vtb, stride_vtl, stride_vth, stride_vtd,
-                            stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_otb, stride_otl, stride_oth, stride_otd,
+                            stride_qvb, stride_qvl, stride_qvh, stride_qvd,
+                            stride_kvb, stride_kvl, stride_kvh, stride_kvd,
+                            stride_vvb, stride_vvl, stride_vvh, stride_vvd,
+                            stride_qtb, stride_qtl, stride_qth, stride_qtd,
+                            stride_ktb, stride_ktl, stride_kth, stride_ktd,
+                            stride_vtb, stride_vtl, stride_vth, stride_vtd,
+                            stride_ovb, stride_ovl, stride_ovh, stride_ovd,
+                            stride_otb, stride_otl, stride_oth, stride_otd,
                             stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
                             stride_mask_vb, stride_mask_vl, stride_mask_tb, stride_mask_tl,
                             len_v, len_t, n_heads, head_dim, qk_scale, dropout_p,
@@ -375,10 +381,14 @@ def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V
 @triton.jit
 def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, DVV, DQT, DKT, DVT,
                             LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
-                            stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                            stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_qtb, stride_qtl, stride_qth, stride_qtd,
-                            stride_ktb, stride_ktl, stride_kth, stride_ktd, stride_vtb, stride_vtl, stride_vth, stride_vtd,
-                            stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_otb, stride_otl, stride_oth, stride_otd,
+                            stride_qvb, stride_qvl, stride_qvh, stride_qvd,
+                            stride_kvb, stride_kvl, stride_kvh, stride_kvd,
+                            stride_vvb, stride_vvl, stride_vvh, stride_vvd,
+                            stride_qtb, stride_qtl, stride_qth, stride_qtd,
+                            stride_ktb, stride_ktl, stride_kth, stride_ktd,
+                            stride_vtb, stride_vtl, stride_vth, stride_vtd,
+                            stride_ovb, stride_ovl, stride_ovh, stride_ovd,
+                            stride_otb, stride_otl, stride_oth, stride_otd,
                             stride_dovb, stride_dovl, stride_dovh, stride_dovd,
                             stride_dotb, stride_dotl, stride_doth, stride_dotd,
                             stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
@@ -409,8 +419,10 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
         _bwd_kv_block(pid, b, h, QT, KV, VV, OT, DOT, DKV, DVV, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
                       stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
                       stride_vvb, stride_vvl, stride_vvh, stride_vvd,
-                      stride_otb, stride_otl, stride_oth, stride_otd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
-                      stride_dkvb, stride_dkvl, stride_dkvh, stride_dkvd, stride_dvvb, stride_dvvl, stride_dvvh, stride_dvvd,
+                      stride_otb, stride_otl, stride_oth, stride_otd,
+                      stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                      stride_dkvb, stride_dkvl, stride_dkvh, stride_dkvd,
+                      stride_dvvb, stride_dvvl, stride_dvvh, stride_dvvd,
                       stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
                       HAS_DROPOUT, PRECISION)
@@ -418,16 +430,20 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
         _bwd_kv_block(pid - kv_v_blocks, b, h, QV, KT, VT, OV, DOV, DKT, DVT, LSE_V, MASK_T, CU_V, CU_T, seed,
                       stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
                       stride_vtb, stride_vtl, stride_vth, stride_vtd,
-                      stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
-                      stride_dktb, stride_dktl, stride_dkth, stride_dktd, stride_dvtb, stride_dvtl, stride_dvth, stride_dvtd,
+                      stride_ovb, stride_ovl, stride_ovh, stride_ovd,
+                      stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                      stride_dktb, stride_dktl, stride_dkth, stride_dktd,
+                      stride_dvtb, stride_dvtl, stride_dvth, stride_dvtd,
                       stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
                       HAS_DROPOUT, PRECISION)
     elif pid < kv_v_blocks + kv_t_blocks + v_blocks:
         _bwd_q_block(pid - kv_v_blocks - kv_t_blocks, b, h, QV, KT, VT, OV, DOV, DQV, LSE_V, MASK_T, CU_V, CU_T,
-                     seed, stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
+                     seed, stride_qvb, stride_qvl, stride_qvh, stride_qvd,
+                     stride_ktb, stride_ktl, stride_kth, stride_ktd,
                      stride_vtb, stride_vtl, stride_vth, stride_vtd,
-                      stride_ovb, stride_ovl, stride_ovh, stride_ovd, stride_dovb, stride_dovl, stride_dovh, stride_dovd,
+                      stride_ovb, stride_ovl, stride_ovh, stride_ovd,
+                      stride_dovb, stride_dovl, stride_dovh, stride_dovd,
                      stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
                      stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
@@ -437,7 +453,8 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
                      CU_T, CU_V, seed + 1,
                      stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
                      stride_vvb, stride_vvl, stride_vvh, stride_vvd,
-                      stride_otb, stride_otl, stride_oth, stride_otd, stride_dotb, stride_dotl, stride_doth, stride_dotd,
+                      stride_otb, stride_otl, stride_oth, stride_otd,
+                      stride_dotb, stride_dotl, stride_doth, stride_dotd,
                      stride_dqtb, stride_dqtl, stride_dqth, stride_dqtd,
                      stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
@@ -510,13 +527,15 @@ def _spec(name: str, kernel, dtype: str, constexprs: dict, config: BlockConfig, 
 
 def _aot_specs() -> list[AotSpec]:
     """Every block configuration the launchers can pick, in bfloat16 and float32 (fp16 lowers like
-    bf16: it is compiled once per kernel), with masks and causal on; dropout on in the bf16 builds."""
+    bf16: it is compiled once per kernel), with masks and causal on. Dropout (Philox) only changes
+    registers, not shared memory or the dot lowering, and doubles the compile time: it is on in the
+    bf16 head-dim-128 builds (ViLBERT's co-attention) and the keep-mask kernel."""
     specs = []
     for dtype in ("bf16", "fp32"):
         uses_dot = dtype != "fp32"  # exact fp32 dots run on the CUDA cores, not wgmma
         for block_d in HEAD_BLOCKS:
             tag = f"{dtype}_d{block_d}"
-            flags = {"BLOCK_D": block_d, "IS_VARLEN": False, "HAS_DROPOUT": dtype == "bf16",
+            flags = {"BLOCK_D": block_d, "IS_VARLEN": False, "HAS_DROPOUT": dtype == "bf16" and block_d == 128,
                      "PRECISION": PRECISION[dtype]}
             attention_flags = {**flags, "HAS_MASK": True, "IS_CAUSAL": True}
             co_flags = {**flags, "HAS_MASK_V": True, "HAS_MASK_T": True}

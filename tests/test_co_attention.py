@@ -136,7 +136,8 @@ def test_dropout_keep_masks_replay_through_reference(generator, device, dtype, d
     keep_v = attention_module.dropout_keep_mask(seed, 2, 1, 37, 23, dropout_p, device=device)  # image queries
     keep_t = attention_module.dropout_keep_mask(seed, 2, 1, 23, 37, dropout_p, device=device, seed_offset=1)
     q_v, k_v, v_v, q_t, k_t, v_t = inputs
-    check_op(fused(dropout_p=dropout_p, dropout_seed=seed), reference(dropout_p=dropout_p, dropout_masks=(keep_v, keep_t)),
+    check_op(fused(dropout_p=dropout_p, dropout_seed=seed),
+             reference(dropout_p=dropout_p, dropout_masks=(keep_v, keep_t)),
              [q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t], name="co_attention dropout")
 
 
@@ -239,14 +240,16 @@ def _t(*shape):
      "needs both cu_seqlens_v and cu_seqlens_t"),
     (lambda: co_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), torch.ones(1, 5, dtype=torch.bool), _t(3, 2, 8),
                           _t(3, 2, 8), _t(3, 2, 8), None, cu_seqlens_v=torch.tensor([0, 5], dtype=torch.int32),
-                          cu_seqlens_t=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "must be None in the packed"),
+                          cu_seqlens_t=torch.tensor([0, 3], dtype=torch.int32)),
+     ValueError, "must be None in the packed"),
     (lambda: co_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), None, _t(3, 2, 8), _t(3, 2, 8), _t(3, 2, 8), None,
                           cu_seqlens_v=torch.tensor([0, 4], dtype=torch.int32),
                           cu_seqlens_t=torch.tensor([0, 3], dtype=torch.int32)), ValueError,
      r"cu_seqlens_v\[-1\] = 4 must equal the packed length 5"),
     (lambda: co_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), None, _t(3, 2, 8), _t(3, 2, 8), _t(3, 2, 8), None,
                           cu_seqlens_v=torch.tensor([0, 2, 5], dtype=torch.int32),
-                          cu_seqlens_t=torch.tensor([0, 3], dtype=torch.int32)), ValueError, r"must both be \[B \+ 1\]"),
+                          cu_seqlens_t=torch.tensor([0, 3], dtype=torch.int32)),
+     ValueError, r"must both be \[B \+ 1\]"),
     (lambda: co_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), None, _t(3, 4, 8), _t(3, 4, 8), _t(3, 4, 8), None,
                           cu_seqlens_v=torch.tensor([0, 5], dtype=torch.int32),
                           cu_seqlens_t=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "q_t must have shape"),

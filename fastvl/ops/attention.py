@@ -240,12 +240,12 @@ def mask_arg(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torc
 
 def draw_seed(dropout_p: float, seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """The int64 ``[1]`` Philox seed on ``device``: a copy of the given one, a fresh draw from torch's
-    generator (no host sync) when dropping out, else 0."""
+    generator (no host sync) when dropping out, else an unread placeholder (no kernel launched)."""
     if seed is not None:
         return seed.to(device=device, dtype=torch.int64).reshape(1).clone()
     if dropout_p > 0.0:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    return torch.zeros(1, dtype=torch.int64, device=device)
+    return torch.empty(1, dtype=torch.int64, device=device)
 
 
 def _triton_cdiv(n: int, block: int) -> int:

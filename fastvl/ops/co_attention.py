@@ -173,7 +173,8 @@ def _(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_seqlens_v, cu_seqlens_t, 
         shape = (q.shape[1], q.shape[0]) if cu_seqlens_v is not None else (q.shape[0], q.shape[2], q.shape[1])
         return q.new_empty(shape, dtype=torch.float32)
 
-    return q_v.new_empty(q_v.shape), q_t.new_empty(q_t.shape), lse(q_v), lse(q_t), q_v.new_empty((1,), dtype=torch.int64)
+    seed_out = q_v.new_empty((1,), dtype=torch.int64)
+    return q_v.new_empty(q_v.shape), q_t.new_empty(q_t.shape), lse(q_v), lse(q_t), seed_out
 
 
 @torch.library.custom_op("fastvl::co_attention_bwd", mutates_args=())
@@ -186,7 +187,8 @@ def co_attention_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, q_v: torch.T
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch."""
     return _co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v,
-                                  mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p, scale, seed)
+                                  mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p, scale,
+                                  seed)
 
 
 @co_attention_bwd_op.register_fake
