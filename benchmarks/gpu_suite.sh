@@ -56,6 +56,13 @@ mv "$INSTALL_LOG" "$OUT/install.log"
 printf "step\texit\tseconds\n" >"$OUT/steps.tsv"
 printf "install\t%s\t%s\n" "$INSTALL_RC" "$SECONDS" >>"$OUT/steps.tsv"
 "$PYTHON" -m fastvl info >"$OUT/info.txt" 2>&1
+# Nothing can be fetched: say which helpers are absent (no pytest: no gpu-tests; no matplotlib: no PNGs).
+"$PYTHON" - >>"$OUT/info.txt" 2>&1 <<'PY'
+import importlib.util
+missing = [m for m in ("pytest", "matplotlib", "tqdm", "numpy", "triton") if importlib.util.find_spec(m) is None]
+print("python packages missing here:", ", ".join(missing) or "none")
+PY
+grep "missing here" "$OUT/info.txt"
 echo "gpu_suite: writing to $OUT (budget ${BUDGET}s)"
 
 # step NAME CAP_SECONDS COMMAND...: runs COMMAND with the smaller of CAP and the budget left, logs to NAME.log

@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -298,8 +299,12 @@ def environment(device: torch.device | str) -> dict:
 
 
 def progress(iterable: Iterable, description: str, total: int | None = None):
-    """A tqdm bar on stderr for sweeps (silent when stderr is not a terminal)."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    """A tqdm bar on stderr for sweeps (silent when stderr is not a terminal; none without tqdm, as on a
+    GPU box where fastvl was installed with --no-deps)."""
+    try:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+    except ImportError:
+        return iterable
 
     return tqdm(iterable, desc=description, total=total, file=sys.stderr, leave=False, disable=None)
 
@@ -436,10 +441,15 @@ def results_dir(device: torch.device | str, root: str | Path = DEFAULT_RESULTS_D
 
 
 def plot(rows: Sequence[dict], path: str | Path, *, x: str, y: str = "median_ms", series: str = "variant",
-         title: str = "", env: dict | None = None, logx: bool = False, logy: bool = False) -> Path:
+         title: str = "", env: dict | None = None, logx: bool = False, logy: bool = False) -> Path | None:
     """Line plot of ``y`` against the param ``x``, one line per value of ``series`` (a row key such as
-    ``variant``, or a param name). Rows may be result rows or ratio rows. Uses the Agg backend."""
-    import matplotlib  # noqa: PLC0415
+    ``variant``, or a param name). Rows may be result rows or ratio rows. Uses the Agg backend.
+    Without matplotlib: a warning and None (the JSON holds every number)."""
+    try:
+        import matplotlib  # noqa: PLC0415
+    except ImportError:
+        warnings.warn(f"matplotlib is not installed: {path} not drawn (the JSON has the numbers)", stacklevel=2)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415

@@ -353,7 +353,8 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
         for y, label in (("samples_per_s", "samples/s"), ("peak_mem_mb", "peak memory (MiB)")):
             path = harness.plot(results.rows, out_dir / f"model-{args.model}-{y}.png", x="batch", y=y,
                                 title=f"{args.model} training step ({precision}): {label}", env=results.env)
-            print(f"wrote {path}")
+            if path is not None:
+                print(f"wrote {path}")
     return 0
 
 

@@ -285,4 +285,4 @@ def plot_speedups(results: harness.Results, out_dir, baseline: str = "reference"
         slug = name.replace(" ", "-").replace("+", "")
         paths.append(harness.plot(family, f"{out_dir}/ops-{slug}.png", x=sweep, y="speedup", series="series",
                                   title=f"{name}: speed-up over {baseline}", env=results.env))
-    return paths
+    return [path for path in paths if path is not None]
