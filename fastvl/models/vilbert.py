@@ -34,9 +34,9 @@ from torch import nn
 
 from fastvl import _checks
 from fastvl.dispatch import use_backend
-from fastvl.nn import (CoAttentionLayer, LayerNorm, RegionEmbeddings, TextEmbeddings, TransformerLayer,
+from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,
                        init_bert_weights)
-from fastvl.ops import bias_gelu, linear_cross_entropy, linear_region_kl_loss
+from fastvl.ops import linear_cross_entropy, linear_region_kl_loss
 
 # Keys of the original JSON configs that fastvl accepts but that do not change the model it builds.
 _IGNORED_ORIGINAL_KEYS = {
@@ -304,11 +304,11 @@ class PredictionTransform(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = 1e-12):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = LinearGELU(hidden_size, hidden_size)
         self.norm = LayerNorm(hidden_size, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(bias_gelu(F.linear(x, self.dense.weight), self.dense.bias))
+        return self.norm(self.dense(x))
 
 
 class MLMDecoder(nn.Module):
@@ -474,13 +474,13 @@ class MLPClassifier(nn.Module):
         super().__init__()
         _checks.choice("release", release, ("multi-task", "beta"))
         self.release, self.dropout = release, dropout
-        self.dense = nn.Linear(in_dim, hidden_dim)
+        self.dense = LinearGELU(in_dim, hidden_dim) if release == "multi-task" else nn.Linear(in_dim, hidden_dim)
         self.norm = LayerNorm(hidden_dim, eps) if release == "multi-task" else None
         self.out = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
-            return self.out(self.norm(bias_gelu(F.linear(x, self.dense.weight), self.dense.bias)))
+            return self.out(self.norm(self.dense(x)))
         return self.out(F.dropout(F.relu(self.dense(x)), self.dropout, self.training))
 
 

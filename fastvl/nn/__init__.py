@@ -6,7 +6,7 @@ probabilities on request (``output_attentions=True``, computed through the refer
 """
 
 from fastvl.nn.attention import CrossAttention, SelfAttention
-from fastvl.nn.common import (Checkpointable, FeedForward, LayerNorm, init_bert_weights,
+from fastvl.nn.common import (Checkpointable, FeedForward, LayerNorm, LinearGELU, init_bert_weights,
                               set_gradient_checkpointing)
 from fastvl.nn.embeddings import RegionEmbeddings, TextEmbeddings
 from fastvl.nn.geometry import VisualFeatureEmbedding, box_geometry_embedding
@@ -14,7 +14,7 @@ from fastvl.nn.layers import CoAttentionLayer, CrossAttentionLayer, TransformerE
 from fastvl.nn.vision import PatchEmbedding, VisionTransformer, ViTBlock
 
 __all__ = [
-    "Checkpointable", "CoAttentionLayer", "CrossAttention", "CrossAttentionLayer", "FeedForward", "LayerNorm",
+    "Checkpointable", "CoAttentionLayer", "CrossAttention", "CrossAttentionLayer", "FeedForward", "LayerNorm", "LinearGELU",
     "RegionEmbeddings", "SelfAttention", "TextEmbeddings", "TransformerEncoder", "TransformerLayer",
     "init_bert_weights", "set_gradient_checkpointing",
     "PatchEmbedding", "VisionTransformer", "ViTBlock", "VisualFeatureEmbedding", "box_geometry_embedding",

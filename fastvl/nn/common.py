@@ -30,6 +30,15 @@ class LayerNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class LinearGELU(nn.Linear):
+    """``gelu(x @ W.T + b)`` (erf GELU): ``torch.nn.Linear`` (same parameters) followed by BERT's
+    activation, with the bias add and the GELU fused into one epilogue (:func:`fastvl.ops.bias_gelu`).
+    Computed in the module's own forward, so DeepSpeed ZeRO-3 gathers its weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bias_gelu(F.linear(x, self.weight), self.bias)
+
+
 class Checkpointable(nn.Module):
     """A layer whose forward can run under activation checkpointing (``torch.utils.checkpoint`` with
     ``use_reentrant=False``): set ``layer.gradient_checkpointing = True`` (or call
@@ -59,8 +68,8 @@ class FeedForward(nn.Module):
     """BERT's ``BertIntermediate`` + ``BertOutput``: ``LN(dropout(W2 gelu(W1 x + b1) + b2) + x)``, with
     the bias + GELU and the residual + dropout + LN as fused epilogues.
 
-    Parameters: ``intermediate`` (Linear hidden -> intermediate), ``output`` (Linear intermediate ->
-    hidden), ``norm``. Works on ``[..., hidden]`` (padded or packed rows alike).
+    Parameters: ``intermediate`` (:class:`LinearGELU` hidden -> intermediate), ``output`` (Linear
+    intermediate -> hidden), ``norm``. Works on ``[..., hidden]`` (padded or packed rows alike).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.1, eps: float = 1e-12,
@@ -69,13 +78,12 @@ class FeedForward(nn.Module):
         if activation != "gelu":
             raise ValueError(f"activation must be 'gelu' (BERT's erf GELU), got {activation!r}")
         self.dropout = dropout
-        self.intermediate = nn.Linear(hidden_size, intermediate_size)
+        self.intermediate = LinearGELU(hidden_size, intermediate_size)
         self.output = nn.Linear(intermediate_size, hidden_size)
         self.norm = LayerNorm(hidden_size, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inner = bias_gelu(F.linear(x, self.intermediate.weight), self.intermediate.bias)
-        return self.norm(self.output(inner), x, self.dropout)
+        return self.norm(self.output(self.intermediate(x)), x, self.dropout)
 
 
 def bool_mask(name: str, mask: torch.Tensor | None, batch: int, length: int,
