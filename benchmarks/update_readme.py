@@ -132,7 +132,8 @@ def section(runs: list[dict], readme_dir: Path = REPO) -> str:
         where = Path(os.path.relpath(run["dir"], readme_dir)).as_posix()
         lines.append(f"Measured on **{env['device']}**, torch {env['torch']}, triton {env.get('triton') or '-'}, "
                      f"commit `{(env.get('git_commit') or 'unknown')[:12]}`, {env['date'][:10]} "
-                     f"([`{where}`]({where})). Ratios are measured in the same run.")
+                     f"([`{where}`]({where})). Ratios are measured in the same run."
+                     + (f" Note: {env['note']}" if env.get("note") else ""))
         for block in (model_table(run["docs"]), op_table(run["docs"]), parity_lines(run["docs"])):
             if block:
                 lines += ["", *block]

@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--quick", action="store_true", help="tiny shapes and short timing budgets (CI)")
         sub.add_argument("--no-plots", action="store_true", help="JSON and table only")
         sub.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+        sub.add_argument("--note", default=None, help="a remark stored with the results (e.g. machine load)")
     ops.add_argument("--size", choices=("tiny", "small", "paper"), default=None,
                      help="shapes (default: paper on GPU, small on CPU, tiny with --quick)")
     ops.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -76,7 +77,7 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
 
     size = args.size or ("tiny" if args.quick else "paper" if device.type == "cuda" else "small")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    results = harness.Results("ops", device, quick=args.quick)
+    results = harness.Results("ops", device, quick=args.quick, note=args.note)
     results.env["size"] = size
     notes = ops.run(results, size, dtype, only=args.only)
     _report(results, out_dir / "ops.json", ["reference"], notes)
@@ -108,7 +109,7 @@ def _run_module(path: Path, args: argparse.Namespace, device: torch.device, out_
         print(f"\n== {path.name} ==")
         module.main(["--device", str(device), "--out", str(out_dir)] + (["--quick"] if args.quick else []))
         return
-    results = harness.Results(suite, device, quick=args.quick)
+    results = harness.Results(suite, device, quick=args.quick, note=args.note)
     results.env["size"] = size
     notes = module.run(results, size, dtype) or []
     _report(results, out_dir / f"{suite}.json", getattr(module, "BASELINES", ["reference"]), notes)

@@ -316,11 +316,13 @@ class Results:
     params; ``table`` formats them; ``save`` writes ``<stem>.json`` (and plots via :func:`plot`).
     """
 
-    def __init__(self, suite: str, device: torch.device | str, *, quick: bool = False):
+    def __init__(self, suite: str, device: torch.device | str, *, quick: bool = False, note: str | None = None):
         self.suite = suite
         self.device = torch.device(device)
         self.quick = quick
         self.env = environment(self.device)
+        if note:
+            self.env["note"] = note
         self.rows: list[dict] = []
 
     def measure(self, fn: Callable[[], object], *, name: str, variant: str, params: dict | None = None,

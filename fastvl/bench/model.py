@@ -316,7 +316,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     batches = args.batch or [2 if args.quick else 64 if gpu else 8]
     precision = args.precision or ("bf16" if gpu else "fp32")
     steps = args.steps or (10 if gpu else 2 if args.quick else 3)
-    results = harness.Results(f"model-{args.model}", device, quick=args.quick)
+    results = harness.Results(f"model-{args.model}", device, quick=args.quick, note=args.note)
     results.env.update(model=args.model, precision=precision, seed=args.seed)
     name = f"{args.model} train step"
     tokens = spec.tokens
