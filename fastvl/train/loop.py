@@ -61,7 +61,8 @@ def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
              "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state()}
-    state["numpy"]["state"] = dict(state["numpy"]["state"])
+    numpy_state = state["numpy"]["state"]
+    state["numpy"]["state"] = {"key": torch.from_numpy(numpy_state["key"].astype(np.int64)), "pos": numpy_state["pos"]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,7 +71,10 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
-    np.random.set_state(state["numpy"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {"key": state["numpy"]["state"]["key"].numpy().astype(np.uint32),
+                            "pos": state["numpy"]["state"]["pos"]}
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

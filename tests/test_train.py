@@ -1,0 +1,228 @@
+"""fastvl.train: presets, packed vs padded batches, and real pretraining runs under DeepSpeed on CPU
+(the README's command under the launcher, 2 ranks under ZeRO-2/3 vs 1 rank, SIGKILL + SIGTERM
++ resume vs an uninterrupted run, a NaN loss stopping a run)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fastvl.data.format import RegionDataset
+from fastvl.data.sampler import GlobalBatchSampler
+from fastvl.data.synth import make_synthetic_dataset
+from fastvl.data.tokenizer import load_tokenizer, special_ids
+from fastvl.train import families, presets
+
+OBJECTIVES = ("mlm", "region", "align")
+# one small run that every comparison shares: 16 samples per step = 4 micro-batches of 4
+RUN = ["--model", "vilbert-tiny", "--global-batch", "16", "--micro-batch", "4", "--max-steps", "6", "--lr", "1e-3",
+       "--log-every", "1", "--no-progress", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic_dataset(str(out), 128, feature_dim=64, shard_size=64)
+    return str(out)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _command(args, ranks=None):
+    if ranks is None:
+        return [sys.executable, "-m", "fastvl.train", *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", _free_port(),
+            "--module", "fastvl.train", *args]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # the trainer runs the CPU backends, not the Triton interpreter
+    return env
+
+
+def _train(args, ranks=None, timeout=300):
+    done = subprocess.run(_command(args, ranks), env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _losses(out_dir):
+    """{step: record} from log.jsonl (a resumed step's later record wins)."""
+    steps = {}
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "loss" in record:
+                steps[record["step"]] = record
+    return steps
+
+
+@pytest.fixture(scope="module")
+def reference(synth, tmp_path_factory):
+    """The uninterrupted single-process run (ZeRO-2, fp32) the other runs are compared with."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    _train([*RUN, "--data", synth, "--out", out, "--zero-stage", "2", "--save-every", "0"])
+    return _losses(out)
+
+
+# presets and batches ---------------------------------------------------------------------------------
+
+
+def test_schedule_presets():
+    vilbert = presets.PRESETS["vilbert"]
+    factors = [presets.lr_factor(s, 100, presets.warmup_steps(vilbert, 100), vilbert, 1e-4) for s in range(101)]
+    assert presets.warmup_steps(vilbert, 100) == 10
+    np.testing.assert_allclose(factors[:11], np.arange(11) / 10)
+    np.testing.assert_allclose(factors[10:], 1 - np.arange(91) / 90)
+    albef = presets.PRESETS["albef"]
+    assert presets.warmup_steps(albef, 1000) == 100 and presets.warmup_steps(albef, 10**6) == 2000
+    assert presets.lr_factor(0, 10**6, 2000, albef, 1e-4) == pytest.approx(0.1)
+    assert presets.lr_factor(10**6, 10**6, 2000, albef, 1e-4) == pytest.approx(0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = presets.param_groups(model, 0.01)
+    assert [p.shape for p in decay["params"]] == [(4, 4)] and len(no_decay["params"]) == 3
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_packed_and_padded_batches_give_the_same_losses(synth):
+    tokenizer = load_tokenizer(os.path.join(synth, "vocab.txt"))
+    dataset = RegionDataset(synth, tokenizer)
+    family, variant = families.resolve("vilbert-tiny")
+    torch.manual_seed(0)
+    model = family.make_model(variant, families.ModelOptions(tokenizer.get_vocab_size(), dataset.num_classes,
+                                                             dataset.feature_dim)).eval()
+    keys = [(0, i) for i in (5, 17, 33, 70, 101)]
+
+    def losses(**kwargs):
+        collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=2,
+                                        max_text_len=36, max_regions=36, **kwargs)
+        batch = collator(keys)
+        with torch.no_grad():
+            out = model(**family.model_inputs(batch))
+        return batch, {k: v.item() for k, v in out.losses.items()}
+
+    padded_batch, padded = losses(packed=False, pad_to_multiple_of=16)
+    packed_batch, packed = losses(packed=True)
+    assert "cu_seqlens_text" in packed_batch and padded_batch["input_ids"].shape[1] % 16 == 0
+    assert set(padded) == set(OBJECTIVES) and all(v > 0 for v in padded.values())
+    for name in OBJECTIVES:
+        assert packed[name] == pytest.approx(padded[name], rel=1e-5, abs=1e-6)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="vilbert-tiny"):
+        families.resolve("vilbert-huge")
+
+
+# pretraining runs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_readme_command_under_the_launcher_losses_fall(synth, tmp_path):
+    """The README's main command, shortened: tiny ViLBERT on the synthetic set via the deepspeed launcher."""
+    out = str(tmp_path)
+    done = _train(["--model", "vilbert-tiny", "--data", synth, "--out", out, "--global-batch", "32", "--micro-batch",
+                   "32", "--max-steps", "40", "--lr", "2e-3", "--log-every", "1", "--save-every", "0", "--dropout", "0",
+                   "--no-progress"], ranks=1)
+    assert "step 40/40" in done.stdout
+    log = _losses(out)
+    assert sorted(log) == list(range(1, 41))
+    for name in OBJECTIVES:
+        first = np.mean([log[s][name] for s in range(1, 6)])
+        last = np.mean([log[s][name] for s in range(36, 41)])
+        assert last < first, (name, first, last)
+    record = log[40]
+    for key in ("samples_per_s", "tokens_per_s", "lr", "rss_peak_mib", "skipped_steps"):
+        assert key in record
+    assert os.path.isfile(os.path.join(out, "checkpoints", "latest"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_rank(synth, reference, tmp_path, stage):
+    """deepspeed --num_gpus 2 on CPU (gloo): the same global batch of 16 as 2 ranks x 2 micro-steps."""
+    out = str(tmp_path)
+    _train([*RUN, "--data", synth, "--out", out, "--zero-stage", str(stage), "--save-every", "0"], ranks=2)
+    log = _losses(out)
+    assert sorted(log) == sorted(reference)
+    for step, record in log.items():
+        for name in (*OBJECTIVES, "loss"):
+            assert record[name] == pytest.approx(reference[step][name], rel=2e-4, abs=1e-5), (step, name)
+    start = json.loads(open(os.path.join(out, "log.jsonl")).readline())
+    assert start["world_size"] == 2 and start["grad_accum"] == 2 and start["zero_stage"] == stage
+
+
+def _wait_for_step(process, out_dir, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isfile(os.path.join(out_dir, "log.jsonl")) and max(_losses(out_dir), default=0) >= step:
+            return
+        assert process.poll() is None, "the run ended before it was to be killed"
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+def test_sigkill_and_sigterm_then_resume_match_the_uninterrupted_run(synth, reference, tmp_path):
+    out = str(tmp_path)
+    args = [*RUN, "--data", synth, "--out", out, "--zero-stage", "2", "--save-every", "2"]
+    # SIGKILL somewhere after step 3: the last checkpoint is step 2 (or 4 if it got that far)
+    process = subprocess.Popen(_command(args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_step(process, out, 3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(_losses(out)) < 6
+    # resume; SIGTERM after it logs another step: it checkpoints that step and stops cleanly
+    process = subprocess.Popen(_command(args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(process, out, max(_losses(out)) + 1)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, stdout[-3000:]
+    assert "resumed from" in stdout
+    events = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    stopped = [e for e in events if e.get("event") == "sigterm"]
+    if stopped:  # SIGTERM came before the run finished
+        assert max(_losses(out)) == stopped[0]["step"] < 6
+    _train(args)  # resume to the end
+    resumed = _losses(out)
+    assert sorted(resumed) == sorted(reference)
+    for step in reference:
+        for name in (*OBJECTIVES, "loss", "lr"):
+            assert resumed[step][name] == reference[step][name], (step, name)
+    assert sum(e.get("event") == "resume" for e in [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]) >= 2
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth, tmp_path):
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(synth, data)
+    tokenizer = load_tokenizer(os.path.join(synth, "vocab.txt"))
+    n = len(RegionDataset(synth, tokenizer))
+    bad = GlobalBatchSampler(n, 16, 4, seed=3).global_indices(0, 2)[0]  # a record of step 3
+    shard, row = divmod(int(bad), 64)
+    counts = np.load(data / f"shard-{shard:05d}" / "num_regions.npy")
+    features = np.load(data / f"shard-{shard:05d}" / "features.npy")
+    features[counts[:row].sum():counts[: row + 1].sum()] = np.nan
+    np.save(data / f"shard-{shard:05d}" / "features.npy", features)
+    out = str(tmp_path / "run")
+    done = subprocess.run(_command([*RUN, "--data", str(data), "--out", out, "--save-every", "1"]), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "loss is nan at step 3" in done.stderr and "step-00000002" in done.stderr
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step-00000002"
+    assert max(_losses(out)) == 2
