@@ -319,3 +319,13 @@ def test_every_launch_configuration_is_compiled_ahead_of_time():
                        for kernel in (kernels.attention_bwd_kernel, kernels.co_attention_bwd_kernel)]
             missing = [w for w in wanted if w not in compiled]
             assert not missing, f"{dtype} head_dim {head_dim}: not in AOT_SPECS: {missing}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,causal", [(64, False), (128, True)])
+def test_long_sequences_on_gpu(generator, dtype, head_dim, causal):
+    """The long-sequence configuration (128-row query blocks) and many key blocks, compiled."""
+    q, k, v = qkv(generator, 2, 1024, 1100, 4, head_dim, dtype, "cuda")
+    check_op(triton(causal=causal), lambda q, k, v: attention_ref(q, k, v, causal=causal), [q, k, v],
+             name=f"attention long d{head_dim}")

@@ -259,3 +259,20 @@ def _t(*shape):
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("regions", [37, 101])
+def test_vilbert_shapes_on_gpu(generator, dtype, regions):
+    """The compiled kernels at ViLBERT's co-attention shape (8 heads of 128, 36 tokens), with dropout
+    replayed through the reference."""
+    inputs = streams(generator, 8, regions, 36, 8, 128, dtype, "cuda")
+    lengths_v = torch.randint(10, regions + 1, (8,), generator=generator)
+    lengths_t = torch.randint(1, 37, (8,), generator=generator)
+    mask_v, mask_t = prefix_mask(lengths_v.tolist(), regions, "cuda"), prefix_mask(lengths_t.tolist(), 36, "cuda")
+    keep_v = attention_module.dropout_keep_mask(5, 8, 8, regions, 36, 0.1, device="cuda")
+    keep_t = attention_module.dropout_keep_mask(5, 8, 8, 36, regions, 0.1, device="cuda", seed_offset=1)
+    q_v, k_v, v_v, q_t, k_t, v_t = inputs
+    check_op(fused(dropout_p=0.1, dropout_seed=5), reference(dropout_p=0.1, dropout_masks=(keep_v, keep_t)),
+             [q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t], name=f"co_attention vilbert {regions}")
