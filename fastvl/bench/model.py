@@ -2,9 +2,9 @@
 
 For each backend the same model (same seed, so the same weights), the same synthetic batch and the same
 precision run AdamW training steps; a step is split into forward, backward and optimizer with CUDA
-events on GPU (wall clock on CPU), and the median step gives samples/s and tokens/s (text tokens +
-regions per sample, padded positions included). Peak memory = parameters + optimizer state (after the
-first step) + the step's own peak (gradients and activations; see :mod:`fastvl.bench.harness` for how it
+events on GPU (wall clock on CPU), and the median step gives samples/s and tokens/s (text tokens plus
+regions or image patches per sample, padded positions included). Peak memory = parameters, buffers and
+optimizer state + the step's own peak (gradients and activations; see :mod:`fastvl.bench.harness` for how it
 is measured on each device). The largest batch that fits is searched per backend by doubling and then
 bisecting (to within 1/32): a batch fits when a training step runs without running out of memory and its
 peak memory is within ``--memory-cap-gb`` (default: the GPU's memory; 4 GiB on CPU).
@@ -42,7 +42,6 @@ class ModelSpec:
 
     build: Callable[[], torch.nn.Module]
     make_batch: Callable[[int, torch.Generator, torch.device], dict]
-    config: object
     shape: dict[str, int]
     batch_ok: Callable[[int], bool] = lambda batch_size: True
     deterministic: bool = True
@@ -70,7 +69,7 @@ def _vilbert(size: str) -> ModelSpec:
     config = ViLBERTConfig.named(size)
     # validate_values=False: the region-box range check is a host sync, not model work
     return ModelSpec(lambda: ViLBERTForPretraining(config, validate_values=False),
-                     lambda n, g, d: _vilbert_batch(config, n, g, d, 36, 37), config, {"text": 36, "regions": 37})
+                     lambda n, g, d: _vilbert_batch(config, n, g, d, 36, 37), {"text": 36, "regions": 37})
 
 
 def _vlbert(size: str) -> ModelSpec:
@@ -79,7 +78,7 @@ def _vlbert(size: str) -> ModelSpec:
     config = VLBERTConfig.named(size)
     text, regions = (59, 100) if size == "base" else (11, 9)  # base: 160 packed positions with the END token
     return ModelSpec(lambda: VLBERTForPretraining(config),
-                     lambda n, g, d: _vlbert_batch(config, n, g, d, text, regions), config,
+                     lambda n, g, d: _vlbert_batch(config, n, g, d, text, regions),
                      {"text": text, "regions": regions, "end": 1})
 
 
@@ -89,7 +88,7 @@ def _albef(size: str) -> ModelSpec:
     config = ALBEFConfig.named(size)
     text = 30 if size == "base" else 12
     patches = (config.image_res // config.patch_size) ** 2 + 1
-    return ModelSpec(lambda: ALBEF(config), lambda n, g, d: _albef_batch(config, n, g, d, text), config,
+    return ModelSpec(lambda: ALBEF(config), lambda n, g, d: _albef_batch(config, n, g, d, text),
                      {"text": text, "patches": patches},
                      batch_ok=lambda n: n >= 2 and config.queue_size % n == 0, deterministic=False)
 
@@ -234,8 +233,8 @@ class Trainer:
         return tuple(a.elapsed_ms(b) for a, b in zip(marks, marks[1:]))
 
     def persistent_bytes(self) -> int:
-        """Parameters and optimizer state (gradients are counted in the step's peak)."""
-        tensors = list(self.model.parameters())
+        """Parameters, buffers (ALBEF's queues) and optimizer state (gradients count in the step's peak)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
         tensors += [t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
