@@ -199,15 +199,21 @@ def _worst(results: list[testing.ParityResult]) -> testing.ParityResult | None:
     return max(results, key=lambda r: (not r.ok, r.fused_error / max(r.allowed, 1e-300)))
 
 
-def _compare_lists(label: str, fused: list, eager: list, exact: list) -> list[testing.ParityResult]:
+def _compare_lists(labels: list[str], fused: list, eager: list, exact: list) -> list[testing.ParityResult]:
+    """``compare`` of each (fused, eager, exact) triple; a tensor absent on every side (no gradient) is
+    skipped, one absent on one side only is an error."""
     out = []
-    for index, (f, e, x) in enumerate(zip(fused, eager, exact)):
+    for label, f, e, x in zip(labels, fused, eager, exact):
         if x is None or f is None or e is None:
             if x is not None and (f is None) != (e is None):
-                raise AssertionError(f"{label}[{index}]: gradient missing on one side")
+                raise AssertionError(f"{label}: gradient missing on one side")
             continue
-        out.append(testing.compare(f"{label}[{index}]", f, e, x))
+        out.append(testing.compare(label, f, e, x))
     return out
+
+
+def _labels(prefix: str, values: list) -> list[str]:
+    return [f"{prefix}[{index}]" for index in range(len(values))]
 
 
 def _summary(result: testing.ParityResult | None) -> dict | None:
@@ -259,13 +265,12 @@ def run_parity(model_name: str, dtype: torch.dtype, device: torch.device, *, bat
                 replays[side] = replay(call, module, torch.float64 if side == "exact" else dtype,
                                        dict(module.named_parameters()))
         f, e, x = replays["fused"], replays["eager"], replays["exact"]
-        forward = _worst(_compare_lists(f"{name} output", f.outputs, e.outputs, x.outputs))
-        grad_inputs = _worst(_compare_lists(f"{name} grad input", f.input_grads, e.input_grads, x.input_grads))
+        forward = _worst(_compare_lists(_labels(f"{name} output", x.outputs), f.outputs, e.outputs, x.outputs))
+        grad_inputs = _worst(_compare_lists(_labels(f"{name} grad input", x.input_grads), f.input_grads,
+                                            e.input_grads, x.input_grads))
         names = list(x.param_grads)
-        grad_params = _worst(_compare_lists(f"{name} grad", [f.param_grads[n] for n in names],
+        grad_params = _worst(_compare_lists([f"{name}.{n}.grad" for n in names], [f.param_grads[n] for n in names],
                                             [e.param_grads[n] for n in names], [x.param_grads[n] for n in names]))
-        if grad_params is not None:  # name the parameter rather than its index
-            grad_params.name = f"{name}.{names[int(grad_params.name.rsplit('[', 1)[1][:-1])]}.grad"
         entry = {"name": name, "type": type(modules["fused"]).__name__, "forward": _summary(forward),
                  "grad_input": _summary(grad_inputs), "grad_params": _summary(grad_params)}
         entry["ok"] = all(part is None or part["ok"] for part in (entry["forward"], entry["grad_input"],
@@ -331,8 +336,9 @@ def _op_entry(call: Call, dtype: torch.dtype, device: torch.device) -> dict:
     f = replay(call, chosen.impl, dtype, {})
     e = replay(call, reference.impl, dtype, {})
     x = replay(call, reference.impl, torch.float64, {})
-    forward = _worst(_compare_lists(f"{call.name} output", f.outputs, e.outputs, x.outputs))
-    grads = _worst(_compare_lists(f"{call.name} grad input", f.input_grads, e.input_grads, x.input_grads))
+    forward = _worst(_compare_lists(_labels(f"{call.name} output", x.outputs), f.outputs, e.outputs, x.outputs))
+    grads = _worst(_compare_lists(_labels(f"{call.name} grad input", x.input_grads), f.input_grads, e.input_grads,
+                                  x.input_grads))
     entry = {"call": call.name, "op": call.op, "layer": call.layer, "backend": chosen.name,
              "forward": _summary(forward), "grad_input": _summary(grads)}
     entry["ok"] = all(part is None or part["ok"] for part in (entry["forward"], entry["grad_input"]))
