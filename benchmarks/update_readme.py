@@ -35,8 +35,8 @@ def load_runs(results: Path) -> list[dict]:
                 continue
             if isinstance(document, dict) and "env" in document:
                 docs[path.stem] = document
-        if docs:
-            env = next(iter(docs.values()))["env"]
+        if docs:  # the run's tags: those of fastvl bench ops when it ran, else of any document
+            env = docs.get("ops", next(iter(docs.values())))["env"]
             runs.append({"dir": folder, "env": env, "docs": docs})
     return sorted(runs, key=lambda run: (run["env"].get("date") or "", run["dir"].name))
 
