@@ -476,7 +476,8 @@ MAX_HEAD_DIM = 128
 HEAD_BLOCKS = (64, 128)  # BLOCK_D: the head dim rounded up to a power of two, at least 64
 LONG_SEQUENCE = 512  # from this many query rows on, the forward uses 128-row query blocks
 DTYPES = ("fp16", "bf16", "fp32")
-# tl.dot precision per dtype: fp32 stays exact fp32 (ieee) to meet the fp32 parity rule.
+# tl.dot precision per dtype: fp32 stays exact fp32 (ieee, CUDA cores) to meet the fp32 parity rule;
+# it is the correctness path, not the fast one (use bf16/fp16 for speed).
 PRECISION = {"fp16": "tf32", "bf16": "tf32", "fp32": "ieee"}
 INTERPRETER_CONFIG = BlockConfig(32, 16, 1, 1)  # small blocks: several per sequence in CPU tests
 KEEP_CONFIG = BlockConfig(64, 64, 4, 1)  # dropout_keep_kernel (debug helper)
@@ -489,8 +490,8 @@ def head_block(head_dim: int) -> int:
 def fwd_config(dtype: str, block_d: int, long: bool) -> BlockConfig:
     """Forward blocks; ``long``: at least LONG_SEQUENCE query rows (attention only; co-attention's
     ViLBERT-length streams always take the short configuration)."""
-    if dtype == "fp32":
-        return BlockConfig(64, 32, 4, 2)
+    if dtype == "fp32":  # exact fp32 dots unroll into FMA loops: small tiles keep the compile short
+        return BlockConfig(32, 16, 4, 2)
     if long:
         return BlockConfig(128, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
     return BlockConfig(64, 64, 4, 2 if block_d == 128 else 3)
@@ -498,7 +499,7 @@ def fwd_config(dtype: str, block_d: int, long: bool) -> BlockConfig:
 
 def bwd_config(dtype: str, block_d: int) -> BlockConfig:
     if dtype == "fp32":
-        return BlockConfig(32, 32, 4, 1)
+        return BlockConfig(16, 16, 4, 1)
     return BlockConfig(64, 64, 8 if block_d == 128 else 4, 2)
 
 
