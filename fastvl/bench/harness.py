@@ -399,10 +399,11 @@ def ratios(rows: Sequence[dict], baseline: str) -> list[dict]:
 
 
 def format_table(rows: Sequence[dict], baselines: Sequence[str] = ()) -> str:
-    """A fixed-width table: one line per row, with speed-up columns against each named baseline."""
+    """A fixed-width table: one line per row, with its floor (the larger of the FLOP and byte floors, in
+    microseconds at the device's peak) and speed-up columns against each named baseline."""
     speedups = {b: {(_group_key(r), r["variant"]): r["speedup"] for r in ratios(rows, b)} for b in baselines}
     header = ["benchmark", "params", "variant", "median ms", "p20-p80 ms", "peak MB", "TFLOP/s", "GB/s",
-              *[f"x vs {b}" for b in baselines]]
+              "floor us", *[f"x vs {b}" for b in baselines]]
     lines = []
     for row in rows:
         params = " ".join(f"{k}={v}" for k, v in row["params"].items())
@@ -410,6 +411,8 @@ def format_table(rows: Sequence[dict], baselines: Sequence[str] = ()) -> str:
         cells = [row["name"], params, row["variant"], f"{row['median_ms']:.3f}",
                  f"{row['p20_ms']:.3f}-{row['p80_ms']:.3f}", "-" if mem is None else f"{mem:.1f}",
                  f"{row['tflops']:.3g}" if "tflops" in row else "-", f"{row['gbps']:.4g}" if "gbps" in row else "-"]
+        floors = [row[k] for k in ("flop_floor_us", "byte_floor_us") if k in row]
+        cells.append(f"{max(floors):.3g}" if floors else "-")
         for b in baselines:
             value = speedups[b].get((_group_key(row), row["variant"]))
             cells.append("-" if value is None else f"{value:.2f}")
