@@ -52,19 +52,26 @@ def model_table(docs: dict) -> list[str]:
             continue
         rows = {(r["variant"], r["params"]["batch"]): r for r in document["rows"]}
         max_batch = document.get("max_batch", {})
+        limit = document.get("max_batch_search", {}).get("limit")
+
+        def largest(variant: str) -> str:  # ">= N" where the search stopped at its limit
+            size = max_batch.get(variant)
+            return "-" if size is None else f">= {size}" if size == limit else str(size)
+
         for (variant, batch), row in sorted(rows.items()):
             reference = rows.get(("reference", batch))
             if variant == "reference" or reference is None:
                 continue
             batch_ratio = (max_batch[variant] / max_batch["reference"]
                            if max_batch.get(variant) and max_batch.get("reference") else None)
+            at_least = ">= " if max_batch.get(variant) == limit else ""
             lines.append(
                 f"| {document['env'].get('model', stem)} train step | {row['params']['precision']} | {batch} | "
                 f"{row['samples_per_s']:.1f} | {reference['samples_per_s']:.1f} | "
                 f"**{row['samples_per_s'] / reference['samples_per_s']:.2f}x** | "
                 f"{row['peak_mem_mb']:.0f} / {reference['peak_mem_mb']:.0f} | "
-                f"{max_batch.get(variant, '-')} / {max_batch.get('reference', '-')}"
-                f"{f' (**{batch_ratio:.2f}x**)' if batch_ratio else ''} |")
+                f"{largest(variant)} / {largest('reference')}"
+                f"{f' (**{at_least}{batch_ratio:.2f}x**)' if batch_ratio else ''} |")
     if not lines:
         return []
     return ["| model | precision | batch | fused samples/s | reference samples/s | speed-up | peak MiB fused / ref "

@@ -414,4 +414,6 @@ def _print_summary(results: harness.Results, document: dict) -> None:
     if "max_batch" in document:
         sizes = document["max_batch"]
         cap_gib = document["max_batch_search"]["cap_bytes"] / 2**30
-        print(f"largest batch that fits in {cap_gib:.3g} GiB: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+        limit = document["max_batch_search"]["limit"]
+        print(f"largest batch that fits in {cap_gib:.3g} GiB: "
+              + ", ".join(f"{k} {v}" + (" (the search limit)" if v == limit else "") for k, v in sizes.items()))
