@@ -183,6 +183,7 @@ class Trainer:
         self.logger = Logger(os.path.join(out_dir, LOG_FILE), self.rank == 0)
         self.progress = progress and self.rank == 0
         self.start_step = 0
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     # checkpoints ----------------------------------------------------------------------------------
 
@@ -224,6 +225,14 @@ class Trainer:
 
     # training -------------------------------------------------------------------------------------
 
+    def _to_device(self, value):
+        """Moves a batch tensor to the engine's device; floats in the engine's precision (DeepSpeed
+        casts the parameters, not the inputs)."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        dtype = self.input_dtype if value.is_floating_point() else value.dtype
+        return value.to(self.engine.device, dtype=dtype, non_blocking=True)
+
     def _loader(self, stop: int):
         return torch.utils.data.DataLoader(_Identity(), batch_sampler=_KeyBatches(self.sampler, self.start_step, stop),
                                            collate_fn=self.collator, num_workers=self.num_workers,
@@ -255,8 +264,7 @@ class Trainer:
                     break
                 micro = next(micro_batches)
                 torch.manual_seed(micro_batch_seed(self.seed, micro.global_step, micro.chunk))
-                inputs = {k: (v.to(self.engine.device) if isinstance(v, torch.Tensor) else v)
-                          for k, v in self.family.model_inputs(batch).items()}
+                inputs = {k: self._to_device(v) for k, v in self.family.model_inputs(batch).items()}
                 with nvtx_range("forward"):
                     out = self.engine(**inputs)
                 with nvtx_range("backward"):
