@@ -126,6 +126,9 @@ def test_fastvl_bench_profile_saves_top_ops(tmp_path):
     assert all(item["self_us"] > 0 and item["calls"] > 0 for item in document["top"])
     assert document["top"][0]["self_us"] >= document["top"][-1]["self_us"]
     assert "Self CPU" in (tmp_path / "profile-vilbert-tiny.txt").read_text()
+    layers = document["forward_us_per_layer"]
+    assert {"bert.layer.0", "bert.c_layer.1"} <= layers.keys() and all(us > 0 for us in layers.values())
+    assert not any(item["name"] in layers or item["name"].startswith("op ") for item in document["top"])
 
 
 def _update_readme_module():

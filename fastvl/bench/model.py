@@ -359,9 +359,12 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
 
 def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, top: int = 30) -> dict:
     """torch.profiler over one fused training step (after warm-up): the ``top`` kernels by their own
-    device time (CPU ops by their own CPU time on CPU), as ``profile-<model>.json`` and ``.txt``."""
+    device time (CPU ops by their own CPU time on CPU) and each layer's forward time (its range from
+    :func:`fastvl.bench.parity.annotate`), as ``profile-<model>.json`` and ``.txt``."""
     from torch.autograd import DeviceType  # noqa: PLC0415
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    from fastvl.bench.parity import annotate, layer_modules  # noqa: PLC0415 - parity imports this module
 
     gpu = device.type == "cuda"
     spec = MODELS[args.model]()
@@ -371,14 +374,21 @@ def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, 
     for _ in range(max(1, args.warmup)):
         trainer.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities, record_shapes=False) as prof:
+    with profile(activities=activities, record_shapes=False) as prof, annotate(trainer.model):
         trainer.step()
     averages = prof.key_averages()
+    layer_names = set(layer_modules(trainer.model))
+
+    def is_range(key: str) -> bool:  # annotate()'s ranges: layers and fastvl op calls
+        return key in layer_names or key.startswith("op ")
+
+    # forward time per layer: its kernels' device time on GPU, its CPU time on CPU
+    layers = {e.key: (e.device_time_total if gpu else e.cpu_time_total) for e in averages if e.key in layer_names}
     if gpu:  # kernels only (the CPU ops that launched them would count their time twice)
         events = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
         own_time = {e.key: e.self_device_time_total for e in events}
-    else:
-        events = list(averages)
+    else:  # ops only (a range's own time is the Python between its ops)
+        events = [e for e in averages if not is_range(e.key)]
         own_time = {e.key: e.self_cpu_time_total for e in events}
     total = sum(own_time.values()) or 1.0
     ranked = sorted(events, key=lambda e: own_time[e.key], reverse=True)[:top]
@@ -388,7 +398,8 @@ def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, 
                 "measure": "self device time of each kernel" if gpu else "self CPU time of each op",
                 "total_us": total,
                 "top": [{"name": e.key, "calls": e.count, "self_us": own_time[e.key],
-                         "percent": 100 * own_time[e.key] / total} for e in ranked]}
+                         "percent": 100 * own_time[e.key] / total} for e in ranked],
+                "forward_us_per_layer": layers}
     path = harness.write_json(out_dir / f"profile-{args.model}.json", document)
     sort_by = "self_device_time_total" if gpu else "self_cpu_time_total"
     (out_dir / f"profile-{args.model}.txt").write_text(averages.table(sort_by=sort_by, row_limit=top) + "\n")
@@ -396,6 +407,8 @@ def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, 
           f"{document['measure']}):")
     for item in document["top"][:15]:
         print(f"  {item['percent']:5.1f}%  {item['self_us'] / 1e3:9.3f} ms  x{item['calls']:<5} {item['name'][:90]}")
+    slowest = sorted(layers.items(), key=lambda kv: kv[1], reverse=True)[:5]
+    print("slowest layers (forward): " + ", ".join(f"{name} {us / 1e3:.3f} ms" for name, us in slowest))
     print(f"wrote {path}")
     return document
 

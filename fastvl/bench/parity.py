@@ -176,6 +176,57 @@ def _nvtx(name: str):
     return torch.cuda.nvtx.range(name) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
+class _Range:
+    """One named range for both tools: an NVTX range (for nsys, only with CUDA) and a
+    torch.profiler ``record_function``."""
+
+    def __init__(self, name: str):
+        self.contexts = [torch.autograd.profiler.record_function(name), _nvtx(name)]
+
+    def __enter__(self):
+        for context in self.contexts:
+            context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for context in reversed(self.contexts):
+            context.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def annotate(model: nn.Module, prefix: str = "") -> Iterator[None]:
+    """Inside the block, every layer of ``model`` (see :func:`layer_modules`) and every fastvl op call runs
+    in a named range, so ``nsys`` and torch.profiler show the same breakdown as the parity report."""
+    open_ranges: list[_Range] = []
+    handles = []
+    for name, module in layer_modules(model).items():
+        def pre(module, args, name=name):
+            open_ranges.append(_Range(f"{prefix}{name}").__enter__())
+
+        def post(module, args, output):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    original_select = Op.select
+
+    def select(op: Op, backend, device, **features):
+        chosen = original_select(op, backend, device, **features)
+
+        def impl(*args, **kwargs):
+            with _Range(f"{prefix}op {op.name} [{chosen.name}]"):
+                return chosen.impl(*args, **kwargs)
+
+        return dataclasses.replace(chosen, impl=impl)
+
+    Op.select = select
+    try:
+        yield
+    finally:
+        Op.select = original_select
+        for handle in handles:
+            handle.remove()
+
+
 def replay(call: Call, fn: Callable, dtype: torch.dtype, params: dict[str, nn.Parameter]) -> Replay:
     """Runs ``fn(*args, **kwargs)`` on the recorded inputs cast to ``dtype``, then back-propagates the
     recorded upstream gradients; returns outputs and the gradients of the inputs and ``params``."""
@@ -350,7 +401,7 @@ def _end_to_end(fused: nn.Module, eager: nn.Module, exact: nn.Module, exact_out,
     """The whole model's losses and parameter gradients (errors of all layers accumulated)."""
     outputs = {}
     for side, model in (("fused", fused), ("eager", eager)):
-        with _backend(side):
+        with _backend(side), annotate(model, f"{side} "):
             model.zero_grad(set_to_none=True)
             out = model(**_cast(batch, dtype))
             loss_of(out).backward()
