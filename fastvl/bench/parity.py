@@ -10,8 +10,9 @@ output, the gradients of its inputs and of each of its parameters are compared w
 by :func:`fastvl.testing.compare`. Isolation is what makes the report point at a layer: an error that
 one layer makes does not reach the next layer's inputs. Ops are replayed the same way, each with the
 backend auto picks for dtype d against the reference backend. Layers are timed side by side (forward,
-and forward+backward) on the same inputs; on CUDA every layer and op replay sits in an NVTX range so
-``nsys`` shows the same breakdown. The whole model's losses and parameter gradients are compared too
+and forward+backward) on the same inputs; on CUDA every layer and op replay sits in an NVTX range, and
+the end-to-end runs go through :func:`annotate` (an NVTX range and a torch.profiler range per layer and
+per op call), so ``nsys`` shows the same breakdown. The whole model's losses and parameter gradients are compared too
 ("end to end"); those accumulate every layer's error and are reported apart from the layer verdicts.
 
 Layers: the modules inside a ``ModuleList`` and the other blocks beside them (embeddings, poolers, head
