@@ -222,6 +222,7 @@ def test_backward_is_bitwise_repeatable(generator, device):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.slow  # the first torch.compile of a process pays for dynamo's start-up
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(generator, device):
     q, k, v = (t.requires_grad_() for t in qkv(generator, 2, 23, 37, 2, 32, torch.float32, device))

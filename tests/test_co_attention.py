@@ -195,6 +195,7 @@ def test_fused_projection_views_and_bitwise_backward(generator, device):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.slow  # the first torch.compile of a process pays for dynamo's start-up
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(generator, device):
     inputs = [t.requires_grad_() for t in streams(generator, 2, 37, 23, 1, 64, torch.float32, device)]
