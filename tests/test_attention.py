@@ -330,3 +330,14 @@ def test_long_sequences_on_gpu(generator, dtype, head_dim, causal):
     q, k, v = qkv(generator, 2, 1024, 1100, 4, head_dim, dtype, "cuda")
     check_op(triton(causal=causal), lambda q, k, v: attention_ref(q, k, v, causal=causal), [q, k, v],
              name=f"attention long d{head_dim}")
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES[:1] + DEVICE_DTYPES[2:])
+def test_packed_causal_aligns_per_sequence(generator, device, dtype):
+    """Packed causal attention aligns each sequence's mask to its own bottom-right corner."""
+    lengths_q, lengths_k = [5, 19, 1], [9, 17, 4]
+    q = randn(generator, sum(lengths_q), 2, 64, dtype=dtype, device=device)
+    k, v = (randn(generator, sum(lengths_k), 2, 64, dtype=dtype, device=device) for _ in range(2))
+    cu_q, cu_k = cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device)
+    check_op(lambda q, k, v: attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="triton"),
+             lambda q, k, v: varlen_attention_ref(q, k, v, cu_q, cu_k, causal=True), [q, k, v], name="packed causal")

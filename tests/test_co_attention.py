@@ -277,3 +277,11 @@ def test_vilbert_shapes_on_gpu(generator, dtype, regions):
     q_v, k_v, v_v, q_t, k_t, v_t = inputs
     check_op(fused(dropout_p=0.1, dropout_seed=5), reference(dropout_p=0.1, dropout_masks=(keep_v, keep_t)),
              [q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t], name=f"co_attention vilbert {regions}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_directions_draw_independent_dropout(device):
+    keep_v = attention_module.dropout_keep_mask(8, 2, 2, 30, 30, 0.5, device=device)
+    keep_t = attention_module.dropout_keep_mask(8, 2, 2, 30, 30, 0.5, device=device, seed_offset=1)
+    assert not torch.equal(keep_v, keep_t)
+    assert abs((keep_v == keep_t).float().mean().item() - 0.5) < 0.05  # uncorrelated: agree half the time
