@@ -352,3 +352,25 @@ def test_data_cli_synth_and_inspect(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["records"] == 12 and report["feature_dim"] == 16
     assert fastvl_main(["data", "inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_worker_processes_collate_the_same_batches(dataset):
+    """Shards are re-mapped in each DataLoader worker (never pickled with their data); same batches."""
+    import pickle
+
+    from fastvl.train.loop import _Identity, _KeyBatches
+
+    assert len(pickle.dumps(dataset.shards[0])) < 2000
+    sampler = GlobalBatchSampler(len(dataset), 8, 4, seed=5)
+    collator = _collator(dataset, seed=5)
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(_Identity(), batch_sampler=_KeyBatches(sampler, 2, 5),
+                                             collate_fn=collator, num_workers=workers)
+        return list(loader)
+
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert a["keys"] == b["keys"]
+        for key, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[key]), key

@@ -240,3 +240,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth, tmp_path):
     assert "loss is nan at step 3 (bf16)" in done.stderr and "step-00000002" in done.stderr
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step-00000002"
     assert max(_losses(out)) == 2
+
+
+def test_text_stream_from_a_bert_checkpoint(tmp_path):
+    """--init-text-from: HF BERT names (written here from another model's text stream) fill the text stream."""
+    from safetensors.torch import save_file
+
+    from fastvl.convert.hf_bert import _rules
+    from fastvl.convert.vilbert import original_names
+
+    family, variant = families.resolve("vilbert-tiny")
+    options = families.ModelOptions(vocab_size=50, num_classes=5, feature_dim=16)
+    torch.manual_seed(1)
+    source = family.make_model(variant, options)
+    prefix, table = _rules(source, with_mlm_head=False)
+    hf = {}
+    for name, tensor in source.state_dict().items():
+        try:
+            names = original_names(name, table)
+        except ValueError:
+            continue  # visual stream, co-attention, heads
+        for original, part in zip(names, tensor.chunk(len(names))):
+            hf["bert." + original] = part.clone()
+    save_file(hf, str(tmp_path / "bert.safetensors"))
+    torch.manual_seed(2)
+    model = family.make_model(variant, options)
+    family.init_text(model, str(tmp_path / "bert.safetensors"))
+    text = source.bert.layer[1].attention.qkv.weight
+    assert torch.equal(model.bert.layer[1].attention.qkv.weight, text)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, source.bert.embeddings.word_embeddings.weight)
+    assert not torch.equal(model.bert.v_layer[0].attention.qkv.weight, source.bert.v_layer[0].attention.qkv.weight)

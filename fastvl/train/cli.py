@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-regions", type=int, default=36, help="real regions per image (plus IMG)")
     parser.add_argument("--packed", action="store_true", help="collate packed cu_seqlens batches")
     parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
+    parser.add_argument("--init-text-from", metavar="CKPT", help="initialise the text stream from a Hugging Face "
+                        "BERT checkpoint (.safetensors or .bin, loaded weights_only; its vocab.txt must be --vocab)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in "
                         "the backward pass (less memory, ~30%% more compute)")
     parser.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
@@ -142,6 +144,12 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = family.make_model(variant, options)
+    if args.init_text_from:
+        if family.init_text is None:
+            raise ValueError(f"--init-text-from is not supported for {family.name}")
+        family.init_text(model, args.init_text_from)  # a resumed checkpoint overrides it below
+        if rank == 0:
+            print(f"text stream initialised from {args.init_text_from}")
     preset = presets.PRESETS[args.preset or family.preset]
     config.setdefault("gradient_clipping", preset.gradient_clipping)
     optimizer = scheduler = None

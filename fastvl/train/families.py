@@ -37,6 +37,7 @@ class Family:
     model_inputs: Callable[[dict], dict]
     preset: str  # optimizer / schedule preset in fastvl.train.presets
     objectives: tuple[str, ...]
+    init_text: Callable[[torch.nn.Module, str], object] | None = None  # text stream from a BERT checkpoint
 
 
 def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -50,6 +51,14 @@ def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
                          v_hidden_dropout_prob=options.dropout, v_attention_probs_dropout_prob=options.dropout)
     model = ViLBERTForPretraining(ViLBERTConfig.named(variant, **overrides))
     return set_gradient_checkpointing(model, options.activation_checkpointing)
+
+
+def _text_stream_from_bert(model: torch.nn.Module, path: str):
+    """Loads a Hugging Face BERT checkpoint (safetensors, or torch weights_only) into the text stream."""
+    from fastvl.convert.common import load_state_dict_file  # noqa: PLC0415
+    from fastvl.convert.hf_bert import text_stream_from_hf_bert  # noqa: PLC0415
+
+    return text_stream_from_hf_bert(model, load_state_dict_file(path))
 
 
 def _vilbert_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
@@ -66,7 +75,7 @@ def _vilbert_inputs(batch: dict) -> dict:
 
 FAMILIES = {
     "vilbert": Family("vilbert", ("tiny", "2-layer", "4-layer", "6-layer", "8-layer", "base"), _vilbert_model,
-                      _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align")),
+                      _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert),
 }
 
 
