@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -84,10 +85,17 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
     if not args.no_plots:
         for path in ops.plot_speedups(results, out_dir):
             print(f"wrote {path}")
+    failed = []
     if not args.builtin_only:
         for module_path in sorted(BENCHMARKS_DIR.glob("bench_*.py")):
-            _run_module(module_path, args, device, out_dir, size, dtype)
-    return 0
+            try:
+                _run_module(module_path, args, device, out_dir, size, dtype)
+            except Exception:  # noqa: BLE001 - one broken module must not cost the others' numbers
+                traceback.print_exc()
+                failed.append(module_path.name)
+    if failed:
+        print(f"failed: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run_module(path: Path, args: argparse.Namespace, device: torch.device, out_dir: Path, size: str,
