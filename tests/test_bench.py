@@ -110,7 +110,7 @@ def test_fastvl_bench_model_vilbert_tiny(tmp_path, capsys):
     assert {r["variant"] for r in document["ratios"]} == {"fused"}
     assert set(document["max_batch"]) == {"fused", "reference"}
     assert all(1 <= size <= 4 for size in document["max_batch"].values())
-    for y in ("samples_per_s", "peak_mem_mb"):
+    for y in ("samples_per_s", "peak_mem_mb", "speedup"):
         assert (tmp_path / f"model-vilbert-tiny-{y}.png").stat().st_size > 1000
     assert "largest batch that fits" in capsys.readouterr().out
 

@@ -349,8 +349,12 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     _print_summary(results, document)
     print(f"wrote {harness.write_json(out_dir / f'model-{args.model}.json', document)}")
     if not args.no_plots:
-        for y, label in (("samples_per_s", "samples/s"), ("peak_mem_mb", "peak memory (MiB)")):
-            path = harness.plot(results.rows, out_dir / f"model-{args.model}-{y}.png", x="batch", y=y,
+        plots = [(results.rows, "samples_per_s", "samples/s"), (results.rows, "peak_mem_mb", "peak memory (MiB)"),
+                 (document["ratios"], "speedup", "speed-up over reference")]
+        for rows, y, label in plots:
+            if not rows:
+                continue
+            path = harness.plot(rows, out_dir / f"model-{args.model}-{y}.png", x="batch", y=y,
                                 title=f"{args.model} training step ({precision}): {label}", env=results.env)
             if path is not None:
                 print(f"wrote {path}")
