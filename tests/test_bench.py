@@ -193,3 +193,21 @@ def test_gpu_bench_model_profile_and_parity_tiny(tmp_path):
     assert profile["top"] and profile["measure"].startswith("self device time")
     assert main(["parity", "--model", "vilbert-tiny", "--device", "cuda", "--dtype", "bf16", "--quick", "--out",
                  str(tmp_path / "parity.json")]) == 0
+
+
+def test_a_failing_variant_is_reported_and_the_rest_still_measured(monkeypatch):
+    import fastvl.ops
+    from fastvl.bench import ops
+
+    real = fastvl.ops.itc_loss
+
+    def broken_reference(*args, backend=None, **kwargs):
+        if backend == "reference":
+            raise RuntimeError("planted failure")
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(fastvl.ops, "itc_loss", broken_reference)
+    results = harness.Results("ops", "cpu", quick=True)
+    notes, failures = ops.run(results, "tiny", torch.float32, only=["itc_loss"])
+    assert len(failures) == 2 and all("planted failure" in f and "reference" in f for f in failures)
+    assert {row["variant"] for row in results.rows} >= {"auto"} and "reference" not in {r["variant"] for r in results.rows}

@@ -80,21 +80,21 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     results = harness.Results("ops", device, quick=args.quick, note=args.note)
     results.env["size"] = size
-    notes = ops.run(results, size, dtype, only=args.only)
-    _report(results, out_dir / "ops.json", ["reference"], notes)
+    notes, results.failures = ops.run(results, size, dtype, only=args.only)
+    _report(results, out_dir / "ops.json", ["reference"], notes + results.failures)
     if not args.no_plots:
         for path in ops.plot_speedups(results, out_dir):
             print(f"wrote {path}")
-    failed = []
+    failed = list(results.failures)
     if not args.builtin_only:
         for module_path in sorted(BENCHMARKS_DIR.glob("bench_*.py")):
             try:
                 _run_module(module_path, args, device, out_dir, size, dtype)
             except Exception:  # noqa: BLE001 - one broken module must not cost the others' numbers
                 traceback.print_exc()
-                failed.append(module_path.name)
+                failed.append(f"{module_path.name} (traceback above)")
     if failed:
-        print(f"failed: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
+        print("failed: " + "; ".join(failed), file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -324,6 +324,7 @@ class Results:
         if note:
             self.env["note"] = note
         self.rows: list[dict] = []
+        self.failures: list[str] = []  # variants that raised: named in the JSON, not silently dropped
 
     def measure(self, fn: Callable[[], object], *, name: str, variant: str, params: dict | None = None,
                 dtype: torch.dtype = torch.float32, flops: float | None = None, nbytes: float | None = None,
@@ -372,7 +373,8 @@ class Results:
 
     def to_json(self, baselines: Sequence[str] = ()) -> dict:
         return {"schema": SCHEMA_VERSION, "suite": self.suite, "quick": self.quick, "env": self.env,
-                "rows": self.rows, "ratios": [r for b in baselines for r in self.ratios(b)]}
+                "rows": self.rows, "ratios": [r for b in baselines for r in self.ratios(b)],
+                "failures": self.failures}
 
     def save(self, path: str | Path, baselines: Sequence[str] = ()) -> Path:
         """Writes the JSON document to ``path`` (parents created) and returns it."""

@@ -248,11 +248,12 @@ def prepare(case: Case, backend: str, kind: str, device: torch.device, dtype: to
 
 
 def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequence[str] = (),
-        passes: Sequence[str] = PASSES) -> list[str]:
+        passes: Sequence[str] = PASSES) -> tuple[list[str], list[str]]:
     """Measures every case (whose op is, or whose name starts with, one of ``only``, if given) with every
-    backend; returns notes on the variants that could not run."""
+    backend. Returns (notes on the variants that cannot run these inputs, failures: variants that raised
+    anything else, e.g. a kernel that does not compile; the run goes on without them)."""
     selected = [c for c in cases(size) if not only or any(word == c.op or c.name.startswith(word) for word in only)]
-    notes = []
+    notes, failures = [], []
     for op_name in dict.fromkeys(c.op for c in selected):
         notes += [f"{op_name}: {name} not benchmarked ({'; '.join(reasons)})"
                   for name, reasons in backend_notes(op_name, results.device).items() if reasons]
@@ -260,15 +261,17 @@ def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequen
             for kind in passes]
     element = torch.empty((), dtype=dtype).element_size()
     for case, backend, kind in harness.progress(work, f"ops ({size})"):
+        label = f"{case.name} {case.params} {kind} {backend}"
         try:
             fn, grad_inputs = prepare(case, backend, kind, results.device, dtype)
+            flops, nbytes = case.work(kind, element)
+            results.measure(fn, name=case.name, variant=backend, params={**case.params, "pass": kind}, dtype=dtype,
+                            flops=flops, nbytes=nbytes, grad_to_none=grad_inputs, op=case.op, sweep=case.sweep)
         except BackendUnavailableError as error:
-            notes.append(f"{case.name} {case.params} {kind}: skipped {reason(error, backend)}")
-            continue
-        flops, nbytes = case.work(kind, element)
-        results.measure(fn, name=case.name, variant=backend, params={**case.params, "pass": kind}, dtype=dtype,
-                        flops=flops, nbytes=nbytes, grad_to_none=grad_inputs, op=case.op, sweep=case.sweep)
-    return notes
+            notes.append(f"{label}: skipped, {reason(error, backend)}")
+        except Exception as error:  # noqa: BLE001 - one broken variant must not cost the suite's other numbers
+            failures.append(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    return notes, failures
 
 
 def plot_speedups(results: harness.Results, out_dir, baseline: str = "reference") -> list:
