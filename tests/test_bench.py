@@ -210,4 +210,5 @@ def test_a_failing_variant_is_reported_and_the_rest_still_measured(monkeypatch):
     results = harness.Results("ops", "cpu", quick=True)
     notes, failures = ops.run(results, "tiny", torch.float32, only=["itc_loss"])
     assert len(failures) == 2 and all("planted failure" in f and "reference" in f for f in failures)
-    assert {row["variant"] for row in results.rows} >= {"auto"} and "reference" not in {r["variant"] for r in results.rows}
+    variants = {row["variant"] for row in results.rows}
+    assert "auto" in variants and "reference" not in variants
