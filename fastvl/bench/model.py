@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -320,10 +321,19 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     name = f"{args.model} train step"
     tokens = spec.tokens
     for batch_size, backend in harness.progress([(b, k) for b in batches for k in args.backends], args.model):
-        trainer = Trainer(spec, backend, batch_size, device, precision, seed=args.seed)
-        for _ in range(args.warmup):
-            trainer.step()
-        phases = [trainer.step() for _ in range(steps)]
+        try:
+            trainer = Trainer(spec, backend, batch_size, device, precision, seed=args.seed)
+            for _ in range(args.warmup):
+                trainer.step()
+            phases = [trainer.step() for _ in range(steps)]
+            peak_mb = trainer.peak_bytes() / 2**20
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory: the other points still count
+            results.failures.append(f"{backend} at batch {batch_size}: FAILED {type(error).__name__}: "
+                                    f"{str(error).splitlines()[0][:200]}")
+            continue
+        finally:
+            trainer = None
+            gc.collect()
         timing = harness.Timing.of([sum(p) for p in phases])
         median = timing.median_ms
         results.add(timing, name=name, variant=backend, params={"batch": batch_size, **spec.shape,
@@ -333,8 +343,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
                     backward_ms=statistics.median(p[1] for p in phases),
                     optimizer_ms=statistics.median(p[2] for p in phases),
                     samples_per_s=batch_size / (median * 1e-3), tokens_per_s=batch_size * tokens / (median * 1e-3),
-                    peak_mem_mb=trainer.peak_bytes() / 2**20, steps=steps)
-        del trainer
+                    peak_mem_mb=peak_mb, steps=steps)
     document = results.to_json(["reference"])
     if not args.no_max_batch:
         cap = int((args.memory_cap_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if gpu else 4))
@@ -342,11 +351,18 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
         limit = args.max_batch_limit or (4096 if gpu else 256)
         document["max_batch"] = {}
         for backend in harness.progress(args.backends, "largest batch"):
-            trainer = Trainer(spec, backend, min(batches), device, precision, seed=args.seed)
-            document["max_batch"][backend] = largest_batch(trainer, cap, limit, start=min(batches))
-            del trainer
+            try:
+                trainer = Trainer(spec, backend, min(batches), device, precision, seed=args.seed)
+                document["max_batch"][backend] = largest_batch(trainer, cap, limit, start=min(batches))
+            except Exception as error:  # noqa: BLE001 - reported, the other backend's search still runs
+                results.failures.append(f"largest-batch search, {backend}: FAILED {type(error).__name__}: "
+                                        f"{str(error).splitlines()[0][:200]}")
+            finally:
+                trainer = None
         document["max_batch_search"] = {"cap_bytes": cap, "limit": limit}
     _print_summary(results, document)
+    for failure in results.failures:
+        print(f"failed: {failure}", file=sys.stderr)
     print(f"wrote {harness.write_json(out_dir / f'model-{args.model}.json', document)}")
     if not args.no_plots:
         plots = [(results.rows, "samples_per_s", "samples/s"), (results.rows, "peak_mem_mb", "peak memory (MiB)"),
@@ -358,7 +374,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
                                 title=f"{args.model} training step ({precision}): {label}", env=results.env)
             if path is not None:
                 print(f"wrote {path}")
-    return 0
+    return 1 if results.failures else 0
 
 
 def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, top: int = 30) -> dict:
