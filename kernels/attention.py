@@ -72,7 +72,7 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
                len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """Output rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b, and their log-sum-exp."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
@@ -82,7 +82,7 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < seq_q
-        d_ok = offs_d < head_dim
+        d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)  # EVEN_D: a mask the compiler folds away
         rows = q_start + offs_m.to(tl.int64)
         q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -137,7 +137,7 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, se
                   len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                   IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """dK and dV of key rows [pid_n * BLOCK_N, +BLOCK_N) of head h of sequence b (loop over queries;
     each query block's delta = rowsum(O * dO) is recomputed from its O and dO tiles)."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
@@ -147,7 +147,7 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, se
         b64, h64 = b.to(tl.int64), h.to(tl.int64)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < head_dim
+        d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)  # EVEN_D: a mask the compiler folds away
         key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK)
         keys = k_start + offs_n.to(tl.int64)
         kv_mask = key_ok[:, None] & d_ok[None, :]
@@ -206,7 +206,7 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
                  len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                  IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """dQ of query rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b (loop over keys)."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
@@ -216,7 +216,7 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < seq_q
-        d_ok = offs_d < head_dim
+        d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)  # EVEN_D: a mask the compiler folds away
         tile = row_ok[:, None] & d_ok[None, :]
         rows = q_start + offs_m.to(tl.int64)
         q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
@@ -266,7 +266,7 @@ def attention_fwd_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
                          len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """Program (i, b * H + h): output and log-sum-exp of query block i of head h of sequence b."""
     pid_bh = tl.program_id(1)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
@@ -274,7 +274,8 @@ def attention_fwd_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
                stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
                stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
                stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
-               qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+               qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION,
+               EVEN_D)
 
 
 @triton.jit
@@ -288,7 +289,7 @@ def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED
                          len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """Program (i, b * H + h): for i < cdiv(len_k, BLOCK_N), dK/dV of key block i; otherwise dQ of
     query block i - cdiv(len_k, BLOCK_N); of head h of sequence b."""
     pid = tl.program_id(0)
@@ -305,7 +306,7 @@ def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED
                       stride_dvb, stride_dvl, stride_dvh, stride_dvd,
                       stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
-                      HAS_DROPOUT, PRECISION)
+                      HAS_DROPOUT, PRECISION, EVEN_D)
     else:
         _bwd_q_block(pid - kv_blocks, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
                      stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
@@ -313,7 +314,7 @@ def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED
                      stride_dob, stride_dol, stride_doh, stride_dod, stride_dqb, stride_dql, stride_dqh, stride_dqd,
                      stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
-                     HAS_DROPOUT, PRECISION)
+                     HAS_DROPOUT, PRECISION, EVEN_D)
 
 
 @triton.jit
@@ -352,7 +353,7 @@ def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V
                             len_v, len_t, n_heads, head_dim, qk_scale, dropout_p,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
-                            HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                            HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """Program (i, b * H + h): for i < v_blocks = cdiv(len_v, BLOCK_M), image-query block i over the
     text keys/values (ctx_v); otherwise text-query block i - v_blocks over the image keys/values
     (ctx_t); head h, sequence b."""
@@ -368,14 +369,14 @@ def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V
                    stride_vtb, stride_vtl, stride_vth, stride_vtd, stride_ovb, stride_ovl, stride_ovh, stride_ovd,
                    stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
                    qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
-                   PRECISION)
+                   PRECISION, EVEN_D)
     else:
         _fwd_block(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
                    stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
                    stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_otb, stride_otl, stride_oth, stride_otd,
                    stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
                    qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
-                   PRECISION)
+                   PRECISION, EVEN_D)
 
 
 @triton.jit
@@ -402,7 +403,7 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
                             len_v, len_t, n_heads, head_dim, qk_scale, scale, dropout_p,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
-                            HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                            HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """Program (i, b * H + h) of head h, sequence b; by i, in this order: an image key block (dK_v,
     dV_v, from the text queries), a text key block (dK_t, dV_t, from the image queries), an
     image-query block (dQ_v), a text-query block (dQ_t). Key blocks have BLOCK_N rows, query blocks
@@ -425,7 +426,7 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
                       stride_dvvb, stride_dvvl, stride_dvvh, stride_dvvd,
                       stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
-                      HAS_DROPOUT, PRECISION)
+                      HAS_DROPOUT, PRECISION, EVEN_D)
     elif pid < kv_v_blocks + kv_t_blocks:  # text keys/values serve direction 0 (image queries)
         _bwd_kv_block(pid - kv_v_blocks, b, h, QV, KT, VT, OV, DOV, DKT, DVT, LSE_V, MASK_T, CU_V, CU_T, seed,
                       stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
@@ -436,7 +437,7 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
                       stride_dvtb, stride_dvtl, stride_dvth, stride_dvtd,
                       stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
                       qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
-                      HAS_DROPOUT, PRECISION)
+                      HAS_DROPOUT, PRECISION, EVEN_D)
     elif pid < kv_v_blocks + kv_t_blocks + v_blocks:
         _bwd_q_block(pid - kv_v_blocks - kv_t_blocks, b, h, QV, KT, VT, OV, DOV, DQV, LSE_V, MASK_T, CU_V, CU_T,
                      seed, stride_qvb, stride_qvl, stride_qvh, stride_qvd,
@@ -447,7 +448,7 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
                      stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
                      stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
-                     HAS_DROPOUT, PRECISION)
+                     HAS_DROPOUT, PRECISION, EVEN_D)
     else:
         _bwd_q_block(pid - kv_v_blocks - kv_t_blocks - v_blocks, b, h, QT, KV, VV, OT, DOT, DQT, LSE_T, MASK_V,
                      CU_T, CU_V, seed + 1,
@@ -458,7 +459,7 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
                      stride_dqtb, stride_dqtl, stride_dqth, stride_dqtd,
                      stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
-                     HAS_DROPOUT, PRECISION)
+                     HAS_DROPOUT, PRECISION, EVEN_D)
 
 
 # Launch configurations (the launchers pick from these; AOT_SPECS lists every one) ----------------
@@ -528,7 +529,8 @@ def _spec(name: str, kernel, dtype: str, constexprs: dict, config: BlockConfig, 
 
 def _aot_specs() -> list[AotSpec]:
     """Every block configuration the launchers can pick, in bfloat16 and float32 (fp16 lowers like
-    bf16: it is compiled once per kernel), with masks and causal on. Dropout (Philox) only changes
+    bf16: it is compiled once per kernel), with masks and causal on; EVEN_D (head dim = BLOCK_D) on in
+    the bf16 builds, off in the others, so both load paths compile. Dropout (Philox) only changes
     registers, not shared memory or the dot lowering, and doubles the compile time: it is on in the
     bf16 head-dim-128 builds (ViLBERT's co-attention) and the keep-mask kernel."""
     specs = []
@@ -537,7 +539,7 @@ def _aot_specs() -> list[AotSpec]:
         for block_d in HEAD_BLOCKS:
             tag = f"{dtype}_d{block_d}"
             flags = {"BLOCK_D": block_d, "IS_VARLEN": False, "HAS_DROPOUT": dtype == "bf16" and block_d == 128,
-                     "PRECISION": PRECISION[dtype]}
+                     "PRECISION": PRECISION[dtype], "EVEN_D": dtype == "bf16"}
             attention_flags = {**flags, "HAS_MASK": True, "IS_CAUSAL": True}
             co_flags = {**flags, "HAS_MASK_V": True, "HAS_MASK_T": True}
             for long in (False,) if dtype == "fp32" else (False, True):
@@ -552,7 +554,8 @@ def _aot_specs() -> list[AotSpec]:
                                {**attention_flags, **_blocks(config)}, config, uses_dot))
             specs.append(_spec(f"co_attention_bwd_{tag}", co_attention_bwd_kernel, dtype,
                                {**co_flags, **_blocks(config)}, config, uses_dot))
-    fp16 = {"BLOCK_D": 64, "IS_VARLEN": True, "HAS_DROPOUT": False, "PRECISION": PRECISION["fp16"]}
+    fp16 = {"BLOCK_D": 64, "IS_VARLEN": True, "HAS_DROPOUT": False, "PRECISION": PRECISION["fp16"],
+            "EVEN_D": False}
     config = fwd_config("fp16", 64, False)
     specs.append(_spec("co_attention_fwd_fp16_d64_varlen", co_attention_fwd_kernel, "fp16",
                        {**fp16, "HAS_MASK_V": False, "HAS_MASK_T": False, **_blocks(config)}, config, True))

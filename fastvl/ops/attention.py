@@ -269,7 +269,8 @@ def _attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale
         *rows_strides(q, packed), *rows_strides(k, packed), *rows_strides(v, packed), *rows_strides(out, packed),
         *lse_stride, *mask_stride, max_q, max_k, heads, head_dim, scale * kernels.LOG2E, dropout_p,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=kernels.head_block(head_dim),
-        HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0,
+        EVEN_D=head_dim == kernels.head_block(head_dim), HAS_MASK=mask is not None, IS_VARLEN=packed,
+        IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0,
         PRECISION=kernels.PRECISION[_DTYPE_NAMES[q.dtype]], num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse
 
@@ -290,7 +291,8 @@ def _attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, ma
         *(s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in rows_strides(t, packed)),
         *lse_strides(lse, packed), *mask_stride,
         max_q, max_k, heads, head_dim, scale * kernels.LOG2E, scale, dropout_p,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=kernels.head_block(head_dim), HAS_MASK=mask is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=kernels.head_block(head_dim),
+        EVEN_D=head_dim == kernels.head_block(head_dim), HAS_MASK=mask is not None,
         IS_VARLEN=packed, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0,
         PRECISION=kernels.PRECISION[_DTYPE_NAMES[q.dtype]], num_warps=config.num_warps, num_stages=config.num_stages)
     return dq, dk, dv

@@ -114,7 +114,8 @@ def _co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu
         *rows_strides(ctx_v, packed), *rows_strides(ctx_t, packed), *stride_lse_v, *stride_lse_t,
         *mask_v_stride, *mask_t_stride, len_v, len_t, heads, head_dim, scale * kernels.LOG2E, dropout_p,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=kernels.head_block(head_dim),
-        HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0,
+        EVEN_D=head_dim == kernels.head_block(head_dim), HAS_MASK_V=mask_v is not None,
+        HAS_MASK_T=mask_t is not None, IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0,
         PRECISION=kernels.PRECISION[_DTYPE_NAMES[q_v.dtype]], num_warps=config.num_warps,
         num_stages=config.num_stages)
     return ctx_v, ctx_t, lse_v, lse_t
@@ -144,7 +145,8 @@ def _co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, 
         *lse_strides(lse_v, packed), *lse_strides(lse_t, packed), *mask_v_stride, *mask_t_stride,
         len_v, len_t, heads, head_dim, scale * kernels.LOG2E, scale, dropout_p,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=kernels.head_block(head_dim),
-        HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0,
+        EVEN_D=head_dim == kernels.head_block(head_dim), HAS_MASK_V=mask_v is not None,
+        HAS_MASK_T=mask_t is not None, IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0,
         PRECISION=kernels.PRECISION[_DTYPE_NAMES[q_v.dtype]], num_warps=config.num_warps,
         num_stages=config.num_stages)
     return tuple(grads)
