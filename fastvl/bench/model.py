@@ -345,6 +345,8 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
                     samples_per_s=batch_size / (median * 1e-3), tokens_per_s=batch_size * tokens / (median * 1e-3),
                     peak_mem_mb=peak_mb, steps=steps)
     document = results.to_json(["reference"])
+    path = out_dir / f"model-{args.model}.json"
+    harness.write_json(path, document)  # the timings are safe even if the search below is cut short
     if not args.no_max_batch:
         cap = int((args.memory_cap_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if gpu else 4))
                   * 2**30)
@@ -363,7 +365,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     _print_summary(results, document)
     for failure in results.failures:
         print(f"failed: {failure}", file=sys.stderr)
-    print(f"wrote {harness.write_json(out_dir / f'model-{args.model}.json', document)}")
+    print(f"wrote {harness.write_json(path, document)}")
     if not args.no_plots:
         plots = [(results.rows, "samples_per_s", "samples/s"), (results.rows, "peak_mem_mb", "peak memory (MiB)"),
                  (document["ratios"], "speedup", "speed-up over reference")]
