@@ -86,6 +86,8 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
         for path in ops.plot_speedups(results, out_dir):
             print(f"wrote {path}")
     failed = list(results.failures)
+    if failed and failed[-1].startswith(ops.INTERRUPTED):
+        return 1
     if not args.builtin_only:
         for module_path in sorted(BENCHMARKS_DIR.glob("bench_*.py")):
             try:

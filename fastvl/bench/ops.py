@@ -44,6 +44,7 @@ SIZES = {
 }
 MASKED_FRACTION = 0.15  # BERT/ViLBERT masking rate for MLM and masked-region modelling
 PASSES = ("fwd", "fwd+bwd")
+INTERRUPTED = "interrupted"
 
 
 @dataclasses.dataclass
@@ -260,17 +261,21 @@ def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequen
     work = [(case, backend, kind) for case in selected for backend in backends_here(case.op, results.device)
             for kind in passes]
     element = torch.empty((), dtype=dtype).element_size()
-    for case, backend, kind in harness.progress(work, f"ops ({size})"):
-        label = f"{case.name} {case.params} {kind} {backend}"
-        try:
-            fn, grad_inputs = prepare(case, backend, kind, results.device, dtype)
-            flops, nbytes = case.work(kind, element)
-            results.measure(fn, name=case.name, variant=backend, params={**case.params, "pass": kind}, dtype=dtype,
-                            flops=flops, nbytes=nbytes, grad_to_none=grad_inputs, op=case.op, sweep=case.sweep)
-        except BackendUnavailableError as error:
-            notes.append(f"{label}: skipped, {reason(error, backend)}")
-        except Exception as error:  # noqa: BLE001 - one broken variant must not cost the suite's other numbers
-            failures.append(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    try:
+        for case, backend, kind in harness.progress(work, f"ops ({size})"):
+            label = f"{case.name} {case.params} {kind} {backend}"
+            try:
+                fn, grad_inputs = prepare(case, backend, kind, results.device, dtype)
+                flops, nbytes = case.work(kind, element)
+                results.measure(fn, name=case.name, variant=backend, params={**case.params, "pass": kind},
+                                dtype=dtype, flops=flops, nbytes=nbytes, grad_to_none=grad_inputs, op=case.op,
+                                sweep=case.sweep)
+            except BackendUnavailableError as error:
+                notes.append(f"{label}: skipped, {reason(error, backend)}")
+            except Exception as error:  # noqa: BLE001 - one broken variant must not cost the other numbers
+                failures.append(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): keep what was measured
+        failures.append(f"{INTERRUPTED} after {len(results.rows)} of {len(work)} measurements")
     return notes, failures
 
 
