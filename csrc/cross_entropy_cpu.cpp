@@ -10,7 +10,13 @@
 
 #include "fastvl_ext.h"
 
+#include "loss_math.h"
+
 namespace {
+
+using fastvl::exp_nonpositive;
+
+constexpr int64_t kBlock = 512;
 
 template <typename scalar_t>
 void cross_entropy_rows_kernel(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
@@ -36,19 +42,28 @@ void cross_entropy_rows_kernel(const at::Tensor& logits, const at::Tensor& label
       }
       const scalar_t* x = logits_data + row * logits_stride;
       float row_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : row_max)
       for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<float>(x[c]));
+      // SIMD float sums over blocks of kBlock classes, blocks added in double (vocabularies of 64k).
       double sum_exp = 0.0;
-      for (int64_t c = 0; c < classes; ++c) sum_exp += std::exp(static_cast<float>(x[c]) - row_max);
+      for (int64_t start = 0; start < classes; start += kBlock) {
+        const int64_t stop = std::min(classes, start + kBlock);
+        float block_exp = 0.f;
+#pragma omp simd reduction(+ : block_exp)
+        for (int64_t c = start; c < stop; ++c) block_exp += exp_nonpositive(static_cast<float>(x[c]) - row_max);
+        sum_exp += block_exp;
+      }
       const float log_sum_exp = static_cast<float>(std::log(sum_exp));
       const float label_logit = static_cast<float>(x[label]);  // read before grad may overwrite x
       loss_data[row] = (row_max - label_logit) + log_sum_exp;
       if (!grad_row) continue;
       const float row_scale = scale_data[row * scale_stride];
       const float log_norm = row_max + log_sum_exp;
+#pragma omp simd
       for (int64_t c = 0; c < classes; ++c) {
-        grad_row[c] = static_cast<scalar_t>(std::exp(static_cast<float>(x[c]) - log_norm) * row_scale);
+        grad_row[c] = static_cast<scalar_t>(exp_nonpositive(static_cast<float>(x[c]) - log_norm) * row_scale);
       }
-      grad_row[label] = static_cast<scalar_t>((std::exp(label_logit - log_norm) - 1.f) * row_scale);
+      grad_row[label] = static_cast<scalar_t>((exp_nonpositive(label_logit - log_norm) - 1.f) * row_scale);
     }
   });
 }

@@ -11,7 +11,14 @@
 
 #include "fastvl_ext.h"
 
+#include "loss_math.h"
+
 namespace {
+
+using fastvl::exp_nonpositive;
+using fastvl::log_positive;
+
+constexpr int64_t kBlock = 512;
 
 template <typename scalar_t, typename target_t>
 void region_kl_rows_kernel(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& selected,
@@ -38,16 +45,27 @@ void region_kl_rows_kernel(const at::Tensor& logits, const at::Tensor& targets, 
       const scalar_t* x = logits_data + row * logits_stride;
       const target_t* p = target_data + row * target_stride;
       float row_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : row_max)
       for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<float>(x[c]));
-      // Sums in double: rows of up to 32k classes, and the parity rule is relative to eager's pairwise sums.
+      // SIMD float sums over blocks of kBlock classes, blocks added in double: rows of up to 32k classes,
+      // and the parity rule is relative to eager's pairwise sums.
       double sum_exp = 0.0, sum_p = 0.0, sum_p_x = 0.0, sum_p_log_p = 0.0;
-      for (int64_t c = 0; c < classes; ++c) {
-        const float shifted = static_cast<float>(x[c]) - row_max;
-        const float pc = static_cast<float>(p[c]);
-        sum_exp += std::exp(shifted);
-        sum_p += pc;
-        sum_p_x += pc * shifted;
-        sum_p_log_p += pc > 0.f ? pc * std::log(pc) : 0.f;
+      for (int64_t start = 0; start < classes; start += kBlock) {
+        const int64_t stop = std::min(classes, start + kBlock);
+        float block_exp = 0.f, block_p = 0.f, block_p_x = 0.f, block_p_log_p = 0.f;
+#pragma omp simd reduction(+ : block_exp, block_p, block_p_x, block_p_log_p)
+        for (int64_t c = start; c < stop; ++c) {
+          const float shifted = static_cast<float>(x[c]) - row_max;
+          const float pc = static_cast<float>(p[c]);
+          block_exp += exp_nonpositive(shifted);
+          block_p += pc;
+          block_p_x += pc * shifted;
+          block_p_log_p += pc * log_positive(pc);  // 0 log 0 = 0: log_positive(0) is finite
+        }
+        sum_exp += block_exp;
+        sum_p += block_p;
+        sum_p_x += block_p_x;
+        sum_p_log_p += block_p_log_p;
       }
       const double log_sum_exp = std::log(sum_exp);
       // -sum p log softmax(x) = -sum p (x - m) + sum p * log s
@@ -56,8 +74,9 @@ void region_kl_rows_kernel(const at::Tensor& logits, const at::Tensor& targets, 
       const float row_scale = scale_data[row * scale_stride];
       const float log_norm = row_max + static_cast<float>(log_sum_exp);
       const float total_p = static_cast<float>(sum_p);
+#pragma omp simd
       for (int64_t c = 0; c < classes; ++c) {
-        const float softmax = std::exp(static_cast<float>(x[c]) - log_norm);
+        const float softmax = exp_nonpositive(static_cast<float>(x[c]) - log_norm);
         grad_row[c] = static_cast<scalar_t>((softmax * total_p - static_cast<float>(p[c])) * row_scale);
       }
     }

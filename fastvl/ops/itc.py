@@ -95,20 +95,29 @@ def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
     loss = torch.zeros((), dtype=torch.float32, device=img_feat.device)
     grads, grad_temp = [], torch.zeros((), dtype=torch.float32, device=img_feat.device)
     with torch.no_grad():
-        txt_all = torch.cat([txt_feat_m.t(), txt_queue.to(txt_feat_m.dtype)], dim=1)
-        img_all = torch.cat([img_feat_m.t(), img_queue.to(img_feat_m.dtype)], dim=1)
-        for feat, feat_m, other_all in ((img_feat, img_feat_m, txt_all), (txt_feat, txt_feat_m, img_all)):
+        # Similarities against [batch momentum features | queue], computed as two GEMMs so the [E, B + Q]
+        # bank is never concatenated (ALBEF's cat copies both queues every step).
+        for feat, feat_m, other_m, other_queue in ((img_feat, img_feat_m, txt_feat_m, txt_queue),
+                                                   (txt_feat, txt_feat_m, img_feat_m, img_queue)):
+            other_queue = other_queue.to(feat.dtype)
+
+            def similarities(x):
+                return torch.cat([x @ other_m.t(), x @ other_queue], dim=1)
+
             # Distillation targets alpha * softmax(sim_m) + (1 - alpha) * onehot(diagonal), built in place.
-            targets = (feat_m @ other_all).float().mul_(inv_temp).softmax(dim=1).mul_(alpha)
+            targets = similarities(feat_m).float().mul_(inv_temp).softmax(dim=1).mul_(alpha)
             targets.diagonal().add_(1.0 - alpha)
-            sim = (feat @ other_all).mul_(inv_temp.to(feat.dtype))
+            sim = similarities(feat).mul_(inv_temp.to(feat.dtype))
             grad = torch.empty_like(sim) if with_grad else None
             kl_rows = region_kl_rows(backend, sim, targets, every_row, half_mean, grad)
             # soft cross-entropy = KL(t || softmax) - sum t log t
             loss += (kl_rows - torch.xlogy(targets, targets).sum(dim=1)).sum() * (0.5 / batch)
             if with_grad:
-                grads.append((grad @ other_all.t()).mul_(inv_temp.to(grad.dtype)))
                 grad_temp -= (grad.float() * sim.float()).sum() * inv_temp
+                del targets, sim
+                grad_feat = grad[:, :batch] @ other_m
+                grad_feat.addmm_(grad[:, batch:], other_queue.t())
+                grads.append(grad_feat.mul_(inv_temp.to(grad_feat.dtype)))
     empty = [img_feat.new_empty(0) for _ in range(3)]
     if not with_grad:
         return loss.to(img_feat.dtype), *empty
