@@ -124,7 +124,7 @@ def record(model: nn.Module) -> Iterator[tuple[dict[str, Call], list[Call]]]:
         def post(module, args, kwargs, output, name=name):
             stack.pop()
             if name not in layers:
-                call = Call(name, _detached(args), _detached(kwargs), [t.detach() for t in _floats(output)],
+                call = Call(name, _detached(args), _detached(kwargs), _detached(_floats(output)),
                             _grad_positions(args, kwargs))
                 call.watch_gradients(_floats(output))
                 layers[name] = call
@@ -141,7 +141,7 @@ def record(model: nn.Module) -> Iterator[tuple[dict[str, Call], list[Call]]]:
         def impl(*args, **kwargs):
             output = chosen.impl(*args, **kwargs)
             call = Call(f"{op.name}#{len(ops)}", _detached(args), _detached(kwargs),
-                        [t.detach() for t in _floats(output)], _grad_positions(args, kwargs), op=op.name,
+                        _detached(_floats(output)), _grad_positions(args, kwargs), op=op.name,
                         features=recorded_features, layer=stack[-1] if stack else "(model)")
             call.watch_gradients(_floats(output))
             ops.append(call)
