@@ -23,7 +23,7 @@ demo: install
 	$(PYTHON) -m fastvl data synth --out $(DEMO_DIR)/data --num-images 2048 --num-classes 8
 	deepspeed --num_gpus 1 --master_port 29517 --module fastvl.train --model vilbert-tiny --data $(DEMO_DIR)/data \
 		--out $(DEMO_DIR)/run --deepspeed fastvl/configs/zero2.json --global-batch 32 --micro-batch 32 \
-		--max-steps 300 --lr 3e-3 --log-every 20 --save-every 100
+		--max-steps 200 --lr 3e-3 --log-every 20 --save-every 100
 
 
 test: install
