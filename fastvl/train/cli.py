@@ -166,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(engine, family, sampler, collator, out_dir=args.out, total_steps=total_steps, seed=args.seed,
                       precision=precision, log_every=args.log_every, save_every=args.save_every,
                       keep_checkpoints=args.keep_checkpoints, num_workers=args.num_workers,
-                      progress=not args.no_progress and sys.stderr.isatty(), stop_after=args.stop_after,
-                      config=config)
+                      progress=not args.no_progress and sys.stderr.isatty(), stop_after=args.stop_after)
     if not args.no_resume:
         trainer.resume()
     parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())

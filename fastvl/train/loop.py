@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import random
@@ -33,7 +32,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-log = logging.getLogger("fastvl.train")
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
 
@@ -160,7 +158,7 @@ class Trainer:
 
     def __init__(self, engine, family, sampler, collator, *, out_dir: str, total_steps: int, seed: int,
                  precision: str, log_every: int = 10, save_every: int = 0, keep_checkpoints: int = 2,
-                 num_workers: int = 0, progress: bool = True, stop_after: int | None = None, config: dict):
+                 num_workers: int = 0, progress: bool = True, stop_after: int | None = None):
         import torch.distributed as dist  # noqa: PLC0415
 
         self.engine = engine
@@ -177,7 +175,6 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.num_workers = num_workers
         self.stop_after = stop_after
-        self.config = config
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.logger = Logger(os.path.join(out_dir, LOG_FILE), self.rank == 0)
