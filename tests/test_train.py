@@ -270,3 +270,23 @@ def test_text_stream_from_a_bert_checkpoint(tmp_path):
     assert torch.equal(model.bert.layer[1].attention.qkv.weight, text)
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, source.bert.embeddings.word_embeddings.weight)
     assert not torch.equal(model.bert.v_layer[0].attention.qkv.weight, source.bert.v_layer[0].attention.qkv.weight)
+
+
+def test_nvtx_ranges_per_layer(monkeypatch):
+    """One balanced NVTX range per layer forward (recorded here in place of CUDA's NVTX calls)."""
+    from fastvl.train.loop import nvtx_layer_ranges
+
+    events = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: events.append(name))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: events.append(None))
+    family, variant = families.resolve("vilbert-tiny")
+    model = family.make_model(variant, families.ModelOptions(vocab_size=50, num_classes=5, feature_dim=16))
+    assert nvtx_layer_ranges(model, enabled=False) == 0
+    layers = nvtx_layer_ranges(model, enabled=True)
+    assert layers == 4 + 2 + 2  # text, visual, co-attention layers of the tiny config
+    ids = torch.randint(5, 50, (2, 7))
+    model(ids, torch.zeros_like(ids), torch.ones(2, 7, dtype=torch.bool), torch.randn(2, 4, 16), torch.rand(2, 4, 5),
+          torch.ones(2, 4, dtype=torch.bool))
+    pushed = [e for e in events if e is not None]
+    assert len(pushed) == layers and events.count(None) == layers
+    assert "forward bert.layer.0" in pushed and "forward bert.c_layer.1" in pushed

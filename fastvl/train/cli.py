@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from fastvl.data.sampler import GlobalBatchSampler  # noqa: PLC0415
     from fastvl.data.tokenizer import load_tokenizer, special_ids  # noqa: PLC0415
     from fastvl.train import families, presets  # noqa: PLC0415
-    from fastvl.train.loop import Trainer, TrainingDiverged  # noqa: PLC0415
+    from fastvl.train.loop import Trainer, TrainingDiverged, nvtx_layer_ranges  # noqa: PLC0415
 
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"text stream initialised from {args.init_text_from}")
     preset = presets.PRESETS[args.preset or family.preset]
     config.setdefault("gradient_clipping", preset.gradient_clipping)
+    nvtx_layer_ranges(model)  # on CUDA: one NVTX range per layer forward (data/forward/backward/step too)
     optimizer = scheduler = None
     if "optimizer" not in config:
         optimizer = presets.make_optimizer(model, preset, args.lr)
