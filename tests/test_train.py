@@ -290,3 +290,34 @@ def test_nvtx_ranges_per_layer(monkeypatch):
     pushed = [e for e in events if e is not None]
     assert len(pushed) == layers and events.count(None) == layers
     assert "forward bert.layer.0" in pushed and "forward bert.c_layer.1" in pushed
+
+
+def test_logger_writes_jsonl_and_tensorboard_when_installed(tmp_path, monkeypatch, capsys):
+    import types
+
+    from fastvl.train.loop import Logger
+
+    scalars = []
+
+    class SummaryWriter:  # stands in for torch.utils.tensorboard's (the tensorboard package is optional)
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    logger = Logger(str(tmp_path / "log.jsonl"), enabled=True)
+    assert logger.tensorboard.log_dir == str(tmp_path / "tensorboard")
+    logger.event({"step": 3, "loss": 1.5, "mlm": 0.5, "loss_scale": None}, "step 3 loss=1.5")
+    logger.event({"event": "checkpoint", "step": 3})
+    logger.close()
+    assert scalars == [("train/loss", 1.5, 3), ("train/mlm", 0.5, 3), "closed"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [3, 3]
+    assert "step 3 loss=1.5" in capsys.readouterr().out
+    silent = Logger(str(tmp_path / "other.jsonl"), enabled=False)  # ranks other than 0
+    silent.event({"step": 1, "loss": 1.0}, "never printed")
+    assert not os.path.exists(tmp_path / "other.jsonl") and "never" not in capsys.readouterr().out

@@ -115,11 +115,20 @@ def loss_scale(engine) -> float | None:
 
 
 class Logger:
-    """Rank 0 writes one JSON object per logged step to OUT/log.jsonl and a line to stdout."""
+    """Rank 0 writes one JSON object per logged step to OUT/log.jsonl, a line to stdout, and, when
+    TensorBoard is installed, the step's numbers as scalars under OUT/tensorboard."""
 
     def __init__(self, path: str | None, enabled: bool):
         self.enabled = enabled
         self.file = open(path, "a", encoding="utf-8") if enabled and path else None  # noqa: SIM115
+        self.tensorboard = None
+        if enabled and path:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - needs the tensorboard package
+            except ImportError:
+                pass
+            else:
+                self.tensorboard = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"))
 
     def event(self, record: dict, line: str | None = None) -> None:
         if not self.enabled:
@@ -127,12 +136,18 @@ class Logger:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.tensorboard is not None and "step" in record and "event" not in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
         if line:
             print(line, flush=True)
 
     def close(self) -> None:
         if self.file:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 class _SigtermFlag:
