@@ -128,11 +128,13 @@ def test_cpp_rejects_float64_with_reasons():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("classes", [1601, 32000])
-def test_triton_gpu(dtype, classes):
-    check("triton", make_inputs((64, 37), classes, "random", dtype=dtype, device="cuda"))
-    check("triton", make_inputs((8, 37), classes, "random", dtype=dtype, scale=1e4, device="cuda"), "none")
+def test_gpu_backends(backend, dtype, classes):
+    check(backend, make_inputs((64, 37), classes, "random", dtype=dtype, device="cuda"))
+    check(backend, make_inputs((8, 37), classes, "random", dtype=dtype, scale=1e4, device="cuda"), "none")
+    check(backend, make_inputs((4, 37), classes, "none", dtype=dtype, device="cuda"))
 
 
 def test_second_backward_through_one_forward_is_refused():

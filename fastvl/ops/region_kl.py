@@ -1,7 +1,9 @@
 """``fastvl.ops.region_kl_loss`` and ``linear_region_kl_loss``: ViLBERT's masked-region KL loss.
 
 Backends (auto order): ``triton`` (CUDA; CPU only when asked for, under ``TRITON_INTERPRET=1``),
-``cpp`` (CPU, ``fastvl._C.region_kl_rows``), ``reference`` (the original formula). The fused backends
+``cuda`` (``fastvl._C.region_kl_rows_cuda``, csrc/region_kl_cuda.cu, built where torch has CUDA: a second
+GPU implementation to hold Triton against), ``cpp`` (CPU, ``fastvl._C.region_kl_rows``), ``reference``
+(the original formula). The fused backends
 compute each masked row's loss and its gradient in one kernel (the gradient is written during the
 forward, as Liger-Kernel does, and scaled by the upstream gradient in the backward), never materialise
 ``log_softmax``, read nothing of unmasked rows, and keep the masked count on the device.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastvl import _checks, _ext
-from fastvl.dispatch import needs_cpu_device, op, triton_available, triton_device
+from fastvl.dispatch import needs_cpu_device, needs_cuda_device, op, triton_available, triton_device
 from fastvl.ops import _linear_loss
 from fastvl.reference.region_kl import linear_region_kl_loss_ref, region_kl_loss_ref
 
@@ -85,6 +87,10 @@ def region_kl_rows(backend: str, logits: torch.Tensor, targets: torch.Tensor, se
     may be ``logits``) unless None; ``scale`` fp32 ``[1]`` or ``[N]``. Returns fp32 ``[N]``."""
     if backend == "cpp":
         return _ext.load().region_kl_rows(logits, targets, selected, scale, grad)
+    if backend == "cuda":
+        with torch.cuda.device(logits.device):
+            stream = torch.cuda.current_stream(logits.device).cuda_stream
+            return _ext.load().region_kl_rows_cuda(logits, targets, selected, scale, grad, stream)
     from fastvl.kernels.region_kl import block_size, num_warps, region_kl_kernel  # noqa: PLC0415
 
     rows, classes = logits.shape
@@ -201,15 +207,25 @@ def _cpp_supports(device: torch.device, **features) -> list[str]:
     return needs_cpu_device(device) + _supports_fused(**features)
 
 
-def _cpp_available() -> list[str]:
-    reason = _ext.missing_reason("region_kl_rows")
-    return [reason] if reason else []
+def _cuda_supports(device: torch.device, **features) -> list[str]:
+    return needs_cuda_device(device) + _supports_fused(**features)
+
+
+def _extension_has(symbol: str):
+    def available() -> list[str]:
+        reason = _ext.missing_reason(symbol)
+        return [reason] if reason else []
+
+    return available
 
 
 for _op, _make in ((REGION_KL, _fused_region_kl), (LINEAR_REGION_KL, _fused_linear_region_kl)):
     _op.register("triton", available=triton_available, supports=_triton_supports, auto_devices=("cuda",))(
         _make("triton"))
-    _op.register("cpp", available=_cpp_available, supports=_cpp_supports, auto_devices=("cpu",))(_make("cpp"))
+    _op.register("cuda", available=_extension_has("region_kl_rows_cuda"), supports=_cuda_supports,
+                 auto_devices=("cuda",))(_make("cuda"))
+    _op.register("cpp", available=_extension_has("region_kl_rows"), supports=_cpp_supports,
+                 auto_devices=("cpu",))(_make("cpp"))
 
 REGION_KL.register("reference")(region_kl_loss_ref)
 

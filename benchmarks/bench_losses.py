@@ -1,0 +1,261 @@
+"""Pretraining-loss benchmark: fastvl's fused losses against the eager original formulas (and
+Liger-Kernel's fused linear cross-entropy where installed) at the papers' shapes, forward + backward.
+
+    python benchmarks/bench_losses.py                 # GPU: triton backends, bf16 and fp32
+    python benchmarks/bench_losses.py --device cpu    # CPU: cpp backends, fp32
+    python benchmarks/bench_losses.py --quick         # shorter timing budget
+
+Shapes (issue 4): region KL over B=64 x 37 regions, 1601 classes (15% masked, plus a masked-fraction
+sweep); the region head hidden 1024 -> 1601 over the same rows; the MLM head 768 -> 30522 over B=64 x 36
+tokens (15% scored); ALBEF's ITC at batch 64, queue 65,536, embed 256.
+
+Work per call (forward + backward), stated with every number:
+    region_kl_loss: bytes = M C (s + s_t) + N C s: read the masked rows' logits and targets, write the
+        [N, C] gradient (N rows, M masked, s / s_t the logits' / targets' element size). No FLOP count.
+    linear_region_kl_loss / linear_cross_entropy: FLOPs = 6 M K C (logits, grad_hidden, grad_weight of the
+        M scored rows only: the useful work; eager projects all N rows, 6 N K C).
+    itc_loss: FLOPs = 12 B E (B + Q) (per direction: momentum similarities, similarities, gradient);
+        bytes = 2 E (B + Q) s (both feature banks read once).
+Peak memory: GPU, torch.cuda.max_memory_allocated above the memory allocated before the call. CPU, the
+process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above its resident set before the
+call, with glibc told to serve every allocation over 64 KiB by mmap so that freed tensors leave the
+resident set at once: this counts every byte torch allocates, scratch inside custom ops included.
+Writes ``losses_<device>.json`` and ``losses_<device>_*.png`` under benchmarks/results/ (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastvl import ops
+from fastvl.bench import harness
+from fastvl.dispatch import BackendUnavailableError
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASELINES = ["reference"]
+MASKED_FRACTION = 0.15
+
+
+# Peak memory ----------------------------------------------------------------------------------------
+
+
+def _use_mmap_for_large_allocations() -> None:
+    """glibc: serve allocations over 64 KiB with mmap (returned to the OS on free); Linux only."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def cpu_peak_bytes(fn) -> int:
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current resident set
+    before = _status_bytes("VmRSS:")
+    fn()
+    return _status_bytes("VmHWM:") - before
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    return harness.peak_memory(fn, device) if device.type == "cuda" else cpu_peak_bytes(fn)
+
+
+# Cases ----------------------------------------------------------------------------------------------
+
+
+def _masked(rows, fraction, generator, device):
+    mask = torch.rand(rows, generator=generator) < fraction
+    return mask.to(device)
+
+
+def _probs(rows, classes, generator, device, dtype):
+    return torch.softmax(torch.randn(rows, classes, generator=generator) * 2, dim=-1).to(device, dtype)
+
+
+class Bench:
+    def __init__(self, device, quick, out):
+        self.device, self.out = torch.device(device), Path(out)
+        self.results = harness.Results("losses", self.device, quick=quick)
+        self.generator = torch.Generator().manual_seed(0)
+        self.fused = "triton" if self.device.type == "cuda" else "cpp"
+        self.notes: list[str] = []
+
+    def measure(self, step, leaves, *, name, variant, params, dtype, flops=None, nbytes=None):
+        def call():
+            for leaf in leaves:
+                leaf.grad = None
+            step()
+
+        try:
+            call()
+        except BackendUnavailableError as error:
+            self.notes.append(f"{name} {variant}: {str(error).splitlines()[0]}")
+            return
+        row = self.results.measure(call, name=name, variant=variant, params=params, dtype=dtype, flops=flops,
+                                   nbytes=nbytes, memory=False)
+        row["peak_mem_mb"] = peak_bytes(call, self.device) / 2**20
+        print(f"{name:<24} {variant:<10} {params} {row['median_ms']:9.2f} ms  {row['peak_mem_mb']:8.1f} MB",
+              file=sys.stderr)
+
+    def region_kl(self, dtype, fraction):
+        rows, classes = 64 * 37, 1601
+        logits = torch.randn(rows, classes, generator=self.generator).to(self.device, dtype).requires_grad_()
+        targets = _probs(rows, classes, self.generator, self.device, dtype)
+        mask = _masked(rows, fraction, self.generator, self.device)
+        masked = int(mask.sum())
+        size = logits.element_size()
+        params = {"N": rows, "C": classes, "masked_pct": round(100 * fraction)}
+        for variant in (self.fused, "reference"):
+            self.measure(lambda v=variant: ops.region_kl_loss(logits, targets, mask, backend=v).backward(), [logits],
+                         name="region_kl_loss", variant=variant, params=params, dtype=dtype,
+                         nbytes=masked * classes * 2 * size + rows * classes * size)
+
+    def linear_region_kl(self, dtype):
+        rows, features, classes = 64 * 37, 1024, 1601
+        hidden, weight, bias = self._projection(rows, features, classes, dtype)
+        targets = _probs(rows, classes, self.generator, self.device, dtype)
+        mask = _masked(rows, MASKED_FRACTION, self.generator, self.device)
+        params = {"N": rows, "K": features, "C": classes, "masked_pct": 15}
+        for variant in (self.fused, "reference"):
+            self.measure(
+                lambda v=variant: ops.linear_region_kl_loss(hidden, weight, bias, targets, mask, backend=v).backward(),
+                [hidden, weight, bias], name="linear_region_kl_loss", variant=variant, params=params, dtype=dtype,
+                flops=6 * int(mask.sum()) * features * classes)
+
+    def linear_cross_entropy(self, dtype):
+        rows, features, vocab = 64 * 36, 768, 30522
+        hidden, weight, bias = self._projection(rows, features, vocab, dtype)
+        scored = _masked(rows, MASKED_FRACTION, self.generator, self.device)
+        labels = torch.randint(0, vocab, (rows,), generator=self.generator).to(self.device)
+        labels = torch.where(scored, labels, torch.full_like(labels, -1))
+        params = {"N": rows, "K": features, "V": vocab, "masked_pct": 15}
+        flops = 6 * int(scored.sum()) * features * vocab
+        for variant in (self.fused, "reference"):
+            self.measure(
+                lambda v=variant: ops.linear_cross_entropy(hidden, weight, bias, labels, backend=v).backward(),
+                [hidden, weight, bias], name="linear_cross_entropy", variant=variant, params=params, dtype=dtype,
+                flops=flops)
+        liger = _liger_linear_cross_entropy()
+        if liger is not None and self.device.type == "cuda":
+            self.measure(lambda: liger(hidden, weight, bias, labels).backward(), [hidden, weight, bias],
+                         name="linear_cross_entropy", variant="liger", params=params, dtype=dtype, flops=flops)
+        elif liger is None:
+            self.notes.append("Liger-Kernel is not installed: no Liger baseline")
+
+    def itc(self, dtype):
+        batch, embed, queue = 64, 256, 65536
+
+        def unit(*shape, dim=-1, grad=False):
+            x = F.normalize(torch.randn(*shape, generator=self.generator), dim=dim).to(self.device, dtype)
+            return x.requires_grad_(grad)
+
+        img, txt = unit(batch, embed, grad=True), unit(batch, embed, grad=True)
+        img_m, txt_m = unit(batch, embed), unit(batch, embed)
+        img_queue, txt_queue = unit(embed, queue, dim=0), unit(embed, queue, dim=0)
+        temp = torch.tensor(0.07, device=self.device, requires_grad=True)
+        params = {"B": batch, "E": embed, "Q": queue}
+        for variant in (self.fused, "reference"):
+            self.measure(
+                lambda v=variant: ops.itc_loss(img, txt, img_queue, txt_queue, temp, 0.4, img_m, txt_m,
+                                               backend=v).backward(),
+                [img, txt, temp], name="itc_loss", variant=variant, params=params, dtype=dtype,
+                flops=12 * batch * embed * (batch + queue), nbytes=2 * embed * (batch + queue) * img.element_size())
+
+    def _projection(self, rows, features, classes, dtype):
+        hidden = torch.randn(rows, features, generator=self.generator)
+        weight = torch.randn(classes, features, generator=self.generator) / features**0.5
+        bias = torch.randn(classes, generator=self.generator) * 0.1
+        return [t.to(self.device, dtype).requires_grad_() for t in (hidden, weight, bias)]
+
+    def save(self):
+        slug = "gpu" if self.device.type == "cuda" else "cpu"
+        path = self.results.save(self.out / f"losses_{slug}.json", baselines=BASELINES)
+        print(self.results.table(BASELINES))
+        for note in self.notes:
+            print(f"note: {note}")
+        print(f"wrote {path}")
+        sweep = [r for r in self.results.rows if r["name"] == "region_kl_loss"]
+        for dtype in sorted({r["dtype"] for r in sweep}):
+            print("wrote", harness.plot([r for r in sweep if r["dtype"] == dtype],
+                                        self.out / f"losses_{slug}_region_kl_{dtype}.png", x="masked_pct",
+                                        title=f"region_kl_loss fwd+bwd [2368, 1601] {dtype}", env=self.results.env))
+        print("wrote", plot_ratios(self.results, self.out / f"losses_{slug}_ratios.png"))
+
+
+def plot_ratios(results: harness.Results, path: Path) -> Path:
+    """Bars: speed-up and peak-memory ratio of each fused loss against the eager reference (15% masked)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    entries = [r for r in results.ratios("reference") if r["params"].get("masked_pct", 15) == 15]
+    labels = [f"{r['name']}\n{r['variant']} {r['dtype']}" for r in entries]
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.5))
+    speed.barh(labels, [r["speedup"] for r in entries])
+    speed.axvline(1.0, color="k", lw=0.8)
+    speed.set_xlabel("speed-up vs eager (x)")
+    memory.barh(labels, [r.get("memory_ratio", float("nan")) for r in entries])
+    memory.axvline(0.25, color="r", lw=0.8, ls="--")
+    memory.set_xlabel("peak memory / eager peak")
+    memory.set_yticks([])
+    env = results.env
+    figure.suptitle(f"fused losses fwd+bwd vs eager: {env['device']}, torch {env['torch']}, {env['date'][:10]}",
+                    fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _liger_linear_cross_entropy():
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: PLC0415
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-1)
+    return lambda hidden, weight, bias, labels: loss(weight, hidden, labels, bias)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=str(harness.default_device()))
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), action="append",
+                        help="default: bfloat16 and float32 on GPU, float32 on CPU")
+    parser.add_argument("--quick", action="store_true", help="shorter timing budget")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        _use_mmap_for_large_allocations()
+    dtypes = [getattr(torch, d) for d in args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])]
+    bench = Bench(device, args.quick, args.out)
+    for dtype in dtypes:
+        for fraction in (MASKED_FRACTION, 0.5, 1.0):
+            bench.region_kl(dtype, fraction)
+        bench.linear_region_kl(dtype)
+        bench.linear_cross_entropy(dtype)
+        bench.itc(dtype)
+    bench.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
