@@ -22,7 +22,7 @@ from fastvl.train import families, presets
 
 OBJECTIVES = ("mlm", "region", "align")
 # one small run that every comparison shares: 8 samples per step = 2 micro-batches of 4
-RUN = ["--model", "vilbert-tiny", "--global-batch", "8", "--micro-batch", "4", "--max-steps", "6", "--lr", "1e-3",
+RUN = ["--model", "vilbert-tiny", "--global-batch", "8", "--micro-batch", "4", "--max-steps", "8", "--lr", "1e-3",
        "--log-every", "1", "--no-progress", "--seed", "3"]
 
 
@@ -179,12 +179,14 @@ def test_two_ranks_match_one_rank(synth, reference, tmp_path, stage):
 
 
 def _wait_for_step(process, out_dir, step, timeout=240):
+    """True once the run has logged ``step``; False if it ended first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if os.path.isfile(os.path.join(out_dir, "log.jsonl")) and max(_losses(out_dir), default=0) >= step:
-            return
-        assert process.poll() is None, "the run ended before it was to be killed"
-        time.sleep(0.05)
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
     raise TimeoutError(f"step {step} not reached")
 
 
@@ -192,23 +194,23 @@ def _wait_for_step(process, out_dir, step, timeout=240):
 def test_sigkill_and_sigterm_then_resume_match_the_uninterrupted_run(synth, reference, tmp_path):
     out = str(tmp_path)
     args = [*RUN, "--data", synth, "--out", out, "--zero-stage", "2", "--save-every", "2"]
-    # SIGKILL somewhere after step 3: the last checkpoint is step 2 (or 4 if it got that far)
+    # SIGKILL somewhere after step 3: the last checkpoint is step 2 (or later if it got that far)
     process = subprocess.Popen(_command(args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_step(process, out, 3)
+    assert _wait_for_step(process, out, 3), "the run ended before it was to be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert max(_losses(out)) < 6
+    assert max(_losses(out)) < 8
     # resume; SIGTERM after it logs another step: it checkpoints that step and stops cleanly
     process = subprocess.Popen(_command(args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(process, out, max(_losses(out)) + 1)
-    process.send_signal(signal.SIGTERM)
+    if _wait_for_step(process, out, max(_losses(out)) + 1):
+        process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 0, stdout[-3000:]
     assert "resumed from" in stdout
     events = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     stopped = [e for e in events if e.get("event") == "sigterm"]
     if stopped:  # SIGTERM came before the run finished
-        assert max(_losses(out)) == stopped[0]["step"] < 6
+        assert max(_losses(out)) == stopped[0]["step"] < 8
     _train(args)  # resume to the end
     resumed = _losses(out)
     assert sorted(resumed) == sorted(reference)
