@@ -4,6 +4,7 @@ Liger-Kernel's fused linear cross-entropy where installed) at the papers' shapes
     python benchmarks/bench_losses.py                 # GPU: triton backends, bf16 and fp32
     python benchmarks/bench_losses.py --device cpu    # CPU: cpp backends, fp32
     python benchmarks/bench_losses.py --quick         # shorter timing budget
+    python benchmarks/bench_losses.py --device cpu --threads 1   # steadier on a shared, loaded CPU
 
 Shapes (issue 4): region KL over B=64 x 37 regions, 1601 classes (15% masked, plus a masked-fraction
 sweep); the region head hidden 1024 -> 1601 over the same rows; the MLM head 768 -> 30522 over B=64 x 36
@@ -241,8 +242,11 @@ def main(argv=None):
                         help="default: bfloat16 and float32 on GPU, float32 on CPU")
     parser.add_argument("--quick", action="store_true", help="shorter timing budget")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cpu":
         _use_mmap_for_large_allocations()
     dtypes = [getattr(torch, d) for d in args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])]
