@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -375,3 +376,42 @@ def test_worker_processes_collate_the_same_batches(dataset):
         for key, value in a.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, b[key]), key
+
+
+def test_convert_vilbert_lmdb_rows_with_trust_pickle(tmp_path, monkeypatch):
+    """ViLBERT's ImageFeaturesH5Reader layout, read through a stand-in for the optional lmdb package."""
+    import pickle
+    import types
+
+    rng = np.random.default_rng(4)
+    images = _images(rng, [3, 2])
+    rows = {b"keys": pickle.dumps([b"1000", b"1001"])}
+    for image_id, (features, boxes, cls_prob) in images.items():
+        rows[image_id.encode()] = pickle.dumps({
+            "image_id": image_id, "image_h": 480, "image_w": 640, "num_boxes": len(features),
+            "boxes": _b64(boxes), "features": _b64(features), "cls_prob": cls_prob})
+
+    class Transaction:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def get(self, key):
+            return rows.get(key)
+
+    fake_lmdb = types.SimpleNamespace(open=lambda path, **_: types.SimpleNamespace(begin=lambda write: Transaction()))
+    monkeypatch.setitem(sys.modules, "lmdb", fake_lmdb)
+    read = list(convert.read_vilbert_lmdb(str(tmp_path), trust_pickle=True))
+    assert [r["image_id"] for r in read] == ["1000", "1001"]
+    features, boxes, cls_prob = images["1001"]
+    np.testing.assert_array_equal(read[1]["features"], features)
+    np.testing.assert_allclose(read[1]["boxes"], boxes, rtol=1e-6)
+    np.testing.assert_array_equal(read[1]["cls_prob"], cls_prob)
+    index = convert.convert(iter(read), {"1001": ["two birds"]}, str(tmp_path / "out"))
+    assert index["conversion"] == {"images": 2, "records": 1, "no_caption": 1, "zero_regions": 0,
+                                   "caption_without_image": 0}
+    del rows[b"1001"]
+    with pytest.raises(DataError, match="listed in 'keys' but missing"):
+        list(convert.read_vilbert_lmdb(str(tmp_path), trust_pickle=True))
