@@ -18,6 +18,37 @@ using fastvl::exp_nonpositive;
 
 constexpr int64_t kBlock = 512;
 
+// One scored row: returns its cross-entropy against label and, if grad_row, writes
+// (softmax(x) - onehot(label)) * scale (grad_row may be x). Cloned for AVX2 and the baseline ISA.
+template <typename scalar_t>
+__attribute__((target_clones("avx2", "default"))) float cross_entropy_row(const scalar_t* x, int64_t label,
+                                                                           scalar_t* grad_row, int64_t classes,
+                                                                           float row_scale) {
+  float row_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : row_max)
+  for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<float>(x[c]));
+  // SIMD float sums over blocks of kBlock classes, blocks added in double (vocabularies of 64k).
+  double sum_exp = 0.0;
+  for (int64_t start = 0; start < classes; start += kBlock) {
+    const int64_t stop = std::min(classes, start + kBlock);
+    float block_exp = 0.f;
+#pragma omp simd reduction(+ : block_exp)
+    for (int64_t c = start; c < stop; ++c) block_exp += exp_nonpositive(static_cast<float>(x[c]) - row_max);
+    sum_exp += block_exp;
+  }
+  const float log_sum_exp = static_cast<float>(std::log(sum_exp));
+  const float label_logit = static_cast<float>(x[label]);  // read before grad may overwrite x
+  if (grad_row) {
+    const float log_norm = row_max + log_sum_exp;
+#pragma omp simd
+    for (int64_t c = 0; c < classes; ++c) {
+      grad_row[c] = static_cast<scalar_t>(exp_nonpositive(static_cast<float>(x[c]) - log_norm) * row_scale);
+    }
+    grad_row[label] = static_cast<scalar_t>((exp_nonpositive(label_logit - log_norm) - 1.f) * row_scale);
+  }
+  return (row_max - label_logit) + log_sum_exp;
+}
+
 template <typename scalar_t>
 void cross_entropy_rows_kernel(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
                                const at::Tensor& scale, at::Tensor& loss, at::Tensor* grad) {
@@ -40,30 +71,8 @@ void cross_entropy_rows_kernel(const at::Tensor& logits, const at::Tensor& label
         if (grad_row) std::fill(grad_row, grad_row + classes, scalar_t(0));
         continue;
       }
-      const scalar_t* x = logits_data + row * logits_stride;
-      float row_max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : row_max)
-      for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<float>(x[c]));
-      // SIMD float sums over blocks of kBlock classes, blocks added in double (vocabularies of 64k).
-      double sum_exp = 0.0;
-      for (int64_t start = 0; start < classes; start += kBlock) {
-        const int64_t stop = std::min(classes, start + kBlock);
-        float block_exp = 0.f;
-#pragma omp simd reduction(+ : block_exp)
-        for (int64_t c = start; c < stop; ++c) block_exp += exp_nonpositive(static_cast<float>(x[c]) - row_max);
-        sum_exp += block_exp;
-      }
-      const float log_sum_exp = static_cast<float>(std::log(sum_exp));
-      const float label_logit = static_cast<float>(x[label]);  // read before grad may overwrite x
-      loss_data[row] = (row_max - label_logit) + log_sum_exp;
-      if (!grad_row) continue;
-      const float row_scale = scale_data[row * scale_stride];
-      const float log_norm = row_max + log_sum_exp;
-#pragma omp simd
-      for (int64_t c = 0; c < classes; ++c) {
-        grad_row[c] = static_cast<scalar_t>(exp_nonpositive(static_cast<float>(x[c]) - log_norm) * row_scale);
-      }
-      grad_row[label] = static_cast<scalar_t>((exp_nonpositive(label_logit - log_norm) - 1.f) * row_scale);
+      loss_data[row] = cross_entropy_row(logits_data + row * logits_stride, label, grad_row, classes,
+                                         scale_data[row * scale_stride]);
     }
   });
 }

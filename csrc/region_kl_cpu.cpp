@@ -20,6 +20,50 @@ using fastvl::log_positive;
 
 constexpr int64_t kBlock = 512;
 
+// One selected row: returns KL(p || softmax(x)) and, if grad_row, writes (softmax(x) * sum p - p) * scale
+// (grad_row may be x). Cloned for AVX2 and the baseline ISA, chosen at load time: torch's extension flags
+// target only the baseline.
+template <typename scalar_t, typename target_t>
+__attribute__((target_clones("avx2", "default"))) float region_kl_row(const scalar_t* x, const target_t* p,
+                                                                       scalar_t* grad_row, int64_t classes,
+                                                                       float row_scale) {
+  float row_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : row_max)
+  for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<float>(x[c]));
+  // SIMD float sums over blocks of kBlock classes, blocks added in double: rows of up to 32k classes, and
+  // the parity rule is relative to eager's pairwise sums.
+  double sum_exp = 0.0, sum_p = 0.0, sum_p_x = 0.0, sum_p_log_p = 0.0;
+  for (int64_t start = 0; start < classes; start += kBlock) {
+    const int64_t stop = std::min(classes, start + kBlock);
+    float block_exp = 0.f, block_p = 0.f, block_p_x = 0.f, block_p_log_p = 0.f;
+#pragma omp simd reduction(+ : block_exp, block_p, block_p_x, block_p_log_p)
+    for (int64_t c = start; c < stop; ++c) {
+      const float shifted = static_cast<float>(x[c]) - row_max;
+      const float pc = static_cast<float>(p[c]);
+      block_exp += exp_nonpositive(shifted);
+      block_p += pc;
+      block_p_x += pc * shifted;
+      block_p_log_p += pc * log_positive(pc);  // 0 log 0 = 0: log_positive(0) is finite
+    }
+    sum_exp += block_exp;
+    sum_p += block_p;
+    sum_p_x += block_p_x;
+    sum_p_log_p += block_p_log_p;
+  }
+  const double log_sum_exp = std::log(sum_exp);
+  if (grad_row) {
+    const float log_norm = row_max + static_cast<float>(log_sum_exp);
+    const float total_p = static_cast<float>(sum_p);
+#pragma omp simd
+    for (int64_t c = 0; c < classes; ++c) {
+      const float softmax = exp_nonpositive(static_cast<float>(x[c]) - log_norm);
+      grad_row[c] = static_cast<scalar_t>((softmax * total_p - static_cast<float>(p[c])) * row_scale);
+    }
+  }
+  // -sum p log softmax(x) = -sum p (x - m) + sum p * log s
+  return static_cast<float>(sum_p_log_p - sum_p_x + sum_p * log_sum_exp);
+}
+
 template <typename scalar_t, typename target_t>
 void region_kl_rows_kernel(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& selected,
                            const at::Tensor& scale, at::Tensor& loss, at::Tensor* grad) {
@@ -42,43 +86,8 @@ void region_kl_rows_kernel(const at::Tensor& logits, const at::Tensor& targets, 
         if (grad_row) std::fill(grad_row, grad_row + classes, scalar_t(0));
         continue;
       }
-      const scalar_t* x = logits_data + row * logits_stride;
-      const target_t* p = target_data + row * target_stride;
-      float row_max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : row_max)
-      for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<float>(x[c]));
-      // SIMD float sums over blocks of kBlock classes, blocks added in double: rows of up to 32k classes,
-      // and the parity rule is relative to eager's pairwise sums.
-      double sum_exp = 0.0, sum_p = 0.0, sum_p_x = 0.0, sum_p_log_p = 0.0;
-      for (int64_t start = 0; start < classes; start += kBlock) {
-        const int64_t stop = std::min(classes, start + kBlock);
-        float block_exp = 0.f, block_p = 0.f, block_p_x = 0.f, block_p_log_p = 0.f;
-#pragma omp simd reduction(+ : block_exp, block_p, block_p_x, block_p_log_p)
-        for (int64_t c = start; c < stop; ++c) {
-          const float shifted = static_cast<float>(x[c]) - row_max;
-          const float pc = static_cast<float>(p[c]);
-          block_exp += exp_nonpositive(shifted);
-          block_p += pc;
-          block_p_x += pc * shifted;
-          block_p_log_p += pc * log_positive(pc);  // 0 log 0 = 0: log_positive(0) is finite
-        }
-        sum_exp += block_exp;
-        sum_p += block_p;
-        sum_p_x += block_p_x;
-        sum_p_log_p += block_p_log_p;
-      }
-      const double log_sum_exp = std::log(sum_exp);
-      // -sum p log softmax(x) = -sum p (x - m) + sum p * log s
-      loss_data[row] = static_cast<float>(sum_p_log_p - sum_p_x + sum_p * log_sum_exp);
-      if (!grad_row) continue;
-      const float row_scale = scale_data[row * scale_stride];
-      const float log_norm = row_max + static_cast<float>(log_sum_exp);
-      const float total_p = static_cast<float>(sum_p);
-#pragma omp simd
-      for (int64_t c = 0; c < classes; ++c) {
-        const float softmax = exp_nonpositive(static_cast<float>(x[c]) - log_norm);
-        grad_row[c] = static_cast<scalar_t>((softmax * total_p - static_cast<float>(p[c])) * row_scale);
-      }
+      loss_data[row] = region_kl_row(logits_data + row * logits_stride, target_data + row * target_stride, grad_row,
+                                     classes, scale_data[row * scale_stride]);
     }
   });
 }
