@@ -415,3 +415,43 @@ def test_convert_vilbert_lmdb_rows_with_trust_pickle(tmp_path, monkeypatch):
     del rows[b"1001"]
     with pytest.raises(DataError, match="listed in 'keys' but missing"):
         list(convert.read_vilbert_lmdb(str(tmp_path), trust_pickle=True))
+
+
+def test_vlbert_whole_word_masking_and_regions(tmp_path):
+    """VL-BERT's rules: a word's pieces are masked together (15% of words), 15% of real regions
+    labelled with unchanged features, region 0 the whole image, no caption swapping."""
+    from fastvl.data.collate import VLBERTCollator
+    from fastvl.data.tokenizer import closed_vocab
+
+    rng = np.random.default_rng(6)
+    captions = ["an unbelievably colourful kaleidoscope", "two extraordinarily photogenic hippopotamuses"] * 20
+    records = [ImageRecord(f"r{i}", c, rng.normal(size=(12, 8)).astype(np.float32),
+                           np.tile([[0, 0, 10, 10]], (12, 1)).astype(np.float32), np.full((12, 3), 1 / 3), 20, 20)
+               for i, c in enumerate(captions)]
+    write_dataset(str(tmp_path), records, feature_dim=8, num_classes=3)
+    closed_vocab(["a b c d e f g h i j k l m n o p q r s t u v w x y z an two"], str(tmp_path / "vocab.txt"))
+    dataset = RegionDataset(str(tmp_path), load_tokenizer(str(tmp_path / "vocab.txt")))
+    collator = VLBERTCollator(dataset, special_ids(dataset.tokenizer), dataset.tokenizer.get_vocab_size(), seed=1)
+    assert collator.continuation[dataset.token_ids[0]].sum() > 10  # long words are many pieces
+    words = selected_words = regions = selected_regions = 0
+    for index in range(2000):
+        sample = collator.sample(index // len(dataset), index % len(dataset))
+        assert sample["is_next"] == 0
+        pieces = dataset.token_ids[index % len(dataset)][: collator.max_text_len - 2]
+        original = np.concatenate([[collator.special.cls], pieces, [collator.special.sep]])
+        starts = ~collator.continuation[original]
+        word_of_piece = np.cumsum(starts) - 1
+        labelled = sample["mlm_labels"] >= 0
+        for w in range(word_of_piece[-1] + 1):
+            in_word = labelled[word_of_piece == w]
+            assert in_word.all() or not in_word.any()  # whole words only
+        assert not labelled[0] and not labelled[-1]
+        np.testing.assert_array_equal(sample["mlm_labels"][labelled], original[labelled])
+        words += word_of_piece[-1] - 1
+        selected_words += len({w for w, lab in zip(word_of_piece, labelled) if lab})
+        example = dataset[index % len(dataset)]
+        np.testing.assert_array_equal(sample["region_feats"][1:], np.asarray(example.features, np.float32))
+        assert not sample["region_labels"][0]
+        regions += len(sample["region_labels"]) - 1
+        selected_regions += sample["region_labels"].sum()
+    assert abs(selected_words / words - 0.15) < 0.02 and abs(selected_regions / regions - 0.15) < 0.015

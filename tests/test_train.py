@@ -323,3 +323,22 @@ def test_logger_writes_jsonl_and_tensorboard_when_installed(tmp_path, monkeypatc
     silent = Logger(str(tmp_path / "other.jsonl"), enabled=False)  # ranks other than 0
     silent.event({"step": 1, "loss": 1.0}, "never printed")
     assert not os.path.exists(tmp_path / "other.jsonl") and "never" not in capsys.readouterr().out
+
+
+def test_vlbert_family_adapter(synth):
+    """A second model family through the same trainer interface: VL-BERT's collator, inputs and losses."""
+    tokenizer = load_tokenizer(os.path.join(synth, "vocab.txt"))
+    dataset = RegionDataset(synth, tokenizer)
+    family, variant = families.resolve("vlbert-tiny")
+    torch.manual_seed(0)
+    model = family.make_model(variant, families.ModelOptions(tokenizer.get_vocab_size(), dataset.num_classes,
+                                                             dataset.feature_dim))
+    collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=4,
+                                    packed=False, max_text_len=36, max_regions=36)
+    batch = collator([(0, i) for i in range(8)])
+    loss, losses = family.losses(model(**family.model_inputs(batch)))
+    assert set(losses) == set(family.objectives) == {"mlm", "mvrc"}
+    assert torch.isfinite(loss) and losses["mvrc"] > 0
+    torch.testing.assert_close(loss, losses["mlm"] + losses["mvrc"])
+    loss.backward()
+    assert model.mvrc_head.classifier.weight.grad.abs().sum() > 0

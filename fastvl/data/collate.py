@@ -180,3 +180,53 @@ def unpack(batch: dict, pad_to_multiple_of: int = 1) -> dict:
         if key in batch:
             out[key] = batch[key]
     return out
+
+
+class VLBERTCollator(ViLBERTCollator):
+    """VL-BERT's pretraining rules on the same batch layout (field names as :class:`ViLBERTCollator`'s):
+
+    * **Words**, whole-word masking: each word (a piece and its ``##`` continuations) is selected with
+      probability 0.15; all its pieces become [MASK] 80% of the time, random ids 10%, stay 10%, and all
+      are labelled.
+    * **Regions**: region 0 is the whole image (mean feature, box ``[0, 0, 1, 1]``); each real region
+      is selected with probability 0.15 and labelled (``region_labels``) with the detector's class
+      distribution. Features are left as they are: the model swaps a selected region's feature and
+      word embedding for its learned mask embeddings.
+    * No caption swapping: the released configuration trains without the sentence-image relation
+      loss, so every pair is aligned (``is_next`` 0).
+    """
+
+    def __init__(self, dataset, special, vocab_size: int, **kwargs):
+        kwargs.setdefault("negative_prob", 0.0)
+        super().__init__(dataset, special, vocab_size, **kwargs)
+        tokenizer = dataset.tokenizer
+        self.continuation = np.array([(tokenizer.id_to_token(i) or "").startswith("##")
+                                      for i in range(tokenizer.get_vocab_size())])
+
+    def _mask_words(self, pieces: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        s = self.special
+        ids = np.concatenate([[s.cls], pieces, [s.sep]]).astype(np.int64)
+        word = np.cumsum(~self.continuation[ids]) - 1  # word index of every piece ([CLS], [SEP] their own)
+        words = word[-1] + 1
+        draw, action = rng.random(words), rng.random(words)
+        random_ids = rng.integers(self.vocab_size, size=len(ids))
+        selected_word = draw < self.word_mask_prob
+        selected_word[word[0]] = selected_word[word[-1]] = False
+        selected, act = selected_word[word], action[word]
+        labels = np.where(selected, ids, -1)
+        ids = np.where(selected & (act < 0.8), s.mask, ids)
+        ids = np.where(selected & (act >= 0.8) & (act < 0.9), random_ids, ids)
+        return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "mlm_labels": labels}
+
+    def _mask_regions(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        n = min(example.features.shape[0], self.max_regions)
+        features = np.asarray(example.features[:n], dtype=np.float32)
+        locations = region_locations(example.boxes[:n], example.image_h, example.image_w)
+        targets = np.asarray(example.cls_prob[:n], dtype=np.float32)
+        selected = rng.random(n) < self.region_mask_prob
+        return {
+            "region_feats": np.concatenate([features.mean(axis=0, keepdims=True), features]),
+            "region_loc": np.concatenate([np.array([IMG_LOCATION], dtype=np.float32), locations]),
+            "region_targets": np.concatenate([np.zeros((1, targets.shape[1]), np.float32), targets]),
+            "region_labels": np.concatenate([[False], selected]),
+        }

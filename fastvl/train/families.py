@@ -1,7 +1,8 @@
 """Model families the trainer knows: each is a small adapter (model factory + collator + inputs).
 
-A family turns ``--model NAME-VARIANT`` into a model and a collator; the training loop never looks
-inside either. Adding VL-BERT or ALBEF means adding one :class:`Family` with their collation rules.
+A family turns ``--model NAME-VARIANT`` into a model, a collator, the model's inputs from a batch and
+(total, per-objective) losses from its output; the training loop never looks inside any of them.
+ViLBERT and VL-BERT are here; ALBEF (image pixels, not region features) needs its own data path.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastvl.data.collate import ViLBERTCollator, unpack
+from fastvl.data.collate import ViLBERTCollator, VLBERTCollator, unpack
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "text_mask", "region_feats", "region_loc", "region_mask",
                 "mlm_labels", "region_targets", "region_labels", "is_next")
@@ -38,6 +39,7 @@ class Family:
     preset: str  # optimizer / schedule preset in fastvl.train.presets
     objectives: tuple[str, ...]
     init_text: Callable[[torch.nn.Module, str], object] | None = None  # text stream from a BERT checkpoint
+    losses: Callable[[object], tuple[torch.Tensor, dict]] = lambda out: (out.loss, out.losses)  # (total, per objective)
 
 
 def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -73,9 +75,41 @@ def _vilbert_inputs(batch: dict) -> dict:
     return {key: batch[key] for key in MODEL_INPUTS}
 
 
+def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
+    from fastvl.models.vlbert import VLBERTConfig, VLBERTForPretraining  # noqa: PLC0415
+    from fastvl.nn import set_gradient_checkpointing  # noqa: PLC0415
+
+    overrides = {"vocab_size": options.vocab_size, "visual_region_classes": options.num_classes,
+                 "visual_feature_dim": options.feature_dim}
+    if options.dropout is not None:
+        overrides.update(hidden_dropout_prob=options.dropout, attention_probs_dropout_prob=options.dropout)
+    model = VLBERTForPretraining(VLBERTConfig.named(variant, **overrides))
+    return set_gradient_checkpointing(model, options.activation_checkpointing)
+
+
+def _vlbert_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
+                     max_regions: int, pad_to_multiple_of: int = 1) -> VLBERTCollator:
+    return VLBERTCollator(dataset, special, vocab_size, seed=seed, packed=packed, max_text_len=max_text_len,
+                          max_regions=max_regions, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def _vlbert_inputs(batch: dict) -> dict:
+    batch = unpack(batch)
+    return {"input_ids": batch["input_ids"], "region_features": batch["region_feats"],
+            "boxes": batch["region_loc"][..., :4], "token_type_ids": batch["token_type_ids"],
+            "text_mask": batch["text_mask"], "region_mask": batch["region_mask"], "mlm_labels": batch["mlm_labels"],
+            "masked_regions": batch["region_labels"], "region_class_scores": batch["region_targets"]}
+
+
+def _vlbert_losses(out: dict) -> tuple[torch.Tensor, dict]:
+    return out["loss"], {"mlm": out["mlm_loss"], "mvrc": out["mvrc_loss"]}
+
+
 FAMILIES = {
     "vilbert": Family("vilbert", ("tiny", "2-layer", "4-layer", "6-layer", "8-layer", "base"), _vilbert_model,
                       _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert),
+    "vlbert": Family("vlbert", ("tiny", "base", "large"), _vlbert_model, _vlbert_collator, _vlbert_inputs, "vlbert",
+                     ("mlm", "mvrc"), losses=_vlbert_losses),
 }
 
 

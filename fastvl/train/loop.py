@@ -296,13 +296,13 @@ class Trainer:
                 torch.manual_seed(micro_batch_seed(self.seed, micro.global_step, micro.chunk))
                 inputs = {k: self._to_device(v) for k, v in self.family.model_inputs(batch).items()}
                 with nvtx_range("forward"):
-                    out = self.engine(**inputs)
+                    loss, losses = self.family.losses(self.engine(**inputs))
                 with nvtx_range("backward"):
-                    self.engine.backward(out.loss)
+                    self.engine.backward(loss)
                 with nvtx_range("step"):
                     self.engine.step()
-                values = [float(out.losses[name].detach()) for name in objectives]
-                sums += torch.tensor([*values, float(out.loss.detach()), 1.0, batch["num_tokens"], sigterm.raised],
+                values = [float(losses[name].detach()) for name in objectives]
+                sums += torch.tensor([*values, float(loss.detach()), 1.0, batch["num_tokens"], sigterm.raised],
                                      dtype=torch.float64)
                 if micro.micro_step + 1 < self.sampler.grad_accum:
                     continue
