@@ -19,8 +19,10 @@ Work per call (forward + backward), stated with every number:
         bytes = 2 E (B + Q) s (both feature banks read once).
 Peak memory: GPU, torch.cuda.max_memory_allocated above the memory allocated before the call. CPU, the
 process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above its resident set before the
-call, with glibc told to serve every allocation over 64 KiB by mmap so that freed tensors leave the
-resident set at once: this counts every byte torch allocates, scratch inside custom ops included.
+call, with glibc told (for that measurement only) to serve every allocation over 64 KiB by mmap so that
+freed tensors leave the resident set at once: this counts every byte torch allocates, scratch inside
+custom ops included. So every case runs twice: first all memory measurements (that setting from the start), then all timings
+with glibc keeping freed buffers (no page faults).
 Writes ``losses_<device>.json`` and ``losses_<device>_*.png`` under benchmarks/results/ (``--out``).
 """
 
@@ -48,12 +50,22 @@ MASKED_FRACTION = 0.15
 # Peak memory ----------------------------------------------------------------------------------------
 
 
-def _use_mmap_for_large_allocations() -> None:
-    """glibc: serve allocations over 64 KiB with mmap (returned to the OS on free); Linux only."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def _mallopt(option: int, value: int) -> None:
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(option, value)
     except (OSError, AttributeError):
         pass
+
+
+def _measuring_malloc(measuring: bool) -> None:
+    """glibc, while measuring: serve allocations over 64 KiB with mmap (returned to the OS on free, so the
+    resident set follows the live tensors). Otherwise: keep freed buffers up to 32 MiB in the heap, the
+    steady state glibc's dynamic threshold reaches on its own, so timings pay no page faults."""
+    _mallopt(M_MMAP_THRESHOLD, 1 << 16 if measuring else 32 << 20)
+    _mallopt(M_TRIM_THRESHOLD, 1 << 17 if measuring else 64 << 20)
 
 
 def _status_bytes(key: str) -> int:
@@ -65,6 +77,8 @@ def _status_bytes(key: str) -> int:
 
 
 def cpu_peak_bytes(fn) -> int:
+    """Needs the measuring malloc setting from the process's start (see ``main``)."""
+    fn()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset VmHWM to the current resident set
@@ -96,6 +110,15 @@ class Bench:
         self.generator = torch.Generator().manual_seed(0)
         self.fused = "triton" if self.device.type == "cuda" else "cpp"
         self.notes: list[str] = []
+        self.measuring_memory = False
+        self.peak_mb: dict[tuple, float] = {}
+
+    def phase(self, measuring_memory: bool):
+        """Memory phase (peaks only) or timing phase; both see the same inputs."""
+        self.measuring_memory = measuring_memory
+        self.generator = torch.Generator().manual_seed(0)
+        if self.device.type == "cpu":
+            _measuring_malloc(measuring_memory)
 
     def measure(self, step, leaves, *, name, variant, params, dtype, flops=None, nbytes=None):
         def call():
@@ -103,14 +126,19 @@ class Bench:
                 leaf.grad = None
             step()
 
+        key = (name, variant, str(params), str(dtype))
         try:
+            if self.measuring_memory:
+                self.peak_mb[key] = peak_bytes(call, self.device) / 2**20
+                return
             call()
         except BackendUnavailableError as error:
-            self.notes.append(f"{name} {variant}: {str(error).splitlines()[0]}")
+            if self.measuring_memory:
+                self.notes.append(f"{name} {variant}: {str(error).splitlines()[0]}")
             return
         row = self.results.measure(call, name=name, variant=variant, params=params, dtype=dtype, flops=flops,
                                    nbytes=nbytes, memory=False)
-        row["peak_mem_mb"] = peak_bytes(call, self.device) / 2**20
+        row["peak_mem_mb"] = self.peak_mb[key]
         print(f"{name:<24} {variant:<10} {params} {row['median_ms']:9.2f} ms  {row['peak_mem_mb']:8.1f} MB",
               file=sys.stderr)
 
@@ -156,7 +184,7 @@ class Bench:
         if liger is not None and self.device.type == "cuda":
             self.measure(lambda: liger(hidden, weight, bias, labels).backward(), [hidden, weight, bias],
                          name="linear_cross_entropy", variant="liger", params=params, dtype=dtype, flops=flops)
-        elif liger is None:
+        elif liger is None and not self.measuring_memory:
             self.notes.append("Liger-Kernel is not installed: no Liger baseline")
 
     def itc(self, dtype):
@@ -247,16 +275,16 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cpu":
-        _use_mmap_for_large_allocations()
     dtypes = [getattr(torch, d) for d in args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])]
     bench = Bench(device, args.quick, args.out)
-    for dtype in dtypes:
-        for fraction in (MASKED_FRACTION, 0.5, 1.0):
-            bench.region_kl(dtype, fraction)
-        bench.linear_region_kl(dtype)
-        bench.linear_cross_entropy(dtype)
-        bench.itc(dtype)
+    for measuring_memory in (True, False):
+        bench.phase(measuring_memory)
+        for dtype in dtypes:
+            for fraction in (MASKED_FRACTION, 0.5, 1.0):
+                bench.region_kl(dtype, fraction)
+            bench.linear_region_kl(dtype)
+            bench.linear_cross_entropy(dtype)
+            bench.itc(dtype)
     bench.save()
     return 0
 
