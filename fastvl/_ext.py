@@ -42,5 +42,7 @@ def missing_reason(symbol: str) -> str | None:
     if ext is None:
         return f"fastvl._C is not built ({FIX})"
     if not hasattr(ext, symbol):
+        if symbol.endswith("_cuda"):
+            return f"fastvl._C was built without CUDA sources ({symbol}): they build only against a CUDA torch with nvcc"
         return f"fastvl._C was built without {symbol} (rebuild: {FIX})"
     return None

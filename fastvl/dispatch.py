@@ -63,9 +63,11 @@ class Backend:
 class Op:
     """A dispatched op: ``op.register(...)`` adds backends, ``op.select(...)`` picks one."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, probe: dict | None = None):
         self.name = name
         self.backends: dict[str, Backend] = {}
+        # Features of typical inputs, used by `fastvl info` to ask which backends run on this machine.
+        self.probe = dict(probe or {})
 
     def register(self, name: str, *, available: Callable[[], list[str]] | None = None,
                  supports: Callable[..., list[str]] | None = None,
@@ -154,10 +156,11 @@ _SCOPES: list[dict[str | None, str]] = []
 _OPS: dict[str, Op] = {}
 
 
-def op(name: str) -> Op:
-    """The registry entry for op ``name`` (created on first use)."""
+def op(name: str, probe: dict | None = None) -> Op:
+    """The registry entry for op ``name`` (created on first use). ``probe``: the features (besides
+    device and dtype) of a typical input, which ``fastvl info`` passes to every backend."""
     if name not in _OPS:
-        _OPS[name] = Op(name)
+        _OPS[name] = Op(name, probe)
     return _OPS[name]
 
 

@@ -40,17 +40,12 @@ def collect() -> dict:
         "ops": {},
     }
     for name, op in sorted(registered_ops().items()):
-        table = op.table(device, dtype=torch.float32, **_probe_features(name))
+        table = op.table(device, dtype=torch.float32, **op.probe)
         auto = next((b for b, reasons in table.items() if not reasons and device.type in op.backends[b].auto_devices),
                     None)
         info["ops"][name] = {"auto": auto, "backends": table}
     return info
 
-
-def _probe_features(op_name: str) -> dict:
-    """Typical inputs used to ask each backend whether it runs on this machine."""
-    return {"attention": {"head_dim": 64, "dropout": False, "packed": False},
-            "co_attention": {"head_dim": 128, "dropout": False, "packed": False}}.get(op_name, {"classes": 1601, "queue": 4096})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

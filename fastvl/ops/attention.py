@@ -23,7 +23,7 @@ from fastvl import _checks
 from fastvl.dispatch import needs_cuda_device, needs_module, op, triton_available, triton_device, triton_interpreting
 from fastvl.reference.attention import attention_ref, varlen_attention_ref
 
-ATTENTION = op("attention")
+ATTENTION = op("attention", probe=dict(head_dim=64, dropout=False, packed=False))
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -14,7 +14,7 @@ from fastvl import _checks
 from fastvl.dispatch import op, triton_available, triton_device
 from fastvl.reference.bias_gelu import bias_gelu_ref
 
-BIAS_GELU = op("bias_gelu")
+BIAS_GELU = op("bias_gelu", probe={})
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:

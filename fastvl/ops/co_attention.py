@@ -21,7 +21,7 @@ from fastvl.ops.attention import (ATTENTION, _DTYPE_NAMES, _kernels, _max_seqlen
                                   new_lse, rows_strides, triton_supports)
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
 
-CO_ATTENTION = op("co_attention")
+CO_ATTENTION = op("co_attention", probe=dict(head_dim=128, dropout=False, packed=False))
 
 
 def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v: torch.Tensor | None,

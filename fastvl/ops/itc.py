@@ -17,7 +17,7 @@ from fastvl.dispatch import op
 from fastvl.ops.region_kl import REGION_KL, region_kl_rows
 from fastvl.reference.itc import itc_loss_ref, itc_queue_update_ref, itm_hard_negatives_ref
 
-ITC = op("itc_loss")
+ITC = op("itc_loss", probe=dict(queue=65536))
 
 
 def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,

@@ -14,7 +14,7 @@ from fastvl import _checks
 from fastvl.dispatch import needs_cuda_device, needs_module, op, triton_available, triton_device
 from fastvl.reference.layer_norm import layer_norm_ref
 
-LAYER_NORM = op("layer_norm")
+LAYER_NORM = op("layer_norm", probe=dict(hidden=768, dropout=True))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -20,8 +20,8 @@ from fastvl.dispatch import needs_cpu_device, needs_cuda_device, op, triton_avai
 from fastvl.ops import _linear_loss
 from fastvl.reference.region_kl import linear_region_kl_loss_ref, region_kl_loss_ref
 
-REGION_KL = op("region_kl_loss")
-LINEAR_REGION_KL = op("linear_region_kl_loss")
+REGION_KL = op("region_kl_loss", probe=dict(target_dtype=torch.float32, classes=1601))
+LINEAR_REGION_KL = op("linear_region_kl_loss", probe=dict(target_dtype=torch.float32, classes=1601))
 REDUCTIONS = ("mean", "sum", "none")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
