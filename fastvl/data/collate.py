@@ -99,25 +99,15 @@ class ViLBERTCollator:
         selected = draw < self.word_mask_prob
         selected[0] = selected[-1] = False  # [CLS] and [SEP] are never masked
         labels[selected] = ids[selected]
-        ids = np.where(selected & (action < 0.8), s.mask, ids)
-        ids = np.where(selected & (action >= 0.8) & (action < 0.9), random_ids, ids)
-        return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "mlm_labels": labels}
+        return _replace_masked(ids, labels, selected, action, random_ids, s.mask)
 
     def _mask_regions(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        n = min(example.features.shape[0], self.max_regions)
-        features = np.asarray(example.features[:n], dtype=np.float32)
-        locations = region_locations(example.boxes[:n], example.image_h, example.image_w)
-        targets = np.asarray(example.cls_prob[:n], dtype=np.float32)
+        features, locations, targets = _real_regions(example, self.max_regions)
         image_feature = features.mean(axis=0, keepdims=True)  # before masking, as the original
-        selected = rng.random(n) < self.region_mask_prob
-        zeroed = selected & (rng.random(n) < 0.9)
+        selected = rng.random(len(features)) < self.region_mask_prob
+        zeroed = selected & (rng.random(len(features)) < 0.9)
         features = np.where(zeroed[:, None], np.float32(0.0), features)
-        return {
-            "region_feats": np.concatenate([image_feature, features]),
-            "region_loc": np.concatenate([np.array([IMG_LOCATION], dtype=np.float32), locations]),
-            "region_targets": np.concatenate([np.zeros((1, targets.shape[1]), np.float32), targets]),
-            "region_labels": np.concatenate([[False], selected]),
-        }
+        return _with_img_region(image_feature, features, locations, targets, selected)
 
     def __call__(self, keys) -> dict:
         samples = [self.sample(int(epoch), int(index)) for epoch, index in keys]
@@ -125,6 +115,31 @@ class ViLBERTCollator:
         batch["keys"] = [(int(e), int(i)) for e, i in keys]
         return batch
 
+
+
+def _replace_masked(ids, labels, selected, action, random_ids, mask_id) -> dict[str, np.ndarray]:
+    """BERT's replacement of selected pieces: 80% [MASK], 10% a random id, 10% kept."""
+    ids = np.where(selected & (action < 0.8), mask_id, ids)
+    ids = np.where(selected & (action >= 0.8) & (action < 0.9), random_ids, ids)
+    return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "mlm_labels": labels}
+
+
+def _real_regions(example: Example, max_regions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [n, D], locations [n, 5], detector targets [n, C]) of the first ``max_regions`` regions."""
+    n = min(example.features.shape[0], max_regions)
+    features = np.asarray(example.features[:n], dtype=np.float32)
+    locations = region_locations(example.boxes[:n], example.image_h, example.image_w)
+    return features, locations, np.asarray(example.cls_prob[:n], dtype=np.float32)
+
+
+def _with_img_region(image_feature, features, locations, targets, selected) -> dict[str, np.ndarray]:
+    """Prepends the IMG region (mean feature, whole-image box, never masked) to a sample's regions."""
+    return {
+        "region_feats": np.concatenate([image_feature, features]),
+        "region_loc": np.concatenate([np.array([IMG_LOCATION], dtype=np.float32), locations]),
+        "region_targets": np.concatenate([np.zeros((1, targets.shape[1]), np.float32), targets]),
+        "region_labels": np.concatenate([[False], selected]),
+    }
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -214,19 +229,9 @@ class VLBERTCollator(ViLBERTCollator):
         selected_word[word[0]] = selected_word[word[-1]] = False
         selected, act = selected_word[word], action[word]
         labels = np.where(selected, ids, -1)
-        ids = np.where(selected & (act < 0.8), s.mask, ids)
-        ids = np.where(selected & (act >= 0.8) & (act < 0.9), random_ids, ids)
-        return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "mlm_labels": labels}
+        return _replace_masked(ids, labels, selected, act, random_ids, s.mask)
 
     def _mask_regions(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        n = min(example.features.shape[0], self.max_regions)
-        features = np.asarray(example.features[:n], dtype=np.float32)
-        locations = region_locations(example.boxes[:n], example.image_h, example.image_w)
-        targets = np.asarray(example.cls_prob[:n], dtype=np.float32)
-        selected = rng.random(n) < self.region_mask_prob
-        return {
-            "region_feats": np.concatenate([features.mean(axis=0, keepdims=True), features]),
-            "region_loc": np.concatenate([np.array([IMG_LOCATION], dtype=np.float32), locations]),
-            "region_targets": np.concatenate([np.zeros((1, targets.shape[1]), np.float32), targets]),
-            "region_labels": np.concatenate([[False], selected]),
-        }
+        features, locations, targets = _real_regions(example, self.max_regions)
+        selected = rng.random(len(features)) < self.region_mask_prob
+        return _with_img_region(features.mean(axis=0, keepdims=True), features, locations, targets, selected)
