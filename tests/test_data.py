@@ -160,14 +160,16 @@ def test_convert_tsv_objects_conf_and_errors(tmp_path):
         list(convert.read_butd_tsv(str(tsv)))
 
 
-def test_convert_lmdb_needs_trust_pickle(tmp_path):
-    with pytest.raises(DataError, match="--trust-pickle"):
-        next(convert.read_vilbert_lmdb(str(tmp_path)))
+def test_convert_lmdb_path_that_is_not_an_lmdb(tmp_path):
+    """(msgpack LMDBs need no --trust-pickle: the pickle / msgpack cases are in tests/test_data_lmdb.py.)"""
     try:
         import lmdb  # noqa: F401
     except ImportError:
         with pytest.raises(DataError, match="'lmdb' package"):
             next(convert.read_vilbert_lmdb(str(tmp_path), trust_pickle=True))
+    else:
+        with pytest.raises(DataError, match="cannot open as an LMDB"):
+            next(convert.read_vilbert_lmdb(str(tmp_path)))
 
 
 # errors and skips ------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ pieces — are skipped, counted in ``dataset.skipped`` and logged once with exam
 (``--strict-data``) makes them errors naming file, line and image id.
 
 Modules: :mod:`~fastvl.data.format` (writer / reader), :mod:`~fastvl.data.tokenizer` (WordPiece),
-:mod:`~fastvl.data.synth` (the synthetic set), :mod:`~fastvl.data.convert` (BUTD TSV, ViLBERT LMDB),
+:mod:`~fastvl.data.synth` (the synthetic set), :mod:`~fastvl.data.convert` (BUTD TSV, ViLBERT LMDB:
+msgpack rows decoded safely, pickled rows only with ``--trust-pickle``),
 :mod:`~fastvl.data.collate` (masking, padding, packing), :mod:`~fastvl.data.sampler` (seeded,
 resumable, data-parallel batches), :mod:`~fastvl.data.cli` (``fastvl data``).
 """

@@ -22,11 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     convert = actions.add_parser("convert", help="convert bottom-up-attention TSV or ViLBERT LMDB features")
     convert.add_argument("inputs", nargs="+", help=".tsv files, or LMDB paths with --lmdb")
-    convert.add_argument("--captions", required=True, help="JSONL {image_id, caption} or 'image_id<TAB>caption' lines")
+    convert.add_argument("--captions", help="JSONL {image_id, caption} or 'image_id<TAB>caption' lines (required for "
+                         "TSV; for LMDB rows that carry a caption, ViLBERT's msgpack ones, it overrides theirs)")
     convert.add_argument("--out", required=True, help="output directory")
     convert.add_argument("--lmdb", action="store_true", help="inputs are ViLBERT LMDB feature files")
     convert.add_argument("--trust-pickle", action="store_true",
-                         help="allow unpickling the LMDB rows (they can execute code: only for files you trust)")
+                         help="allow unpickling pickled LMDB rows (they can execute code: only for files you trust); "
+                              "msgpack LMDBs (ViLBERT pretraining) need no flag")
     convert.add_argument("--fields", help="comma-separated TSV column names when the files have no header")
     convert.add_argument("--num-classes", type=int, help="detector classes (TSV without cls_prob)")
     convert.add_argument("--vocab", help="copy this vocab.txt (e.g. BERT's) next to the shards")
@@ -60,7 +62,9 @@ def _run(args: argparse.Namespace) -> int:
 
         from fastvl.data import convert  # noqa: PLC0415
 
-        captions = convert.read_captions(args.captions)
+        if args.captions is None and not args.lmdb:
+            raise DataError("--captions is required for TSV files (they carry no captions)")
+        captions = convert.read_captions(args.captions) if args.captions else {}
         fields = tuple(args.fields.split(",")) if args.fields else None
 
         def images():
