@@ -255,6 +255,7 @@ def test_masking_rules_statistically(dataset):
         np.testing.assert_allclose(sample["region_targets"][1:], example.cls_prob, rtol=1e-6)
         is_zero = (feats[1:] == 0).all(1)
         assert not (is_zero & ~label[1:]).any()  # only selected regions are zeroed
+        np.testing.assert_array_equal(sample["region_replaced"][1:], is_zero)
         np.testing.assert_array_equal(feats[1:][~is_zero], real[~is_zero])
         regions += len(real)
         regions_selected += label.sum()
@@ -435,7 +436,7 @@ def test_vlbert_whole_word_masking_and_regions(tmp_path):
     dataset = RegionDataset(str(tmp_path), load_tokenizer(str(tmp_path / "vocab.txt")))
     collator = VLBERTCollator(dataset, special_ids(dataset.tokenizer), dataset.tokenizer.get_vocab_size(), seed=1)
     assert collator.continuation[dataset.token_ids[0]].sum() > 10  # long words are many pieces
-    words = selected_words = regions = selected_regions = 0
+    words = selected_words = regions = selected_regions = replaced_regions = 0
     for index in range(2000):
         sample = collator.sample(index // len(dataset), index % len(dataset))
         assert sample["is_next"] == 0
@@ -454,6 +455,9 @@ def test_vlbert_whole_word_masking_and_regions(tmp_path):
         example = dataset[index % len(dataset)]
         np.testing.assert_array_equal(sample["region_feats"][1:], np.asarray(example.features, np.float32))
         assert not sample["region_labels"][0]
+        assert not (sample["region_replaced"] & ~sample["region_labels"]).any()  # only masked ones are replaced
         regions += len(sample["region_labels"]) - 1
         selected_regions += sample["region_labels"].sum()
+        replaced_regions += sample["region_replaced"].sum()
     assert abs(selected_words / words - 0.15) < 0.02 and abs(selected_regions / regions - 0.15) < 0.015
+    assert abs(replaced_regions / selected_regions - 0.9) < 0.02  # VL-BERT keeps 10% of the masked regions

@@ -129,27 +129,34 @@ def test_unknown_model_name():
 # pretraining runs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_readme_command_under_the_launcher_losses_fall(synth, tmp_path):
-    """The README's main command, shortened: tiny ViLBERT on the synthetic set via the deepspeed launcher.
+@pytest.fixture(scope="module")
+def synth_demo(tmp_path_factory):
+    """The demo's set (8 classes), with 64-d features to keep collation cheap."""
+    out = tmp_path_factory.mktemp("synth_demo")
+    make_synthetic_dataset(str(out), 1024, feature_dim=64, num_classes=8, shard_size=512)
+    return str(out)
 
-    MLM and region KL fall within these 50 steps; the alignment loss of the tiny model trained from
-    scratch stays at chance (log 2) for hundreds of steps, so here it is only checked to stay there."""
+
+@pytest.mark.slow
+def test_readme_command_under_the_launcher_all_three_losses_fall(synth_demo, tmp_path):
+    """The README's main command (``make demo``) with 64-d features: tiny ViLBERT on the synthetic set
+    via the deepspeed launcher, 1,000 steps of 32 pairs (~90 s on one core).
+
+    MLM and region KL fall within the first 200 steps; the alignment loss sits at chance (log 2) for a
+    few hundred steps, then falls (to ~0.42-0.54 over the last 100 steps in runs with seeds 0 and 1)."""
     out = str(tmp_path)
-    done = _train(["--model", "vilbert-tiny", "--data", synth, "--out", out, "--global-batch", "16", "--micro-batch",
-                   "16", "--max-steps", "50", "--lr", "3e-3", "--log-every", "1", "--save-every", "0", "--dropout", "0",
-                   "--no-progress"], ranks=1)
-    assert "step 50/50" in done.stdout
-    log = _losses(out)
-    assert sorted(log) == list(range(1, 51))
-    first = {name: np.mean([log[s][name] for s in range(1, 6)]) for name in OBJECTIVES}
-    last = {name: np.mean([log[s][name] for s in range(46, 51)]) for name in OBJECTIVES}
-    assert last["mlm"] < 0.8 * first["mlm"] and last["region"] < 0.9 * first["region"], (first, last)
-    assert abs(last["align"] - np.log(2)) < 0.02, (first, last)
-    record = log[50]
+    done = _train(["--model", "vilbert-tiny", "--data", synth_demo, "--out", out, "--global-batch", "32",
+                   "--micro-batch", "32", "--max-steps", "1000", "--lr", "2e-3", "--log-every", "100", "--save-every",
+                   "500", "--no-progress"], ranks=1, timeout=600)
+    assert "step 1000/1000" in done.stdout and "(mean of 100)" in done.stdout
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"window_mean"' in line]
+    assert [r["step"] for r in records] == list(range(100, 1001, 100))
+    first, last = records[0]["window_mean"], records[-1]["window_mean"]
+    assert last["mlm"] < 0.5 * first["mlm"] and last["region"] < 0.2 * first["region"], (first, last)
+    assert abs(first["align"] - np.log(2)) < 0.02 and last["align"] < 0.62, (first, last)
     for key in ("samples_per_s", "tokens_per_s", "lr", "rss_peak_mib", "skipped_steps", "loss_scale"):
-        assert key in record
-    assert os.path.isfile(os.path.join(out, "checkpoints", "latest"))
+        assert key in records[-1]
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip().endswith("1000")
 
 
 def test_pretrain_command_help(capsys):

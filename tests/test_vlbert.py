@@ -144,6 +144,28 @@ def test_mvrc_is_soft_cross_entropy_over_masked_real_regions(generator):
     torch.testing.assert_close(out["mvrc_loss"], expected)
 
 
+def test_kept_masked_regions_are_predicted_from_their_own_input(generator):
+    """replaced_regions: only those inputs become the mask embeddings; the loss covers all masked ones."""
+    model = randomise(VLBERTForPretraining(CONFIG), generator).eval()
+    ids, features, boxes, region_mask, _, masked, scores = _pretraining_inputs(generator)
+    kept = masked & (torch.rand(masked.shape, generator=generator) < 0.5)
+    assert kept.any() and (masked & ~kept).any()
+    out = model(ids, features, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores,
+                replaced_regions=masked & ~kept)
+    # the same inputs with the kept regions' features perturbed: their logits change, so they were seen
+    moved = torch.where(kept[..., None], features + 1.0, features)
+    other = model(ids, moved, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores,
+                  replaced_regions=masked & ~kept)
+    assert not torch.allclose(out["mvrc_logits"][kept], other["mvrc_logits"][kept])
+    # replacing every masked region hides those features: perturbing them changes nothing there
+    hidden = model(ids, features, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores)
+    hidden_moved = model(ids, moved, boxes, region_mask=region_mask, masked_regions=masked,
+                         region_class_scores=scores)
+    torch.testing.assert_close(hidden["mvrc_logits"], hidden_moved["mvrc_logits"])
+    logits = out["mvrc_logits"][masked]
+    torch.testing.assert_close(out["mvrc_loss"], -(scores[masked] * F.log_softmax(logits, -1)).sum(-1).mean())
+
+
 def test_task_heads(generator):
     ids, features, boxes, region_mask = inputs(generator, batch=2, text=7, regions=5)
     vqa = randomise(VLBERTForVQA(CONFIG, num_answers=9), generator)

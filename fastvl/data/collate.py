@@ -31,9 +31,10 @@ from fastvl.data.format import Example
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)
 TEXT_FIELDS = ("input_ids", "token_type_ids", "mlm_labels")
-REGION_FIELDS = ("region_feats", "region_loc", "region_targets", "region_labels")
+REGION_FIELDS = ("region_feats", "region_loc", "region_targets", "region_labels", "region_replaced")
 PAD_VALUES = {"input_ids": 0, "token_type_ids": 0, "mlm_labels": -1, "region_feats": 0.0, "region_loc": 0.0,
-              "region_targets": 0.0, "region_labels": False}
+              "region_targets": 0.0, "region_labels": False,
+              "region_replaced": False}
 
 
 def region_locations(boxes: np.ndarray, image_h: int, image_w: int) -> np.ndarray:
@@ -52,7 +53,8 @@ class ViLBERTCollator:
     ``special``: :class:`fastvl.data.tokenizer.SpecialIds`; ``vocab_size`` for random replacements.
     Output (padded): input_ids / token_type_ids / mlm_labels ``[B, Lt]`` long, text_mask ``[B, Lt]``
     bool, region_feats ``[B, Lv, D]`` float32, region_loc ``[B, Lv, 5]``, region_mask ``[B, Lv]`` bool,
-    region_targets ``[B, Lv, C]``, region_labels ``[B, Lv]`` bool, is_next ``[B]`` long, plus
+    region_targets ``[B, Lv, C]``, region_labels ``[B, Lv]`` bool (masked: the loss's regions),
+    region_replaced ``[B, Lv]`` bool (the masked ones whose input was replaced), is_next ``[B]`` long, plus
     ``num_tokens`` (int: real text tokens + real regions) and ``keys`` (the sample keys).
     """
 
@@ -107,7 +109,7 @@ class ViLBERTCollator:
         selected = rng.random(len(features)) < self.region_mask_prob
         zeroed = selected & (rng.random(len(features)) < 0.9)
         features = np.where(zeroed[:, None], np.float32(0.0), features)
-        return _with_img_region(image_feature, features, locations, targets, selected)
+        return _with_img_region(image_feature, features, locations, targets, selected, zeroed)
 
     def __call__(self, keys) -> dict:
         samples = [self.sample(int(epoch), int(index)) for epoch, index in keys]
@@ -132,13 +134,17 @@ def _real_regions(example: Example, max_regions: int) -> tuple[np.ndarray, np.nd
     return features, locations, np.asarray(example.cls_prob[:n], dtype=np.float32)
 
 
-def _with_img_region(image_feature, features, locations, targets, selected) -> dict[str, np.ndarray]:
-    """Prepends the IMG region (mean feature, whole-image box, never masked) to a sample's regions."""
+def _with_img_region(image_feature, features, locations, targets, selected, replaced) -> dict[str, np.ndarray]:
+    """Prepends the IMG region (mean feature, whole-image box, never masked) to a sample's regions.
+
+    ``selected``: labelled regions (the loss's targets); ``replaced``: the selected ones whose input was
+    masked (90% of them; the other 10% keep their feature)."""
     return {
         "region_feats": np.concatenate([image_feature, features]),
         "region_loc": np.concatenate([np.array([IMG_LOCATION], dtype=np.float32), locations]),
         "region_targets": np.concatenate([np.zeros((1, targets.shape[1]), np.float32), targets]),
         "region_labels": np.concatenate([[False], selected]),
+        "region_replaced": np.concatenate([[False], replaced]),
     }
 
 def _round_up(n: int, multiple: int) -> int:
@@ -205,8 +211,9 @@ class VLBERTCollator(ViLBERTCollator):
       are labelled.
     * **Regions**: region 0 is the whole image (mean feature, box ``[0, 0, 1, 1]``); each real region
       is selected with probability 0.15 and labelled (``region_labels``) with the detector's class
-      distribution. Features are left as they are: the model swaps a selected region's feature and
-      word embedding for its learned mask embeddings.
+      distribution; 90% of the selected ones are marked ``region_replaced`` (the other 10% keep their
+      input). Features are left as they are: the model swaps a replaced region's feature and word
+      embedding for its learned mask embeddings.
     * No caption swapping: the released configuration trains without the sentence-image relation
       loss, so every pair is aligned (``is_next`` 0).
     """
@@ -234,4 +241,5 @@ class VLBERTCollator(ViLBERTCollator):
     def _mask_regions(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
         features, locations, targets = _real_regions(example, self.max_regions)
         selected = rng.random(len(features)) < self.region_mask_prob
-        return _with_img_region(features.mean(axis=0, keepdims=True), features, locations, targets, selected)
+        replaced = selected & (rng.random(len(features)) < 0.9)
+        return _with_img_region(features.mean(axis=0, keepdims=True), features, locations, targets, selected, replaced)

@@ -384,7 +384,7 @@ class VLBERTForPretraining(nn.Module):
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
                 mlm_labels: torch.Tensor | None = None, masked_regions: torch.Tensor | None = None,
                 region_class_scores: torch.Tensor | None = None, relationship_labels: torch.Tensor | None = None,
-                **inputs) -> dict[str, torch.Tensor]:
+                replaced_regions: torch.Tensor | None = None, **inputs) -> dict[str, torch.Tensor]:
         """Losses (and logits) for one batch; ``inputs`` go to :meth:`VLBERT.forward`.
 
         mlm_labels ``[B, Lt]`` int64, -1 where not predicted (the original's ignore index): loss =
@@ -392,12 +392,16 @@ class VLBERTForPretraining(nn.Module):
         original's mean is NaN there). masked_regions ``[B, R]`` bool with region_class_scores
         ``[B, R, C]`` (the detector's class probabilities): loss = mean over masked real regions of the
         soft cross-entropy ``-sum_c p_c log softmax(logits)_c``, 0 when none is masked (guarded, as
-        the original). relationship_labels ``[B]`` (1 = matching caption) with ``with_rel_head``.
+        the original). replaced_regions ``[B, R]`` bool: the regions whose inputs become the mask
+        embeddings (default ``masked_regions``; VL-BERT's collation replaces 90% of the masked regions
+        and keeps 10% as they are, all of them predicted). relationship_labels ``[B]`` (1 = matching
+        caption) with ``with_rel_head``.
         Returns ``mlm_loss``, ``mvrc_loss``, ``relationship_loss`` (those that apply), their sum
         ``loss``, and ``mvrc_logits`` / ``relationship_logits``.
         """
         c = self.config
-        out = self.vlbert(input_ids, region_features, boxes, masked_regions=masked_regions,
+        replaced = masked_regions if replaced_regions is None else replaced_regions
+        out = self.vlbert(input_ids, region_features, boxes, masked_regions=replaced,
                           mask_visual_embedding=self.object_mask_visual_embedding.weight[0],
                           mask_word_embedding=self.object_mask_word_embedding.weight[0], **inputs)
         result: dict[str, torch.Tensor] = {}

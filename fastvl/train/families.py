@@ -98,7 +98,8 @@ def _vlbert_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "region_features": batch["region_feats"],
             "boxes": batch["region_loc"][..., :4], "token_type_ids": batch["token_type_ids"],
             "text_mask": batch["text_mask"], "region_mask": batch["region_mask"], "mlm_labels": batch["mlm_labels"],
-            "masked_regions": batch["region_labels"], "region_class_scores": batch["region_targets"]}
+            "masked_regions": batch["region_labels"], "replaced_regions": batch["region_replaced"],
+            "region_class_scores": batch["region_targets"]}
 
 
 def _vlbert_losses(out: dict) -> tuple[torch.Tensor, dict]:

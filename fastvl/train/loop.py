@@ -282,6 +282,7 @@ class Trainer:
         # per optimizer step: objective sums, total, micro-batch count, tokens, SIGTERM seen
         sums = torch.zeros(len(objectives) + 4, dtype=torch.float64)
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        window_losses = torch.zeros(len(objectives) + 1, dtype=torch.float64)  # summed step means since the last log
         last: dict = {}
         self.engine.train()
         micro_batches = self.sampler.iterate(self.start_step, stop)
@@ -316,6 +317,7 @@ class Trainer:
                 sums.zero_()
                 window_samples += self.sampler.global_batch
                 window_tokens += tokens
+                window_losses += torch.tensor(means, dtype=torch.float64)
                 if not math.isfinite(means[-1]) and self.precision != "fp16":
                     latest = os.path.join(self.checkpoint_dir, "latest")
                     kept = open(latest).read().strip() if os.path.isfile(latest) else "none"  # noqa: SIM115
@@ -329,14 +331,20 @@ class Trainer:
                     bar.set_postfix(loss=f"{means[-1]:.3f}", refresh=False)
                 if global_step % self.log_every == 0 or global_step == stop:
                     elapsed = time.perf_counter() - window_start
-                    record = {**last, "epoch": micro.epoch, "lr": self.engine.get_lr()[0],
+                    window_steps = window_samples // self.sampler.global_batch
+                    window = dict(zip((*objectives, "loss"), (window_losses / window_steps).tolist()))
+                    record = {**last, "window_mean": window, "window_steps": window_steps, "epoch": micro.epoch,
+                              "lr": self.engine.get_lr()[0],
                               "loss_scale": loss_scale(self.engine), "skipped_steps": int(self.engine.skipped_steps),
                               "samples_per_s": round(window_samples / elapsed, 2),
                               "tokens_per_s": round(window_tokens / elapsed, 1), **memory_mib()}
-                    text = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "step")
-                    self.logger.event(record, f"step {global_step}/{self.total_steps} {text} lr={record['lr']:.3g} "
-                                              f"{record['samples_per_s']} samples/s {record['tokens_per_s']} tokens/s")
+                    # stdout: each loss averaged over the steps since the last line (the JSONL keeps both)
+                    text = " ".join(f"{k}={window[k]:.4f}" for k in ("loss", *objectives))
+                    self.logger.event(record, f"step {global_step}/{self.total_steps} {text} (mean of {window_steps}) "
+                                              f"lr={record['lr']:.3g} {record['samples_per_s']} samples/s "
+                                              f"{record['tokens_per_s']} tokens/s")
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                    window_losses.zero_()
                 if stop_requested or (self.save_every and global_step % self.save_every == 0) or global_step == stop:
                     with nvtx_range("checkpoint"):
                         path = self.save(global_step)
