@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--feature-dim", type=int, default=2048)
     synth.add_argument("--num-classes", type=int, default=24)
     synth.add_argument("--shard-size", type=int, default=512, help="images per shard")
+    synth.add_argument("--image-size", type=int, help="also render every image as N x N RGB pixels (ALBEF trains "
+                       "on them; albef-tiny: 32, albef-base: 256)")
 
     convert = actions.add_parser("convert", help="convert bottom-up-attention TSV or ViLBERT LMDB features")
     convert.add_argument("inputs", nargs="+", help=".tsv files, or LMDB paths with --lmdb")
@@ -54,8 +56,11 @@ def _run(args: argparse.Namespace) -> int:
         from fastvl.data.synth import make_synthetic_dataset  # noqa: PLC0415
 
         index = make_synthetic_dataset(args.out, args.num_images, seed=args.seed, feature_dim=args.feature_dim,
-                                       num_classes=args.num_classes, shard_size=args.shard_size)
-        print(f"wrote {index['num_images']} images in {len(index['shards'])} shards and {VOCAB_FILE} to {args.out}")
+                                       num_classes=args.num_classes, shard_size=args.shard_size,
+                                       image_size=args.image_size)
+        pixels = f" with {args.image_size} x {args.image_size} pixels" if args.image_size else ""
+        print(f"wrote {index['num_images']} images{pixels} in {len(index['shards'])} shards and {VOCAB_FILE} to "
+              f"{args.out}")
         return 0
     if args.action == "convert":
         import shutil  # noqa: PLC0415
@@ -88,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
                             strict=args.strict)
     lengths = dataset.caption_lengths()
     print(json.dumps({"records": len(dataset), "skipped": dataset.skipped, "feature_dim": dataset.feature_dim,
-                      "num_classes": dataset.num_classes, "max_caption_pieces": max(lengths),
+                      "num_classes": dataset.num_classes, "pixels": dataset.pixel_size,
+                      "max_caption_pieces": max(lengths),
                       "mean_caption_pieces": round(sum(lengths) / len(lengths), 2)}))
     return 0

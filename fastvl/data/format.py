@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 VOCAB_FILE = "vocab.txt"
 CAPTIONS_FILE = "captions.jsonl"
+PIXELS_FILE = "pixels.npy"  # optional: uint8 [n, H, W, 3] when index.json has "pixels": [H, W]
 
 # array name -> (dtype it is written with, rank, description of its shape)
 ARRAYS = {
@@ -41,7 +42,8 @@ class ImageRecord:
     """One image-caption pair as it is written to a shard.
 
     features ``[N, D]`` (BUTD pooled RoI features), boxes ``[N, 4]`` pixel ``x1, y1, x2, y2``,
-    cls_prob ``[N, C]`` the detector's class distribution, image_h / image_w in pixels, caption text.
+    cls_prob ``[N, C]`` the detector's class distribution, image_h / image_w in pixels, caption text;
+    optionally the image itself, ``pixels`` uint8 ``[H, W, 3]`` (RGB) at the dataset's fixed size.
     """
 
     image_id: str
@@ -51,6 +53,7 @@ class ImageRecord:
     cls_prob: np.ndarray
     image_h: int
     image_w: int
+    pixels: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -65,19 +68,24 @@ class Example:
     cls_prob: np.ndarray
     image_h: int
     image_w: int
+    pixels: np.ndarray | None = None  # uint8 [H, W, 3] when the dataset has pixels
 
 
 class ShardWriter:
     """Writes image records into ``out_dir`` as shards of ``shard_size`` images plus ``index.json``.
 
     Use as a context manager (or call :meth:`close`); the index is written last, so a directory
-    without ``index.json`` is an unfinished conversion.
+    without ``index.json`` is an unfinished conversion. ``pixels=(H, W)``: every record carries its
+    image as uint8 ``[H, W, 3]``, written to ``pixels.npy`` per shard.
     """
 
     def __init__(self, out_dir: str, *, feature_dim: int, num_classes: int, shard_size: int = 1024,
-                 source: str = ""):
+                 source: str = "", pixels: tuple[int, int] | None = None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if pixels is not None and (len(pixels) != 2 or min(pixels) < 1):
+            raise ValueError(f"pixels must be (height, width) >= 1, got {pixels}")
+        self.pixels = None if pixels is None else (int(pixels[0]), int(pixels[1]))
         self.out_dir = out_dir
         self.feature_dim = feature_dim
         self.num_classes = num_classes
@@ -100,6 +108,13 @@ class ShardWriter:
         if record.cls_prob.shape != (n, self.num_classes):
             raise DataError(f"{where}: cls_prob must be [N, C] = [{n}, {self.num_classes}], "
                             f"got {list(record.cls_prob.shape)}")
+        if self.pixels is None and record.pixels is not None:
+            raise DataError(f"{where}: has pixels, but the writer was opened without pixels=(H, W)")
+        if self.pixels is not None:
+            expected = [*self.pixels, 3]
+            if record.pixels is None or record.pixels.dtype != np.uint8 or list(record.pixels.shape) != expected:
+                got = "none" if record.pixels is None else f"{record.pixels.dtype} {list(record.pixels.shape)}"
+                raise DataError(f"{where}: pixels must be uint8 {expected} (RGB at the dataset's size), got {got}")
         self._pending.append(record)
         if len(self._pending) == self.shard_size:
             self._flush()
@@ -120,6 +135,8 @@ class ShardWriter:
         }
         for key, (dtype, _, _) in ARRAYS.items():
             np.save(os.path.join(shard_dir, f"{key}.npy"), np.ascontiguousarray(arrays[key], dtype=dtype))
+        if self.pixels is not None:
+            np.save(os.path.join(shard_dir, PIXELS_FILE), np.stack([r.pixels for r in records]))
         with open(os.path.join(shard_dir, CAPTIONS_FILE), "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps({"image_id": str(r.image_id), "caption": r.caption}, ensure_ascii=False) + "\n")
@@ -130,6 +147,8 @@ class ShardWriter:
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "feature_dim": self.feature_dim,
                  "num_classes": self.num_classes, "num_images": sum(s["num_images"] for s in self.shards),
                  "source": self.source, "shards": self.shards}
+        if self.pixels is not None:
+            index["pixels"] = list(self.pixels)
         with open(os.path.join(self.out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=1)
         return index
@@ -143,9 +162,9 @@ class ShardWriter:
 
 
 def write_dataset(out_dir: str, records: Iterable[ImageRecord], *, feature_dim: int, num_classes: int,
-                  shard_size: int = 1024, source: str = "") -> dict:
+                  shard_size: int = 1024, source: str = "", pixels: tuple[int, int] | None = None) -> dict:
     with ShardWriter(out_dir, feature_dim=feature_dim, num_classes=num_classes, shard_size=shard_size,
-                     source=source) as writer:
+                     source=source, pixels=pixels) as writer:
         for record in records:
             writer.add(record)
     return writer.close()
@@ -168,18 +187,24 @@ def read_index(data_dir: str) -> dict:
     for key in ("feature_dim", "num_classes", "shards"):
         if key not in index:
             raise DataError(f"{path}: missing key {key!r}")
+    pixels = index.get("pixels")
+    if pixels is not None and not (isinstance(pixels, list) and len(pixels) == 2
+                                   and all(isinstance(v, int) and v >= 1 for v in pixels)):
+        raise DataError(f"{path}: 'pixels' must be [height, width] (positive integers), got {pixels!r}")
     return index
 
 
 class _Shard:
     """One shard's arrays, memory-mapped on first use in each process (never pickled with the data)."""
 
-    def __init__(self, shard_dir: str, entry: dict, feature_dim: int, num_classes: int):
+    def __init__(self, shard_dir: str, entry: dict, feature_dim: int, num_classes: int,
+                 pixels: tuple[int, int] | None = None):
         self.dir = shard_dir
         self.num_images = int(entry["num_images"])
         self.num_regions_total = int(entry["num_regions"])
         self.feature_dim = feature_dim
         self.num_classes = num_classes
+        self.pixels = pixels
         self._arrays: dict[str, np.ndarray] | None = None
 
     def __getstate__(self) -> dict:
@@ -217,7 +242,42 @@ class _Shard:
             raise DataError(f"{os.path.join(self.dir, 'num_regions.npy')}: region counts sum to {int(counts.sum())}, "
                             f"the shard has {total} regions")
         arrays["offsets"] = np.concatenate([[0], np.cumsum(counts)])
+        if self.pixels is not None:
+            arrays["pixels"] = self._open_pixels()
         return arrays
+
+    def _open_pixels(self) -> np.ndarray:
+        path = os.path.join(self.dir, PIXELS_FILE)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: missing (index.json says the set has pixels)")
+        expected = (self.num_images, *self.pixels, 3)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(f"{path}: corrupt or truncated .npy file ({error}){self._first_missing(path)}") from error
+        if array.dtype != np.uint8 or array.shape != expected:
+            raise DataError(f"{path}: expected uint8 {list(expected)} = [n, H, W, 3] from the index, got "
+                            f"{array.dtype} {list(array.shape)}")
+        return array
+
+    def _first_missing(self, path: str) -> str:
+        """For a truncated pixel file with a readable header: the first record whose image is cut off."""
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                fmt = np.lib.format
+                header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, _, dtype = header(f)
+                data_start = f.tell()
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+            complete = (os.path.getsize(path) - data_start) // max(row_bytes, 1)
+            if not 0 <= complete < min(shape[0], self.num_images):
+                return ""
+            image_id = self.captions()[complete][0]
+        except (ValueError, OSError, EOFError, DataError, IndexError, TypeError):
+            return ""
+        return (f"; it holds {complete} of {shape[0]} images: record {complete} (line {complete + 1} of "
+                f"{CAPTIONS_FILE}, image_id {image_id!r}) onwards is cut off")
 
     def captions(self) -> list[tuple[str, str]]:
         path = os.path.join(self.dir, CAPTIONS_FILE)
@@ -255,9 +315,11 @@ class RegionDataset:
         self.index = read_index(data_dir)
         self.feature_dim = int(self.index["feature_dim"])
         self.num_classes = int(self.index["num_classes"])
+        pixels = self.index.get("pixels")
+        self.pixel_size: tuple[int, int] | None = None if pixels is None else (pixels[0], pixels[1])  # (H, W)
         self.tokenizer = tokenizer
-        self.shards = [_Shard(os.path.join(data_dir, e["name"]), e, self.feature_dim, self.num_classes)
-                       for e in self.index["shards"]]
+        self.shards = [_Shard(os.path.join(data_dir, e["name"]), e, self.feature_dim, self.num_classes,
+                              self.pixel_size) for e in self.index["shards"]]
         self.skipped = {"zero_regions": 0, "empty_caption": 0}
         self._where: list[tuple[int, int]] = []  # dataset index -> (shard, row)
         self.image_ids: list[str] = []
@@ -297,7 +359,21 @@ class RegionDataset:
         image_h, image_w = (int(v) for v in arrays["image_size"][row])
         return Example(index=index, image_id=self.image_ids[index], token_ids=self.token_ids[index],
                        features=arrays["features"][start:stop], boxes=arrays["boxes"][start:stop],
-                       cls_prob=arrays["cls_prob"][start:stop], image_h=image_h, image_w=image_w)
+                       cls_prob=arrays["cls_prob"][start:stop], image_h=image_h, image_w=image_w,
+                       pixels=arrays["pixels"][row] if self.pixel_size is not None else None)
+
+    def caption_texts(self) -> list[str]:
+        """The raw caption of every usable record, in dataset order (read again from the shards), for
+        collators that tokenise captions their own way."""
+        texts = [shard.captions() for shard in self.shards]
+        return [texts[shard][row][1] for shard, row in self._where]
+
+    def require_pixels(self, who: str) -> tuple[int, int]:
+        """``(H, W)`` of the set's images; :class:`DataError` naming ``index.json`` if it has none."""
+        if self.pixel_size is None:
+            raise DataError(f"{os.path.join(self.dir, INDEX_FILE)}: this dataset has no images (no 'pixels' entry); "
+                            f"{who} trains on image pixels. Write a set with them: `fastvl data synth --image-size N`")
+        return self.pixel_size
 
     def caption_lengths(self) -> Sequence[int]:
         return [len(t) for t in self.token_ids]
