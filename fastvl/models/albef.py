@@ -279,7 +279,9 @@ class ALBEF(nn.Module):
                 itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mlm: bool = True) -> dict[str, torch.Tensor]:
-        """One pretraining step's losses: ``loss_itc``, ``loss_itm``, ``loss_mlm`` and their sum ``loss``.
+        """One pretraining step's losses: ``loss_itc``, ``loss_itm``, ``loss_mlm`` and their sum ``loss``
+        (also ``itm_logits`` and the momentum features ``image_feat_m`` / ``text_feat_m`` ``[B, embed_dim]``
+        that ``update`` enqueues, for callers that enqueue themselves).
 
         images ``[B, 3, S, S]``; input_ids ``[B, L]`` (``[CLS] tokens``, no trailing [SEP]);
         attention_mask ``[B, L]`` (1 / True = real). alpha: distillation weight (default the config's;
@@ -333,7 +335,8 @@ class ALBEF(nn.Module):
         itm_labels = torch.cat((torch.ones(batch, dtype=torch.long, device=images.device),
                                 torch.zeros(2 * batch, dtype=torch.long, device=images.device)))
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
-        result = {"loss_itc": loss_itc, "loss_itm": loss_itm, "itm_logits": itm_logits}
+        result = {"loss_itc": loss_itc, "loss_itm": loss_itm, "itm_logits": itm_logits,
+                  "image_feat_m": image_feat_m, "text_feat_m": text_feat_m}
         if not mlm:
             return {**result, "loss": loss_itc + loss_itm}
         if self.text_encoder.mlm_head is None:

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this global step; the "
                         "schedule still spans the whole run, so a later call resumes it")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-text-len", type=int, default=36)
+    parser.add_argument("--max-text-len", type=int, help="tokens per caption (default: the family's, 36; ALBEF 25)")
     parser.add_argument("--max-regions", type=int, default=36, help="real regions per image (plus IMG)")
     parser.add_argument("--packed", action="store_true", help="collate packed cu_seqlens batches")
     parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
@@ -135,11 +135,17 @@ def run(args: argparse.Namespace) -> int:
     sampler = GlobalBatchSampler(len(dataset), config["train_batch_size"], micro, world_size=world_size, rank=rank,
                                  seed=args.seed)
     total_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
-    collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=args.seed,
-                                    packed=args.packed, max_text_len=args.max_text_len, max_regions=args.max_regions)
+    try:
+        collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=args.seed,
+                                        packed=args.packed, max_text_len=args.max_text_len or family.max_text_len,
+                                        max_regions=args.max_regions)
+    except DataError as error:  # e.g. a model that reads pixels on a set without them
+        print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
+        return 2
     options = families.ModelOptions(vocab_size=tokenizer.get_vocab_size(), num_classes=dataset.num_classes,
                                     feature_dim=dataset.feature_dim, dropout=args.dropout,
-                                    activation_checkpointing=args.activation_checkpointing)
+                                    activation_checkpointing=args.activation_checkpointing,
+                                    image_size=dataset.pixel_size, global_batch=sampler.global_batch)
     import torch  # noqa: PLC0415
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank

@@ -2,17 +2,23 @@
 
 A family turns ``--model NAME-VARIANT`` into a model, a collator, the model's inputs from a batch and
 (total, per-objective) losses from its output; the training loop never looks inside any of them.
-ViLBERT and VL-BERT are here; ALBEF (image pixels, not region features) needs its own data path.
+ViLBERT and VL-BERT train on region features; ALBEF on image pixels (:mod:`fastvl.data.collate_albef`,
+:mod:`fastvl.train.albef`), with per-step inputs (its distillation ramp, where a micro-batch sits in
+its optimizer step) from ``step_inputs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import torch
 
 from fastvl.data.collate import ViLBERTCollator, VLBERTCollator, unpack
+from fastvl.data.collate_albef import ALBEFCollator
+
+log = logging.getLogger("fastvl.train")
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "text_mask", "region_feats", "region_loc", "region_mask",
                 "mlm_labels", "region_targets", "region_labels", "is_next")
@@ -27,6 +33,8 @@ class ModelOptions:
     feature_dim: int
     activation_checkpointing: bool = False
     dropout: float | None = None  # None: the variant's default
+    image_size: tuple[int, int] | None = None  # (H, W) of the dataset's pixels, for models that read them
+    global_batch: int | None = None  # samples per optimizer step, all ranks (ALBEF's queue size is a multiple)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +48,9 @@ class Family:
     objectives: tuple[str, ...]
     init_text: Callable[[torch.nn.Module, str], object] | None = None  # text stream from a BERT checkpoint
     losses: Callable[[object], tuple[torch.Tensor, dict]] = lambda out: (out.loss, out.losses)  # (total, per objective)
+    # extra model inputs from (fastvl.data.sampler.MicroBatch, GlobalBatchSampler): where the step is
+    step_inputs: Callable[[object, object], dict] | None = None
+    max_text_len: int = 36  # tokens per caption unless --max-text-len says otherwise
 
 
 def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -106,11 +117,59 @@ def _vlbert_losses(out: dict) -> tuple[torch.Tensor, dict]:
     return out["loss"], {"mlm": out["mlm_loss"], "mvrc": out["mvrc_loss"]}
 
 
+def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
+    from fastvl.models.albef import ALBEFConfig  # noqa: PLC0415
+    from fastvl.nn import set_gradient_checkpointing  # noqa: PLC0415
+    from fastvl.train.albef import ALBEFPretraining  # noqa: PLC0415
+
+    overrides: dict = {"vocab_size": options.vocab_size}
+    if options.image_size is not None:  # the model reads the dataset's images at their stored size
+        height, width = options.image_size
+        if height != width:
+            raise ValueError(f"ALBEF's ViT takes square images; the dataset's pixels are {height} x {width}")
+        overrides["image_res"] = height
+    if options.dropout is not None:
+        overrides.update(hidden_dropout_prob=options.dropout, attention_probs_dropout_prob=options.dropout)
+    config = ALBEFConfig.named(variant, **overrides)
+    batch = options.global_batch
+    if batch and config.queue_size % batch:  # every step enqueues the global batch (ALBEF: Q % B == 0)
+        queue = -(-config.queue_size // batch) * batch
+        log.warning("albef-%s: queue size %d is not a multiple of the global batch %d; using %d", variant,
+                    config.queue_size, batch, queue)
+        config = dataclasses.replace(config, queue_size=queue)
+    return set_gradient_checkpointing(ALBEFPretraining(config), options.activation_checkpointing)
+
+
+def _albef_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
+                    max_regions: int, pad_to_multiple_of: int = 1) -> ALBEFCollator:
+    del max_regions, pad_to_multiple_of  # region options: ALBEF reads pixels
+    if packed:
+        raise ValueError("--packed is not supported for ALBEF (its batches are padded image-text pairs)")
+    return ALBEFCollator(dataset, special, vocab_size, seed=seed, max_text_len=max_text_len)
+
+
+def _albef_inputs(batch: dict) -> dict:
+    return {key: batch[key] for key in ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")}
+
+
+def _albef_step_inputs(micro, sampler) -> dict:
+    """ALBEF's distillation weight ramps in over the first epoch (alpha x min(1, step / steps per
+    epoch)); momentum encoders move on a step's first micro-batch, queues advance after its last."""
+    return {"alpha_scale": min(1.0, micro.global_step / sampler.steps_per_epoch),
+            "first_micro_step": micro.micro_step == 0, "last_micro_step": micro.micro_step == sampler.grad_accum - 1}
+
+
+def _albef_losses(out: dict) -> tuple[torch.Tensor, dict]:
+    return out["loss"], {"itc": out["loss_itc"], "itm": out["loss_itm"], "mlm": out["loss_mlm"]}
+
+
 FAMILIES = {
     "vilbert": Family("vilbert", ("tiny", "2-layer", "4-layer", "6-layer", "8-layer", "base"), _vilbert_model,
                       _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert),
     "vlbert": Family("vlbert", ("tiny", "base", "large"), _vlbert_model, _vlbert_collator, _vlbert_inputs, "vlbert",
                      ("mlm", "mvrc"), losses=_vlbert_losses),
+    "albef": Family("albef", ("tiny", "base"), _albef_model, _albef_collator, _albef_inputs, "albef",
+                    ("itc", "itm", "mlm"), losses=_albef_losses, step_inputs=_albef_step_inputs, max_text_len=25),
 }
 
 

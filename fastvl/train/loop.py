@@ -296,6 +296,8 @@ class Trainer:
                 micro = next(micro_batches)
                 torch.manual_seed(micro_batch_seed(self.seed, micro.global_step, micro.chunk))
                 inputs = {k: self._to_device(v) for k, v in self.family.model_inputs(batch).items()}
+                if self.family.step_inputs is not None:  # e.g. ALBEF: distillation ramp, place in the step
+                    inputs.update(self.family.step_inputs(micro, self.sampler))
                 with nvtx_range("forward"):
                     loss, losses = self.family.losses(self.engine(**inputs))
                 with nvtx_range("backward"):

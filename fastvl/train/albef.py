@@ -1,0 +1,103 @@
+"""ALBEF as the trainer runs it: momentum encoders and queues move once per optimizer step.
+
+ALBEF (one forward = one optimizer step) moves its momentum encoders before, and enqueues the
+all-gathered momentum features after, every forward. Under gradient accumulation that would move
+the momentum encoders once per micro-batch (k micro-batches = momentum ``m^k``) and let later
+micro-batches of a step contrast against features of earlier ones. :class:`ALBEFPretraining`
+keeps ALBEF's per-step semantics instead:
+
+* on the first micro-batch of an optimizer step: clamp the temperature to [0.001, 0.5] and move the
+  momentum encoders (``p_m <- m p_m + (1 - m) p``) once;
+* every micro-batch computes its losses against the queues as they stood at the start of the step
+  (ALBEF's in-batch momentum features are the micro-batch's own, as on one GPU of ALBEF's eight);
+* after the step's last micro-batch, the momentum features of all its micro-batches on all ranks enter
+  the queues together, in global-batch order, exactly what ALBEF's all-gather enqueues for that global
+  batch.
+
+So one rank accumulating k micro-batches computes what k ranks compute with one each, and the queue
+holds the same features for any layout. The queues (``image_queue``, ``text_queue``, ``queue_ptr``)
+are buffers and the momentum encoders parameters of the module, so DeepSpeed's checkpoints hold
+them; a resumed run continues with the same queues and momentum weights. The queue size must be a
+multiple of the global batch (ALBEF's rule).
+
+Under ZeRO-3 the parameters are partitioned over the ranks; the momentum update gathers each
+online / momentum pair with ``deepspeed.zero.GatheredParameters`` (rank 0 writes the new momentum
+weights, which are then re-partitioned).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvl.models.albef import ALBEF, _all_gather
+from fastvl.ops import itc_queue_update_
+
+
+def _partitioned(parameters: list[torch.nn.Parameter]) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned these parameters (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in parameters)
+
+
+def _temperature_as_scalar(module, state_dict, prefix, local_metadata) -> None:
+    key = prefix + "temp"
+    if key in state_dict and state_dict[key].shape == (1,):
+        state_dict[key] = state_dict[key].reshape(())
+
+
+def _temperature_as_vector(module, state_dict, prefix, *_) -> None:
+    key = prefix + "temp"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
+class ALBEFPretraining(ALBEF):
+    """:class:`fastvl.models.albef.ALBEF` with the trainer's inputs and per-optimizer-step updates.
+
+    ``forward(images, input_ids, attention_mask, mlm_input_ids, mlm_labels, *, alpha_scale,
+    first_micro_step, last_micro_step)``: ``alpha_scale`` multiplies the config's distillation weight
+    (ALBEF ramps it from 0 to 1 over the first epoch); the two flags mark the micro-batch's place in
+    its optimizer step. In eval mode nothing moves. Parameter and buffer names are ALBEF's, so its
+    checkpoints and converters apply unchanged.
+    """
+
+    def __init__(self, config, with_mlm_head: bool = True):
+        super().__init__(config, with_mlm_head=with_mlm_head)
+        self._step_features: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's momentum features so far
+        # DeepSpeed (0.19) broadcasts every parameter as bytes at start-up (``p.data.view(torch.uint8)``),
+        # which fails for a 0-dim tensor: the temperature is held as [1]; state dicts carry ALBEF's 0-dim one.
+        self.temp = torch.nn.Parameter(self.temp.detach().reshape(1))
+        self.register_state_dict_post_hook(_temperature_as_scalar)
+        self.register_load_state_dict_pre_hook(_temperature_as_vector)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        online = [p for pair in self._momentum_pairs() for p in pair[0].parameters()]
+        moving = [p for pair in self._momentum_pairs() for p in pair[1].parameters()]
+        if not _partitioned(online + moving):
+            super().momentum_update()
+            return
+        import deepspeed  # noqa: PLC0415 - only under ZeRO-3
+
+        with deepspeed.zero.GatheredParameters(online), deepspeed.zero.GatheredParameters(moving, modifier_rank=0):
+            torch._foreach_mul_(moving, self.config.momentum)
+            torch._foreach_add_(moving, online, alpha=1.0 - self.config.momentum)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                mlm_input_ids: torch.Tensor, mlm_labels: torch.Tensor, *, alpha_scale: float = 1.0,
+                first_micro_step: bool = True, last_micro_step: bool = True) -> dict[str, torch.Tensor]:
+        if self.training and first_micro_step:
+            self._step_features.clear()
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+            self.momentum_update()
+        out = super().forward(images, input_ids, attention_mask, alpha=self.config.alpha * alpha_scale, update=False,
+                              mlm_inputs=(mlm_input_ids, mlm_labels))
+        if self.training:
+            self._step_features.append((out["image_feat_m"], out["text_feat_m"]))
+            if last_micro_step:
+                image_feat_m = _all_gather(torch.cat([image for image, _ in self._step_features]))
+                text_feat_m = _all_gather(torch.cat([text for _, text in self._step_features]))
+                self._step_features.clear()
+                itc_queue_update_(self.image_queue, self.text_queue, self.queue_ptr,
+                                  image_feat_m.to(self.image_queue.dtype), text_feat_m.to(self.text_queue.dtype))
+        return out
