@@ -34,6 +34,7 @@ import functools
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -266,7 +267,10 @@ def _package_version(package: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (with ``+dirty`` for local changes), or None where git or the repo is absent."""
+    """The checkout's commit (with ``+dirty`` for local changes), or None where git or the repo is absent.
+    ``FASTVL_GIT_COMMIT`` names it where the tree was copied without its ``.git`` (a lent GPU machine)."""
+    if os.environ.get("FASTVL_GIT_COMMIT"):
+        return os.environ["FASTVL_GIT_COMMIT"]
     try:
         def git(*args: str) -> str:
             return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,

@@ -243,6 +243,13 @@ class Trainer:
         return self.persistent_bytes() + harness.peak_memory(self.step, self.device)
 
 
+def _free(device: torch.device) -> None:
+    """Returns a finished trainer's memory (and, on GPU, the allocator's cached blocks) before the next one."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class _Mark:
     """A point in time: a recorded CUDA event on GPU, ``perf_counter`` on CPU."""
 
@@ -259,6 +266,16 @@ class _Mark:
         return (later.time - self.time) * 1e3
 
 
+# Besides torch.OutOfMemoryError, libraries that allocate their own workspace report running out of
+# memory as a RuntimeError with their status name.
+_OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                           "CUDA_ERROR_OUT_OF_MEMORY")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or any(m in str(error) for m in _OUT_OF_MEMORY_MESSAGES)
+
+
 def largest_batch(trainer: Trainer, cap: int, limit: int, start: int = 1) -> int:
     """The largest batch size <= ``limit`` whose training step fits in ``cap`` bytes (0 if none does):
     doubling from ``start``, then bisecting (over the sizes the model accepts) until the bracket is within
@@ -269,8 +286,10 @@ def largest_batch(trainer: Trainer, cap: int, limit: int, start: int = 1) -> int
         trainer.set_batch(batch_size)
         try:
             return trainer.peak_bytes() <= cap
-        except torch.OutOfMemoryError:
-            return False
+        except RuntimeError as error:
+            if is_out_of_memory(error):
+                return False
+            raise
         finally:
             trainer.release()
 
@@ -320,20 +339,26 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     results.env.update(model=args.model, precision=precision, seed=args.seed)
     name = f"{args.model} train step"
     tokens = spec.tokens
-    for batch_size, backend in harness.progress([(b, k) for b in batches for k in args.backends], args.model):
+    points = [(b, k) for b in batches for k in args.backends]
+    interrupted = False
+    for batch_size, backend in harness.progress(points, args.model):
         try:
             trainer = Trainer(spec, backend, batch_size, device, precision, seed=args.seed)
             for _ in range(args.warmup):
                 trainer.step()
             phases = [trainer.step() for _ in range(steps)]
             peak_mb = trainer.peak_bytes() / 2**20
+        except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): keep what was measured
+            interrupted = True
+            results.failures.append(f"interrupted at {backend}, batch {batch_size}")
+            break
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: the other points still count
             results.failures.append(f"{backend} at batch {batch_size}: FAILED {type(error).__name__}: "
                                     f"{str(error).splitlines()[0][:200]}")
             continue
         finally:
             trainer = None
-            gc.collect()
+            _free(device)
         timing = harness.Timing.of([sum(p) for p in phases])
         median = timing.median_ms
         results.add(timing, name=name, variant=backend, params={"batch": batch_size, **spec.shape,
@@ -347,7 +372,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     document = results.to_json(["reference"])
     path = out_dir / f"model-{args.model}.json"
     harness.write_json(path, document)  # the timings are safe even if the search below is cut short
-    if not args.no_max_batch:
+    if not args.no_max_batch and not interrupted:
         cap = int((args.memory_cap_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if gpu else 4))
                   * 2**30)
         limit = args.max_batch_limit or (4096 if gpu else 256)
@@ -356,11 +381,15 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
             try:
                 trainer = Trainer(spec, backend, min(batches), device, precision, seed=args.seed)
                 document["max_batch"][backend] = largest_batch(trainer, cap, limit, start=min(batches))
+            except KeyboardInterrupt:
+                results.failures.append(f"largest-batch search interrupted at {backend}")
+                break
             except Exception as error:  # noqa: BLE001 - reported, the other backend's search still runs
                 results.failures.append(f"largest-batch search, {backend}: FAILED {type(error).__name__}: "
                                         f"{str(error).splitlines()[0][:200]}")
             finally:
                 trainer = None
+                _free(device)
         document["max_batch_search"] = {"cap_bytes": cap, "limit": limit}
     _print_summary(results, document)
     for failure in results.failures:
@@ -404,10 +433,13 @@ def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, 
     def is_range(key: str) -> bool:  # annotate()'s ranges: layers and fastvl op calls
         return key in layer_names or key.startswith("op ")
 
-    # forward time per layer: its kernels' device time on GPU, its CPU time on CPU
-    layers = {e.key: (e.device_time_total if gpu else e.cpu_time_total) for e in averages if e.key in layer_names}
-    if gpu:  # kernels only (the CPU ops that launched them would count their time twice)
-        events = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    # forward time per layer: its kernels' device time on GPU, its CPU time on CPU. On GPU a range shows
+    # twice (the CPU range, and its span on the GPU timeline as a user annotation): keep the CPU one.
+    layers = {e.key: (e.device_time_total if gpu else e.cpu_time_total) for e in averages
+              if e.key in layer_names and e.device_type == DeviceType.CPU}
+    if gpu:  # kernels only (the CPU ops that launched them, and the ranges, would count their time twice)
+        events = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+                  and not is_range(e.key)]
         own_time = {e.key: e.self_device_time_total for e in events}
     else:  # ops only (a range's own time is the Python between its ops)
         events = [e for e in averages if not is_range(e.key)]

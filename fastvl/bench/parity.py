@@ -308,7 +308,29 @@ def run_parity(model_name: str, dtype: torch.dtype, device: torch.device, *, bat
     end_to_end = _end_to_end(fused, eager, exact, exact_out, batch, dtype)  # before replays reset the grads
 
     layers_fused, layers_eager, layers_exact = (layer_modules(m) for m in (fused, eager, exact))
-    report_layers = []
+    report_layers, report_ops = [], []
+    try:
+        _replay_layers(layer_calls, layers_fused, layers_eager, layers_exact, dtype, device, time_layers, quick,
+                       report_layers)
+        for call in harness.progress(op_calls, "parity: ops"):
+            report_ops.append(_op_entry(call, dtype, device))
+        interrupted = None
+    except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): report what was compared
+        interrupted = f"after {len(report_layers)} of {len(layer_calls)} layers and {len(report_ops)} of " \
+                      f"{len(op_calls)} op calls"
+
+    return {"schema": harness.SCHEMA_VERSION, "env": harness.environment(device), "model": model_name,
+            "dtype": str(dtype).removeprefix("torch."), "batch": batch_size, "seed": seed, "perturbed": perturb,
+            "layers": report_layers, "ops": report_ops,
+            "end_to_end": end_to_end, "interrupted": interrupted,
+            "flagged_layers": [entry["name"] for entry in report_layers if not entry["ok"]],
+            "flagged_ops": [entry["call"] for entry in report_ops if not entry["ok"]]}
+
+
+def _replay_layers(layer_calls: dict[str, Call], layers_fused: dict, layers_eager: dict, layers_exact: dict,
+                   dtype: torch.dtype, device: torch.device, time_layers: bool, quick: bool,
+                   report_layers: list[dict]) -> None:
+    """Replays every recorded layer call in the three copies; appends one entry per layer to ``report_layers``."""
     for name, call in harness.progress(layer_calls.items(), "parity: layers"):
         modules = {"fused": layers_fused[name], "eager": layers_eager[name], "exact": layers_exact[name]}
         replays = {}
@@ -330,17 +352,6 @@ def run_parity(model_name: str, dtype: torch.dtype, device: torch.device, *, bat
         if time_layers:
             entry.update(_time_layer(call, modules["fused"], modules["eager"], dtype, device, quick))
         report_layers.append(entry)
-
-    report_ops = []
-    for call in harness.progress(op_calls, "parity: ops"):
-        report_ops.append(_op_entry(call, dtype, device))
-
-    return {"schema": harness.SCHEMA_VERSION, "env": harness.environment(device), "model": model_name,
-            "dtype": str(dtype).removeprefix("torch."), "batch": batch_size, "seed": seed, "perturbed": perturb,
-            "layers": report_layers, "ops": report_ops,
-            "end_to_end": end_to_end,
-            "flagged_layers": [entry["name"] for entry in report_layers if not entry["ok"]],
-            "flagged_ops": [entry["call"] for entry in report_ops if not entry["ok"]]}
 
 
 def _perturb(model: nn.Module, layer: str, seed: int) -> None:
@@ -454,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
     name = f"parity-{args.model}-{report['dtype']}.json"
     path = harness.write_json(args.out or harness.results_dir(device) / name, report)
     print(f"wrote {path}")
-    return 1 if report["flagged_layers"] or report["flagged_ops"] else 0
+    return 1 if report["flagged_layers"] or report["flagged_ops"] or report["interrupted"] else 0
 
 
 def format_report(report: dict) -> str:
@@ -480,4 +491,6 @@ def format_report(report: dict) -> str:
         f"{k} {err(v)}" for k, v in end.items() if isinstance(v, dict)))
     flagged = report["flagged_layers"] + report["flagged_ops"]
     lines.append("flagged: " + (", ".join(flagged) if flagged else "none"))
+    if report.get("interrupted"):
+        lines.append(f"INTERRUPTED {report['interrupted']}: the report is partial")
     return "\n".join(lines)
