@@ -113,12 +113,23 @@ class Bench:
         fn = forward if kind == "fwd" else forward_backward
         try:
             fn()
-        except (BackendUnavailableError, RuntimeError) as error:
+        except (BackendUnavailableError, RuntimeError) as error:  # e.g. an SDPA backend that takes no mask
             print(f"  skip {name} {variant} {kind}: {str(error).splitlines()[0][:150]}", file=sys.stderr)
             return None
-        row = self.results.measure(fn, name=f"{name} {kind}", variant=variant, params=params, dtype=self.dtype,
-                                   flops=work_flops, nbytes=work_bytes, grad_to_none=inputs)
-        return row
+        except Exception as error:  # noqa: BLE001 - e.g. a kernel that does not compile: the others still run
+            self.failed(name, params, variant, kind, error)
+            return None
+        try:
+            return self.results.measure(fn, name=f"{name} {kind}", variant=variant, params=params, dtype=self.dtype,
+                                        flops=work_flops, nbytes=work_bytes, grad_to_none=inputs)
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory while timing
+            self.failed(name, params, variant, kind, error)
+            return None
+
+    def failed(self, name, params, variant, kind, error):
+        message = f"{name} {params} {variant} {kind}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        self.results.failures.append(message)
+        print(f"  {message}", file=sys.stderr)
 
     def floors(self, label, work_flops, work_bytes):
         print(f"{label}: {work_flops / 1e9:.3g} GFLOP, {work_bytes / 1e6:.3g} MB; "
@@ -189,6 +200,8 @@ class Bench:
             if selected:
                 harness.plot(selected, self.out / f"attention_{slug}_{name.replace(' ', '_')}.png", x=x,
                              title=f"{title}, {str(self.dtype)[6:]}", env=self.results.env, logy=True)
+        for failure in self.results.failures:
+            print(f"failed: {failure}", file=sys.stderr)
         print(f"wrote {path}")
 
 
@@ -203,6 +216,16 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     bench = Bench(device, dtype, args.quick, args.out)
+    try:
+        run_cases(bench, device)
+    except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): save what was measured
+        bench.results.failures.append(f"interrupted after {len(bench.results.rows)} measurements")
+        print(f"interrupted: saving the {len(bench.results.rows)} measurements made", file=sys.stderr)
+    bench.save()
+    return 1 if bench.results.failures else 0
+
+
+def run_cases(bench: Bench, device: torch.device) -> None:
     if device.type == "cuda":
         for regions in (37, 101):
             for text in (36, 80):
@@ -222,8 +245,7 @@ def main(argv=None):
             bench.co_attention(8, regions, 36, 8, 128)
         bench.attention("attention vilbert text", 8, 36, 36, 12, 64)
         bench.attention("attention albef cross", 8, 30, 257, 12, 64, mask=False)
-    bench.save()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,11 @@
 """Pretraining-loss benchmark: fastvl's fused losses against the eager original formulas (and
 Liger-Kernel's fused linear cross-entropy where installed) at the papers' shapes, forward + backward.
 
-    python benchmarks/bench_losses.py                 # GPU: triton backends, bf16 and fp32
+    python benchmarks/bench_losses.py                 # GPU: triton backends (and region KL's CUDA kernel), bf16 + fp32
     python benchmarks/bench_losses.py --device cpu    # CPU: cpp backends, fp32
     python benchmarks/bench_losses.py --quick         # shorter timing budget
     python benchmarks/bench_losses.py --device cpu --threads 1   # steadier on a shared, loaded CPU
+    python benchmarks/bench_losses.py --size tiny --quick        # toy shapes: checks the code paths only
 
 Shapes (issue 4): region KL over B=64 x 37 regions, 1601 classes (15% masked, plus a masked-fraction
 sweep); the region head hidden 1024 -> 1601 over the same rows; the MLM head 768 -> 30522 over B=64 x 36
@@ -45,6 +46,14 @@ from fastvl.dispatch import BackendUnavailableError
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ["reference"]
 MASKED_FRACTION = 0.15
+# "paper": the shapes above; "tiny": the same code paths at toy sizes (checks the plumbing, e.g. the GPU
+# suite's --cpu-smoke run), numbers that mean nothing.
+SHAPES = {
+    "paper": {"batch": 64, "regions": 37, "text": 36, "region_hidden": 1024, "classes": 1601, "mlm_hidden": 768,
+              "vocab": 30522, "embed": 256, "queue": 65536},
+    "tiny": {"batch": 4, "regions": 37, "text": 36, "region_hidden": 64, "classes": 1601, "mlm_hidden": 64,
+             "vocab": 1000, "embed": 32, "queue": 256},
+}
 
 
 # Peak memory ----------------------------------------------------------------------------------------
@@ -104,11 +113,16 @@ def _probs(rows, classes, generator, device, dtype):
 
 
 class Bench:
-    def __init__(self, device, quick, out):
+    def __init__(self, device, quick, out, size="paper"):
         self.device, self.out = torch.device(device), Path(out)
         self.results = harness.Results("losses", self.device, quick=quick)
+        self.results.env["size"] = size
+        self.shape = SHAPES[size]
         self.generator = torch.Generator().manual_seed(0)
         self.fused = "triton" if self.device.type == "cuda" else "cpp"
+        # region KL has a second GPU backend: the CUDA row kernel of fastvl._C (when it was built with nvcc)
+        self.region_kl_variants = (self.fused, "cuda", "reference") if self.device.type == "cuda" else (self.fused,
+                                                                                                      "reference")
         self.notes: list[str] = []
         self.measuring_memory = False
         self.peak_mb: dict[tuple, float] = {}
@@ -132,31 +146,38 @@ class Bench:
                 self.peak_mb[key] = peak_bytes(call, self.device) / 2**20
                 return
             call()
+            row = self.results.measure(call, name=name, variant=variant, params=params, dtype=dtype, flops=flops,
+                                       nbytes=nbytes, memory=False)
         except BackendUnavailableError as error:
             if self.measuring_memory:
                 self.notes.append(f"{name} {variant}: {str(error).splitlines()[0]}")
             return
-        row = self.results.measure(call, name=name, variant=variant, params=params, dtype=dtype, flops=flops,
-                                   nbytes=nbytes, memory=False)
-        row["peak_mem_mb"] = self.peak_mb[key]
-        print(f"{name:<24} {variant:<10} {params} {row['median_ms']:9.2f} ms  {row['peak_mem_mb']:8.1f} MB",
-              file=sys.stderr)
+        except Exception as error:  # noqa: BLE001 - e.g. a kernel that does not compile: the others still run
+            message = (f"{name} {variant} {params} {dtype} ({'memory' if self.measuring_memory else 'timing'}): "
+                       f"FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            self.results.failures.append(message)
+            print(message, file=sys.stderr)
+            return
+        row["peak_mem_mb"] = self.peak_mb.get(key)
+        memory = "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:8.1f}"
+        print(f"{name:<24} {variant:<10} {params} {row['median_ms']:9.2f} ms  {memory} MB", file=sys.stderr)
 
     def region_kl(self, dtype, fraction):
-        rows, classes = 64 * 37, 1601
+        rows, classes = self.shape["batch"] * self.shape["regions"], self.shape["classes"]
         logits = torch.randn(rows, classes, generator=self.generator).to(self.device, dtype).requires_grad_()
         targets = _probs(rows, classes, self.generator, self.device, dtype)
         mask = _masked(rows, fraction, self.generator, self.device)
         masked = int(mask.sum())
         size = logits.element_size()
         params = {"N": rows, "C": classes, "masked_pct": round(100 * fraction)}
-        for variant in (self.fused, "reference"):
+        for variant in self.region_kl_variants:
             self.measure(lambda v=variant: ops.region_kl_loss(logits, targets, mask, backend=v).backward(), [logits],
                          name="region_kl_loss", variant=variant, params=params, dtype=dtype,
                          nbytes=masked * classes * 2 * size + rows * classes * size)
 
     def linear_region_kl(self, dtype):
-        rows, features, classes = 64 * 37, 1024, 1601
+        rows, features, classes = (self.shape["batch"] * self.shape["regions"], self.shape["region_hidden"],
+                                   self.shape["classes"])
         hidden, weight, bias = self._projection(rows, features, classes, dtype)
         targets = _probs(rows, classes, self.generator, self.device, dtype)
         mask = _masked(rows, MASKED_FRACTION, self.generator, self.device)
@@ -168,7 +189,7 @@ class Bench:
                 flops=6 * int(mask.sum()) * features * classes)
 
     def linear_cross_entropy(self, dtype):
-        rows, features, vocab = 64 * 36, 768, 30522
+        rows, features, vocab = self.shape["batch"] * self.shape["text"], self.shape["mlm_hidden"], self.shape["vocab"]
         hidden, weight, bias = self._projection(rows, features, vocab, dtype)
         scored = _masked(rows, MASKED_FRACTION, self.generator, self.device)
         labels = torch.randint(0, vocab, (rows,), generator=self.generator).to(self.device)
@@ -188,7 +209,7 @@ class Bench:
             self.notes.append("Liger-Kernel is not installed: no Liger baseline")
 
     def itc(self, dtype):
-        batch, embed, queue = 64, 256, 65536
+        batch, embed, queue = self.shape["batch"], self.shape["embed"], self.shape["queue"]
 
         def unit(*shape, dim=-1, grad=False):
             x = F.normalize(torch.randn(*shape, generator=self.generator), dim=dim).to(self.device, dtype)
@@ -221,10 +242,14 @@ class Bench:
         print(f"wrote {path}")
         sweep = [r for r in self.results.rows if r["name"] == "region_kl_loss"]
         for dtype in sorted({r["dtype"] for r in sweep}):
-            print("wrote", harness.plot([r for r in sweep if r["dtype"] == dtype],
-                                        self.out / f"losses_{slug}_region_kl_{dtype}.png", x="masked_pct",
-                                        title=f"region_kl_loss fwd+bwd [2368, 1601] {dtype}", env=self.results.env))
-        print("wrote", plot_ratios(self.results, self.out / f"losses_{slug}_ratios.png"))
+            rows = [r for r in sweep if r["dtype"] == dtype]
+            shape = f"[{rows[0]['params']['N']}, {rows[0]['params']['C']}]"
+            print("wrote", harness.plot(rows, self.out / f"losses_{slug}_region_kl_{dtype}.png", x="masked_pct",
+                                        title=f"region_kl_loss fwd+bwd {shape} {dtype}", env=self.results.env))
+        if self.results.ratios("reference"):
+            print("wrote", plot_ratios(self.results, self.out / f"losses_{slug}_ratios.png"))
+        for failure in self.results.failures:
+            print(f"failed: {failure}", file=sys.stderr)
 
 
 def plot_ratios(results: harness.Results, path: Path) -> Path:
@@ -271,22 +296,28 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="shorter timing budget")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--size", choices=sorted(SHAPES), default="paper",
+                        help="paper: the shapes above; tiny: toy shapes that only check the code paths")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, d) for d in args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])]
-    bench = Bench(device, args.quick, args.out)
-    for measuring_memory in (True, False):
-        bench.phase(measuring_memory)
-        for dtype in dtypes:
-            for fraction in (MASKED_FRACTION, 0.5, 1.0):
-                bench.region_kl(dtype, fraction)
-            bench.linear_region_kl(dtype)
-            bench.linear_cross_entropy(dtype)
-            bench.itc(dtype)
+    bench = Bench(device, args.quick, args.out, args.size)
+    try:
+        for measuring_memory in (True, False):
+            bench.phase(measuring_memory)
+            for dtype in dtypes:
+                for fraction in (MASKED_FRACTION, 0.5, 1.0):
+                    bench.region_kl(dtype, fraction)
+                bench.linear_region_kl(dtype)
+                bench.linear_cross_entropy(dtype)
+                bench.itc(dtype)
+    except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): save what was measured
+        bench.results.failures.append(f"interrupted after {len(bench.results.rows)} timings")
+        print(f"interrupted: saving the {len(bench.results.rows)} timings made", file=sys.stderr)
     bench.save()
-    return 0
+    return 1 if bench.results.failures else 0
 
 
 if __name__ == "__main__":
