@@ -234,6 +234,86 @@ def test_momentum_and_queues_move_once_per_optimizer_step(dataset):
         assert torch.equal(value, state[key]), key
 
 
+def _zero3_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+
+    from fastvl.train import presets
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 8, "zero_optimization": {"stage": 3},
+              "steps_per_print": 10**9}
+    family, variant = families.resolve("albef-tiny")
+    options = families.ModelOptions(vocab_size=64, num_classes=3, feature_dim=4, dropout=0.0, image_size=(32, 32),
+                                    global_batch=8)
+
+    def engine(seed):
+        torch.manual_seed(seed)
+        model = family.make_model(variant, options)
+        optimizer = torch.optim.AdamW(presets.param_groups(model, 0.02), lr=1e-2)  # trainable parameters only
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+
+    def gathered(engine, names):
+        params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([params[n] for n in names]):
+            return {n: params[n].detach().clone() for n in names}
+
+    first = engine(0)
+    momentum = [n for n, p in first.module.named_parameters() if not p.requires_grad]
+    online = [n.replace("_m.", ".", 1) for n in momentum]
+    partitioned = all(p.numel() == 0 for p in first.module.text_encoder_m.parameters())
+    generator = torch.Generator().manual_seed(rank)
+    ids = torch.randint(5, 64, (4, 7), generator=generator)
+    ids[:, 0] = 1
+    inputs = {"images": torch.randn(4, 3, 32, 32, generator=generator), "input_ids": ids,
+              "attention_mask": torch.ones(4, 7, dtype=torch.bool), "mlm_input_ids": ids,
+              "mlm_labels": torch.where(torch.rand(4, 7, generator=generator) < 0.3, ids, -100)}
+    errors = []
+    for _ in range(3):
+        before, weights = gathered(first, momentum), gathered(first, online)
+        out = first(**inputs, first_micro_step=True, last_micro_step=True)
+        first.backward(out["loss"])
+        first.step()
+        after = gathered(first, momentum)
+        errors.append(max((after[m] - (0.995 * before[m] + 0.005 * weights[o])).abs().max().item()
+                          for m, o in zip(momentum, online)))
+    saved = gathered(first, momentum)
+    queues = [first.module.image_queue.clone(), first.module.text_queue.clone(), first.module.queue_ptr.clone()]
+    first.save_checkpoint(out_dir, tag="t")
+    second = engine(1)  # other initial weights, then the checkpoint
+    fresh = max((v - saved[n]).abs().max().item() for n, v in gathered(second, momentum).items())
+    second.load_checkpoint(out_dir, tag="t")
+    loaded = max((v - saved[n]).abs().max().item() for n, v in gathered(second, momentum).items())
+    same_queues = all(torch.equal(a, b) for a, b in zip(queues, [second.module.image_queue, second.module.text_queue,
+                                                                  second.module.queue_ptr]))
+    if rank == 0:
+        torch.save({"partitioned": partitioned, "errors": errors, "fresh": fresh, "loaded": loaded,
+                    "same_queues": same_queues, "ptr": int(queues[2])}, os.path.join(out_dir, "zero3.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_momentum_update_and_checkpoint(tmp_path):
+    """Under ZeRO-3 (2 ranks) the momentum encoders are partitioned: the update gathers each pair and
+    follows p_m <- m p_m + (1 - m) p, and a checkpoint brings momentum weights and queues back into an
+    engine built from other initial weights."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    result = torch.load(tmp_path / "zero3.pt", weights_only=True)
+    assert result["partitioned"]
+    assert max(result["errors"]) < 1e-7, result["errors"]
+    assert result["ptr"] == 3 * 8 % 16  # 3 steps of the global batch 8 entered the queue of 16
+    assert result["fresh"] > 1e-2 and result["loaded"] == 0.0 and result["same_queues"]
+
+
 # pretraining runs ------------------------------------------------------------------------------------------
 
 
@@ -248,7 +328,9 @@ def reference(pixel_set, tmp_path_factory):
 @pytest.mark.slow
 def test_stop_and_resume_match_the_uninterrupted_run(pixel_set, reference, tmp_path):
     """Stopped after step 3 (checkpoint), resumed to step 8: the same losses, bit for bit, as the run
-    that never stopped; so the queues, momentum encoders and temperature came back from the checkpoint."""
+    that never stopped; so the queues, momentum encoders and temperature came back from the checkpoint.
+    (Measured once by editing the step-3 checkpoint: a random image queue, or momentum weights set to
+    the online ones, changes step 4's ITC loss by 0.34 or 0.11.)"""
     out = str(tmp_path)
     args = [*RUN, "--data", pixel_set, "--out", out, "--zero-stage", "2", "--save-every", "0"]
     _train([*args, "--stop-after", "3"])
@@ -280,9 +362,15 @@ def test_two_ranks_match_one_rank_accumulating(pixel_set, reference, tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_albef_tiny_all_three_losses_fall(pixel_set, tmp_path):
-    """`fastvl pretrain --model albef-tiny` on 256 synthetic 32 x 32 images of 4 classes, 16 pairs a step.
+    """`fastvl pretrain --model albef-tiny` on 256 synthetic 32 x 32 images of 4 classes: 400 steps of 16
+    pairs, lr 3e-3 (the albef preset's warm-up is capped at 10% of the run, then cosine), no dropout;
+    27-45 s on one core, depending on the machine's load.
 
-    STEPS_AND_NUMBERS"""
+    Means over steps 1-50 -> 351-400 measured with this command, seeds 0 (this test) / 1 / 2: ITC 3.50 ->
+    2.51 / 2.02 / 2.29, MLM 4.21 -> 2.29 / 2.36 / 2.32, ITM 0.645 -> 0.559 / 0.474 / 0.445 (chance with
+    one positive per two hard negatives is 0.637; ITM leaves it after ~150 steps, once ITC has learnt
+    to tell images apart). With 8 classes ITM stays near chance for ~400 steps (0.629 at 400, 0.592 at
+    600 with lr 5e-3), so the set here has 4."""
     out = str(tmp_path)
     done = _train(["--model", "albef-tiny", "--data", pixel_set, "--out", out, "--global-batch", "16",
                    "--micro-batch", "16", "--max-steps", "400", "--lr", "3e-3", "--dropout", "0", "--log-every", "50",
@@ -291,4 +379,4 @@ def test_pretrain_albef_tiny_all_three_losses_fall(pixel_set, tmp_path):
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"window_mean"' in line]
     first, last = records[0]["window_mean"], records[-1]["window_mean"]
     assert last["itc"] < 0.8 * first["itc"] and last["mlm"] < 0.8 * first["mlm"], (first, last)
-    assert last["itm"] < first["itm"] - 0.05, (first, last)
+    assert last["itm"] < 0.6 and last["itm"] < first["itm"] - 0.04, (first, last)

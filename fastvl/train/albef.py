@@ -6,8 +6,8 @@ the momentum encoders once per micro-batch (k micro-batches = momentum ``m^k``) 
 micro-batches of a step contrast against features of earlier ones. :class:`ALBEFPretraining`
 keeps ALBEF's per-step semantics instead:
 
-* on the first micro-batch of an optimizer step: clamp the temperature to [0.001, 0.5] and move the
-  momentum encoders (``p_m <- m p_m + (1 - m) p``) once;
+* before the first micro-batch of an optimizer step, the momentum encoders move once
+  (``p_m <- m p_m + (1 - m) p``, from a forward pre-hook);
 * every micro-batch computes its losses against the queues as they stood at the start of the step
   (ALBEF's in-batch momentum features are the micro-batch's own, as on one GPU of ALBEF's eight);
 * after the step's last micro-batch, the momentum features of all its micro-batches on all ranks enter
@@ -15,14 +15,21 @@ keeps ALBEF's per-step semantics instead:
   batch.
 
 So one rank accumulating k micro-batches computes what k ranks compute with one each, and the queue
-holds the same features for any layout. The queues (``image_queue``, ``text_queue``, ``queue_ptr``)
-are buffers and the momentum encoders parameters of the module, so DeepSpeed's checkpoints hold
-them; a resumed run continues with the same queues and momentum weights. The queue size must be a
-multiple of the global batch (ALBEF's rule).
+holds the same features for any layout. The temperature is clamped to [0.001, 0.5] in every training
+forward. ALBEF clamps the parameter itself; where DeepSpeed keeps an fp32 master copy (ZeRO 1-3, bf16 /
+fp16) that copy is not clamped, so a temperature pushed past a bound is used clamped until its gradient
+brings it back.
 
-Under ZeRO-3 the parameters are partitioned over the ranks; the momentum update gathers each
-online / momentum pair with ``deepspeed.zero.GatheredParameters`` (rank 0 writes the new momentum
-weights, which are then re-partitioned).
+The queues (``image_queue``, ``text_queue``, ``queue_ptr``) are buffers and the momentum encoders
+parameters of the module, so DeepSpeed's checkpoints hold them; a resumed run continues with the same
+queues and momentum weights. The queue size must be a multiple of the global batch (ALBEF's rule).
+
+Under ZeRO-3 the parameters are partitioned over the ranks; the momentum update gathers the online
+and momentum encoders with ``deepspeed.zero.GatheredParameters`` (rank 0 writes the new momentum
+weights, which are then re-partitioned), before DeepSpeed's own hooks gather anything for the forward.
+DeepSpeed's checkpoints keep the partitioned momentum weights as frozen parameters and restore them.
+Under bf16 / fp16 DeepSpeed casts the whole module, momentum encoders and queues included, to 16 bits:
+the momentum step ``(1 - m) (p - p_m)`` is then rounded in 16 bits (not measured here).
 """
 
 from __future__ import annotations
@@ -50,6 +57,13 @@ def _temperature_as_vector(module, state_dict, prefix, *_) -> None:
         state_dict[key] = state_dict[key].reshape(1)
 
 
+def _start_of_step(module: ALBEFPretraining, args: tuple, kwargs: dict) -> None:
+    """Before the first micro-batch of an optimizer step: move the momentum encoders."""
+    if module.training and kwargs.get("first_micro_step", True):
+        module._step_features.clear()
+        module.momentum_update()
+
+
 class ALBEFPretraining(ALBEF):
     """:class:`fastvl.models.albef.ALBEF` with the trainer's inputs and per-optimizer-step updates.
 
@@ -68,6 +82,8 @@ class ALBEFPretraining(ALBEF):
         self.temp = torch.nn.Parameter(self.temp.detach().reshape(1))
         self.register_state_dict_post_hook(_temperature_as_scalar)
         self.register_load_state_dict_pre_hook(_temperature_as_vector)
+        # Registered before DeepSpeed's ZeRO-3 hooks, so it runs before they gather (and prefetch) anything.
+        self.register_forward_pre_hook(_start_of_step, with_kwargs=True)
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -85,11 +101,9 @@ class ALBEFPretraining(ALBEF):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor, mlm_labels: torch.Tensor, *, alpha_scale: float = 1.0,
                 first_micro_step: bool = True, last_micro_step: bool = True) -> dict[str, torch.Tensor]:
-        if self.training and first_micro_step:
-            self._step_features.clear()
+        if self.training:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-            self.momentum_update()
         out = super().forward(images, input_ids, attention_mask, alpha=self.config.alpha * alpha_scale, update=False,
                               mlm_inputs=(mlm_input_ids, mlm_labels))
         if self.training:
