@@ -172,6 +172,14 @@ def test_a_set_without_pixels_is_a_data_error(tmp_path, dataset):
     assert "data error:" in done.stderr and "index.json: this dataset has no images" in done.stderr
 
 
+def test_packed_batches_are_refused_with_a_clear_message(pixel_set, tmp_path):
+    done = subprocess.run(_command(["--model", "albef-tiny", "--data", pixel_set, "--out", str(tmp_path), "--packed",
+                                    "--global-batch", "1", "--micro-batch", "1", "--no-progress"]), env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "fastvl pretrain: --packed is not supported for ALBEF" in done.stderr and "Traceback" not in done.stderr
+
+
 # the family -------------------------------------------------------------------------------------------
 
 
@@ -181,8 +189,16 @@ def _tiny_model(dataset, global_batch):
     torch.manual_seed(0)
     model = family.make_model(variant, families.ModelOptions(tokenizer.get_vocab_size(), dataset.num_classes,
                                                              dataset.feature_dim, dropout=0.0,
-                                                             image_size=dataset.pixel_size, global_batch=global_batch))
+                                                             image_size=dataset.pixel_size, global_batch=global_batch,
+                                                             special=special_ids(tokenizer)))
     return family, model
+
+
+def test_the_model_takes_the_vocabularys_special_ids(dataset):
+    _, model = _tiny_model(dataset, 16)
+    special = special_ids(dataset.tokenizer)
+    config = model.config
+    assert (config.pad_token_id, config.cls_token_id, config.mask_token_id) == (special.pad, special.cls, special.mask)
 
 
 def test_step_inputs_ramp_alpha_over_the_first_epoch():

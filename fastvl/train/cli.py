@@ -142,10 +142,14 @@ def run(args: argparse.Namespace) -> int:
     except DataError as error:  # e.g. a model that reads pixels on a set without them
         print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:  # an option the family cannot honour (e.g. --packed for ALBEF)
+        print(f"fastvl pretrain: {error}", file=sys.stderr)
+        return 2
     options = families.ModelOptions(vocab_size=tokenizer.get_vocab_size(), num_classes=dataset.num_classes,
                                     feature_dim=dataset.feature_dim, dropout=args.dropout,
                                     activation_checkpointing=args.activation_checkpointing,
-                                    image_size=dataset.pixel_size, global_batch=sampler.global_batch)
+                                    image_size=dataset.pixel_size, global_batch=sampler.global_batch,
+                                    special=special_ids(tokenizer))
     import torch  # noqa: PLC0415
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank

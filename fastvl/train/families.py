@@ -17,6 +17,7 @@ import torch
 
 from fastvl.data.collate import ViLBERTCollator, VLBERTCollator, unpack
 from fastvl.data.collate_albef import ALBEFCollator
+from fastvl.data.tokenizer import SpecialIds
 
 log = logging.getLogger("fastvl.train")
 
@@ -35,6 +36,7 @@ class ModelOptions:
     dropout: float | None = None  # None: the variant's default
     image_size: tuple[int, int] | None = None  # (H, W) of the dataset's pixels, for models that read them
     global_batch: int | None = None  # samples per optimizer step, all ranks (ALBEF's queue size is a multiple)
+    special: SpecialIds | None = None  # the vocabulary's [PAD]/[CLS]/[MASK] ids, for models that store them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,7 @@ def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
     from fastvl.nn import set_gradient_checkpointing  # noqa: PLC0415
 
     overrides = {"vocab_size": options.vocab_size, "visual_region_classes": options.num_classes,
+                 **({"pad_token_id": options.special.pad} if options.special else {}),
                  "visual_feature_dim": options.feature_dim}
     if options.dropout is not None:
         overrides.update(hidden_dropout_prob=options.dropout, attention_probs_dropout_prob=options.dropout)
@@ -123,6 +126,9 @@ def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
     from fastvl.train.albef import ALBEFPretraining  # noqa: PLC0415
 
     overrides: dict = {"vocab_size": options.vocab_size}
+    if options.special is not None:
+        overrides.update(pad_token_id=options.special.pad, cls_token_id=options.special.cls,
+                         mask_token_id=options.special.mask)
     if options.image_size is not None:  # the model reads the dataset's images at their stored size
         height, width = options.image_size
         if height != width:
