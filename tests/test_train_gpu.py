@@ -41,7 +41,7 @@ def _start(out_dir):
 
 
 def _assert_ran_on_the_gpu(records):
-    assert all(r["gpu_mem_mib"] > 0 for r in records), "log.jsonl has no GPU memory: the run was not on the GPU"
+    assert all(r.get("gpu_mem_mib", 0) > 0 for r in records), "log.jsonl has no GPU memory: the run was not on the GPU"
 
 
 def _assert_losses_fall(records):
