@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
+from fastvl.models.bert_config import BertConfig
 from fastvl.models.vlbert import MaskedLMHead
 from fastvl.nn import CrossAttentionLayer, TextEmbeddings, TransformerLayer, init_bert_weights
 from fastvl.nn.vision import VisionTransformer
@@ -46,7 +47,7 @@ _BERT_ARCHITECTURE_KEYS = {"architectures", "model_type", "hidden_act", "initial
 
 
 @dataclasses.dataclass
-class ALBEFConfig:
+class ALBEFConfig(BertConfig):
     """ALBEF's configuration: the ViT, the BERT config (``config_bert.json`` keys) and the
     pretraining settings (``Pretrain.yaml`` keys)."""
 
@@ -57,18 +58,7 @@ class ALBEFConfig:
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
     vision_eps: float = 1e-6
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
     fusion_layer: int = 6
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
     encoder_width: int = 768
     embed_dim: int = 256
     queue_size: int = 65536

@@ -34,6 +34,7 @@ from torch import nn
 
 from fastvl import _checks
 from fastvl.dispatch import use_backend
+from fastvl.models.bert_config import BertConfig
 from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,
                        init_bert_weights)
 from fastvl.ops import linear_cross_entropy, linear_region_kl_loss
@@ -47,7 +48,7 @@ _IGNORED_ORIGINAL_KEYS = {
 
 
 @dataclasses.dataclass
-class ViLBERTConfig:
+class ViLBERTConfig(BertConfig):
     """ViLBERT's configuration, with the original JSON keys (``bert_base_6layer_6conect.json`` and
     friends) as field names. ``ViLBERTConfig.from_dict(json.load(f))`` accepts an original config as
     it is; ``ViLBERTConfig.named("base" | "2-layer" | "4-layer" | "6-layer" | "8-layer" | "tiny")``.
@@ -56,17 +57,7 @@ class ViLBERTConfig:
     ``layer_norm_eps`` (BERT's 1e-12).
     """
 
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
     hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    initializer_range: float = 0.02
     v_feature_size: int = 2048
     v_target_size: int = 1601
     v_hidden_size: int = 1024
@@ -87,7 +78,6 @@ class ViLBERTConfig:
     task_specific_tokens: bool = False
     num_task_tokens: int = 20
     max_regions: int = 101
-    layer_norm_eps: float = 1e-12
 
     def __post_init__(self):
         self.v_biattention_id, self.t_biattention_id = list(self.v_biattention_id), list(self.t_biattention_id)

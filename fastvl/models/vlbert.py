@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
+from fastvl.models.bert_config import BertConfig
 from fastvl.nn import LayerNorm, TransformerEncoder, init_bert_weights
 from fastvl.nn.geometry import VisualFeatureEmbedding
 from fastvl.ops import bias_gelu, linear_cross_entropy
@@ -36,22 +37,12 @@ _TRAINING_ONLY_KEYS = {"input_transform_type", "pos_embedding_frozen", "from_scr
 
 
 @dataclasses.dataclass
-class VLBERTConfig:
+class VLBERTConfig(BertConfig):
     """VL-BERT's configuration. Field names are the original ``NETWORK.VLBERT`` keys where one exists;
     the rest are fastvl's (feature width, sinusoid size, class counts, which heads exist)."""
 
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
     hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
     type_vocab_size: int = 3
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
     visual_size: int = 768  # IMAGE_FINAL_DIM: width of the visual feature embedding
     visual_ln: bool = True
     visual_scale_text_init: float = 0.0
