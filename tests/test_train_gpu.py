@@ -53,8 +53,8 @@ def _assert_losses_fall(records):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_pretraining_on_one_gpu_losses_fall(synth, tmp_path, precision):
-    """The shipped ZeRO-2 config of each precision (fp16: dynamic loss scale from 2^16, which may skip a
-    few overflowing steps at the start) with the batch sizes overridden."""
+    """The shipped ZeRO-2 config of each precision (fp16: dynamic loss scale from 2^16 with hysteresis 2,
+    which skips a few overflowing steps at the start) with the batch sizes overridden."""
     out = str(tmp_path)
     config = os.path.join(CONFIG_DIR, f"zero2_{precision}.json")
     _train([*LONG_RUN, "--data", synth, "--out", out, "--deepspeed", config, "--save-every", "0"], ranks=1)
@@ -68,7 +68,8 @@ def test_pretraining_on_one_gpu_losses_fall(synth, tmp_path, precision):
     if precision == "bf16":
         assert records[-1]["skipped_steps"] == 0
     else:
-        assert records[-1]["skipped_steps"] < 15 and records[-1]["loss_scale"] >= 1
+        # emulated on CPU (Triton interpreter): 2 skipped steps, then the scale stays at 2^15
+        assert records[-1]["skipped_steps"] <= 6 and records[-1]["loss_scale"] >= 2**10, records[-1]
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step-00000060"
 
 
