@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,43 +19,12 @@ from fastvl.data.sampler import GlobalBatchSampler
 from fastvl.data.synth import make_synthetic_dataset
 from fastvl.data.tokenizer import load_tokenizer, special_ids
 from fastvl.train import families
+from test_train import _command, _env, _losses, _train
 
 OBJECTIVES = ("itc", "itm", "mlm")
 # shared by the reference, resume and 2-rank runs: 16 pairs per step = 2 micro-batches of 8 on one rank
 RUN = ["--model", "albef-tiny", "--global-batch", "16", "--micro-batch", "8", "--max-steps", "8", "--lr", "1e-3",
        "--log-every", "1", "--no-progress", "--seed", "5"]
-
-
-def _command(args, ranks=None):
-    if ranks is None:
-        return [sys.executable, "-m", "fastvl.train", *args]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
-            "--module", "fastvl.train", *args]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)  # the trainer runs the CPU backends, not the Triton interpreter
-    return env
-
-
-def _train(args, ranks=None, timeout=300):
-    done = subprocess.run(_command(args, ranks), env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def _losses(out_dir):
-    """{step: record} from log.jsonl (a resumed step's later record wins)."""
-    steps = {}
-    for line in open(os.path.join(out_dir, "log.jsonl")):
-        record = json.loads(line)
-        if "loss" in record:
-            steps[record["step"]] = record
-    return steps
 
 
 @pytest.fixture(scope="module")
