@@ -281,13 +281,22 @@ def test_text_stream_from_a_bert_checkpoint(tmp_path):
     assert not torch.equal(model.bert.v_layer[0].attention.qkv.weight, source.bert.v_layer[0].attention.qkv.weight)
 
 
-def test_nvtx_ranges_per_layer(monkeypatch):
-    """One balanced NVTX range per layer forward (recorded here in place of CUDA's NVTX calls)."""
-    from fastvl.train.loop import nvtx_layer_ranges
+def record_nvtx(monkeypatch) -> list:
+    """NVTX calls recorded in place of CUDA's (pushed names, None per pop), as on a CUDA machine."""
+    import fastvl._nvtx
 
     events = []
+    monkeypatch.setattr(fastvl._nvtx, "_cuda", lambda: True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: events.append(name))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: events.append(None))
+    return events
+
+
+def test_nvtx_ranges_per_layer_and_for_the_losses(monkeypatch):
+    """One balanced NVTX range per layer forward, and one around the heads and losses."""
+    from fastvl.train.loop import nvtx_layer_ranges
+
+    events = record_nvtx(monkeypatch)
     family, variant = families.resolve("vilbert-tiny")
     model = family.make_model(variant, families.ModelOptions(vocab_size=50, num_classes=5, feature_dim=16))
     assert nvtx_layer_ranges(model, enabled=False) == 0
@@ -295,10 +304,11 @@ def test_nvtx_ranges_per_layer(monkeypatch):
     assert layers == 4 + 2 + 2  # text, visual, co-attention layers of the tiny config
     ids = torch.randint(5, 50, (2, 7))
     model(ids, torch.zeros_like(ids), torch.ones(2, 7, dtype=torch.bool), torch.randn(2, 4, 16), torch.rand(2, 4, 5),
-          torch.ones(2, 4, dtype=torch.bool))
+          torch.ones(2, 4, dtype=torch.bool), mlm_labels=ids)
     pushed = [e for e in events if e is not None]
-    assert len(pushed) == layers and events.count(None) == layers
+    assert len(pushed) == layers + 1 and events.count(None) == layers + 1
     assert "forward bert.layer.0" in pushed and "forward bert.c_layer.1" in pushed
+    assert pushed[-1] == "heads and losses"
 
 
 def test_logger_writes_jsonl_and_tensorboard_when_installed(tmp_path, monkeypatch, capsys):

@@ -19,7 +19,7 @@ from fastvl.data.sampler import GlobalBatchSampler
 from fastvl.data.synth import make_synthetic_dataset
 from fastvl.data.tokenizer import load_tokenizer, special_ids
 from fastvl.train import families
-from test_train import _command, _env, _losses, _train
+from test_train import _command, _env, _losses, _train, record_nvtx
 
 OBJECTIVES = ("itc", "itm", "mlm")
 # shared by the reference, resume and 2-rank runs: 16 pairs per step = 2 micro-batches of 8 on one rank
@@ -216,6 +216,13 @@ def test_momentum_and_queues_move_once_per_optimizer_step(dataset):
         model(**family.model_inputs(halves[0]))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_nvtx_ranges_per_objective(dataset, monkeypatch):
+    events = record_nvtx(monkeypatch)
+    family, model = _tiny_model(dataset, global_batch=4)
+    model(**family.model_inputs(_collator(dataset, seed=0)([(0, i) for i in range(4)])))
+    assert [e for e in events if e is not None] == ["itc", "itm", "mlm"] and events.count(None) == 3
 
 
 def _zero3_worker(rank: int, world: int, port: int, out_dir: str) -> None:

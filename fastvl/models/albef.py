@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
+from fastvl._nvtx import nvtx_range
 from fastvl.models.bert_config import BertConfig
 from fastvl.models.vlbert import MaskedLMHead
 from fastvl.nn import CrossAttentionLayer, TextEmbeddings, TransformerLayer, init_bert_weights
@@ -304,46 +305,50 @@ class ALBEF(nn.Module):
                 self.momentum_update()
             image_embeds_m, image_feat_m = self.image_features(images, momentum=True)
             _, text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)
-        loss_itc = itc_loss(image_feat, text_feat, self.image_queue, self.text_queue, self.temp, alpha,
-                            image_feat_m, text_feat_m)
-        if update:  # the queues hold the global batch's features, as ALBEF's all-gather does
-            itc_queue_update_(self.image_queue, self.text_queue, self.queue_ptr, _all_gather(image_feat_m),
-                              _all_gather(text_feat_m))
+        with nvtx_range("itc"):
+            loss_itc = itc_loss(image_feat, text_feat, self.image_queue, self.text_queue, self.temp, alpha,
+                                image_feat_m, text_feat_m)
+            if update:  # the queues hold the global batch's features, as ALBEF's all-gather does
+                itc_queue_update_(self.image_queue, self.text_queue, self.queue_ptr, _all_gather(image_feat_m),
+                                  _all_gather(text_feat_m))
 
-        # ITM: B positive pairs, then (positive text, negative image) and (negative text, positive image).
-        if itm_negatives is None:
-            with torch.no_grad():  # the in-batch part of ALBEF's similarities (momentum features opposite)
-                sim_i2t = image_feat @ text_feat_m.t() / self.temp
-                sim_t2i = text_feat @ image_feat_m.t() / self.temp
-            itm_negatives = itm_hard_negatives(sim_i2t, sim_t2i, generator)
-        neg_text, neg_image = itm_negatives
-        text_all = torch.cat((text_embeds, text_embeds, text_embeds[neg_text]), dim=0)
-        mask_all = torch.cat((attention_mask, attention_mask, attention_mask[neg_text]), dim=0)
-        image_all = torch.cat((image_embeds, image_embeds[neg_image], image_embeds), dim=0)
-        fused = self.text_encoder.fuse(text_all, mask_all, image_all)
-        itm_logits = self.itm_head(fused[:, 0])
-        itm_labels = torch.cat((torch.ones(batch, dtype=torch.long, device=images.device),
-                                torch.zeros(2 * batch, dtype=torch.long, device=images.device)))
-        loss_itm = F.cross_entropy(itm_logits, itm_labels)
+        with nvtx_range("itm"):
+            # ITM: B positive pairs, then (positive text, negative image) and (negative text, positive image).
+            if itm_negatives is None:
+                with torch.no_grad():  # the in-batch part of ALBEF's similarities (momentum features opposite)
+                    sim_i2t = image_feat @ text_feat_m.t() / self.temp
+                    sim_t2i = text_feat @ image_feat_m.t() / self.temp
+                itm_negatives = itm_hard_negatives(sim_i2t, sim_t2i, generator)
+            neg_text, neg_image = itm_negatives
+            text_all = torch.cat((text_embeds, text_embeds, text_embeds[neg_text]), dim=0)
+            mask_all = torch.cat((attention_mask, attention_mask, attention_mask[neg_text]), dim=0)
+            image_all = torch.cat((image_embeds, image_embeds[neg_image], image_embeds), dim=0)
+            fused = self.text_encoder.fuse(text_all, mask_all, image_all)
+            itm_logits = self.itm_head(fused[:, 0])
+            itm_labels = torch.cat((torch.ones(batch, dtype=torch.long, device=images.device),
+                                    torch.zeros(2 * batch, dtype=torch.long, device=images.device)))
+            loss_itm = F.cross_entropy(itm_logits, itm_labels)
         result = {"loss_itc": loss_itc, "loss_itm": loss_itm, "itm_logits": itm_logits,
                   "image_feat_m": image_feat_m, "text_feat_m": text_feat_m}
         if not mlm:
             return {**result, "loss": loss_itc + loss_itm}
         if self.text_encoder.mlm_head is None:
             raise ValueError("this ALBEF has no MLM head (with_mlm_head=False); call with mlm=False")
-        masked_ids, labels = self.mask_tokens(input_ids, generator) if mlm_inputs is None else mlm_inputs
-        # Only predicted positions count, so only they go through the MLM head and the vocabulary
-        # projection (~15% of the rows; one host sync). Under torch.compile every row does (static shapes).
-        rows = None if torch.compiler.is_compiling() else (labels != -100)
+        with nvtx_range("mlm"):
+            masked_ids, labels = self.mask_tokens(input_ids, generator) if mlm_inputs is None else mlm_inputs
+            # Only predicted positions count, so only they go through the MLM head and the vocabulary
+            # projection (~15% of the rows; one host sync). Under torch.compile every row does (static shapes).
+            rows = None if torch.compiler.is_compiling() else (labels != -100)
 
-        def predicted(hidden):
-            return hidden if rows is None else hidden[rows]
+            def predicted(hidden):
+                return hidden if rows is None else hidden[rows]
 
-        with torch.no_grad():
-            soft = self.text_encoder_m.mlm_logits(
-                predicted(self.text_encoder_m(masked_ids, attention_mask, image_embeds_m))).softmax(-1)
-        logits = self.text_encoder.mlm_logits(predicted(self.text_encoder(masked_ids, attention_mask, image_embeds)))
-        loss_mlm = mlm_distillation_loss(logits, predicted(labels), soft, alpha)
+            with torch.no_grad():
+                soft = self.text_encoder_m.mlm_logits(
+                    predicted(self.text_encoder_m(masked_ids, attention_mask, image_embeds_m))).softmax(-1)
+            hidden = self.text_encoder(masked_ids, attention_mask, image_embeds)
+            logits = self.text_encoder.mlm_logits(predicted(hidden))
+            loss_mlm = mlm_distillation_loss(logits, predicted(labels), soft, alpha)
         return {**result, "loss_mlm": loss_mlm, "loss": loss_itc + loss_itm + loss_mlm}
 
     @torch.no_grad()

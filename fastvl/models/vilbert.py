@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
+from fastvl._nvtx import nvtx_range
 from fastvl.dispatch import use_backend
 from fastvl.models.bert_config import BertConfig
 from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,
@@ -416,45 +417,46 @@ class ViLBERTForPretraining(nn.Module):
         c = self.config
         encoded = self.bert(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids,
                             output_attentions)
-        batch, regions = region_feats.shape[:2]
-        seq_t, seq_v = encoded["sequence_t"], encoded["sequence_v"]
-        heads = self.cls
-        fused = F.dropout(fuse(c, encoded["pooled_t"], encoded["pooled_v"]), 0.1, self.training)
-        alignment_scores = heads.bi_seq_relationship(fused)
-        hidden_t = heads.predictions.transform(seq_t)
-        hidden_v = heads.image_predictions.transform(seq_v)
-        losses: dict[str, torch.Tensor] = {}
-        if mlm_labels is not None:
-            _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64 (-1 = ignored)", ndim=2,
-                           dtypes=(torch.int64, torch.int32))
-            _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
-            if c.task_specific_tokens:  # the task token's slot is never labelled
-                unlabelled = torch.full_like(mlm_labels[:, :1], -1)
-                mlm_labels = torch.cat([mlm_labels[:, :1], unlabelled, mlm_labels[:, 1:]], dim=1)
-            losses["mlm"] = heads.predictions.decoder(hidden_t, mlm_labels)
-        if region_targets is not None or region_labels is not None:
-            if region_targets is None or region_labels is None:
-                raise ValueError("region_targets and region_labels must be given together")
-            _checks.tensor("region_targets", region_targets, shape=f"[B, Lv, {c.v_target_size}]", ndim=3)
-            _checks.same_shape("region_targets", region_targets, [batch, regions, c.v_target_size],
-                               "[B, Lv, v_target_size] with B, Lv of region_feats")
-            _checks.tensor("region_labels", region_labels, shape="[B, Lv] bool", ndim=2, dtypes=None)
-            _checks.same_shape("region_labels", region_labels, [batch, regions], "[B, Lv] like region_mask")
-            losses["region"] = heads.image_predictions.decoder(hidden_v[:, 1:], region_targets[:, 1:],
-                                                               region_labels[:, 1:].bool())
-        if is_next is not None:
-            _checks.tensor("is_next", is_next, shape="[B] int64 (0 = aligned)", ndim=1,
-                           dtypes=(torch.int64, torch.int32))
-            _checks.same_shape("is_next", is_next, [batch], "[B]")
-            losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
-        total = None
-        for value in losses.values():
-            total = value if total is None else total + value
-        output = ViLBERTPretrainingOutput(total, losses, alignment_scores, encoder=encoded)
-        if return_scores:
-            output.prediction_scores_t = heads.predictions.decoder(hidden_t)
-            output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)
-        return output
+        with nvtx_range("heads and losses"):
+            batch, regions = region_feats.shape[:2]
+            seq_t, seq_v = encoded["sequence_t"], encoded["sequence_v"]
+            heads = self.cls
+            fused = F.dropout(fuse(c, encoded["pooled_t"], encoded["pooled_v"]), 0.1, self.training)
+            alignment_scores = heads.bi_seq_relationship(fused)
+            hidden_t = heads.predictions.transform(seq_t)
+            hidden_v = heads.image_predictions.transform(seq_v)
+            losses: dict[str, torch.Tensor] = {}
+            if mlm_labels is not None:
+                _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64 (-1 = ignored)", ndim=2,
+                               dtypes=(torch.int64, torch.int32))
+                _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
+                if c.task_specific_tokens:  # the task token's slot is never labelled
+                    unlabelled = torch.full_like(mlm_labels[:, :1], -1)
+                    mlm_labels = torch.cat([mlm_labels[:, :1], unlabelled, mlm_labels[:, 1:]], dim=1)
+                losses["mlm"] = heads.predictions.decoder(hidden_t, mlm_labels)
+            if region_targets is not None or region_labels is not None:
+                if region_targets is None or region_labels is None:
+                    raise ValueError("region_targets and region_labels must be given together")
+                _checks.tensor("region_targets", region_targets, shape=f"[B, Lv, {c.v_target_size}]", ndim=3)
+                _checks.same_shape("region_targets", region_targets, [batch, regions, c.v_target_size],
+                                   "[B, Lv, v_target_size] with B, Lv of region_feats")
+                _checks.tensor("region_labels", region_labels, shape="[B, Lv] bool", ndim=2, dtypes=None)
+                _checks.same_shape("region_labels", region_labels, [batch, regions], "[B, Lv] like region_mask")
+                losses["region"] = heads.image_predictions.decoder(hidden_v[:, 1:], region_targets[:, 1:],
+                                                                   region_labels[:, 1:].bool())
+            if is_next is not None:
+                _checks.tensor("is_next", is_next, shape="[B] int64 (0 = aligned)", ndim=1,
+                               dtypes=(torch.int64, torch.int32))
+                _checks.same_shape("is_next", is_next, [batch], "[B]")
+                losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
+            total = None
+            for value in losses.values():
+                total = value if total is None else total + value
+            output = ViLBERTPretrainingOutput(total, losses, alignment_scores, encoder=encoded)
+            if return_scores:
+                output.prediction_scores_t = heads.predictions.decoder(hidden_t)
+                output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)
+            return output
 
 
 class MLPClassifier(nn.Module):

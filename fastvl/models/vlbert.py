@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
+from fastvl._nvtx import nvtx_range
 from fastvl.models.bert_config import BertConfig
 from fastvl.nn import LayerNorm, TransformerEncoder, init_bert_weights
 from fastvl.nn.geometry import VisualFeatureEmbedding
@@ -395,34 +396,35 @@ class VLBERTForPretraining(nn.Module):
         out = self.vlbert(input_ids, region_features, boxes, masked_regions=replaced,
                           mask_visual_embedding=self.object_mask_visual_embedding.weight[0],
                           mask_word_embedding=self.object_mask_word_embedding.weight[0], **inputs)
-        result: dict[str, torch.Tensor] = {}
-        if mlm_labels is not None:
-            if self.mlm_head is None:
-                raise ValueError("mlm_labels given but the model has no MLM head (with_mlm_head=False)")
-            _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64", ndim=2, dtypes=(torch.int64,))
-            _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
-            result["mlm_loss"] = self.mlm_head.loss(out.text, self.vlbert.word_embeddings.weight, mlm_labels, -1)
-        if masked_regions is not None and region_class_scores is not None and self.mvrc_head is not None:
-            _checks.tensor("region_class_scores", region_class_scores, shape=f"[B, R, {c.visual_region_classes}]",
-                           ndim=3)
-            _checks.same_shape("region_class_scores", region_class_scores,
-                               [*masked_regions.shape, c.visual_region_classes], "[B, R, C]")
-            logits = self.mvrc_head.classifier(dense_gelu(self.mvrc_head.dense, out.objects))
-            region_mask = inputs.get("region_mask")
-            chosen = masked_regions if region_mask is None else masked_regions & region_mask
-            per_region = -(region_class_scores.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1)
-            weight = chosen.to(per_region.dtype)
-            result["mvrc_loss"] = (per_region * weight).sum() / weight.sum().clamp(min=1)
-            result["mvrc_logits"] = logits
-        if self.relationship_head is not None:
-            logits = self.relationship_head(out.pooled)
-            result["relationship_logits"] = logits
-            if relationship_labels is not None:
-                result["relationship_loss"] = F.cross_entropy(logits, relationship_labels)
-        losses = [v for k, v in result.items() if k.endswith("_loss")]
-        if losses:
-            result["loss"] = torch.stack(losses).sum()
-        return result
+        with nvtx_range("heads and losses"):
+            result: dict[str, torch.Tensor] = {}
+            if mlm_labels is not None:
+                if self.mlm_head is None:
+                    raise ValueError("mlm_labels given but the model has no MLM head (with_mlm_head=False)")
+                _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64", ndim=2, dtypes=(torch.int64,))
+                _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
+                result["mlm_loss"] = self.mlm_head.loss(out.text, self.vlbert.word_embeddings.weight, mlm_labels, -1)
+            if masked_regions is not None and region_class_scores is not None and self.mvrc_head is not None:
+                _checks.tensor("region_class_scores", region_class_scores, shape=f"[B, R, {c.visual_region_classes}]",
+                               ndim=3)
+                _checks.same_shape("region_class_scores", region_class_scores,
+                                   [*masked_regions.shape, c.visual_region_classes], "[B, R, C]")
+                logits = self.mvrc_head.classifier(dense_gelu(self.mvrc_head.dense, out.objects))
+                region_mask = inputs.get("region_mask")
+                chosen = masked_regions if region_mask is None else masked_regions & region_mask
+                per_region = -(region_class_scores.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1)
+                weight = chosen.to(per_region.dtype)
+                result["mvrc_loss"] = (per_region * weight).sum() / weight.sum().clamp(min=1)
+                result["mvrc_logits"] = logits
+            if self.relationship_head is not None:
+                logits = self.relationship_head(out.pooled)
+                result["relationship_logits"] = logits
+                if relationship_labels is not None:
+                    result["relationship_loss"] = F.cross_entropy(logits, relationship_labels)
+            losses = [v for k, v in result.items() if k.endswith("_loss")]
+            if losses:
+                result["loss"] = torch.stack(losses).sum()
+            return result
 
 
 class VLBERTForVQA(nn.Module):

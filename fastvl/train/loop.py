@@ -18,7 +18,6 @@ checkpoint files); this module feeds it micro-batches and keeps the run resumabl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -32,19 +31,14 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fastvl._nvtx import nvtx_range
+
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf in a bf16 or fp32 run."""
-
-
-def nvtx_range(name: str):
-    """An NVTX range on CUDA machines (shows in Nsight Systems), nothing elsewhere."""
-    if torch.cuda.is_available():
-        return torch.cuda.nvtx.range(name)
-    return contextlib.nullcontext()
 
 
 def nvtx_layer_ranges(model: torch.nn.Module, enabled: bool | None = None) -> int:
