@@ -113,6 +113,11 @@ fi
 
 if [[ -z $OUT ]]; then
   OUT=$("$PYTHON" -c "from fastvl.bench import harness; print(harness.results_dir(harness.default_device(), '$ROOT'))")
+  if [[ $CONTINUE == 1 && ! -d $OUT ]]; then  # a first call of another day: its newest folder for this device
+    DEVICE_SLUG=$(basename "$OUT" | cut -c12-)
+    NEWEST=$(ls -d "$ROOT"/*-"$DEVICE_SLUG" 2>/dev/null | sort | tail -n 1)
+    [[ -n $NEWEST ]] && OUT=$NEWEST
+  fi
 fi
 mkdir -p "$OUT"
 mv "$INSTALL_LOG" "$OUT/install.log"

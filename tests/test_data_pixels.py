@@ -10,7 +10,7 @@ import pytest
 
 from fastvl.cli import main as fastvl_main
 from fastvl.data.format import DataError, ImageRecord, RegionDataset, ShardWriter, write_dataset
-from fastvl.data.synth import CLASS_NAMES, class_textures, make_synthetic_dataset
+from fastvl.data.synth import CLASS_NAMES, class_textures, make_synthetic_dataset, render_image
 from fastvl.data.tokenizer import load_tokenizer
 
 SIZE = 24
@@ -167,3 +167,13 @@ def test_data_cli_synth_with_image_size(tmp_path, capsys):
     assert fastvl_main(["data", "inspect", out]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pixels"] == [16, 16]
     assert np.load(os.path.join(out, "shard-00000", "pixels.npy")).shape == (12, 16, 16, 3)
+
+
+def test_a_box_reaching_the_edges_paints_every_pixel():
+    textures = class_textures(2, 8, seed=0)
+    image = render_image(np.array([1]), np.array([[0.0, 0.0, 640.0, 480.0]]), 480, 640, textures,
+                         np.random.default_rng(1))
+    np.testing.assert_array_equal(image, textures[1])
+    corner = render_image(np.array([0]), np.array([[600.0, 450.0, 640.0, 480.0]]), 480, 640, textures,
+                          np.random.default_rng(1))
+    np.testing.assert_array_equal(corner[-1, -1], textures[0, -1, -1])

@@ -218,6 +218,40 @@ def test_momentum_and_queues_move_once_per_optimizer_step(dataset):
         assert torch.equal(value, state[key]), key
 
 
+def test_momentum_encoders_stay_fp32_in_a_16_bit_model(dataset):
+    """After DeepSpeed's bf16 cast the family returns the momentum encoders to fp32, where the
+    momentum step (0.005 of the gap) does not round away; the update is the fp32 formula."""
+    family, model = _tiny_model(dataset, global_batch=4)
+    model.to(torch.bfloat16)
+    family.after_initialize(model)
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if "_m." in name else torch.bfloat16), name
+    name = "visual_encoder_m.blocks.0.attn.qkv.weight"
+    online, moving = dict(model.named_parameters())[name.replace("_m.", ".", 1)], dict(model.named_parameters())[name]
+    with torch.no_grad():
+        moving.add_(1e-3 * torch.randn_like(moving))  # a gap far below a bf16 ulp of the weights
+    expected = 0.995 * moving.detach().clone() + 0.005 * online.detach().float()
+    model.momentum_update()
+    torch.testing.assert_close(moving.detach(), expected, rtol=0, atol=1e-7)
+    model.train()
+    batch = family.model_inputs(_collator(dataset, seed=0)([(0, i) for i in range(4)]))
+    batch["images"] = batch["images"].to(torch.bfloat16)
+    loss, losses = family.losses(model(**batch))
+    assert loss.dtype == torch.bfloat16 and all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.slow
+def test_bf16_deepspeed_run_keeps_momentum_weights_fp32(pixel_set, tmp_path):
+    out = str(tmp_path)
+    _train(["--model", "albef-tiny", "--data", pixel_set, "--out", out, "--global-batch", "8", "--micro-batch", "4",
+            "--max-steps", "3", "--precision", "bf16", "--no-progress"])
+    state = torch.load(os.path.join(out, "checkpoints", "step-00000003", "mp_rank_00_model_states.pt"),
+                       map_location="cpu", weights_only=False)["module"]  # our own run's file
+    assert state["visual_encoder.blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+    assert state["visual_encoder_m.blocks.0.attn.qkv.weight"].dtype == torch.float32
+    assert state["text_encoder_m.text_layers.0.attention.qkv.weight"].dtype == torch.float32
+
+
 def test_nvtx_ranges_per_objective(dataset, monkeypatch):
     events = record_nvtx(monkeypatch)
     family, model = _tiny_model(dataset, global_batch=4)

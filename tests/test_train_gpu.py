@@ -116,8 +116,9 @@ def test_fp16_overflowing_step_is_skipped_and_the_run_goes_on(synth, tmp_path):
 
 def test_zero3_bf16_stopped_and_resumed(synth, tmp_path):
     """The shipped ZeRO-3 bf16 config (parameters partitioned, 16-bit weights gathered on save): stop
-    with a checkpoint after step 30, resume from it, finish; the losses fall over the whole run."""
-    out = str(tmp_path)
+    with a checkpoint after step 30, resume from it, finish; the losses fall over the whole run, and
+    the resumed steps give the uninterrupted run's losses (same seed; bf16 on a GPU, so within 1%)."""
+    out = str(tmp_path / "stopped")
     args = [*LONG_RUN, "--data", synth, "--out", out, "--deepspeed", os.path.join(CONFIG_DIR, "zero3_bf16.json"),
             "--save-every", "0"]
     _train([*args, "--stop-after", "30"], ranks=1)
@@ -132,3 +133,9 @@ def test_zero3_bf16_stopped_and_resumed(synth, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in records) and records[-1]["skipped_steps"] == 0
     _assert_losses_fall(records)
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step-00000060"
+    uninterrupted = str(tmp_path / "uninterrupted")
+    _train([uninterrupted if a == out else a for a in args], ranks=1)
+    reference = _steps(uninterrupted)
+    for resumed, expected in zip(records[30:], reference[30:]):
+        for name in (*OBJECTIVES, "loss"):
+            assert resumed[name] == pytest.approx(expected[name], rel=1e-2, abs=1e-3), (resumed["step"], name)

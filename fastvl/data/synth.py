@@ -61,8 +61,9 @@ def render_image(classes: np.ndarray, boxes: np.ndarray, image_h: int, image_w: 
     size = textures.shape[1]
     image = np.clip(rng.normal(110.0, 12.0, (size, size, 3)), 0, 255).astype(np.uint8)
     scale = np.array([size / image_w, size / image_h, size / image_w, size / image_h])
-    corners = np.floor(np.asarray(boxes, np.float64) * scale).astype(np.int64).clip(0, size - 1)
-    corners[:, 2:] = np.maximum(corners[:, 2:], corners[:, :2] + 1)
+    corners = np.floor(np.asarray(boxes, np.float64) * scale).astype(np.int64)
+    corners[:, :2] = corners[:, :2].clip(0, size - 1)  # first pixel
+    corners[:, 2:] = np.maximum(corners[:, 2:].clip(0, size), corners[:, :2] + 1)  # one past the last
     areas = (corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1])
     for region in np.argsort(-areas, kind="stable"):
         x1, y1, x2, y2 = corners[region]

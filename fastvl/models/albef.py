@@ -230,7 +230,8 @@ class ALBEF(nn.Module):
         for online, moving in self._momentum_pairs():
             params, params_m = list(online.parameters()), list(moving.parameters())
             torch._foreach_mul_(params_m, self.config.momentum)
-            torch._foreach_add_(params_m, params, alpha=1.0 - self.config.momentum)
+            torch._foreach_add_(params_m, [p.to(q.dtype) for p, q in zip(params, params_m)],
+                                alpha=1.0 - self.config.momentum)
 
     @torch.no_grad()
     def mask_tokens(self, input_ids: torch.Tensor, generator: torch.Generator | None = None,
@@ -255,7 +256,7 @@ class ALBEF(nn.Module):
         """``(image tokens [B, 1 + N, W], normalised [CLS] projection [B, embed_dim])``."""
         encoder, proj = (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder,
                                                                                       self.vision_proj)
-        tokens = encoder(images)
+        tokens = encoder(images.to(proj.weight.dtype))  # momentum encoders may be kept wider than the model
         return tokens, F.normalize(proj(tokens[:, 0]), dim=-1)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -305,6 +306,8 @@ class ALBEF(nn.Module):
                 self.momentum_update()
             image_embeds_m, image_feat_m = self.image_features(images, momentum=True)
             _, text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)
+            # momentum encoders kept in fp32 under a 16-bit model: their features meet the model's
+            image_feat_m, text_feat_m = image_feat_m.to(image_feat.dtype), text_feat_m.to(text_feat.dtype)
         with nvtx_range("itc"):
             loss_itc = itc_loss(image_feat, text_feat, self.image_queue, self.text_queue, self.temp, alpha,
                                 image_feat_m, text_feat_m)

@@ -153,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = family.make_model(variant, options)
+    try:
+        model = family.make_model(variant, options)
+    except ValueError as error:  # a dataset the model cannot read (e.g. non-square pixels for ALBEF)
+        print(f"fastvl pretrain: {error}", file=sys.stderr)
+        return 2
     if args.init_text_from:
         if family.init_text is None:
             raise ValueError(f"--init-text-from is not supported for {family.name}")
@@ -173,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                            model_parameters=None if optimizer else
                                            presets.param_groups(model, preset.weight_decay))
+    if family.after_initialize is not None:
+        family.after_initialize(engine.module)
     os.makedirs(args.out, exist_ok=True)
     trainer = Trainer(engine, family, sampler, collator, out_dir=args.out, total_steps=total_steps, seed=args.seed,
                       precision=precision, log_every=args.log_every, save_every=args.save_every,

@@ -53,6 +53,7 @@ class Family:
     # extra model inputs from (fastvl.data.sampler.MicroBatch, GlobalBatchSampler): where the step is
     step_inputs: Callable[[object, object], dict] | None = None
     max_text_len: int = 36  # tokens per caption unless --max-text-len says otherwise
+    after_initialize: Callable[[torch.nn.Module], None] | None = None  # on the module deepspeed.initialize cast
 
 
 def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -132,7 +133,8 @@ def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
     if options.image_size is not None:  # the model reads the dataset's images at their stored size
         height, width = options.image_size
         if height != width:
-            raise ValueError(f"ALBEF's ViT takes square images; the dataset's pixels are {height} x {width}")
+            raise ValueError(f"ALBEF's ViT takes square images; the dataset's pixels (index.json) are "
+                             f"{height} x {width}")
         overrides["image_res"] = height
     if options.dropout is not None:
         overrides.update(hidden_dropout_prob=options.dropout, attention_probs_dropout_prob=options.dropout)
@@ -165,6 +167,15 @@ def _albef_step_inputs(micro, sampler) -> dict:
             "first_micro_step": micro.micro_step == 0, "last_micro_step": micro.micro_step == sampler.grad_accum - 1}
 
 
+def _albef_after_initialize(model: torch.nn.Module) -> None:
+    """Momentum encoders back to fp32 after DeepSpeed's 16-bit cast (fastvl.train.albef explains why)."""
+    if not model.keep_momentum_fp32():
+        dtype = next(model.visual_encoder_m.parameters()).dtype
+        if dtype != torch.float32:
+            log.warning("albef: ZeRO-3 partitions the momentum encoders, which stay in %s: momentum steps "
+                        "smaller than half a %s ulp round away", dtype, dtype)
+
+
 def _albef_losses(out: dict) -> tuple[torch.Tensor, dict]:
     return out["loss"], {"itc": out["loss_itc"], "itm": out["loss_itm"], "mlm": out["loss_mlm"]}
 
@@ -175,7 +186,8 @@ FAMILIES = {
     "vlbert": Family("vlbert", ("tiny", "base", "large"), _vlbert_model, _vlbert_collator, _vlbert_inputs, "vlbert",
                      ("mlm", "mvrc"), losses=_vlbert_losses),
     "albef": Family("albef", ("tiny", "base"), _albef_model, _albef_collator, _albef_inputs, "albef",
-                    ("itc", "itm", "mlm"), losses=_albef_losses, step_inputs=_albef_step_inputs, max_text_len=25),
+                    ("itc", "itm", "mlm"), losses=_albef_losses, step_inputs=_albef_step_inputs, max_text_len=25,
+                    after_initialize=_albef_after_initialize),
 }
 
 
