@@ -87,6 +87,17 @@ def test_hard_negatives_follow_similarity_and_skip_the_positive():
     assert (draws == favourite).float().mean() > 0.95
 
 
+def test_hard_negatives_of_a_non_finite_row_are_uniform_off_the_diagonal():
+    batch = 5
+    sim = torch.randn(batch, batch)
+    sim[2, 1] = float("nan")  # an overflowed fp16 step: the row is drawn uniformly, never the positive
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([ops.itm_hard_negatives(sim, sim, generator)[0] for _ in range(400)])
+    assert not (draws == torch.arange(batch)).any()
+    counts = torch.bincount(draws[:, 2], minlength=batch)
+    assert counts[2] == 0 and (counts[[0, 1, 3, 4]] > 60).all()
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: ops.itc_loss(*itc_inputs(4, 8, 16)[:4], torch.tensor(-0.07), 0.4, *itc_inputs(4, 8, 16)[5:]),
      "temp must be > 0"),

@@ -49,6 +49,7 @@ def _collator(dataset, **kwargs):
 
 def test_albef_caption_cleaning():
     assert albef_caption('A Dog\'s "toy", on the mat!  (Really?)') == "a dogs toy on the mat really"
+    assert albef_caption("<person> rides a bike-path\n") == "person rides a bike path"
     assert albef_caption("black-and-white cat / dog;: ~#*") == "black and white cat dog"
     long = " ".join(f"w{i}" for i in range(40))
     assert albef_caption(long) == " ".join(f"w{i}" for i in range(30))
@@ -250,6 +251,18 @@ def test_bf16_deepspeed_run_keeps_momentum_weights_fp32(pixel_set, tmp_path):
     assert state["visual_encoder.blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
     assert state["visual_encoder_m.blocks.0.attn.qkv.weight"].dtype == torch.float32
     assert state["text_encoder_m.text_layers.0.attention.qkv.weight"].dtype == torch.float32
+
+
+def test_non_finite_momentum_features_stay_out_of_the_queues(dataset):
+    family, model = _tiny_model(dataset, global_batch=4)
+    model.train()
+    batch = family.model_inputs(_collator(dataset, seed=0)([(0, i) for i in range(4)]))
+    queues = model.image_queue.clone(), model.text_queue.clone()
+    model(**{**batch, "images": torch.full_like(batch["images"], float("nan"))})
+    assert model.queue_ptr.item() == 0
+    assert torch.equal(model.image_queue, queues[0]) and torch.equal(model.text_queue, queues[1])
+    model(**batch)
+    assert model.queue_ptr.item() == 4 and torch.isfinite(model.image_queue).all()
 
 
 def test_nvtx_ranges_per_objective(dataset, monkeypatch):

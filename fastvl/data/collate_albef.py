@@ -32,14 +32,14 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 IGNORE_INDEX = -100  # ALBEF's MLM labels: not predicted
 _DROPPED = re.compile(r"[,.'!?\"()*#:;~]")
-_SPACES = re.compile(r"\s+")
+_SPACES = re.compile(r"\s{2,}")
 
 
 def albef_caption(text: str, max_words: int = 30) -> str:
-    """ALBEF's caption cleaning: lower case, punctuation removed, ``-`` / ``/`` as spaces, at most
-    ``max_words`` words."""
-    text = _DROPPED.sub("", text.lower()).replace("-", " ").replace("/", " ")
-    return " ".join(_SPACES.sub(" ", text).strip().split(" ")[:max_words])
+    """ALBEF's caption cleaning (its ``pre_caption``): lower case, punctuation removed, ``-`` / ``/`` as
+    spaces, ``<person>`` as ``person``, runs of whitespace as one space, at most ``max_words`` words."""
+    text = _DROPPED.sub("", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    return " ".join(_SPACES.sub(" ", text).rstrip("\n").strip(" ").split(" ")[:max_words])
 
 
 def normalise_images(pixels: np.ndarray) -> torch.Tensor:

@@ -54,14 +54,15 @@ def itc_queue_update_ref(img_queue: torch.Tensor, txt_queue: torch.Tensor, queue
 def itm_hard_negatives_ref(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ALBEF's hard negatives: for each image a text, for each text an image, drawn in proportion to
-    ``softmax(in-batch similarity) + 1e-4`` with the diagonal (the positive pair) excluded.
+    ``softmax(in-batch similarity) + 1e-4`` with the diagonal (the positive pair) excluded. A row with
+    a non-finite similarity (an overflowed fp16 step, which the loss scaler then skips) draws uniformly.
 
     sim_i2t / sim_t2i ``[B, >= B]`` (only the first B columns, the batch, are used).
     Returns ``(neg_txt_for_img [B], neg_img_for_txt [B])`` int64 indices into the batch.
     """
     batch = sim_i2t.shape[0]
-    weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1) + 1e-4
-    weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4
+    weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1).nan_to_num(0.0) + 1e-4
+    weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1).nan_to_num(0.0) + 1e-4
     weights_i2t.fill_diagonal_(0)
     weights_t2i.fill_diagonal_(0)
     neg_txt = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)

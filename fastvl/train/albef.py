@@ -128,6 +128,9 @@ class ALBEFPretraining(ALBEF):
                 image_feat_m = _all_gather(torch.cat([image for image, _ in self._step_features]))
                 text_feat_m = _all_gather(torch.cat([text for _, text in self._step_features]))
                 self._step_features.clear()
-                itc_queue_update_(self.image_queue, self.text_queue, self.queue_ptr,
-                                  image_feat_m.to(self.image_queue.dtype), text_feat_m.to(self.text_queue.dtype))
+                # a step whose features overflowed (fp16: DeepSpeed skips that step) leaves the queues as
+                # they are, instead of filling them with NaN for queue_size / global_batch steps
+                if bool(torch.isfinite(image_feat_m).all() & torch.isfinite(text_feat_m).all()):  # one sync a step
+                    itc_queue_update_(self.image_queue, self.text_queue, self.queue_ptr,
+                                      image_feat_m.to(self.image_queue.dtype), text_feat_m.to(self.text_queue.dtype))
         return out
