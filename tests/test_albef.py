@@ -283,3 +283,12 @@ def test_attention_maps_on_request(generator):
     assert cross.shape == (4, 4, 9, tokens.shape[1])
     torch.testing.assert_close(cross.sum(-1), torch.ones(4, 4, 9))
     assert not text_probs[0][3, :, :, 3:].any()  # padded keys get no weight
+
+
+def test_loads_a_deepspeed_consolidated_state_dict_with_temp_as_a_vector():
+    source = ALBEF(CONFIG)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["temp"] = torch.tensor([0.05])  # zero_to_fp32's shape for the trainer's [1] temperature
+    model = ALBEF(CONFIG)
+    model.load_state_dict(state)
+    assert model.temp.shape == () and model.temp.item() == pytest.approx(0.05)

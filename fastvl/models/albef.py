@@ -184,6 +184,13 @@ def _text_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, bat
     return attention_mask.bool()
 
 
+def _temperature_as_stored(module, state_dict, prefix, *_) -> None:
+    """Accepts ``temp`` as [1] too (DeepSpeed-trained checkpoints consolidated by zero_to_fp32 hold it so)."""
+    key = prefix + "temp"
+    if key in state_dict and state_dict[key].shape == (1,) and module.temp.dim() == 0:
+        state_dict[key] = state_dict[key].reshape(())
+
+
 class ALBEF(nn.Module):
     """ALBEF for pretraining and retrieval.
 
@@ -216,6 +223,7 @@ class ALBEF(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(c.embed_dim, c.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(c.embed_dim, c.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_temperature_as_stored)
 
     def _momentum_pairs(self):
         return ((self.visual_encoder, self.visual_encoder_m), (self.text_encoder, self.text_encoder_m),
