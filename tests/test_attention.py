@@ -11,6 +11,7 @@ import fastvl
 from fastvl.dispatch import BackendUnavailableError
 from fastvl.reference.attention import attention_ref, varlen_attention_ref
 from fastvl.testing import RELATIVE_FLOOR, assert_parity, check_op
+from varlen import cu_seqlens, pack, prefix_mask
 
 attention_module = importlib.import_module("fastvl.ops.attention")
 attention = fastvl.ops.attention
@@ -35,18 +36,6 @@ def qkv(generator, batch, len_q, len_k, heads, head_dim, dtype, device):
     return (randn(generator, batch, len_q, heads, head_dim, dtype=dtype, device=device),
             randn(generator, batch, len_k, heads, head_dim, dtype=dtype, device=device),
             randn(generator, batch, len_k, heads, head_dim, dtype=dtype, device=device))
-
-
-def prefix_mask(lengths, length, device):
-    return (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).to(device)
-
-
-def pack(padded, lengths):
-    return torch.cat([padded[i, :n] for i, n in enumerate(lengths)])
-
-
-def cu_seqlens(lengths, device):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 def triton(**kwargs):

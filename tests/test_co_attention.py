@@ -9,6 +9,7 @@ import torch
 import fastvl
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
 from fastvl.testing import assert_parity, check_op
+from varlen import cu_seqlens, pack, prefix_mask
 
 attention_module = importlib.import_module("fastvl.ops.attention")
 co_module = importlib.import_module("fastvl.ops.co_attention")
@@ -35,18 +36,6 @@ def streams(generator, batch, len_v, len_t, heads, head_dim, dtype, device):
     """(q_v, k_v, v_v, q_t, k_t, v_t) with fresh random values."""
     shapes = [(batch, len_v, heads, head_dim)] * 3 + [(batch, len_t, heads, head_dim)] * 3
     return [torch.randn(*s, generator=generator).to(device=device, dtype=dtype) for s in shapes]
-
-
-def prefix_mask(lengths, length, device):
-    return (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).to(device)
-
-
-def pack(padded, lengths):
-    return torch.cat([padded[i, :n] for i, n in enumerate(lengths)])
-
-
-def cu_seqlens(lengths, device):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 def fused(**kwargs):
