@@ -1,7 +1,7 @@
 """Ahead-of-time compile report of the Triton kernels for sm_80 and sm_90, on a machine with no GPU.
 
 The attention kernels are compiled exactly as the JIT would build them on a GPU: each case runs the
-real launch code (the ``fastvl::*`` custom ops) on small CPU tensors shaped like the workload, with
+real launch code (``fastvl.ops.attention_launch``) on small CPU tensors shaped like the workload, with
 every kernel's ``run`` replaced by a recorder; the recorded arguments go through Triton's own binder
 (the run-time specialisation: integers equal to 1 become constants, pointers and integers divisible
 by 16 get divisibility hints, ``do_not_specialize`` honoured) and ``triton.compile(ASTSource(...),
@@ -97,15 +97,18 @@ def _attention_case(dtype, head_dim, len_q, len_k, *, mask=True, dropout=0.0, ca
     def run():
         import torch
 
+        from fastvl.ops import attention_launch as launch
+
         q, _, _ = _projections(batch, len_q, heads, head_dim, dtype, packed)
         _, k, v = _projections(batch, len_k, heads, head_dim, dtype, packed)
         key_mask = _mask(batch, len_k) if mask and not packed else None
         cu_q = _cu_seqlens(batch, len_q) if packed else None
         cu_k = _cu_seqlens(batch, len_k) if packed else None
-        out, lse, seed = torch.ops.fastvl.attention_fwd(q, k, v, key_mask, cu_q, cu_k, len_q, len_k, dropout,
-                                                        head_dim ** -0.5, causal, None)
-        torch.ops.fastvl.attention_bwd(torch.empty_like(out), q, k, v, out, lse, key_mask, cu_q, cu_k, len_q, len_k,
-                                       dropout, head_dim ** -0.5, causal, seed)
+        seed = launch.draw_seed(dropout, None, q.device)
+        out, lse = launch.attention_forward(q, k, v, key_mask, cu_q, cu_k, len_q, len_k, dropout, head_dim ** -0.5,
+                                            causal, seed)
+        launch.attention_backward(torch.empty_like(out), q, k, v, out, lse, key_mask, cu_q, cu_k, len_q, len_k,
+                                  dropout, head_dim ** -0.5, causal, seed)
 
     return run
 
@@ -114,17 +117,20 @@ def _co_attention_case(dtype, head_dim, len_v, len_t, *, dropout=0.0, packed=Fal
     def run():
         import torch
 
+        from fastvl.ops import attention_launch as launch
+
         q_v, k_v, v_v = _projections(batch, len_v, heads, head_dim, dtype, packed)
         q_t, k_t, v_t = _projections(batch, len_t, heads, head_dim, dtype, packed)
         mask_v = None if packed else _mask(batch, len_v)
         mask_t = None if packed else _mask(batch, len_t)
         cu_v = _cu_seqlens(batch, len_v) if packed else None
         cu_t = _cu_seqlens(batch, len_t) if packed else None
-        ctx_v, ctx_t, lse_v, lse_t, seed = torch.ops.fastvl.co_attention_fwd(
-            q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v, len_t, dropout, head_dim ** -0.5, None)
-        torch.ops.fastvl.co_attention_bwd(torch.empty_like(ctx_v), torch.empty_like(ctx_t), q_v, k_v, v_v, q_t, k_t,
-                                          v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, len_v, len_t,
-                                          dropout, head_dim ** -0.5, seed)
+        seed = launch.draw_seed(dropout, None, q_v.device)
+        ctx_v, ctx_t, lse_v, lse_t = launch.co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v,
+                                                                 cu_t, len_v, len_t, dropout, head_dim ** -0.5, seed)
+        launch.co_attention_backward(torch.empty_like(ctx_v), torch.empty_like(ctx_t), q_v, k_v, v_v, q_t, k_t, v_t,
+                                     ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, len_v, len_t, dropout,
+                                     head_dim ** -0.5, seed)
 
     return run
 
@@ -219,6 +225,21 @@ def jit_source(launch: Launch, arch: int):
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     return ASTSource(kernel, signature, constexprs, attrs), options.__dict__, specialization
+
+
+def variants(lengths: list[tuple[int, int]], dtype: str = "bf16", head_dim: int = 128, dropout: float = 0.0,
+             arch: int = 90) -> dict[str, set]:
+    """Distinct JIT specialisations (what Triton keys its cache on, besides the options) per kernel when
+    co-attention and attention run every ``(len_a, len_b)`` pair: one entry per compiled variant."""
+    keys: dict[str, set] = {}
+    for len_a, len_b in lengths:
+        for case in (_co_attention_case(dtype, head_dim, len_a, len_b, dropout=dropout),
+                     _attention_case(dtype, head_dim, len_b, len_b, dropout=dropout)):
+            for launch in capture(Case("variants", case)):
+                _, options, specialization = jit_source(launch, arch)
+                key = (str(specialization), options["num_warps"], options["num_stages"])
+                keys.setdefault(launch.kernel.__name__, set()).add(key)
+    return keys
 
 
 # Compiling and measuring ----------------------------------------------------------------------------

@@ -6,8 +6,8 @@ is a single pass: one ``S = Q K^T``, one exact softmax, one ``P V`` -- no online
 software pipeline (num_stages=1). The backward program owns one (sequence, head, direction) whole:
 it loads Q, K, V, O and dO once and computes dV, dK and dQ with five GEMMs (S, dP, dV, dK, dQ) and the
 dropout mask drawn once; every gradient element is written by exactly one program (no atomics,
-bitwise repeatable). K and V loads are predicated on the sequence bounds only; the key mask applies
-to the scores.
+bitwise repeatable). K and V loads are predicated on the keys that may be attended (bounds and key
+mask): a masked key's values never meet an arithmetic operation, so NaN or Inf there cannot leak.
 
 Same conventions as ``fastvl.kernels.attention`` (log-sum-exp base 2 of the scaled scores, +inf for a
 row without keys, the Philox dropout stream, ``seed + 1`` for co-attention's direction 1), so the two
@@ -57,15 +57,19 @@ def _rows(T, b, h, first, offs, offs_d, stride_b, stride_l, stride_h):
 
 
 @triton.jit
-def _allowed(MASK, b, offs_m, offs_n, seq_q, seq_k, stride_mask_b, HAS_MASK: tl.constexpr,
-             IS_CAUSAL: tl.constexpr):
-    """[BLOCK_M, BLOCK_N]: key n exists, is not masked (mask nonzero) and, if causal, visible to query m
-    (bottom-right aligned)."""
+def _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK: tl.constexpr):
+    """[BLOCK_N]: key n exists and is not masked (mask nonzero)."""
     ok = offs_n < seq_k
     if HAS_MASK:
         bits = tl.load(MASK + b.to(tl.int64) * stride_mask_b + offs_n, mask=ok, other=0)
         ok = ok & (bits != 0)
-    allowed = ok[None, :]
+    return ok
+
+
+@triton.jit
+def _visible(key_ok, offs_m, offs_n, seq_q, seq_k, IS_CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: key n may be attended by query m (causal: bottom-right aligned)."""
+    allowed = key_ok[None, :]
     if IS_CAUSAL:
         allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
     return allowed
@@ -89,14 +93,14 @@ def _fwd_short(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)
         row_tile = (offs_m < seq_q)[:, None] & d_ok[None, :]
-        key_tile = (offs_n < seq_k)[:, None] & d_ok[None, :]
+        key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK)
+        key_tile = key_ok[:, None] & d_ok[None, :]
         q = tl.load(_rows(Q, b, h, q_start, offs_m, offs_d, stride_qb, stride_ql, stride_qh), mask=row_tile,
                     other=0.0)
         k = tl.load(_rows(K, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=key_tile,
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        allowed = _allowed(MASK, b, offs_m, offs_n, seq_q, seq_k, stride_mask_b, HAS_MASK, IS_CAUSAL)
-        s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(_visible(key_ok, offs_m, offs_n, seq_q, seq_k, IS_CAUSAL), s, float("-inf"))
         row_max = tl.max(s, 1)
         row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # no key: keep exp2 finite
         p = tl.exp2(s - row_max[:, None])
@@ -137,14 +141,14 @@ def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)
     row_tile = (offs_m < seq_q)[:, None] & d_ok[None, :]
-    key_tile = (offs_n < seq_k)[:, None] & d_ok[None, :]
+    key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK)
+    key_tile = key_ok[:, None] & d_ok[None, :]
     q = tl.load(_rows(Q, b, h, q_start, offs_m, offs_d, stride_qb, stride_ql, stride_qh), mask=row_tile, other=0.0)
     k = tl.load(_rows(K, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=key_tile, other=0.0)
     lse = tl.load(LSE + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m,
                   mask=offs_m < seq_q, other=float("inf"))
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    allowed = _allowed(MASK, b, offs_m, offs_n, seq_q, seq_k, stride_mask_b, HAS_MASK, IS_CAUSAL)
-    p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+    p = tl.where(_visible(key_ok, offs_m, offs_n, seq_q, seq_k, IS_CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
     do = tl.load(_rows(DO, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=row_tile, other=0.0)
     o = tl.load(_rows(O, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=row_tile, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -158,12 +162,13 @@ def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
     else:
         p_used = p
     dv = tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
+    in_seq = (offs_n < seq_k)[:, None] & d_ok[None, :]  # masked keys get their zero gradients written
     tl.store(_rows(DV, b, h, k_start, offs_n, offs_d, stride_dkb, stride_dkl, stride_dkh),
-             dv.to(DV.dtype.element_ty), mask=key_tile)
+             dv.to(DV.dtype.element_ty), mask=in_seq)
     ds = (p * (dp - delta[:, None])).to(q.dtype)
     dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
     tl.store(_rows(DK, b, h, k_start, offs_n, offs_d, stride_dkb, stride_dkl, stride_dkh),
-             (dk * scale).to(DK.dtype.element_ty), mask=key_tile)
+             (dk * scale).to(DK.dtype.element_ty), mask=in_seq)
     dq = tl.dot(ds, k, input_precision=PRECISION)
     tl.store(_rows(DQ, b, h, q_start, offs_m, offs_d, stride_dqb, stride_dql, stride_dqh),
              (dq * scale).to(DQ.dtype.element_ty), mask=row_tile)
