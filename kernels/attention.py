@@ -32,6 +32,11 @@ import triton.language as tl
 from fastvl.kernels.aot_spec import AotSpec
 
 LOG2E = 1.4426950408889634
+# Arguments whose value follows the sequence lengths are not specialised (Triton would otherwise key
+# its cache on ``== 1`` and ``% 16`` of each): one compiled variant serves every length.
+LENGTH_ARGS = ["len_q", "len_k", "stride_lse_b", "stride_lse_h", "stride_mask_b"]
+CO_LENGTH_ARGS = ["len_v", "len_t", "stride_lse_vb", "stride_lse_vh", "stride_lse_tb", "stride_lse_th",
+                  "stride_mask_vb", "stride_mask_tb"]
 
 
 # Shared device functions -------------------------------------------------------------------------
@@ -258,7 +263,7 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
 # Attention kernels -------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def attention_fwd_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
                          stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
                          stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
@@ -278,7 +283,7 @@ def attention_fwd_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
                EVEN_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED,
                          stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
                          stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
@@ -338,7 +343,7 @@ def dropout_keep_kernel(KEEP, SEED, stride_keep_b, stride_keep_h, stride_keep_m,
 # Co-attention kernels (direction 0: image queries over text keys/values; 1: text over image) ------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
                             stride_qvb, stride_qvl, stride_qvh, stride_qvd,
                             stride_kvb, stride_kvl, stride_kvh, stride_kvd,
@@ -379,7 +384,7 @@ def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V
                    PRECISION, EVEN_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, DVV, DQT, DKT, DVT,
                             LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
                             stride_qvb, stride_qvl, stride_qvh, stride_qvd,

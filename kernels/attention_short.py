@@ -23,15 +23,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastvl.kernels.attention import _dropout_keep, _sequence
+from fastvl.kernels.attention import CO_LENGTH_ARGS, LENGTH_ARGS, _dropout_keep, _sequence
 
 SHORT_MAX_LEN = 128
 KEY_BUCKETS = (64, 128)
 BLOCK_M = 64  # query rows per forward program
-# Arguments whose value follows the sequence lengths: not specialised (no recompile per length).
-_LENGTH_ARGS = ["len_q", "len_k", "stride_lse_b", "stride_lse_h", "stride_mask_b"]
-_CO_LENGTH_ARGS = ["len_v", "len_t", "stride_lse_vb", "stride_lse_vh", "stride_lse_tb", "stride_lse_th",
-                   "stride_mask_vb", "stride_mask_tb"]
 
 
 def key_bucket(max_len: int) -> int:
@@ -177,7 +173,7 @@ def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
 # Attention -----------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=_LENGTH_ARGS)
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def attention_fwd_short_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
                                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
                                stride_ob, stride_ol, stride_oh, stride_lse_b, stride_lse_h, stride_mask_b,
@@ -195,7 +191,7 @@ def attention_fwd_short_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
                BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D)
 
 
-@triton.jit(do_not_specialize=_LENGTH_ARGS)
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def attention_bwd_short_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED,
                                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
                                stride_ob, stride_ol, stride_oh, stride_dqb, stride_dql, stride_dqh,
@@ -218,7 +214,7 @@ def attention_bwd_short_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K
 # Co-attention (direction 0: image queries over text keys/values; 1: text over image) ----------------
 
 
-@triton.jit(do_not_specialize=_CO_LENGTH_ARGS)
+@triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_fwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
                                   stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
                                   stride_ovb, stride_ovl, stride_ovh, stride_otb, stride_otl, stride_oth,
@@ -250,7 +246,7 @@ def co_attention_fwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, 
                    PRECISION, EVEN_D)
 
 
-@triton.jit(do_not_specialize=_CO_LENGTH_ARGS)
+@triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_bwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, DVV, DQT, DKT, DVT,
                                   LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
                                   stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
