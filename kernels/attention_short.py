@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastvl.kernels.attention import CO_LENGTH_ARGS, LENGTH_ARGS, _dropout_keep, _sequence
+from fastvl.kernels.attention import CO_LENGTH_ARGS, LENGTH_ARGS, _dropout_keep, _key_ok, _rows, _sequence
 
 SHORT_MAX_LEN = 128
 KEY_BUCKETS = (64, 128)
@@ -42,24 +42,6 @@ def bwd_warps(block_n: int) -> int:
     """Backward warps for key bucket ``block_n``, read off the compile report: at 64, 4 warps (no
     spill, 2 CTAs/SM at d=128); at 128, 8 warps (4 spill 1.3-1.7 KB)."""
     return 4 if block_n <= 64 else 8
-
-
-@triton.jit
-def _rows(T, b, h, first, offs, offs_d, stride_b, stride_l, stride_h):
-    """Addresses of rows ``first + offs`` of head h of sequence b (head-dim stride 1), int64."""
-    rows = first + offs.to(tl.int64)
-    return (T + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + rows[:, None] * stride_l
-            + offs_d[None, :])
-
-
-@triton.jit
-def _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK: tl.constexpr):
-    """[BLOCK_N]: key n exists and is not masked (mask nonzero)."""
-    ok = offs_n < seq_k
-    if HAS_MASK:
-        bits = tl.load(MASK + b.to(tl.int64) * stride_mask_b + offs_n, mask=ok, other=0)
-        ok = ok & (bits != 0)
-    return ok
 
 
 @triton.jit
@@ -254,7 +236,8 @@ def co_attention_bwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV,
                                   stride_gvb, stride_gvl, stride_gvh, stride_gtb, stride_gtl, stride_gth,
                                   stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
                                   stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale, scale,
-                                  dropout_p, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr,
+                                  dropout_p, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr,
                                   IS_VARLEN: tl.constexpr,
                                   HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """Program (direction, b * H + h): direction 0 gives dQ_v, dK_t, dV_t (image queries over the text
