@@ -80,6 +80,13 @@ def _rows(T, b, h, first, offs, offs_d, stride_b, stride_l, stride_h):
 
 
 @triton.jit
+def _head_base(T, b, h, first, offs_d, stride_b, stride_l, stride_h):
+    """[1, BLOCK_D] addresses of row ``first`` of head h of sequence b; a loop adds ``offs * stride_l``
+    (the invariant part stays out of the loop)."""
+    return (T + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + first * stride_l + offs_d[None, :])
+
+
+@triton.jit
 def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
                stride_lse_b, stride_lse_h, stride_mask_b, len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
@@ -98,6 +105,8 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
         d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)  # EVEN_D: a mask the compiler folds away
         tile = row_ok[:, None] & d_ok[None, :]
         q = tl.load(_rows(Q, b, h, q_start, offs_m, offs_d, stride_qb, stride_ql, stride_qh), mask=tile, other=0.0)
+        k_base = _head_base(K, b, h, k_start, offs_d, stride_kb, stride_kl, stride_kh)
+        v_base = _head_base(V, b, h, k_start, offs_d, stride_kb, stride_kl, stride_kh)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -108,8 +117,7 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK)
             kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(_rows(K, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=kv_mask,
-                        other=0.0)
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             allowed = key_ok[None, :]
             if IS_CAUSAL:
@@ -123,8 +131,7 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
                 p = tl.where(keep, p, 0.0)
-            v = tl.load(_rows(V, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=kv_mask,
-                        other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         has_key = l_i > 0.0
@@ -162,6 +169,9 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, se
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(_rows(K, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=kv_mask, other=0.0)
         v = tl.load(_rows(V, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=kv_mask, other=0.0)
+        q_base = _head_base(Q, b, h, q_start, offs_d, stride_qb, stride_ql, stride_qh)
+        do_base = _head_base(DO, b, h, q_start, offs_d, stride_ob, stride_ol, stride_oh)
+        o_base = _head_base(O, b, h, q_start, offs_d, stride_ob, stride_ol, stride_oh)
         lse_base = LSE + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -172,12 +182,9 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, se
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < seq_q
             tile = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(_rows(Q, b, h, q_start, offs_m, offs_d, stride_qb, stride_ql, stride_qh), mask=tile,
-                        other=0.0)
-            do = tl.load(_rows(DO, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=tile,
-                         other=0.0)
-            o = tl.load(_rows(O, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=tile,
-                        other=0.0)
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_ql, mask=tile, other=0.0)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_ol, mask=tile, other=0.0)
+            o = tl.load(o_base + offs_m[:, None].to(tl.int64) * stride_ol, mask=tile, other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -227,6 +234,8 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
                       mask=row_ok, other=float("inf"))
         o = tl.load(_rows(O, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=tile, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        k_base = _head_base(K, b, h, k_start, offs_d, stride_kb, stride_kl, stride_kh)
+        v_base = _head_base(V, b, h, k_start, offs_d, stride_kb, stride_kl, stride_kh)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         end_n = seq_k
         if IS_CAUSAL:
@@ -235,10 +244,8 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK)
             kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(_rows(K, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=kv_mask,
-                        other=0.0)
-            v = tl.load(_rows(V, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=kv_mask,
-                        other=0.0)
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             allowed = key_ok[None, :]
             if IS_CAUSAL:
