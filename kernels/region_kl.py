@@ -4,7 +4,9 @@ Never materialises ``log_softmax``: a first sweep over the row keeps a running m
 ``s = sum exp(x - m)`` together with ``sum p``, ``sum p (x - c)`` and ``sum p log p``; the loss follows from
 ``log softmax(x) = x - m - log s``. A second sweep writes the gradient
 ``(softmax(x) * sum p - p) * scale`` (the loss's gradient, scaled by the caller's per-row factor), which may
-overwrite the logits in place. Rows with ``selected == 0`` only get a zero gradient written.
+overwrite the logits in place. Rows with ``selected == 0`` only get a zero gradient written. A second,
+one-program kernel reduces the row losses ('mean' over the selected count, counted on the device) and
+writes the gradient factor, so the op is two launches.
 """
 
 from __future__ import annotations
@@ -19,20 +21,25 @@ from fastvl.kernels.aot_spec import AotSpec
 def region_kl_kernel(
     logits_ptr, target_ptr, selected_ptr, scale_ptr, loss_ptr, grad_ptr,
     n_classes, stride_logits_row, stride_target_row, stride_grad_row, stride_scale, write_grad,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    # One program = one row: its loss (fp32) and, if write_grad, its gradient row.
+    # One program = one row: its loss (stored in loss_ptr's dtype) and, if write_grad, its gradient
+    # row times scale (1 without HAS_SCALE). Each row is read through a window that starts
+    # ALIGN-elements aligned (the row start rounded down, the lanes before it masked off), so an odd
+    # class count (C = 1601) still gets vector loads; ALIGN > 1 needs one row stride for all three.
     row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_logits_row
-    target_row = target_ptr + row * stride_target_row
+    lead = (row * stride_logits_row) % ALIGN  # lanes of the window before the row's first class
+    logits_row = logits_ptr + tl.multiple_of(row * stride_logits_row - lead, ALIGN)
+    target_row = target_ptr + tl.multiple_of(row * stride_target_row - lead, ALIGN)
     selected = tl.load(selected_ptr + row) != 0
     # Unselected rows read nothing: their loop bound is 0.
-    row_end = tl.where(selected, n_classes, 0)
-    cols = tl.arange(0, BLOCK_C)
+    row_end = tl.where(selected, n_classes, 0) + lead
+    lanes = tl.arange(0, BLOCK_C)
 
     # Shift for sum p (x - c): the first block's max, close to the row max, keeps |x - c| small so that
     # the loss does not cancel catastrophically for logits of size ~1e4.
-    first = tl.load(logits_row + cols, mask=(cols < row_end), other=float("-inf")).to(tl.float32)
+    first_ok = (lanes >= lead) & (lanes < row_end)
+    first = tl.load(logits_row + lanes, mask=first_ok, other=float("-inf")).to(tl.float32)
     shift = tl.max(first, axis=0)
     shift = tl.where(selected, shift, 0.0)
     row_max = shift
@@ -41,8 +48,8 @@ def region_kl_kernel(
     sum_p_x = tl.zeros((), dtype=tl.float32)
     sum_p_log_p = tl.zeros((), dtype=tl.float32)
     for start in range(0, row_end, BLOCK_C):
-        offsets = start + cols
-        valid = offsets < row_end
+        offsets = start + lanes
+        valid = (offsets >= lead) & (offsets < row_end)
         x = tl.load(logits_row + offsets, mask=valid, other=float("-inf")).to(tl.float32)
         p = tl.load(target_row + offsets, mask=valid, other=0.0).to(tl.float32)
         new_max = tl.maximum(row_max, tl.max(x, axis=0))
@@ -54,20 +61,41 @@ def region_kl_kernel(
 
     log_norm = row_max + tl.log(tl.where(selected, sum_exp, 1.0))
     loss = sum_p_log_p - sum_p_x + sum_p * (log_norm - shift)
-    tl.store(loss_ptr + row, tl.where(selected, loss, 0.0))
+    tl.store(loss_ptr + row, tl.where(selected, loss, 0.0).to(loss_ptr.dtype.element_ty))
 
     if write_grad != 0:
-        scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
-        grad_row = grad_ptr + row * stride_grad_row
-        for start in range(0, n_classes, BLOCK_C):
-            offsets = start + cols
-            in_row = offsets < n_classes
-            valid = offsets < row_end
+        scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32) if HAS_SCALE else 1.0
+        grad_row = grad_ptr + tl.multiple_of(row * stride_grad_row - lead, ALIGN)
+        for start in range(0, n_classes + lead, BLOCK_C):
+            offsets = start + lanes
+            in_row = (offsets >= lead) & (offsets < n_classes + lead)
+            valid = (offsets >= lead) & (offsets < row_end)
             x = tl.load(logits_row + offsets, mask=valid, other=0.0).to(tl.float32)
             p = tl.load(target_row + offsets, mask=valid, other=0.0).to(tl.float32)
             grad = (tl.exp(x - log_norm) * sum_p - p) * scale
             grad = tl.where(valid, grad, 0.0)
             tl.store(grad_row + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def region_kl_reduce_kernel(row_loss_ptr, selected_ptr, loss_ptr, scale_ptr, n_rows, IS_MEAN: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # One program: loss = sum of the row losses (over the selected count for 'mean'; 0 when nothing is
+    # selected), stored in loss_ptr's dtype, and the gradient factor 1 / max(count, 1) (1 for 'sum')
+    # into scale_ptr; fixed summation order, so the result is bitwise repeatable.
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        ok = start + offsets < n_rows
+        total += tl.load(row_loss_ptr + start + offsets, mask=ok, other=0.0)
+        count += (tl.load(selected_ptr + start + offsets, mask=ok, other=0) != 0).to(tl.int32)
+    loss = tl.sum(total, axis=0)
+    scale = 1.0
+    if IS_MEAN:
+        scale = 1.0 / tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
+    tl.store(loss_ptr, (loss * scale).to(loss_ptr.dtype.element_ty))
+    tl.store(scale_ptr, scale)
 
 
 BLOCK_SIZES = (1024, 2048, 4096)
@@ -86,10 +114,16 @@ def num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8
 
 
+ALIGN = 8  # window alignment in elements: 16 bytes of fp16/bf16, 32 of fp32
+REDUCE_BLOCK = 1024
+
+
 _DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def _specs() -> list[AotSpec]:
+    """Row kernel as launched for ViLBERT's 1601 classes (row stride 1601: no divisibility hint, so the
+    window alignment is what vectorises), per logits / targets dtype and block."""
     specs = []
     for logits_name, logits_type in _DTYPES.items():
         for target_name in sorted({"fp32", logits_name}):
@@ -98,11 +132,18 @@ def _specs() -> list[AotSpec]:
                     "logits_ptr": logits_type, "target_ptr": _DTYPES[target_name], "selected_ptr": "*u8",
                     "scale_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": logits_type,
                     "n_classes": "i32", "stride_logits_row": "i32", "stride_target_row": "i32",
-                    "stride_grad_row": "i32", "stride_scale": "i32", "write_grad": "i32", "BLOCK_C": "constexpr",
+                    "stride_grad_row": "i32", "stride_scale": "i32", "write_grad": "i32",
+                    "BLOCK_C": "constexpr", "HAS_SCALE": "constexpr", "ALIGN": "constexpr",
                 }
                 specs.append(AotSpec(name=f"region_kl_{logits_name}_t{target_name}_b{block}", kernel=region_kl_kernel,
-                                     signature=signature, constexprs={"BLOCK_C": block}, num_warps=num_warps(block),
-                                     num_stages=1))
+                                     signature=signature,
+                                     constexprs={"BLOCK_C": block, "HAS_SCALE": True, "ALIGN": ALIGN},
+                                     num_warps=num_warps(block), num_stages=1))
+    for loss_name in _DTYPES:
+        signature = {"row_loss_ptr": "*fp32", "selected_ptr": "*u8", "loss_ptr": _DTYPES[loss_name],
+                     "scale_ptr": "*fp32", "n_rows": "i32", "IS_MEAN": "constexpr", "BLOCK": "constexpr"}
+        specs.append(AotSpec(name=f"region_kl_reduce_{loss_name}", kernel=region_kl_reduce_kernel, signature=signature,
+                             constexprs={"IS_MEAN": True, "BLOCK": REDUCE_BLOCK}, num_warps=4, num_stages=1))
     return specs
 
 
