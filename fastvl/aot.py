@@ -6,10 +6,12 @@ every kernel's ``run`` replaced by a recorder; the recorded arguments go through
 (the run-time specialisation: integers equal to 1 become constants, pointers and integers divisible
 by 16 get divisibility hints, ``do_not_specialize`` honoured) and ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))`` with the launch's num_warps / num_stages. The row kernels
-(layer norm, bias+GELU, region KL, cross entropy) are compiled from their hand-written ``AOT_SPECS``.
+(layer norm, bias+GELU, cross entropy) are compiled from their hand-written ``AOT_SPECS``; region KL is
+captured like the attention kernels.
 
 Per compiled kernel the report records registers, spill bytes and shared memory (from ptxas), CTAs
-and warps per SM (from the device limits below), and whether the sm_90 PTX uses ``wgmma``. Gates
+and warps per SM (from the device limits below), whether the sm_90 PTX uses ``wgmma`` and the widest
+global load (128 bits = vectorised). Gates
 (exit 1): it compiles; shared memory within the per-block limit; no spill in a forward kernel; backward
 spills within ``SPILL_BUDGET``; at least 2 CTAs per SM for the short-sequence cases; wgmma on sm_90
 where the inner loop is a ``tl.dot``.
@@ -135,6 +137,21 @@ def _co_attention_case(dtype, head_dim, len_v, len_t, *, dropout=0.0, packed=Fal
     return run
 
 
+def _region_kl_case(dtype, classes, rows=2368, reduction="mean"):
+    def run():
+        import torch
+
+        from fastvl.ops import region_kl_op
+
+        logits = torch.empty(rows, classes, dtype=getattr(torch, _TORCH_DTYPES[dtype]))
+        targets = torch.empty(rows, classes, dtype=torch.float32)
+        selected = torch.zeros(rows, dtype=torch.bool)
+        region_kl_op._region_kl_triton(logits, targets, selected, reduction, torch.empty_like(logits), (rows,),
+                                       logits.dtype)
+
+    return run
+
+
 def cases() -> list[Case]:
     """ViLBERT-base shapes: 37 regions (36 boxes + the image token) and 36 tokens, 8 co-attention heads
     of 128 (ViLBERT's 1024-wide connection), 12 text heads of 64; BERT-length 512 for the long path."""
@@ -155,6 +172,8 @@ def cases() -> list[Case]:
             found.append(Case(f"attention_{dtype}_d64_l512_causal",
                               _attention_case(dtype, 64, 512, 512, causal=True)))
             found.append(Case(f"co_attention_{dtype}_d128_v300_t200", _co_attention_case(dtype, 128, 300, 200)))
+    for dtype in ("bf16", "fp16", "fp32"):  # ViLBERT's 1601 detector classes, B=64 x 37 regions
+        found.append(Case(f"region_kl_{dtype}_c1601", _region_kl_case(dtype, 1601), ci=dtype == "bf16"))
     found.append(Case("attention_fp16_d64_l36_packed", _attention_case("fp16", 64, 36, 36, packed=True), short=True))
     found.append(Case("co_attention_fp16_d64_v37_t36_packed", _co_attention_case("fp16", 64, 37, 36, packed=True),
                       short=True))
@@ -246,6 +265,12 @@ def variants(lengths: list[tuple[int, int]], dtype: str = "bf16", head_dim: int 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_GLOBAL_LOAD = re.compile(r"ld\.global(?:\.[a-z0-9_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s")
+
+
+def widest_global_load(ptx: str) -> int:
+    """Bits of the widest global load in the PTX (128 = vectorised 16-byte loads)."""
+    return max((int(vec or 1) * int(bits) for vec, bits in _GLOBAL_LOAD.findall(ptx)), default=0)
 
 
 def occupancy(arch: int, registers: int, shared_bytes: int, num_warps: int) -> dict:
@@ -291,6 +316,7 @@ def measure(name: str, source, options: dict, arch: int, uses_dot: bool) -> dict
                spill_store_bytes=int(spill.group(1)) if spill else 0,
                spill_load_bytes=int(spill.group(2)) if spill else 0,
                shared_bytes=int(compiled.metadata.shared), wgmma="wgmma" in compiled.asm["ptx"],
+               widest_load_bits=widest_global_load(compiled.asm["ptx"]),
                seconds=round(time.perf_counter() - start, 2))
     row.update(occupancy(arch, row["registers"] or 255, row["shared_bytes"], row["num_warps"]))
     return row
@@ -327,7 +353,7 @@ def _family(function: str) -> str:
 
 def _uses_dot(launch: Launch) -> bool:
     """Attention kernels run tl.dot on tensor cores except in exact fp32 (ieee) mode."""
-    return launch.kwargs.get("PRECISION", "ieee") != "ieee"
+    return "PRECISION" in launch.kwargs and launch.kwargs["PRECISION"] != "ieee"
 
 
 def run_case(case: Case, archs: list[int]) -> list[dict]:
@@ -368,7 +394,7 @@ def static_specs(only: str | None = None) -> list:
 
     specs = []
     for module_info in pkgutil.iter_modules(kernels_pkg.__path__):
-        if module_info.name in ("aot_spec", "attention"):
+        if module_info.name in ("aot_spec", "attention", "attention_short", "region_kl"):
             continue
         module = importlib.import_module(f"fastvl.kernels.{module_info.name}")
         specs += [spec for spec in getattr(module, "AOT_SPECS", []) if only is None or only in spec.name]
@@ -416,7 +442,8 @@ def _print(row: dict) -> None:
     status = "ok  " if row["ok"] else "FAIL"
     if "registers" in row:
         detail = (f"regs {row['registers']:>3} spill {row['spill_store_bytes']:>4} B smem {row['shared_bytes']:>6} B "
-                  f"{row['ctas_per_sm']:>2} CTA/SM {row['warps_per_sm']:>2} warps/SM wgmma={row['wgmma']:d}")
+                  f"{row['ctas_per_sm']:>2} CTA/SM {row['warps_per_sm']:>2} warps/SM wgmma={row['wgmma']:d} "
+                  f"ld{row['widest_load_bits']}")
     else:
         detail = ""
     error = f"  <- {row['error']}" if "error" in row else ""

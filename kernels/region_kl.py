@@ -14,32 +14,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastvl.kernels.aot_spec import AotSpec
-
 
 @triton.jit
 def region_kl_kernel(
     logits_ptr, target_ptr, selected_ptr, scale_ptr, loss_ptr, grad_ptr,
     n_classes, stride_logits_row, stride_target_row, stride_grad_row, stride_scale, write_grad,
-    BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     # One program = one row: its loss (stored in loss_ptr's dtype) and, if write_grad, its gradient
-    # row times scale (1 without HAS_SCALE). Each row is read through a window that starts
-    # ALIGN-elements aligned (the row start rounded down, the lanes before it masked off), so an odd
-    # class count (C = 1601) still gets vector loads; ALIGN > 1 needs one row stride for all three.
+    # row times scale (1 without HAS_SCALE).
     row = tl.program_id(0).to(tl.int64)
-    lead = (row * stride_logits_row) % ALIGN  # lanes of the window before the row's first class
-    logits_row = logits_ptr + tl.multiple_of(row * stride_logits_row - lead, ALIGN)
-    target_row = target_ptr + tl.multiple_of(row * stride_target_row - lead, ALIGN)
+    logits_row = logits_ptr + row * stride_logits_row
+    target_row = target_ptr + row * stride_target_row
     selected = tl.load(selected_ptr + row) != 0
     # Unselected rows read nothing: their loop bound is 0.
-    row_end = tl.where(selected, n_classes, 0) + lead
-    lanes = tl.arange(0, BLOCK_C)
+    row_end = tl.where(selected, n_classes, 0)
+    cols = tl.arange(0, BLOCK_C)
 
     # Shift for sum p (x - c): the first block's max, close to the row max, keeps |x - c| small so that
     # the loss does not cancel catastrophically for logits of size ~1e4.
-    first_ok = (lanes >= lead) & (lanes < row_end)
-    first = tl.load(logits_row + lanes, mask=first_ok, other=float("-inf")).to(tl.float32)
+    first = tl.load(logits_row + cols, mask=(cols < row_end), other=float("-inf")).to(tl.float32)
     shift = tl.max(first, axis=0)
     shift = tl.where(selected, shift, 0.0)
     row_max = shift
@@ -48,8 +42,8 @@ def region_kl_kernel(
     sum_p_x = tl.zeros((), dtype=tl.float32)
     sum_p_log_p = tl.zeros((), dtype=tl.float32)
     for start in range(0, row_end, BLOCK_C):
-        offsets = start + lanes
-        valid = (offsets >= lead) & (offsets < row_end)
+        offsets = start + cols
+        valid = offsets < row_end
         x = tl.load(logits_row + offsets, mask=valid, other=float("-inf")).to(tl.float32)
         p = tl.load(target_row + offsets, mask=valid, other=0.0).to(tl.float32)
         new_max = tl.maximum(row_max, tl.max(x, axis=0))
@@ -65,11 +59,11 @@ def region_kl_kernel(
 
     if write_grad != 0:
         scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32) if HAS_SCALE else 1.0
-        grad_row = grad_ptr + tl.multiple_of(row * stride_grad_row - lead, ALIGN)
-        for start in range(0, n_classes + lead, BLOCK_C):
-            offsets = start + lanes
-            in_row = (offsets >= lead) & (offsets < n_classes + lead)
-            valid = (offsets >= lead) & (offsets < row_end)
+        grad_row = grad_ptr + row * stride_grad_row
+        for start in range(0, n_classes, BLOCK_C):
+            offsets = start + cols
+            in_row = offsets < n_classes
+            valid = offsets < row_end
             x = tl.load(logits_row + offsets, mask=valid, other=0.0).to(tl.float32)
             p = tl.load(target_row + offsets, mask=valid, other=0.0).to(tl.float32)
             grad = (tl.exp(x - log_norm) * sum_p - p) * scale
@@ -114,37 +108,4 @@ def num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8
 
 
-ALIGN = 8  # window alignment in elements: 16 bytes of fp16/bf16, 32 of fp32
 REDUCE_BLOCK = 1024
-
-
-_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-
-
-def _specs() -> list[AotSpec]:
-    """Row kernel as launched for ViLBERT's 1601 classes (row stride 1601: no divisibility hint, so the
-    window alignment is what vectorises), per logits / targets dtype and block."""
-    specs = []
-    for logits_name, logits_type in _DTYPES.items():
-        for target_name in sorted({"fp32", logits_name}):
-            for block in BLOCK_SIZES:
-                signature = {
-                    "logits_ptr": logits_type, "target_ptr": _DTYPES[target_name], "selected_ptr": "*u8",
-                    "scale_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": logits_type,
-                    "n_classes": "i32", "stride_logits_row": "i32", "stride_target_row": "i32",
-                    "stride_grad_row": "i32", "stride_scale": "i32", "write_grad": "i32",
-                    "BLOCK_C": "constexpr", "HAS_SCALE": "constexpr", "ALIGN": "constexpr",
-                }
-                specs.append(AotSpec(name=f"region_kl_{logits_name}_t{target_name}_b{block}", kernel=region_kl_kernel,
-                                     signature=signature,
-                                     constexprs={"BLOCK_C": block, "HAS_SCALE": True, "ALIGN": ALIGN},
-                                     num_warps=num_warps(block), num_stages=1))
-    for loss_name in _DTYPES:
-        signature = {"row_loss_ptr": "*fp32", "selected_ptr": "*u8", "loss_ptr": _DTYPES[loss_name],
-                     "scale_ptr": "*fp32", "n_rows": "i32", "IS_MEAN": "constexpr", "BLOCK": "constexpr"}
-        specs.append(AotSpec(name=f"region_kl_reduce_{loss_name}", kernel=region_kl_reduce_kernel, signature=signature,
-                             constexprs={"IS_MEAN": True, "BLOCK": REDUCE_BLOCK}, num_warps=4, num_stages=1))
-    return specs
-
-
-AOT_SPECS = _specs()
