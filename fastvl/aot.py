@@ -59,13 +59,15 @@ SPILL_BUDGET = {"attention_bwd": 600, "co_attention_bwd": 600}
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One workload: ``run`` calls the launch code on CPU tensors (each launch it makes is recorded).
-    ``short``: a short-sequence (ViLBERT-range) case, gated on >= 2 CTAs per SM. ``ci``: compiled by
-    the test suite."""
+    ``short``: a short-sequence case taking the short path, gated on >= 2 CTAs per SM. ``ci``:
+    compiled by the test suite. ``path="tiled"``: the same shapes forced onto the tiled kernels (the
+    comparison with the tiled path, which serves these lengths when the short path is off)."""
 
     name: str
     run: Callable[[], None]
     short: bool = False
     ci: bool = False
+    path: str | None = None  # "tiled": the launchers' FASTVL_ATTENTION_PATH override while capturing
 
 
 _TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -172,6 +174,13 @@ def cases() -> list[Case]:
             found.append(Case(f"attention_{dtype}_d64_l512_causal",
                               _attention_case(dtype, 64, 512, 512, causal=True)))
             found.append(Case(f"co_attention_{dtype}_d128_v300_t200", _co_attention_case(dtype, 128, 300, 200)))
+    for dtype in ("bf16", "fp16"):  # the tiled kernels at ViLBERT-base shapes, for comparison
+        for dropout in (0.0, 0.1):
+            tag = f"{dtype}{'_dropout' if dropout else ''}"
+            found.append(Case(f"co_attention_{tag}_d128_v37_t36_tiled",
+                              _co_attention_case(dtype, 128, 37, 36, dropout=dropout), path="tiled"))
+            found.append(Case(f"attention_{tag}_d64_l36_tiled", _attention_case(dtype, 64, 36, 36, dropout=dropout),
+                              path="tiled"))
     for dtype in ("bf16", "fp16", "fp32"):  # ViLBERT's 1601 detector classes, B=64 x 37 regions
         found.append(Case(f"region_kl_{dtype}_c1601", _region_kl_case(dtype, 1601), ci=dtype == "bf16"))
     found.append(Case("attention_fp16_d64_l36_packed", _attention_case("fp16", 64, 36, 36, packed=True), short=True))
@@ -224,8 +233,17 @@ def recording():
 
 
 def capture(case: Case) -> list[Launch]:
-    with recording() as launches:
-        case.run()
+    saved = os.environ.get("FASTVL_ATTENTION_PATH")
+    if case.path:
+        os.environ["FASTVL_ATTENTION_PATH"] = case.path
+    try:
+        with recording() as launches:
+            case.run()
+    finally:
+        if case.path:
+            os.environ.pop("FASTVL_ATTENTION_PATH")
+            if saved is not None:
+                os.environ["FASTVL_ATTENTION_PATH"] = saved
     return launches
 
 
@@ -351,6 +369,10 @@ def _family(function: str) -> str:
     return function.removesuffix("_kernel").replace("_short", "")
 
 
+def _path(function: str) -> str:
+    return "short" if "_short" in function else ("tiled" if "attention" in function else "row")
+
+
 def _uses_dot(launch: Launch) -> bool:
     """Attention kernels run tl.dot on tensor cores except in exact fp32 (ieee) mode."""
     return "PRECISION" in launch.kwargs and launch.kwargs["PRECISION"] != "ieee"
@@ -363,7 +385,7 @@ def run_case(case: Case, archs: list[int]) -> list[dict]:
             source, options, _ = jit_source(launch, arch)
             row = measure(f"{case.name}:{source.name.removesuffix('_kernel')}", source, options, arch,
                           _uses_dot(launch))
-            row.update(case=case.name, short=case.short, grid=list(launch.grid),
+            row.update(case=case.name, short=case.short, path=case.path or _path(source.name), grid=list(launch.grid),
                        constexprs={k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")})
             problems = gate(row, case.short, _uses_dot(launch))
             row["ok"] = not problems

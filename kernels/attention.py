@@ -449,7 +449,7 @@ def fwd_config(dtype: str, block_d: int, long: bool) -> BlockConfig:
         return BlockConfig(32, 16, 4, 2)
     if long:
         return BlockConfig(128, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
-    return BlockConfig(64, 64, 4, 2 if block_d == 128 else 3)
+    return BlockConfig(64, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
 
 
 def bwd_config(dtype: str, block_d: int) -> BlockConfig:
