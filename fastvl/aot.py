@@ -155,37 +155,40 @@ def _region_kl_case(dtype, classes, rows=2368, reduction="mean"):
 
 
 def cases() -> list[Case]:
-    """ViLBERT-base shapes: 37 regions (36 boxes + the image token) and 36 tokens, 8 co-attention heads
-    of 128 (ViLBERT's 1024-wide connection), 12 text heads of 64; BERT-length 512 for the long path."""
+    """Every block configuration the launchers can pick, each in a workload that picks it. Shapes from
+    ViLBERT-base: 37 regions (36 boxes + the image token) and 36 tokens, 8 co-attention heads of 128,
+    12 text heads of 64; 101 x 80 for the 128-row key bucket; 300 x 200 and 512 for the tiled path.
+    fp16 lowers like bf16 (one packed fp16 case each); dropout (Philox) on the ViLBERT-base shapes."""
     found = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for dropout in (0.0, 0.1):
-            if dtype == "fp32" and dropout:
-                continue
-            tag = f"{dtype}{'_dropout' if dropout else ''}"
-            found.append(Case(f"co_attention_{tag}_d128_v37_t36",
-                              _co_attention_case(dtype, 128, 37, 36, dropout=dropout), short=True,
-                              ci=dtype == "bf16"))
-            found.append(Case(f"attention_{tag}_d64_l36", _attention_case(dtype, 64, 36, 36, dropout=dropout),
-                              short=True, ci=dtype == "bf16" and not dropout))
-        found.append(Case(f"co_attention_{dtype}_d64_v101_t80", _co_attention_case(dtype, 64, 101, 80), short=True))
-        found.append(Case(f"attention_{dtype}_d128_l101", _attention_case(dtype, 128, 101, 101), short=True))
-        if dtype != "fp32":
-            found.append(Case(f"attention_{dtype}_d64_l512_causal",
-                              _attention_case(dtype, 64, 512, 512, causal=True)))
-            found.append(Case(f"co_attention_{dtype}_d128_v300_t200", _co_attention_case(dtype, 128, 300, 200)))
-    for dtype in ("bf16", "fp16"):  # the tiled kernels at ViLBERT-base shapes, for comparison
-        for dropout in (0.0, 0.1):
-            tag = f"{dtype}{'_dropout' if dropout else ''}"
-            found.append(Case(f"co_attention_{tag}_d128_v37_t36_tiled",
-                              _co_attention_case(dtype, 128, 37, 36, dropout=dropout), path="tiled"))
-            found.append(Case(f"attention_{tag}_d64_l36_tiled", _attention_case(dtype, 64, 36, 36, dropout=dropout),
-                              path="tiled"))
-    for dtype in ("bf16", "fp16", "fp32"):  # ViLBERT's 1601 detector classes, B=64 x 37 regions
-        found.append(Case(f"region_kl_{dtype}_c1601", _region_kl_case(dtype, 1601), ci=dtype == "bf16"))
+    for dtype in ("bf16", "fp32"):
+        half = dtype == "bf16"
+        for head_dim in (64, 128):
+            base = (head_dim == 128, head_dim == 64)  # (co-attention, attention) at ViLBERT-base heads
+            found.append(Case(f"co_attention_{dtype}_d{head_dim}_v37_t36", _co_attention_case(dtype, head_dim, 37, 36),
+                              short=half, ci=half and base[0]))
+            found.append(Case(f"attention_{dtype}_d{head_dim}_l36", _attention_case(dtype, head_dim, 36, 36),
+                              short=half, ci=half and base[1]))
+            found.append(Case(f"co_attention_{dtype}_d{head_dim}_v101_t80",
+                              _co_attention_case(dtype, head_dim, 101, 80)))
+            found.append(Case(f"attention_{dtype}_d{head_dim}_l101", _attention_case(dtype, head_dim, 101, 101)))
+            found.append(Case(f"co_attention_{dtype}_d{head_dim}_v300_t200",
+                              _co_attention_case(dtype, head_dim, 300, 200)))
+            found.append(Case(f"attention_{dtype}_d{head_dim}_l512_causal",
+                              _attention_case(dtype, head_dim, 512, 512, causal=True)))
+    found.append(Case("co_attention_bf16_dropout_d128_v37_t36", _co_attention_case("bf16", 128, 37, 36, dropout=0.1),
+                      short=True))
+    found.append(Case("attention_bf16_dropout_d64_l36", _attention_case("bf16", 64, 36, 36, dropout=0.1), short=True))
+    for dropout in (0.0, 0.1):  # the tiled kernels at ViLBERT-base shapes, for comparison
+        tag = f"bf16{'_dropout' if dropout else ''}"
+        found.append(Case(f"co_attention_{tag}_d128_v37_t36_tiled",
+                          _co_attention_case("bf16", 128, 37, 36, dropout=dropout), path="tiled"))
+        found.append(Case(f"attention_{tag}_d64_l36_tiled", _attention_case("bf16", 64, 36, 36, dropout=dropout),
+                          path="tiled"))
     found.append(Case("attention_fp16_d64_l36_packed", _attention_case("fp16", 64, 36, 36, packed=True), short=True))
     found.append(Case("co_attention_fp16_d64_v37_t36_packed", _co_attention_case("fp16", 64, 37, 36, packed=True),
                       short=True))
+    for dtype in ("bf16", "fp16", "fp32"):  # ViLBERT's 1601 detector classes, B=64 x 37 regions
+        found.append(Case(f"region_kl_{dtype}_c1601", _region_kl_case(dtype, 1601), ci=dtype == "bf16"))
     return found
 
 
@@ -370,6 +373,7 @@ def _family(function: str) -> str:
 
 
 def _path(function: str) -> str:
+    """Which kernels a compiled function belongs to: the short or tiled attention path, or a row kernel."""
     return "short" if "_short" in function else ("tiled" if "attention" in function else "row")
 
 

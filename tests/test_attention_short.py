@@ -25,8 +25,9 @@ PATHS = ("short", "tiled")
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    if request.param == "tiled":
-        monkeypatch.setenv("FASTVL_ATTENTION_PATH", "tiled")
+    """Both paths in every dtype (the rule sends fp32 to the tiled kernels; the override tests the
+    short kernels' arithmetic in fp32 too)."""
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", request.param)
     return request.param
 
 
@@ -34,12 +35,15 @@ def randn(generator, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=generator).to(dtype)
 
 
-def test_dispatch_by_longest_sequence(monkeypatch):
-    assert attention_launch.attention_path(1) == "short"
-    assert attention_launch.attention_path(128) == "short"
-    assert attention_launch.attention_path(129) == "tiled"
+def test_dispatch_by_longest_sequence_and_dtype(monkeypatch):
+    monkeypatch.delenv("FASTVL_ATTENTION_PATH", raising=False)
+    path = attention_launch.attention_path
+    assert path(1, torch.bfloat16) == path(128, torch.float16) == "short"
+    assert path(129, torch.bfloat16) == path(37, torch.float32) == "tiled"
     monkeypatch.setenv("FASTVL_ATTENTION_PATH", "tiled")
-    assert attention_launch.attention_path(37) == "tiled"
+    assert path(37, torch.bfloat16) == "tiled"
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", "short")
+    assert path(37, torch.float32) == "short" and path(129, torch.float16) == "tiled"
 
 
 # (len_q, len_k, head dim, key lengths, causal, dtype): odd lengths, both key buckets (<= 64, 65-128),
@@ -120,8 +124,9 @@ def test_one_compiled_variant_per_bucket_over_vilbert_lengths(path):
     """Triton's own binder (sm_90 backend, no GPU) over 10-101 regions x 16-80 tokens: lengths and
     length-derived strides are not specialised, so only the key bucket (64 or 128) makes a variant
     on the short path, and nothing does on the tiled one."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["FASTVL_ATTENTION_PATH"] = path
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVL_ATTENTION_PATH")}
+    if path == "tiled":
+        env["FASTVL_ATTENTION_PATH"] = path
     run = subprocess.run([sys.executable, "-c", COUNT_VARIANTS, "bf16", "128", "0.1"], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
