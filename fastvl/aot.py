@@ -157,7 +157,7 @@ def _region_kl_case(dtype, classes, rows=2368, reduction="mean"):
 def cases() -> list[Case]:
     """Every block configuration the launchers can pick, each in a workload that picks it. Shapes from
     ViLBERT-base: 37 regions (36 boxes + the image token) and 36 tokens, 8 co-attention heads of 128,
-    12 text heads of 64; 101 x 80 for the 128-row key bucket; 300 x 200 and 512 for the tiled path.
+    12 text heads of 64; 101 x 80 for the 128-row key bucket; 300 x 200, 200 and 512 for the tiled path.
     fp16 lowers like bf16 (one packed fp16 case each); dropout (Philox) on the ViLBERT-base shapes."""
     found = []
     for dtype in ("bf16", "fp32"):
@@ -173,6 +173,7 @@ def cases() -> list[Case]:
             found.append(Case(f"attention_{dtype}_d{head_dim}_l101", _attention_case(dtype, head_dim, 101, 101)))
             found.append(Case(f"co_attention_{dtype}_d{head_dim}_v300_t200",
                               _co_attention_case(dtype, head_dim, 300, 200)))
+            found.append(Case(f"attention_{dtype}_d{head_dim}_l200", _attention_case(dtype, head_dim, 200, 200)))
             found.append(Case(f"attention_{dtype}_d{head_dim}_l512_causal",
                               _attention_case(dtype, head_dim, 512, 512, causal=True)))
     found.append(Case("co_attention_bf16_dropout_d128_v37_t36", _co_attention_case("bf16", 128, 37, 36, dropout=0.1),
