@@ -71,21 +71,22 @@ class Case:
 
 
 _TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+_DEVICE = {"name": "cpu"}  # where the cases allocate: "cuda" for --jit (real launches)
 
 
 def _projections(batch, length, heads, head_dim, dtype, packed=False):
     """q, k, v as views of one fused projection ``[B, L, 3 * H * D]`` (how the models call the op)."""
     import torch
 
-    fused = torch.empty(batch * length if packed else batch, *(() if packed else (length,)), 3, heads, head_dim,
-                        dtype=getattr(torch, _TORCH_DTYPES[dtype]))
+    fused = torch.zeros(batch * length if packed else batch, *(() if packed else (length,)), 3, heads, head_dim,
+                        dtype=getattr(torch, _TORCH_DTYPES[dtype]), device=_DEVICE["name"])
     return fused.unbind(-3)
 
 
 def _mask(batch, length):
     import torch
 
-    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=_DEVICE["name"])
     mask[0, length // 2:] = False
     return mask
 
@@ -93,7 +94,7 @@ def _mask(batch, length):
 def _cu_seqlens(batch, length):
     import torch
 
-    return torch.arange(0, batch * length + 1, length, dtype=torch.int32)
+    return torch.arange(0, batch * length + 1, length, dtype=torch.int32, device=_DEVICE["name"])
 
 
 def _attention_case(dtype, head_dim, len_q, len_k, *, mask=True, dropout=0.0, causal=False, packed=False,
@@ -145,9 +146,10 @@ def _region_kl_case(dtype, classes, rows=2368, reduction="mean"):
 
         from fastvl.ops import region_kl_op
 
-        logits = torch.empty(rows, classes, dtype=getattr(torch, _TORCH_DTYPES[dtype]))
-        targets = torch.empty(rows, classes, dtype=torch.float32)
-        selected = torch.zeros(rows, dtype=torch.bool)
+        device = _DEVICE["name"]
+        logits = torch.zeros(rows, classes, dtype=getattr(torch, _TORCH_DTYPES[dtype]), device=device)
+        targets = torch.zeros(rows, classes, dtype=torch.float32, device=device)
+        selected = torch.zeros(rows, dtype=torch.bool, device=device)
         region_kl_op._region_kl_triton(logits, targets, selected, reduction, torch.empty_like(logits), (rows,),
                                        logits.dtype)
 
@@ -428,6 +430,40 @@ def static_specs(only: str | None = None) -> list:
     return specs
 
 
+def jit_report(selected: list[Case]) -> list[dict]:
+    """On a GPU: run the cases for real, then read what Triton's JIT built (its in-memory cache):
+    registers and local (spill) memory per thread as the driver reports them, shared memory, occupancy -- the ground truth the
+    ahead-of-time report is checked against."""
+    import torch
+
+    _DEVICE["name"] = "cuda"
+    for case in selected:
+        saved = os.environ.get("FASTVL_ATTENTION_PATH")
+        if case.path:
+            os.environ["FASTVL_ATTENTION_PATH"] = case.path
+        try:
+            case.run()
+        finally:
+            os.environ.pop("FASTVL_ATTENTION_PATH", None)
+            if saved is not None:
+                os.environ["FASTVL_ATTENTION_PATH"] = saved
+    torch.cuda.synchronize()
+    major, minor = torch.cuda.get_device_capability()
+    arch = 90 if major >= 9 else 80
+    rows = []
+    for kernel in _jit_kernels():
+        for caches in kernel.device_caches.values():
+            for compiled in caches[0].values():
+                compiled._init_handles()
+                meta = compiled.metadata
+                row = {"kernel": kernel.__name__, "function": kernel.__name__, "arch": f"sm_{major}{minor}",
+                       "num_warps": meta.num_warps, "num_stages": meta.num_stages, "registers": compiled.n_regs,
+                       "local_bytes": compiled.n_spills, "shared_bytes": int(meta.shared), "jit": True}
+                row.update(occupancy(arch, row["registers"], row["shared_bytes"], row["num_warps"]))
+                rows.append(row)
+    return rows
+
+
 def environment() -> dict:
     import torch
     import triton
@@ -443,10 +479,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ci", action="store_true", help="only the representative subset the tests compile")
     parser.add_argument("--no-row-kernels", action="store_true", help="skip the row kernels' static specs")
     parser.add_argument("--json", help="write the report to this file")
+    parser.add_argument("--jit", action="store_true",
+                        help="on a GPU: launch the cases and report what the JIT built (no gates)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
     selected = [case for case in cases() if (not args.ci or case.ci) and (args.only is None or args.only in case.name)]
+    if args.jit:
+        rows = jit_report(selected)
+        for row in rows:
+            print(f"{row['arch']} {row['function']:<36} w{row['num_warps']} s{row['num_stages']} regs "
+                  f"{row['registers']:>3} local {row['local_bytes']:>4} smem {row['shared_bytes']:>6} "
+                  f"{row['ctas_per_sm']} CTA/SM", flush=True)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"environment": environment(), "rows": rows}, handle, indent=1)
+        return 0 if rows else 1
     rows = []
     for case in selected:
         for row in run_case(case, args.arch):
