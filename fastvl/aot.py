@@ -496,20 +496,23 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"environment": environment(), "rows": rows}, handle, indent=1)
         return 0 if rows else 1
     rows = []
+
+    def add(row: dict) -> None:  # the JSON is rewritten after every build: a stopped run keeps its rows
+        rows.append(row)
+        _print(row)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"environment": environment(), "rows": rows}, handle, indent=1)
+
     for case in selected:
         for row in run_case(case, args.arch):
-            rows.append(row)
-            _print(row)
+            add(row)
     if not args.ci and not args.no_row_kernels:
         for spec in static_specs(args.only):
             for arch in args.arch:
-                rows.append(run_static_spec(spec, arch))
-                _print(rows[-1])
+                add(run_static_spec(spec, arch))
     failed = [row for row in rows if not row["ok"]]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed ({len(rows)} kernel builds)")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"environment": environment(), "rows": rows}, handle, indent=1)
     return 1 if failed or not rows else 0
 
 
