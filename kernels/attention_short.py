@@ -41,7 +41,7 @@ FWD_WARPS = 4
 def bwd_warps(block_n: int) -> int:
     """Backward warps for key bucket ``block_n``, read off the compile report (sm_90, bf16): at 64, 4
     warps (d=128: 255 registers, no spill, 2 CTAs/SM; 8 warps would need 166 registers, 1 CTA/SM); at
-    128, 8 warps (4 warps spill 1.3-1.7 KB there).""""
+    128, 8 warps (4 warps spill 1.3-1.7 KB there)."""
     return 4 if block_n <= 64 else 8
 
 
