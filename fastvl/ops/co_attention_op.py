@@ -114,13 +114,15 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
                         cu_seqlens_v=cu_seqlens_v, cu_seqlens_t=cu_seqlens_t)
     _checks.same_dtype("q_v", q_v, k_v=k_v, v_v=v_v, q_t=q_t, k_t=k_t, v_t=v_t)
     _checks.probability("dropout_p", dropout_p)
+    if head_dim == 0:
+        raise ValueError(f"the projections must have a head dim D >= 1, got q_v of shape {list(q_v.shape)}")
     if packed:
         if mask_v is not None or mask_t is not None:
             raise ValueError("mask_v and mask_t must be None in the packed form (cu_seqlens_* carry the lengths)")
         if cu_seqlens_v is None or cu_seqlens_t is None:
             raise ValueError("the packed form needs both cu_seqlens_v and cu_seqlens_t ([B + 1] int32)")
-        check_cu_seqlens("cu_seqlens_v", cu_seqlens_v, q_v.shape[0])
-        check_cu_seqlens("cu_seqlens_t", cu_seqlens_t, q_t.shape[0])
+        max_seqlen_v = check_cu_seqlens("cu_seqlens_v", cu_seqlens_v, q_v.shape[0], "max_seqlen_v", max_seqlen_v)
+        max_seqlen_t = check_cu_seqlens("cu_seqlens_t", cu_seqlens_t, q_t.shape[0], "max_seqlen_t", max_seqlen_t)
         if cu_seqlens_v.shape != cu_seqlens_t.shape:
             raise ValueError(f"cu_seqlens_v and cu_seqlens_t must both be [B + 1], got {list(cu_seqlens_v.shape)} "
                              f"and {list(cu_seqlens_t.shape)}")

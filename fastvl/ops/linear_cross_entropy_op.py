@@ -83,8 +83,8 @@ linear_loss_common.ROW_LOSSES["ce"] = _gathered_rows
 
 def _fused(backend: str):
     def impl(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows):
-        return linear_loss_common.apply("ce", backend, hidden, weight, bias, labels, labels != ignore_index, reduction,
-                                  chunk_rows)
+        return linear_loss_common.apply("ce", backend, hidden, weight, bias, labels, labels != ignore_index,
+                                        reduction, chunk_rows)
 
     return impl
 
@@ -98,10 +98,12 @@ def _cpp_available() -> list[str]:
     return [reason] if reason else []
 
 
-LINEAR_CROSS_ENTROPY.register("triton", available=triton_available, auto_devices=("cuda",),
-                              supports=lambda device, **f: triton_device(device) + _supports_fused(**f))(_fused("triton"))
-LINEAR_CROSS_ENTROPY.register("cpp", available=_cpp_available, auto_devices=("cpu",),
-                              supports=lambda device, **f: needs_cpu_device(device) + _supports_fused(**f))(_fused("cpp"))
+LINEAR_CROSS_ENTROPY.register(
+    "triton", available=triton_available, auto_devices=("cuda",),
+    supports=lambda device, **f: triton_device(device) + _supports_fused(**f))(_fused("triton"))
+LINEAR_CROSS_ENTROPY.register(
+    "cpp", available=_cpp_available, auto_devices=("cpu",),
+    supports=lambda device, **f: needs_cpu_device(device) + _supports_fused(**f))(_fused("cpp"))
 
 
 @LINEAR_CROSS_ENTROPY.register("reference")
