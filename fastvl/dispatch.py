@@ -103,6 +103,12 @@ class Op:
     def select(self, backend: str | None, device: torch.device, **features) -> Backend:
         """The backend to run inputs with these features on ``device``."""
         features["device"] = device
+        chosen = self._choose(backend, device, features)
+        if _LISTENERS and not torch.compiler.is_compiling():
+            return _tell_listeners(self, chosen, device, features)
+        return chosen
+
+    def _choose(self, backend: str | None, device: torch.device, features: dict) -> Backend:
         name, strict = self.requested(backend)
         if name != AUTO:
             chosen = self.backends.get(name)
@@ -136,6 +142,46 @@ class Op:
 
 def _no_reasons(**_features) -> list[str]:
     return []
+
+
+# Listeners ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatched:
+    """One dispatch decision, as a listener sees it: the op, the backend chosen, the device and the
+    features it was chosen on (dtype, head dim, lengths, mask, dropout, ...)."""
+
+    op: str
+    backend: str
+    device: torch.device
+    features: dict
+
+
+Listener = Callable[[Dispatched, Callable], Callable | None]
+_LISTENERS: list[Listener] = []
+
+
+@contextlib.contextmanager
+def listen(callback: Listener) -> Iterator[None]:
+    """Inside the block, every op call tells ``callback(event, impl)`` which backend it dispatched to
+    (a :class:`Dispatched`) and the implementation about to run. A callback returning a callable
+    replaces ``impl`` for that call (to wrap it: record inputs and outputs, open a profiler range);
+    returning None only observes. Listeners nest (the innermost wraps last, so it runs outermost) and
+    are not consulted while torch.compile traces."""
+    _LISTENERS.append(callback)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(callback)
+
+
+def _tell_listeners(op: Op, chosen: Backend, device: torch.device, features: dict) -> Backend:
+    event = Dispatched(op.name, chosen.name, device, {k: v for k, v in features.items() if k != "device"})
+    impl = chosen.impl
+    for callback in list(_LISTENERS):
+        impl = callback(event, impl) or impl
+    return chosen if impl is chosen.impl else dataclasses.replace(chosen, impl=impl)
 
 
 _AVAILABILITY: dict[int, tuple[str, ...]] = {}

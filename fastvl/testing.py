@@ -109,14 +109,3 @@ def check_op(fused: Callable, reference: Callable, inputs: Sequence, *, grad: Se
             continue
         results.append(assert_parity(f"{name} grad[{index}]", f, e, x, factor=factor, floor=floor))
     return results
-
-
-def random_padding_mask(batch: int, length: int, *, generator: torch.Generator | None = None,
-                        fully_masked_rows: Sequence[int] = (), device="cpu") -> torch.Tensor:
-    """bool ``[batch, length]`` with True = real: each row keeps a random prefix of length >= 1
-    (rows listed in ``fully_masked_rows`` keep none)."""
-    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
-    mask = torch.arange(length)[None, :] < lengths[:, None]
-    for row in fully_masked_rows:
-        mask[row] = False
-    return mask.to(device)

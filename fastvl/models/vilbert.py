@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl._nvtx import nvtx_range
+from fastvl.profiling import nvtx_range
 from fastvl.dispatch import use_backend
 from fastvl.models.bert_config import BertConfig
 from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,

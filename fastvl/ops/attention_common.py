@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastvl.dispatch import triton_device, triton_interpreting
+from fastvl.ops import attention_launch
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SEEDED_ONLY_ON_TRITON = "dropout_seed is honoured by the triton backend only"
@@ -157,8 +158,10 @@ def triton_supports(dtype, head_dim, device, **_features) -> list[str]:
     if dtype == torch.bfloat16 and triton_interpreting():
         reasons.append("bfloat16 under TRITON_INTERPRET=1 (the interpreter's bfloat16 tl.dot returns wrong values; "
                        "use float16 or float32 there)")
-    if head_dim > 128:
-        reasons.append(f"head dim {head_dim} > 128")
+    if not reasons:
+        max_head_dim = attention_launch.kernels().MAX_HEAD_DIM
+        if head_dim > max_head_dim:
+            reasons.append(f"head dim {head_dim} > {max_head_dim}")
     return reasons
 
 

@@ -28,7 +28,8 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
     """ALBEF's ITC loss with momentum distillation (see :func:`fastvl.reference.itc_loss_ref`).
 
     img_feat, txt_feat, img_feat_m, txt_feat_m ``[B, E]`` (L2-normalised); img_queue, txt_queue
-    ``[E, Q]`` (ALBEF's layout); temp > 0 (float or a scalar tensor with grad); alpha in [0, 1].
+    ``[E, Q]`` (ALBEF's layout); temp > 0 (float or a scalar tensor with grad); alpha in [0, 1]. All
+    one dtype (outside autocast, which casts the similarity matmuls' operands itself); B >= 1.
     """
     _checks.tensor("img_feat", img_feat, shape="[B, E]", ndim=2)
     batch, embed = img_feat.shape
@@ -43,8 +44,9 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
                          f"and {list(txt_queue.shape)}")
     _checks.same_device("img_feat", img_feat, txt_feat=txt_feat, img_queue=img_queue, txt_queue=txt_queue,
                         img_feat_m=img_feat_m, txt_feat_m=txt_feat_m)
-    _checks.same_dtype("img_feat", img_feat, txt_feat=txt_feat, img_queue=img_queue, txt_queue=txt_queue,
-                       img_feat_m=img_feat_m, txt_feat_m=txt_feat_m)
+    if not torch.is_autocast_enabled(img_feat.device.type):  # autocast casts the matmuls' operands itself
+        _checks.same_dtype("img_feat", img_feat, txt_feat=txt_feat, img_queue=img_queue, txt_queue=txt_queue,
+                           img_feat_m=img_feat_m, txt_feat_m=txt_feat_m)
     if batch == 0:
         raise ValueError("itc_loss needs a batch B >= 1 (a contrastive loss over no pairs is undefined), got "
                          f"img_feat of shape {list(img_feat.shape)}")
