@@ -58,7 +58,7 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
         if temp.numel() != 1:
             raise ValueError(f"temp must be a float or a one-element tensor, got shape {list(temp.shape)}")
         # A CUDA temp is not read back: that would be a host sync every step.
-        if temp.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(temp.detach() > 0):
+        if _checks.may_read_values(temp) and not bool(temp.detach() > 0):
             raise ValueError(f"temp must be > 0, got {float(temp)!r}")
     elif not temp > 0:
         raise ValueError(f"temp must be > 0, got {temp!r}")
