@@ -18,6 +18,7 @@ from fastvl.ops import attention_launch
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SEEDED_ONLY_ON_TRITON = "dropout_seed is honoured by the triton backend only"
+SHORT_SEQUENCE = 128  # the ViLBERT / VL-BERT / ALBEF range, where fastvl's Triton kernels are meant to win
 
 
 _VALIDATED = WeakIdKeyDictionary()  # cu_seqlens tensor -> (version, packed length, longest sequence)
@@ -176,3 +177,23 @@ def torch_supports(device, seeded=False, deterministic=False, **_features) -> li
 
 def reference_supports(seeded=False, **_features) -> list[str]:
     return [SEEDED_ONLY_ON_TRITON] if seeded else []
+
+
+def attention_rule(device, dtype, lengths: tuple[int | None, ...], packed: bool, seeded: bool = False,
+                   deterministic: bool = False) -> list[tuple[str, str]]:
+    """auto's fallback order for both attention ops (when no calibration table entry decides): on CUDA
+    Triton in the short-sequence range and for what only it offers (a seeded dropout mask, a bitwise
+    repeatable backward); torch SDPA (flash / cuDNN / memory-efficient kernels), or flash_attn's
+    varlen kernel for packed batches, for long sequences and float32. Elsewhere: registration order."""
+    if device.type != "cuda":
+        return []
+    if seeded or deterministic:
+        return [("triton", "only triton honours dropout_seed and promises a bitwise repeatable backward")]
+    known = [n for n in lengths if n is not None]
+    longest = max(known) if known else None
+    if dtype == torch.float32 or (longest is not None and longest > SHORT_SEQUENCE):
+        why = "float32" if dtype == torch.float32 else f"long sequences (> {SHORT_SEQUENCE})"
+        order = [("flash_attn", f"{why}, packed: flash_attn's varlen kernel")] if packed else []
+        return order + [("sdpa", f"{why}: torch SDPA (flash / cuDNN / memory-efficient kernels)"),
+                        ("triton", f"{why}, SDPA unusable: triton")]
+    return [("triton", f"short sequences (<= {SHORT_SEQUENCE}) in 16 bits: fastvl's Triton kernels")]

@@ -22,14 +22,21 @@ import torch
 import torch.utils._pytree as pytree
 
 from fastvl import _checks
-from fastvl.dispatch import needs_cuda_device, needs_module, op, triton_available
+from fastvl.dispatch import (backward_expected, length_bucket, needs_cuda_device, needs_module, op,
+                             triton_available)
 from fastvl.ops import attention_launch as launch
-from fastvl.ops.attention_common import (SEEDED_ONLY_ON_TRITON, TRITON_DTYPES, check_cu_seqlens, max_seqlen,
-                                         reference_supports, sdpa_packed, sdpa_padded, seed_tensor, softmax_scale,
-                                         torch_supports, triton_supports)
+from fastvl.ops.attention_common import (SEEDED_ONLY_ON_TRITON, TRITON_DTYPES, attention_rule, check_cu_seqlens,
+                                         max_seqlen, reference_supports, sdpa_packed, sdpa_padded, seed_tensor,
+                                         softmax_scale, torch_supports, triton_supports)
 from fastvl.reference.attention import attention_ref, varlen_attention_ref
 
-ATTENTION = op("attention", probe=dict(head_dim=64, dropout=False, packed=False))
+def _rule(device, dtype, len_q=None, len_k=None, packed=False, seeded=False, deterministic=False, **_features):
+    return attention_rule(device, dtype, (len_q, len_k), packed, seeded, deterministic)
+
+
+ATTENTION = op("attention", probe=dict(head_dim=64, dropout=False, packed=False, len_q=64, len_k=64, grad=True),
+               table_key=("dtype", "head_dim", "len_q", "len_k", "has_mask", "dropout", "packed", "causal", "grad"),
+               rule=_rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +74,13 @@ class AttentionInputs:
         return max_seqlen(self.cu_seqlens_q, self.max_seqlen_q), max_seqlen(self.cu_seqlens_k, self.max_seqlen_k)
 
     def features(self) -> dict:
-        """What dispatch decides on (besides the device)."""
+        """What dispatch decides on (besides the device): lengths as power-of-two buckets (None: a
+        packed batch whose max_seqlen is not known without a sync), ``grad``: a backward will follow."""
+        len_q, len_k = (self.q.shape[1], self.k.shape[1]) if not self.packed else (self.max_seqlen_q, self.max_seqlen_k)
         return dict(dtype=self.q.dtype, head_dim=self.q.shape[-1], dropout=self.dropout_p > 0.0, packed=self.packed,
                     has_mask=self.key_padding_mask is not None, seeded=self.dropout_seed is not None,
-                    deterministic=self.deterministic, causal=self.causal)
+                    deterministic=self.deterministic, causal=self.causal, len_q=length_bucket(len_q),
+                    len_k=length_bucket(len_k), grad=backward_expected(self.q, self.k, self.v))
 
 
 # A pytree node, so recorders (fastvl parity) see and recast the tensors inside.
