@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fastvl._nvtx import nvtx_range
+from fastvl.train import checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
@@ -211,39 +212,65 @@ class Trainer:
 
     # checkpoints ----------------------------------------------------------------------------------
 
-    def resume(self) -> bool:
-        """Loads ``checkpoints/latest`` if there is one; returns whether it did."""
-        if not os.path.isfile(os.path.join(self.checkpoint_dir, "latest")):
+    def run_settings(self) -> dict:
+        """What a checkpoint of this run records and a resumed run must match (see
+        :func:`fastvl.train.checkpoint.check_compatible`)."""
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        return {"world_size": self.world_size, "zero_stage": int(self.engine.zero_optimization_stage()),
+                "precision": self.precision, "family": getattr(self.family, "name", None), "parameters": parameters}
+
+    def resume(self, trust: bool = False) -> bool:
+        """Loads the newest whole checkpoint under ``checkpoints/`` if ``latest`` exists; returns whether
+        it did. Files are loaded weights_only unless ``trust`` (see :mod:`fastvl.train.checkpoint`);
+        raises :class:`~fastvl.train.checkpoint.CheckpointError` with a message for the user."""
+        warn = print if self.rank == 0 else (lambda _: None)
+        loaded = checkpoint.resume_latest(self.engine, self.checkpoint_dir, self.run_settings(), trust=trust,
+                                          warn=warn)
+        if loaded is None:
             return False
-        path, client_state = self.engine.load_checkpoint(self.checkpoint_dir, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
-        if path is None or client_state is None:
-            raise RuntimeError(f"{self.checkpoint_dir}: DeepSpeed could not load the latest checkpoint")
+        tag_dir, client_state = loaded
         data = client_state["data"]
-        self.sampler.check_resumable(data)
+        try:
+            self.sampler.check_resumable(data)
+        except ValueError as error:
+            raise checkpoint.IncompatibleCheckpoint(f"{tag_dir}: {error}") from None
         self.start_step = int(data["global_step"])
-        tag_dir = path if os.path.isdir(path) else os.path.dirname(path)
         rng_file = os.path.join(tag_dir, f"rng-rank{self.rank}.pt")
         if os.path.isfile(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(checkpoint.load_weights_only(rng_file))
         self.logger.event({"event": "resume", "step": self.start_step, "checkpoint": tag_dir},
                           f"resumed from {tag_dir} at step {self.start_step}")
         return True
 
     def save(self, global_step: int) -> str:
-        tag = f"step-{global_step:08d}"
+        """Writes checkpoint ``step-N`` (RNG states, DeepSpeed's files, the manifest), then points
+        ``latest`` at it. A full disk raises :class:`~fastvl.train.checkpoint.DiskFull` with ``latest``
+        still on the previous checkpoint and the partial folder removed."""
+        tag = checkpoint.tag_name(global_step)
         tag_dir = os.path.join(self.checkpoint_dir, tag)
-        os.makedirs(tag_dir, exist_ok=True)
-        torch.save(rng_state(), os.path.join(tag_dir, f"rng-rank{self.rank}.pt"))
-        client_state = {"data": self.sampler.state_dict(global_step), "seed": self.seed}
-        self.engine.save_checkpoint(self.checkpoint_dir, tag=tag, client_state=client_state)
+        try:
+            os.makedirs(tag_dir, exist_ok=True)
+            torch.save(rng_state(), os.path.join(tag_dir, f"rng-rank{self.rank}.pt"))
+            client_state = {"data": self.sampler.state_dict(global_step), "seed": self.seed}
+            self.engine.save_checkpoint(self.checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
+            if self.rank == 0:  # DeepSpeed's save ends with a barrier: every rank's files are written
+                checkpoint.write_manifest(tag_dir, self.run_settings())
+                checkpoint.write_latest(self.checkpoint_dir, tag)
+        except (OSError, RuntimeError) as error:
+            if not checkpoint.is_disk_full(error, self.checkpoint_dir):
+                raise
+            checkpoint.remove_partial(tag_dir)
+            kept = checkpoint.read_latest(self.checkpoint_dir)
+            raise checkpoint.DiskFull(f"no space left on device writing checkpoint {tag_dir}; latest still names "
+                                      f"{kept!r}, the last whole checkpoint. Free space, then run the same command "
+                                      "again to resume.") from None
         if self.rank == 0:
             self._prune(tag)
         self.logger.event({"event": "checkpoint", "step": global_step, "path": tag_dir})
         return tag_dir
 
     def _prune(self, newest: str) -> None:
-        tags = sorted(t for t in os.listdir(self.checkpoint_dir) if t.startswith("step-") and t != newest)
+        tags = sorted(t for t in checkpoint.kept_tags(self.checkpoint_dir) if t != newest)
         for tag in tags[: max(0, len(tags) - (self.keep_checkpoints - 1))]:
             shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
 

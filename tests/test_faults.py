@@ -1,0 +1,376 @@
+"""Fault injection: what a careless user, a crash or an attacker does to a run folder, a dataset or a
+checkpoint, and what fastvl must do about it (issue 11).
+
+Training faults run the real ``python -m fastvl.train`` on a tiny ViLBERT (3 steps of 8 samples, a few
+seconds each): malicious pickles planted in a checkpoint (never executed; the run refuses naming the
+file; ``--trust-checkpoint`` loads them), truncated / garbage / missing files and a broken ``latest``
+(the run falls back to the previous whole checkpoint and still matches the uninterrupted run
+exactly), a changed run setup, two runs on one folder, SIGKILL at random moments from start-up on
+(the stale torch build lock it can leave is cleared), and a full filesystem (a small tmpfs, where
+this machine lets the tests mount one)."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastvl.data.synth import make_synthetic_dataset
+
+pytestmark = pytest.mark.slow
+RUN = ["--model", "vilbert-tiny", "--global-batch", "8", "--micro-batch", "4", "--max-steps", "3", "--lr", "1e-3",
+       "--log-every", "1", "--no-progress", "--seed", "5", "--save-every", "1", "--zero-stage", "2"]
+MODEL_FILE = "mp_rank_00_model_states.pt"
+OPTIMIZER_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults_synth")
+    make_synthetic_dataset(str(out), 48, feature_dim=32, shard_size=24)
+    return str(out)
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _command(synth, out, *extra):
+    return [sys.executable, "-m", "fastvl.train", *RUN, "--data", synth, "--out", str(out), *extra]
+
+
+def _train(synth, out, *extra, env=None, timeout=120):
+    return subprocess.run(_command(synth, out, *extra), env=env or _env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _ok(done):
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _losses(out):
+    steps = {}
+    path = os.path.join(out, "log.jsonl")
+    if os.path.isfile(path):
+        for line in open(path):
+            record = json.loads(line)
+            if "loss" in record:
+                steps[record["step"]] = record
+    return steps
+
+
+def _same_as(out, reference):
+    resumed = _losses(out)
+    assert sorted(resumed) == sorted(reference)
+    for step, record in reference.items():
+        for name in ("loss", "mlm", "region", "align", "lr"):
+            assert resumed[step][name] == record[name], (step, name)
+
+
+@pytest.fixture(scope="module")
+def reference(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults_reference")
+    _ok(_train(synth, out, "--save-every", "0"))
+    return _losses(str(out))
+
+
+@pytest.fixture(scope="module")
+def stopped(synth, tmp_path_factory):
+    """A run folder stopped after step 2 of 3, with the checkpoints step-1 and step-2 (latest)."""
+    out = tmp_path_factory.mktemp("faults_stopped")
+    _ok(_train(synth, out, "--stop-after", "2"))
+    return str(out)
+
+
+def _copy(stopped, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    return out
+
+
+def _tag(out, step):
+    return out / "checkpoints" / f"step-{step:08d}"
+
+
+def _fix_manifest(tag_dir):
+    """What an attacker who rewrites a file also does: make the manifest match it."""
+    manifest = json.loads((tag_dir / "fastvl-checkpoint.json").read_text())
+    manifest["files"] = {name: os.path.getsize(tag_dir / name) for name in manifest["files"]}
+    (tag_dir / "fastvl-checkpoint.json").write_text(json.dumps(manifest))
+
+
+class _RunsCommand:
+    """Unpickling it runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _plant(path, marker):
+    """Rewrites the torch file ``path`` with a command that creates ``marker`` when it is unpickled."""
+    state = torch.load(path, weights_only=False)  # a file this test's own run wrote
+    payload = _RunsCommand(f"touch {marker}")
+    if isinstance(state, dict):
+        state["note"] = payload
+    else:
+        state = {"state": state, "note": payload}
+    torch.save(state, path)
+
+
+# malicious files ----------------------------------------------------------------------------------------
+
+
+def test_a_planted_pickle_never_runs_and_the_resume_refuses_naming_the_file(synth, stopped, tmp_path):
+    out = _copy(stopped, tmp_path)
+    marker = tmp_path / "code-ran"
+    _plant(_tag(out, 2) / MODEL_FILE, marker)
+    _fix_manifest(_tag(out, 2))
+    done = _train(synth, out)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not marker.exists()
+    assert f"{_tag(out, 2) / MODEL_FILE}: refusing to load it" in done.stderr and "posix.system" in done.stderr
+    assert "--trust-checkpoint" in done.stderr and "Traceback" not in done.stderr
+    assert max(_losses(str(out))) == 2  # nothing trained, nothing written
+    done = _ok(_train(synth, out, "--trust-checkpoint"))  # the user vouches for the folder
+    assert marker.exists() and "resumed from" in done.stdout and max(_losses(str(out))) == 3
+
+
+# one process resumes many damaged copies of the stopped run with one engine (a start-up costs seconds)
+RESUME_MANY = """
+import argparse, contextlib, io, json, sys
+from fastvl.train import cli
+from fastvl.train.checkpoint import CheckpointError
+from fastvl.train.loop import Trainer
+
+parser = argparse.ArgumentParser()
+cli.add_arguments(parser)
+folders, args = json.loads(sys.argv[1]), parser.parse_args(sys.argv[2:])
+first = cli.build(args).trainer
+results = {}
+for folder in folders:
+    trainer = Trainer(first.engine, first.family, first.sampler, first.collator, out_dir=folder, total_steps=3,
+                      seed=args.seed, precision="fp32", progress=False)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            trainer.resume()
+            results[folder] = {"step": trainer.start_step}
+        except CheckpointError as error:
+            results[folder] = {"error": str(error)}
+    results[folder]["printed"] = printed.getvalue()
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _resume_many(synth, folders, scratch):
+    done = subprocess.run([sys.executable, "-c", RESUME_MANY, json.dumps([str(f) for f in folders]), *RUN,
+                           "--data", synth, "--out", str(scratch)], env=_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS "))
+    return {os.path.basename(k): v for k, v in json.loads(line[len("RESULTS "):]).items()}
+
+
+def _plant_in(victim, manifest_fixed=True):
+    def damage(out):
+        _plant(_tag(out, 2) / victim, out.parent / f"code-ran-{out.name}")
+        if manifest_fixed:
+            _fix_manifest(_tag(out, 2))
+    return damage
+
+
+def _truncate(out):
+    path = _tag(out, 2) / OPTIMIZER_FILE
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _garbage_same_size(out):  # passes the manifest's size check; fails to load
+    path = _tag(out, 2) / MODEL_FILE
+    path.write_bytes(random.Random(0).randbytes(path.stat().st_size))
+
+
+def _remove_model_file(out):
+    (_tag(out, 2) / MODEL_FILE).unlink()
+
+
+def _empty_latest(out):
+    (out / "checkpoints" / "latest").write_text("")
+
+
+def _dangling_latest(out):
+    (out / "checkpoints" / "latest").write_text("step-00000099")
+
+
+def _all_zeros(out):
+    for step in (1, 2):
+        path = _tag(out, step) / MODEL_FILE
+        path.write_bytes(b"\0" * path.stat().st_size)
+
+
+# damage -> (resumed step, or None for a refusal; what the warning or error says)
+DAMAGES = {
+    "planted-model": (_plant_in(MODEL_FILE), None, f"{MODEL_FILE}: refusing to load it: unpickling it would call "
+                                                   "posix.system"),
+    "planted-optimizer": (_plant_in(OPTIMIZER_FILE), None, f"{OPTIMIZER_FILE}: refusing to load it"),
+    "planted-rng": (_plant_in("rng-rank0.pt"), None, "rng-rank0.pt: refusing to load it"),
+    "planted-unlisted": (_plant_in(MODEL_FILE, manifest_fixed=False), 1, "not a whole checkpoint"),
+    "truncated": (_truncate, 1, f"{OPTIMIZER_FILE} has 1000 bytes"),
+    "garbage": (_garbage_same_size, 1, f"{MODEL_FILE}: not a readable checkpoint file"),
+    "missing": (_remove_model_file, 1, f"{MODEL_FILE} is missing"),
+    "empty-latest": (_empty_latest, 2, "names '', which is not a checkpoint folder"),
+    "dangling-latest": (_dangling_latest, 2, "names 'step-00000099', which is not a checkpoint folder"),
+    "all-zeros": (_all_zeros, None, "no whole checkpoint to resume from"),
+}
+
+
+def test_damaged_and_malicious_checkpoints(synth, stopped, tmp_path):
+    """Each damage on a copy of a run stopped at step 2 (checkpoints step-1 and step-2 = latest): a planted
+    pickle is refused naming the file and never runs; a damaged newest checkpoint falls back to step-1
+    with a warning; a broken ``latest`` falls back to the newest whole checkpoint."""
+    folders = []
+    for name, (damage, _, _) in DAMAGES.items():
+        folders.append(tmp_path / name)
+        shutil.copytree(stopped, folders[-1])
+        damage(folders[-1])
+    results = _resume_many(synth, folders, tmp_path / "scratch")
+    for name, (_, step, says) in DAMAGES.items():
+        result = results[name]
+        assert not (tmp_path / f"code-ran-{name}").exists(), name
+        if step is None:
+            assert "error" in result and says in result["error"], (name, result)
+        else:
+            assert result.get("step") == step and says in result["printed"], (name, result)
+    assert "--trust-checkpoint" in results["planted-optimizer"]["error"]
+    zeros = results["all-zeros"]["error"]
+    assert str(_tag(tmp_path / "all-zeros", 1) / MODEL_FILE) in zeros and str(_tag(tmp_path / "all-zeros", 2)) in zeros
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_matches_the_uninterrupted_run(synth, stopped, reference,
+                                                                                  tmp_path):
+    out = _copy(stopped, tmp_path)
+    _truncate(out)
+    done = _ok(_train(synth, out))
+    assert "has 1000 bytes" in done.stdout and "at step 1" in done.stdout
+    _same_as(str(out), reference)  # the fallback's step 2 is re-run: the log's later records win
+
+
+def test_a_changed_run_setup_says_what_differs(synth, stopped, tmp_path):
+    out = _copy(stopped, tmp_path)
+    done = _train(synth, out, "--zero-stage", "3", "--precision", "bf16")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "zero_stage: checkpoint 2, this run 3" in done.stderr
+    assert "precision: checkpoint 'fp32', this run 'bf16'" in done.stderr and "--no-resume" in done.stderr
+
+
+# concurrent runs ------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_folder_refuses_naming_the_first(synth, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(_command(synth, out, "--max-steps", "100000", "--save-every", "0"), env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not _losses(str(out)) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        first.send_signal(signal.SIGSTOP)  # holds the folder without using a core
+        second = _train(synth, out)
+        assert second.returncode == 2
+        assert f"is in use by a running fastvl run (pid {first.pid} on" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    steps = len(_losses(str(out)))
+    assert "start" not in [json.loads(line).get("event") for line in open(out / "log.jsonl")][1:]  # one start only
+    _ok(_train(synth, out, "--max-steps", str(steps + 1)))  # the dead holder's lock is gone with it
+
+
+def test_out_that_is_a_file_is_a_usage_error(synth, tmp_path):
+    (tmp_path / "file").write_text("x")
+    done = _train(synth, tmp_path / "file")
+    assert done.returncode == 2 and "is an existing file, not a folder" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# kills at random moments ----------------------------------------------------------------------------------
+
+
+def _private_extension_dir(tmp_path):
+    """A TORCH_EXTENSIONS_DIR of this test's own with DeepSpeed's CPU op already built (copied from the
+    shared one, so nothing is rebuilt and the shared folder is never locked by this test)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    root = tmp_path / "torch_extensions"
+    built = _get_build_directory("deepspeed_shm_comm", verbose=False)
+    if os.path.isfile(os.path.join(built, "deepspeed_shm_comm.so")):
+        shutil.copytree(built, root / "deepspeed_shm_comm", ignore=shutil.ignore_patterns("lock"))
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def test_a_stale_build_lock_is_reported_and_cleared(synth, tmp_path):
+    """A process killed while torch holds the JIT build lock leaves ``lock`` behind; before the fix every
+    later start waited on it forever, printing nothing."""
+    root = _private_extension_dir(tmp_path)
+    (root / "deepspeed_shm_comm").mkdir(exist_ok=True)
+    (root / "deepspeed_shm_comm" / "lock").touch()
+    done = _ok(_train(synth, tmp_path / "run", "--max-steps", "1", env=_env(TORCH_EXTENSIONS_DIR=str(root)),
+                      timeout=300))
+    assert "removed the stale lock" in done.stderr and not (root / "deepspeed_shm_comm" / "lock").exists()
+
+
+def test_sigkill_at_random_moments_then_the_run_ends_as_if_uninterrupted(synth, reference, tmp_path):
+    """Three SIGKILLs at seeded random moments from 0 to 6 s after the start (start-up, JIT op load,
+    training, checkpointing), then a run to the end: no hang, and every step's numbers are those of
+    the uninterrupted run."""
+    root = _private_extension_dir(tmp_path)
+    env = _env(TORCH_EXTENSIONS_DIR=str(root))
+    out = tmp_path / "run"
+    moments = random.Random(11).sample([0.3, 1.0, 1.8, 2.6, 3.5, 4.5, 5.5, 6.0], 3)
+    for moment in moments:
+        process = subprocess.Popen(_command(synth, out), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(moment)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    _ok(_train(synth, out, env=env, timeout=300))
+    _same_as(str(out), reference)
+
+
+# a full filesystem ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 1.6 MiB tmpfs (a checkpoint of the tiny run is ~1 MiB), or a skip where mount is not allowed."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_full_disk_says_so_and_latest_stays_on_the_last_whole_checkpoint(synth, small_filesystem):
+    out = small_filesystem / "run"
+    done = _train(synth, out)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no space left on device" in done.stderr and "Traceback" not in done.stderr
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest == "step-00000001" and f"latest still names '{latest}'" in done.stderr
+    assert not _tag(out, 2).exists()  # the partial folder is removed
