@@ -9,6 +9,7 @@ exactly), a changed run setup, two runs on one folder, SIGKILL at random moments
 (the stale torch build lock it can leave is cleared), and a full filesystem (a small tmpfs, where
 this machine lets the tests mount one)."""
 
+import base64
 import json
 import os
 import random
@@ -18,12 +19,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+from fastvl.cli import main as fastvl_main
 from fastvl.data.synth import make_synthetic_dataset
 
-pytestmark = pytest.mark.slow
 RUN = ["--model", "vilbert-tiny", "--global-batch", "8", "--micro-batch", "4", "--max-steps", "3", "--lr", "1e-3",
        "--log-every", "1", "--no-progress", "--seed", "5", "--save-every", "1", "--zero-stage", "2"]
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -132,6 +134,7 @@ def _plant(path, marker):
 # malicious files ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_planted_pickle_never_runs_and_the_resume_refuses_naming_the_file(synth, stopped, tmp_path):
     out = _copy(stopped, tmp_path)
     marker = tmp_path / "code-ran"
@@ -235,6 +238,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.slow
 def test_damaged_and_malicious_checkpoints(synth, stopped, tmp_path):
     """Each damage on a copy of a run stopped at step 2 (checkpoints step-1 and step-2 = latest): a planted
     pickle is refused naming the file and never runs; a damaged newest checkpoint falls back to step-1
@@ -257,6 +261,7 @@ def test_damaged_and_malicious_checkpoints(synth, stopped, tmp_path):
     assert str(_tag(tmp_path / "all-zeros", 1) / MODEL_FILE) in zeros and str(_tag(tmp_path / "all-zeros", 2)) in zeros
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_and_matches_the_uninterrupted_run(synth, stopped, reference,
                                                                                   tmp_path):
     out = _copy(stopped, tmp_path)
@@ -266,6 +271,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_matches_the_uninterrupted_ru
     _same_as(str(out), reference)  # the fallback's step 2 is re-run: the log's later records win
 
 
+@pytest.mark.slow
 def test_a_changed_run_setup_says_what_differs(synth, stopped, tmp_path):
     out = _copy(stopped, tmp_path)
     done = _train(synth, out, "--zero-stage", "3", "--precision", "bf16")
@@ -277,6 +283,7 @@ def test_a_changed_run_setup_says_what_differs(synth, stopped, tmp_path):
 # concurrent runs ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_refuses_naming_the_first(synth, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(_command(synth, out, "--max-steps", "100000", "--save-every", "0"), env=_env(),
@@ -298,6 +305,7 @@ def test_a_second_run_on_the_same_folder_refuses_naming_the_first(synth, tmp_pat
     _ok(_train(synth, out, "--max-steps", str(steps + 1)))  # the dead holder's lock is gone with it
 
 
+@pytest.mark.slow
 def test_out_that_is_a_file_is_a_usage_error(synth, tmp_path):
     (tmp_path / "file").write_text("x")
     done = _train(synth, tmp_path / "file")
@@ -321,6 +329,7 @@ def _private_extension_dir(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_a_stale_build_lock_is_reported_and_cleared(synth, tmp_path):
     """A process killed while torch holds the JIT build lock leaves ``lock`` behind; before the fix every
     later start waited on it forever, printing nothing."""
@@ -332,6 +341,7 @@ def test_a_stale_build_lock_is_reported_and_cleared(synth, tmp_path):
     assert "removed the stale lock" in done.stderr and not (root / "deepspeed_shm_comm" / "lock").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_the_run_ends_as_if_uninterrupted(synth, reference, tmp_path):
     """Three SIGKILLs at seeded random moments from 0 to 6 s after the start (start-up, JIT op load,
     training, checkpointing), then a run to the end: no hang, and every step's numbers are those of
@@ -366,6 +376,7 @@ def small_filesystem(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_says_so_and_latest_stays_on_the_last_whole_checkpoint(synth, small_filesystem):
     out = small_filesystem / "run"
     done = _train(synth, out)
@@ -374,3 +385,140 @@ def test_a_full_disk_says_so_and_latest_stays_on_the_last_whole_checkpoint(synth
     latest = (out / "checkpoints" / "latest").read_text()
     assert latest == "step-00000001" and f"latest still names '{latest}'" in done.stderr
     assert not _tag(out, 2).exists()  # the partial folder is removed
+
+
+# data: converter and inspect ----------------------------------------------------------------------------------
+
+def _b64(array, dtype=np.float32):
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
+
+
+def _tsv_line(image_id, features, boxes, cls_prob, size=("640", "480"), num_boxes=None):
+    return "\t".join([image_id, *size, str(len(features) if num_boxes is None else num_boxes), _b64(boxes),
+                      _b64(features), _b64(cls_prob)]) + "\n"
+
+
+def _good_image(rng, n=3, dim=8, classes=5):
+    return (rng.normal(size=(n, dim)).astype(np.float32), rng.uniform(0, 400, (n, 4)).astype(np.float32),
+            rng.dirichlet(np.ones(classes), n).astype(np.float32))
+
+
+def _bad_tsv(kind, rng):
+    features, boxes, cls_prob = _good_image(rng)
+    size, num_boxes = ("640", "480"), None
+    if kind == "features-beyond-float16":
+        features[1, 2] = 1e5
+    elif kind == "nan-features":
+        features[2, 0] = np.nan
+    elif kind == "inf-boxes":
+        boxes[0, 3] = np.inf
+    elif kind == "cls-prob-logits":
+        cls_prob = rng.normal(size=cls_prob.shape).astype(np.float32)
+    elif kind == "cls-prob-not-normalised":
+        cls_prob = cls_prob * 3
+    elif kind == "zero-image-size":
+        size = ("0", "480")
+    elif kind == "too-many-boxes":
+        features, boxes, cls_prob = _good_image(rng, n=101)
+    return _tsv_line("7", features, boxes, cls_prob, size, num_boxes)
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("features-beyond-float16", "beyond float16's range"),
+    ("nan-features", "features holds NaN or Inf (region 2)"),
+    ("inf-boxes", "boxes holds NaN or Inf (region 0)"),
+    ("cls-prob-logits", "cls_prob row 0 is not a probability distribution"),
+    ("cls-prob-not-normalised", "is not a probability distribution"),
+    ("zero-image-size", "image size 480 x 0 is not positive"),
+    ("too-many-boxes", "num_boxes 101 outside [0, 100]"),
+])
+def test_the_converter_refuses_values_it_would_store_wrong(tmp_path, capsys, kind, says):
+    rng = np.random.default_rng(3)
+    tsv = tmp_path / "features.tsv"
+    tsv.write_text(_tsv_line("6", *_good_image(rng)) + _bad_tsv(kind, rng))
+    (tmp_path / "captions.jsonl").write_text('{"image_id": "6", "caption": "a dog"}\n'
+                                             '{"image_id": "7", "caption": "a cat"}\n')
+    out = tmp_path / "out"
+    code = fastvl_main(["data", "convert", str(tsv), "--captions", str(tmp_path / "captions.jsonl"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 2 and says in printed, printed
+    assert f"{tsv}:2" in printed or "record '7'" in printed  # the file and line, or the record
+    assert not (out / "index.json").exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"image_id": "6", "caption": null}\n', "captions.jsonl:1: caption is null, expected text"),
+    ('{"image_id": "6", "caption": 12}\n', "captions.jsonl:1: caption is 12, expected text"),
+    (b'6\tna\xefve caf\xe9\n', "captions.jsonl:1: not UTF-8 text"),
+    ('{"image_id": "6"}\n', "captions.jsonl:1: expected a JSON object with image_id and caption"),
+])
+def test_bad_captions_are_named_by_line(tmp_path, capsys, content, says):
+    rng = np.random.default_rng(4)
+    (tmp_path / "features.tsv").write_text(_tsv_line("6", *_good_image(rng)))
+    captions = tmp_path / "captions.jsonl"
+    captions.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code = fastvl_main(["data", "convert", str(tmp_path / "features.tsv"), "--captions", str(captions), "--out",
+                        str(tmp_path / "out")])
+    assert code == 2 and says in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("vocab, says", [(b"", "vocabulary is empty"), (b"[PAD]\n\xff\xfe\n", "not UTF-8"),
+                                         (None, "vocabulary file not found")])
+def test_a_bad_vocab_is_found_before_anything_is_converted(tmp_path, capsys, vocab, says):
+    rng = np.random.default_rng(5)
+    (tmp_path / "features.tsv").write_text(_tsv_line("6", *_good_image(rng)))
+    (tmp_path / "captions.jsonl").write_text('{"image_id": "6", "caption": "a dog"}\n')
+    if vocab is not None:
+        (tmp_path / "vocab.txt").write_bytes(vocab)
+    code = fastvl_main(["data", "convert", str(tmp_path / "features.tsv"), "--captions",
+                        str(tmp_path / "captions.jsonl"), "--out", str(tmp_path / "out"), "--vocab",
+                        str(tmp_path / "vocab.txt")])
+    assert code == 2 and says in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_convert_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    code = fastvl_main(["data", "convert", "missing.tsv", "--captions", "c.jsonl", "--out", str(tmp_path / "out")])
+    assert code == 2 and "is an existing file, not a folder" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults_small_set")
+    make_synthetic_dataset(str(out), 12, feature_dim=8, num_classes=5, shard_size=6)
+    return out
+
+
+def test_inspect_finds_nan_features_and_boxes_naming_the_record(small_set, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(small_set, data)
+    shard = data / "shard-00001"
+    counts = np.load(shard / "num_regions.npy")
+    features, boxes = np.load(shard / "features.npy"), np.load(shard / "boxes.npy")
+    features[counts[:2].sum() + 1, 3] = np.nan  # record 3 of the shard (line 3), its region 1
+    boxes[counts[:4].sum(), 0] = np.inf  # line 5, region 0
+    np.save(shard / "features.npy", features)
+    np.save(shard / "boxes.npy", boxes)
+    image_ids = [json.loads(line)["image_id"] for line in open(shard / "captions.jsonl")]
+    assert fastvl_main(["data", "inspect", str(data)]) == 2
+    printed = capsys.readouterr().out
+    assert f"captions.jsonl:3 (image_id {image_ids[2]!r}): features NaN/Inf (region 1)" in printed
+    assert f"captions.jsonl:5 (image_id {image_ids[4]!r}): boxes NaN/Inf (region 0)" in printed
+    assert "2 record(s) hold values training cannot use" in printed
+    assert fastvl_main(["data", "inspect", str(small_set)]) == 0
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda index: index["shards"][0].update(name="../../etc"), "name '../../etc' must be a folder name inside"),
+    (lambda index: index["shards"][0].pop("num_images"), "'num_images' must be a non-negative integer, got None"),
+    (lambda index: index.update(feature_dim="8"), "'feature_dim' must be a positive integer, got '8'"),
+    (lambda index: index.update(shards={"name": "x"}), "'shards' must be a list"),
+])
+def test_a_malformed_index_is_named(small_set, tmp_path, capsys, edit, says):
+    data = tmp_path / "data"
+    shutil.copytree(small_set, data)
+    index = json.loads((data / "index.json").read_text())
+    edit(index)
+    (data / "index.json").write_text(json.dumps(index))
+    assert fastvl_main(["data", "inspect", str(data)]) == 2
+    assert says in capsys.readouterr().out
