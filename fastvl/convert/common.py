@@ -1,4 +1,8 @@
-"""What every checkpoint converter shares: safe loading, key bookkeeping and the strict report.
+"""What every checkpoint converter shares: safe loading, the rule engine, key bookkeeping and the strict report.
+
+A converter's layout is a list of :data:`Rule` s, ``(regex over a fastvl name, match -> original
+name(s))``; several original names are concatenated along dim 0 (BERT's query / key / value -> one
+``qkv``). :func:`convert_with_rules` / :func:`export_with_rules` apply a list both ways.
 
 A converter reads the original state dict through a :class:`SourceState` (``take`` marks a key used;
 a key that is absent is recorded as missing), builds the fastvl state dict, and calls
@@ -14,13 +18,16 @@ import dataclasses
 import fnmatch
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 # Older BERT checkpoints name LayerNorm parameters gamma / beta.
 _GAMMA_BETA = re.compile(r"(?<=LayerNorm)\.(gamma|beta)$|(?<=LayerNorm\d)\.(gamma|beta)$")
 _CONTAINER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+Rule = tuple[str, Callable[[re.Match], Sequence[str]]]
 
 
 class ConversionError(ValueError):
@@ -173,3 +180,45 @@ def load_converted(model: torch.nn.Module, converted: Mapping[str, torch.Tensor 
             if name in loadable:
                 tensor.copy_(loadable[name].to(tensor.dtype))
     return report
+
+
+# the rule engine ---------------------------------------------------------------------------------------
+
+
+def original_names(name: str, rules: Sequence[Rule]) -> list[str]:
+    """The original key(s) holding the fastvl tensor ``name`` (several = concatenated along dim 0)."""
+    for pattern, names in rules:
+        match = re.match(pattern, name)
+        if match:
+            return list(names(match))
+    raise ConversionError(f"no original name known for the fastvl tensor {name!r}")
+
+
+def convert_with_rules(model: torch.nn.Module, source: SourceState,
+                       rules: Sequence[Rule]) -> dict[str, torch.Tensor | None]:
+    """Every tensor of ``model`` taken from the original keys the rules name (None where missing);
+    pass the result to :func:`fastvl.convert.common.load_converted`."""
+    converted = {}
+    for name in model.state_dict():
+        keys = original_names(name, rules)
+        converted[name] = source.take(keys[0]) if len(keys) == 1 else source.take_cat(keys)
+    return converted
+
+
+def export_with_rules(model: torch.nn.Module, rules: Sequence[Rule], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The inverse: model tensors under their original names (fused tensors split back)."""
+    exported = {}
+    for name, tensor in model.state_dict().items():
+        keys = original_names(name, rules)
+        for key, part in zip(keys, tensor.chunk(len(keys), dim=0) if len(keys) > 1 else (tensor,)):
+            exported[prefix + key] = part.detach().clone()
+    return exported
+
+
+def check_tied(source: SourceState, key: str, expected: torch.Tensor | None, what: str) -> None:
+    """Marks ``key`` (a tied copy in the original) used after checking it equals ``expected``."""
+    if key not in source or expected is None:
+        return
+    value = source.take(key)
+    if value.shape != expected.shape or not torch.equal(value.to(expected.dtype), expected):
+        raise ConversionError(f"{key} must equal {what} (they are tied in the original), but differs")
