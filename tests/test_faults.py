@@ -522,3 +522,84 @@ def test_a_malformed_index_is_named(small_set, tmp_path, capsys, edit, says):
     (data / "index.json").write_text(json.dumps(index))
     assert fastvl_main(["data", "inspect", str(data)]) == 2
     assert says in capsys.readouterr().out
+
+
+# converters ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vilbert_original(tmp_path_factory):
+    """A tiny ViLBERT in the original layout and its JSON config."""
+    import dataclasses
+
+    from fastvl.convert.vilbert import vilbert_to_original
+    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining
+
+    config = ViLBERTConfig.named("tiny", vocab_size=50, v_feature_size=16, v_target_size=5)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("faults_vilbert")
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    return vilbert_to_original(ViLBERTForPretraining(config)), folder / "config.json"
+
+
+def _convert(*argv):
+    return fastvl_main(["convert", "vilbert", *map(str, argv)])
+
+
+def test_a_pickle_named_safetensors(vilbert_original, tmp_path, capsys):
+    state, config = vilbert_original
+    torch.save(state, tmp_path / "model.safetensors")
+    assert _convert(tmp_path / "model.safetensors", "--config", config, "-o", tmp_path / "out.safetensors") == 1
+    assert "is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_a_truncated_bin_is_called_truncated_not_pickled(vilbert_original, tmp_path, capsys):
+    state, config = vilbert_original
+    torch.save(state, tmp_path / "model.bin")
+    data = (tmp_path / "model.bin").read_bytes()
+    (tmp_path / "model.bin").write_bytes(data[: len(data) // 2])
+    assert _convert(tmp_path / "model.bin", "--config", config, "-o", tmp_path / "out.safetensors") == 1
+    error = capsys.readouterr().err
+    assert "truncated or damaged" in error and "pickled objects" not in error
+
+
+def test_to_original_on_a_pickled_file_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    torch.save({"w": torch.zeros(2), "note": _RunsCommand(f"touch {marker}")}, tmp_path / "model.bin")
+    (tmp_path / "model.bin.json").write_text(json.dumps({"class": "ViLBERTForPretraining", "config": {}}))
+    assert _convert(tmp_path / "model.bin", "--to-original", "-o", tmp_path / "back.bin") == 1
+    assert "contains pickled objects (posix.system)" in capsys.readouterr().err and not marker.exists()
+
+
+@pytest.mark.parametrize("config_text, says", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON/YAML object"),
+                                               ('{"hidden_size": "big"}', "--config")])
+def test_a_bad_config_is_named(vilbert_original, tmp_path, capsys, config_text, says):
+    state, config = vilbert_original
+    torch.save(state, tmp_path / "model.bin")
+    if "hidden_size" in config_text:
+        config_text = json.dumps({**json.loads(config.read_text()), "hidden_size": "big"})
+    (tmp_path / "config.json").write_text(config_text)
+    assert _convert(tmp_path / "model.bin", "--config", tmp_path / "config.json", "-o", tmp_path / "o.safetensors") == 2
+    error = capsys.readouterr().err
+    assert says in error and str(tmp_path / "config.json") in error
+
+
+def test_an_unusable_output_is_named_before_converting(vilbert_original, tmp_path, capsys):
+    state, config = vilbert_original
+    torch.save(state, tmp_path / "model.bin")
+    (tmp_path / "file").write_text("x")
+    assert _convert(tmp_path / "model.bin", "--config", config, "-o", tmp_path / "file" / "out.safetensors") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spoil, says", [(lambda t: t.fill_(float("nan")), "NaN/Inf values"),
+                                         (lambda t: t.round().long(), "torch.int64 values for a floating-point")])
+def test_nan_or_integer_weights_are_not_converted_silently(vilbert_original, tmp_path, capsys, spoil, says):
+    state, config = vilbert_original
+    state = dict(state)
+    key = "bert.encoder.layer.0.attention.output.dense.weight"
+    state[key] = spoil(state[key].clone())
+    torch.save(state, tmp_path / "model.bin")
+    assert _convert(tmp_path / "model.bin", "--config", config, "-o", tmp_path / "out.safetensors") == 1
+    error = capsys.readouterr().err
+    assert "bad values" in error and says in error
