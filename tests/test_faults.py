@@ -274,9 +274,10 @@ def test_a_damaged_newest_checkpoint_falls_back_and_matches_the_uninterrupted_ru
 @pytest.mark.slow
 def test_a_changed_run_setup_says_what_differs(synth, stopped, tmp_path):
     out = _copy(stopped, tmp_path)
-    done = _train(synth, out, "--zero-stage", "3", "--precision", "bf16")
+    done = _train(synth, out, "--zero-stage", "3", "--precision", "bf16", "--model", "vlbert-tiny")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "zero_stage: checkpoint 2, this run 3" in done.stderr
+    assert "zero_stage: checkpoint 2, this run 3" in done.stderr and "family: checkpoint 'vilbert', this run 'vlbert'" \
+        in done.stderr
     assert "precision: checkpoint 'fp32', this run 'bf16'" in done.stderr and "--no-resume" in done.stderr
 
 
@@ -603,3 +604,42 @@ def test_nan_or_integer_weights_are_not_converted_silently(vilbert_original, tmp
     assert _convert(tmp_path / "model.bin", "--config", config, "-o", tmp_path / "out.safetensors") == 1
     error = capsys.readouterr().err
     assert "bad values" in error and says in error
+
+
+def test_every_changed_setting_is_named():
+    from fastvl.train.checkpoint import IncompatibleCheckpoint, check_compatible
+
+    saved = {"world_size": 2, "zero_stage": 2, "precision": "bf16", "family": "vilbert", "parameters": 1000}
+    check_compatible(saved, dict(saved), "step-1")
+    check_compatible(None, dict(saved), "step-1")  # a checkpoint written before manifests: DeepSpeed checks
+    now = {"world_size": 1, "zero_stage": 3, "precision": "bf16", "family": "vilbert", "parameters": 2000}
+    with pytest.raises(IncompatibleCheckpoint) as raised:
+        check_compatible(saved, now, "step-1")
+    message = str(raised.value)
+    assert "world_size: checkpoint 2, this run 1 (the number of ranks)" in message
+    assert "zero_stage: checkpoint 2, this run 3" in message and "parameters: checkpoint 1000, this run 2000" in message
+    assert "precision:" not in message
+
+
+def test_the_output_lock_is_exclusive_and_released(tmp_path):
+    from fastvl.train.locks import OutputDirBusy, lock_output_dir
+
+    lock = lock_output_dir(str(tmp_path / "run"))
+    holder = subprocess.run([sys.executable, "-c", "import sys; from fastvl.train.locks import lock_output_dir; "
+                             "lock_output_dir(sys.argv[1])", str(tmp_path / "run")], capture_output=True, text=True)
+    assert holder.returncode != 0 and f"pid {os.getpid()} on" in holder.stderr and "OutputDirBusy" in holder.stderr
+    lock.release()
+    with lock_output_dir(str(tmp_path / "run")):
+        with pytest.raises(OutputDirBusy):  # a second open file description in one process conflicts too
+            lock_output_dir(str(tmp_path / "run"))
+
+
+def test_non_utf8_captions_in_a_shard_are_named(small_set, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(small_set, data)
+    captions = data / "shard-00000" / "captions.jsonl"
+    lines = captions.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"caption": "', b'"caption": "\xff')
+    captions.write_bytes(b"".join(lines))
+    assert fastvl_main(["data", "inspect", str(data)]) == 2
+    assert f"{captions}:2: not UTF-8 text" in capsys.readouterr().out

@@ -338,8 +338,13 @@ class _Shard:
         if not os.path.isfile(path):
             raise DataError(f"{path}: missing")
         out = []
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{path}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start} "
+                                    "of the line)") from None
                 try:
                     row = json.loads(line)
                     image_id, caption = str(row["image_id"]), row["caption"]

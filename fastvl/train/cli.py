@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -166,6 +167,7 @@ def build(args: argparse.Namespace) -> Run:
     import torch
     import torch.distributed as dist
 
+    from fastvl.convert.common import ConversionError
     from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset
     from fastvl.data.sampler import GlobalBatchSampler
     from fastvl.data.tokenizer import load_tokenizer, special_ids
@@ -215,7 +217,10 @@ def build(args: argparse.Namespace) -> Run:
     if args.init_text_from:
         if family.init_text is None:
             raise UsageError(f"--init-text-from is not supported for {family.name}")
-        family.init_text(model, args.init_text_from)  # a resumed checkpoint overrides it
+        try:
+            family.init_text(model, args.init_text_from)  # a resumed checkpoint overrides it
+        except (ConversionError, FileNotFoundError) as error:
+            raise UsageError(f"--init-text-from {args.init_text_from}: {error}") from None
         if rank == 0:
             print(f"text stream initialised from {args.init_text_from}")
     preset = presets.PRESETS[args.preset or family.preset]
@@ -249,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     fix (see :class:`UsageError`), 3 when the loss diverged."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from fastvl.data.format import DataError
     from fastvl.train.checkpoint import CheckpointError
     from fastvl.train.loop import TrainingDiverged
 
@@ -265,7 +271,16 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, CheckpointError) as error:
         print(f"fastvl pretrain: {error}", file=sys.stderr)
         return 2
+    except DataError as error:  # a shard found damaged while training reads it
+        print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
+        return 2
     except TrainingDiverged as error:
         print(f"fastvl pretrain: {error}", file=sys.stderr)
         return 3
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"fastvl pretrain: no space left on device ({error.filename or args.out}); free space and run the "
+              "same command again to resume", file=sys.stderr)
+        return 2
     return 0

@@ -8,9 +8,13 @@ checkpoint files); this module feeds it micro-batches and keeps the run resumabl
   which samples a micro-batch holds, never on the rank or on when the process started;
 * a checkpoint (``save_checkpoint`` every ``--save-every`` steps, and when SIGTERM arrives) stores
   the model, optimizer, scheduler and loss scaler (DeepSpeed), the data position in ``client_state``,
-  and every rank's python / numpy / torch RNG states (``rng-rank{R}.pt`` in the tag folder, written
-  before DeepSpeed updates ``latest``); resuming from ``latest`` continues with the next global
-  batch, so a run killed at any moment continues exactly;
+  every rank's python / numpy / torch RNG states (``rng-rank{R}.pt`` in the tag folder) and a
+  manifest; ``latest`` is pointed at it last (:mod:`fastvl.train.checkpoint`, which also loads it
+  back without unpickling anything but DeepSpeed's own types); resuming from ``latest`` continues
+  with the next global batch, so a run killed at any moment continues exactly;
+* one optimizer step is ``grad_accum`` calls of :meth:`Trainer.micro_step` (forward, backward,
+  ``engine.step()``; losses summed by name in :class:`StepStatistics`) and one
+  :meth:`Trainer.end_of_step` (reduce over ranks, divergence check, log, checkpoint);
 * a non-finite loss stops a bf16 / fp32 run before anything is saved (the last good checkpoint
   stays ``latest``); fp16 steps with overflowing gradients are skipped by DeepSpeed's loss scaler
   and counted.
@@ -157,14 +161,16 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-class _KeyBatches:
-    """DataLoader batch sampler: the (epoch, index) keys of this rank's micro-batches, in order."""
+class _MicroBatches:
+    """DataLoader batch sampler over this rank's micro-batches, in order: each "batch" is the one
+    :class:`~fastvl.data.sampler.MicroBatch`, so the sampler is walked once and a collated batch
+    arrives with its place in the run (see :class:`_Collate`)."""
 
     def __init__(self, sampler, start: int, stop: int):
         self.sampler, self.start, self.stop = sampler, start, stop
 
     def __iter__(self) -> Iterator[list]:
-        return (mb.keys for mb in self.sampler.iterate(self.start, self.stop))
+        return ([micro] for micro in self.sampler.iterate(self.start, self.stop))
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.sampler.grad_accum
@@ -173,6 +179,62 @@ class _KeyBatches:
 class _Identity(torch.utils.data.Dataset):
     def __getitem__(self, key):
         return key
+
+
+class _Collate:
+    """``[MicroBatch] -> (MicroBatch, collated batch of its keys)`` (picklable for worker processes)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, items: list):
+        (micro,) = items
+        return micro, self.collator(micro.keys)
+
+
+class StepStatistics:
+    """Sums over the micro-batches of one optimizer step, by name: each objective's loss, the total
+    ``loss``, ``micro_batches``, ``tokens`` and ``sigterm`` (whether SIGTERM arrived on a rank). One
+    float64 vector underneath, so :meth:`finish` reduces them over the ranks in one all-reduce."""
+
+    def __init__(self, objectives: tuple[str, ...]):
+        self.objectives = tuple(objectives)
+        self.names = (*self.objectives, "loss", "micro_batches", "tokens", "sigterm")
+        self._sums = torch.zeros(len(self.names), dtype=torch.float64)
+
+    def add(self, loss: torch.Tensor, losses: dict, tokens: int, sigterm: bool) -> None:
+        values = {**{name: float(losses[name].detach()) for name in self.objectives}, "loss": float(loss.detach()),
+                  "micro_batches": 1.0, "tokens": tokens, "sigterm": sigterm}
+        self._sums += torch.tensor([values[name] for name in self.names], dtype=torch.float64)
+
+    def finish(self, world_size: int) -> dict:
+        """The step's totals over all ranks (``means``: per objective and ``loss``), then starts over."""
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(self._sums)
+        count = self._sums[self.names.index("micro_batches")].item()
+        totals = dict(zip(self.names, self._sums.tolist()))
+        means = dict(zip((*self.objectives, "loss"), (self._sums[: len(self.objectives) + 1] / count).tolist()))
+        self._sums.zero_()
+        return {"means": means, "tokens": totals["tokens"], "stop_requested": totals["sigterm"] > 0}
+
+
+class _LogWindow:
+    """What the steps since the last log line add up to: samples, tokens, the sum of each step mean."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.samples, self.tokens = time.perf_counter(), 0, 0
+        self.losses = torch.zeros(len(self.names), dtype=torch.float64)
+
+    def add(self, samples: int, tokens: float, means: dict) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.losses += torch.tensor([means[name] for name in self.names], dtype=torch.float64)
 
 
 # The loop -------------------------------------------------------------------------------------------
@@ -187,7 +249,7 @@ class Trainer:
     def __init__(self, engine, family, sampler, collator, *, out_dir: str, total_steps: int, seed: int,
                  precision: str, log_every: int = 10, save_every: int = 0, keep_checkpoints: int = 2,
                  num_workers: int = 0, progress: bool = True, stop_after: int | None = None):
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch.distributed as dist
 
         self.engine = engine
         self.family = family
@@ -285,99 +347,99 @@ class Trainer:
         return value.to(self.engine.device, dtype=dtype, non_blocking=True)
 
     def _loader(self, stop: int):
-        return torch.utils.data.DataLoader(_Identity(), batch_sampler=_KeyBatches(self.sampler, self.start_step, stop),
-                                           collate_fn=self.collator, num_workers=self.num_workers,
+        return torch.utils.data.DataLoader(_Identity(), batch_sampler=_MicroBatches(self.sampler, self.start_step, stop),
+                                           collate_fn=_Collate(self.collator), num_workers=self.num_workers,
                                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
 
-    def train(self) -> dict:
-        import torch.distributed as dist  # noqa: PLC0415
+    def micro_step(self, micro, batch: dict) -> None:
+        """Forward, backward and ``engine.step()`` (DeepSpeed steps the optimizer at the last micro-batch
+        of a global batch) of one micro-batch; its losses go into ``self.statistics``."""
+        torch.manual_seed(micro_batch_seed(self.seed, micro.global_step, micro.chunk))
+        inputs = {k: self._to_device(v) for k, v in self.family.model_inputs(batch).items()}
+        if self.family.step_inputs is not None:  # e.g. ALBEF: distillation ramp, place in the step
+            inputs.update(self.family.step_inputs(micro, self.sampler))
+        with nvtx_range("forward"):
+            loss, losses = self.family.losses(self.engine(**inputs))
+        with nvtx_range("backward"):
+            self.engine.backward(loss)
+        with nvtx_range("step"):
+            self.engine.step()
+        self.statistics.add(loss, losses, batch["num_tokens"], self._sigterm.raised)
 
+    def end_of_step(self, micro, stop: int) -> bool:
+        """After the last micro-batch of optimizer step ``micro.global_step``: reduce the statistics, stop
+        on a non-finite loss, log, checkpoint. Returns whether to stop (SIGTERM)."""
+        global_step = micro.global_step + 1
+        step = self.statistics.finish(self.world_size)
+        means, objectives = step["means"], self.family.objectives
+        self._window.add(self.sampler.global_batch, step["tokens"], means)
+        if not math.isfinite(means["loss"]) and self.precision != "fp16":
+            kept = checkpoint.read_latest(self.checkpoint_dir) or "none"
+            raise TrainingDiverged(
+                f"loss is {means['loss']} at step {global_step} ({self.precision}); stopping without saving. "
+                f"The last good checkpoint is {kept!r} in {self.checkpoint_dir}. Lower the learning rate, "
+                "raise the warm-up or gradient clipping, or check the data.")
+        self.last = {"step": global_step, "loss": means["loss"], **{name: means[name] for name in objectives}}
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
+        if global_step % self.log_every == 0 or global_step == stop:
+            self._log(global_step, micro.epoch)
+        if step["stop_requested"] or (self.save_every and global_step % self.save_every == 0) or global_step == stop:
+            with nvtx_range("checkpoint"):
+                path = self.save(global_step)
+            if step["stop_requested"]:
+                self.logger.event({"event": "sigterm", "step": global_step, "checkpoint": path},
+                                  f"SIGTERM: saved {path}; stopping")
+                return True
+        return False
+
+    def _log(self, global_step: int, epoch: int) -> None:
+        window, objectives = self._window, self.family.objectives
+        elapsed = time.perf_counter() - window.start
+        window_steps = window.samples // self.sampler.global_batch
+        mean = dict(zip(window.names, (window.losses / window_steps).tolist()))
+        record = {**self.last, "window_mean": mean, "window_steps": window_steps, "epoch": epoch,
+                  "lr": self.engine.get_lr()[0],
+                  "loss_scale": loss_scale(self.engine), "skipped_steps": int(self.engine.skipped_steps),
+                  "samples_per_s": round(window.samples / elapsed, 2),
+                  "tokens_per_s": round(window.tokens / elapsed, 1), **memory_mib()}
+        # stdout: each loss averaged over the steps since the last line (the JSONL keeps both)
+        text = " ".join(f"{k}={mean[k]:.4f}" for k in ("loss", *objectives))
+        self.logger.event(record, f"step {global_step}/{self.total_steps} {text} (mean of {window_steps}) "
+                                  f"lr={record['lr']:.3g} {record['samples_per_s']} samples/s "
+                                  f"{record['tokens_per_s']} tokens/s")
+        window.reset()
+
+    def train(self) -> dict:
+        """Trains from ``start_step`` to ``total_steps`` (or ``stop_after``); returns the last step's losses."""
         stop = self.total_steps if self.stop_after is None else min(self.total_steps, self.stop_after)
         objectives = self.family.objectives
-        sigterm = _SigtermFlag()
-        bar = None
+        self.statistics = StepStatistics(objectives)
+        self._window = _LogWindow((*objectives, "loss"))
+        self._sigterm = _SigtermFlag()
+        self._bar = None
         if self.progress:
-            from tqdm import tqdm  # noqa: PLC0415
+            from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True)
-        # per optimizer step: objective sums, total, micro-batch count, tokens, SIGTERM seen
-        sums = torch.zeros(len(objectives) + 4, dtype=torch.float64)
-        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-        window_losses = torch.zeros(len(objectives) + 1, dtype=torch.float64)  # summed step means since the last log
-        last: dict = {}
+            self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc="pretrain", unit="step",
+                             dynamic_ncols=True)
+        self.last = {}
         self.engine.train()
-        micro_batches = self.sampler.iterate(self.start_step, stop)
-        data_iter = iter(self._loader(stop))
+        batches = iter(self._loader(stop))
         try:
             while True:
                 with nvtx_range("data"):
-                    batch = next(data_iter, None)
-                if batch is None:
+                    item = next(batches, None)
+                if item is None:
                     break
-                micro = next(micro_batches)
-                torch.manual_seed(micro_batch_seed(self.seed, micro.global_step, micro.chunk))
-                inputs = {k: self._to_device(v) for k, v in self.family.model_inputs(batch).items()}
-                if self.family.step_inputs is not None:  # e.g. ALBEF: distillation ramp, place in the step
-                    inputs.update(self.family.step_inputs(micro, self.sampler))
-                with nvtx_range("forward"):
-                    loss, losses = self.family.losses(self.engine(**inputs))
-                with nvtx_range("backward"):
-                    self.engine.backward(loss)
-                with nvtx_range("step"):
-                    self.engine.step()
-                values = [float(losses[name].detach()) for name in objectives]
-                sums += torch.tensor([*values, float(loss.detach()), 1.0, batch["num_tokens"], sigterm.raised],
-                                     dtype=torch.float64)
-                if micro.micro_step + 1 < self.sampler.grad_accum:
-                    continue
-                # one optimizer step done -----------------------------------------------------------
-                global_step = micro.global_step + 1
-                if self.world_size > 1:
-                    dist.all_reduce(sums)
-                count = sums[len(objectives) + 1].item()
-                means = (sums[: len(objectives) + 1] / count).tolist()
-                tokens, stop_requested = sums[-2].item(), sums[-1].item() > 0
-                sums.zero_()
-                window_samples += self.sampler.global_batch
-                window_tokens += tokens
-                window_losses += torch.tensor(means, dtype=torch.float64)
-                if not math.isfinite(means[-1]) and self.precision != "fp16":
-                    latest = os.path.join(self.checkpoint_dir, "latest")
-                    kept = open(latest).read().strip() if os.path.isfile(latest) else "none"  # noqa: SIM115
-                    raise TrainingDiverged(
-                        f"loss is {means[-1]} at step {global_step} ({self.precision}); stopping without saving. "
-                        f"The last good checkpoint is {kept!r} in {self.checkpoint_dir}. Lower the learning rate, "
-                        "raise the warm-up or gradient clipping, or check the data.")
-                last = {"step": global_step, "loss": means[-1], **dict(zip(objectives, means[:-1]))}
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{means[-1]:.3f}", refresh=False)
-                if global_step % self.log_every == 0 or global_step == stop:
-                    elapsed = time.perf_counter() - window_start
-                    window_steps = window_samples // self.sampler.global_batch
-                    window = dict(zip((*objectives, "loss"), (window_losses / window_steps).tolist()))
-                    record = {**last, "window_mean": window, "window_steps": window_steps, "epoch": micro.epoch,
-                              "lr": self.engine.get_lr()[0],
-                              "loss_scale": loss_scale(self.engine), "skipped_steps": int(self.engine.skipped_steps),
-                              "samples_per_s": round(window_samples / elapsed, 2),
-                              "tokens_per_s": round(window_tokens / elapsed, 1), **memory_mib()}
-                    # stdout: each loss averaged over the steps since the last line (the JSONL keeps both)
-                    text = " ".join(f"{k}={window[k]:.4f}" for k in ("loss", *objectives))
-                    self.logger.event(record, f"step {global_step}/{self.total_steps} {text} (mean of {window_steps}) "
-                                              f"lr={record['lr']:.3g} {record['samples_per_s']} samples/s "
-                                              f"{record['tokens_per_s']} tokens/s")
-                    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-                    window_losses.zero_()
-                if stop_requested or (self.save_every and global_step % self.save_every == 0) or global_step == stop:
-                    with nvtx_range("checkpoint"):
-                        path = self.save(global_step)
-                    if stop_requested:
-                        self.logger.event({"event": "sigterm", "step": global_step, "checkpoint": path},
-                                          f"SIGTERM: saved {path}; stopping")
-                        break
+                micro, batch = item
+                self.micro_step(micro, batch)
+                if micro.micro_step + 1 == self.sampler.grad_accum and self.end_of_step(micro, stop):
+                    break
         finally:
-            sigterm.restore()
-            if bar is not None:
-                bar.close()
+            self._sigterm.restore()
+            if self._bar is not None:
+                self._bar.close()
             self.logger.close()
-        return last
+        return self.last
