@@ -7,10 +7,13 @@ Per pair (the released ViLBERT code's rules; SEED-SYSTEMS.md):
 * **Words**: each word piece (never [CLS]/[SEP]) is selected with probability 0.15; a selected one
   becomes [MASK] 80% of the time, a uniformly random vocabulary id 10%, stays itself 10%; every
   selected position is labelled with its original id (``mlm_labels``, -1 elsewhere).
-* **Regions**: position 0 is the IMG region (feature = mean of the image's real region features,
-  location ``[0, 0, 1, 1, 1]``, never masked). Each real region is selected with probability 0.15;
-  a selected one has its feature zeroed 90% of the time and kept 10%; every selected region is
-  labelled (``region_labels``) with the detector's class distribution as KL target.
+* **Regions**: each real region is selected with probability 0.15; a selected one has its feature
+  zeroed 90% of the time and kept 10%; every selected region is labelled (``region_labels``) with the
+  detector's class distribution as KL target. Position 0 is the IMG region (location
+  ``[0, 0, 1, 1, 1]``, never masked); its feature is vilbert-multi-task's: the sum of the region
+  features *after* zeroing, divided by the number of real regions that overlap no selected region
+  (pixel-box IoU > 0.4, the ``+1`` pixel convention; at least 1). A zeroed region's feature therefore
+  never reaches the IMG token, so masked-region prediction cannot read its answer there.
 * Locations are ``[x1/W, y1/H, x2/W, y2/H, box area / image area]``.
 
 Randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))`` per sample, so a
@@ -30,11 +33,23 @@ import torch
 from fastvl.data.format import Example
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)
+IMG_OVERLAP_IOU = 0.4  # regions overlapping a selected one this much leave the IMG feature's count
 TEXT_FIELDS = ("input_ids", "token_type_ids", "mlm_labels")
 REGION_FIELDS = ("region_feats", "region_loc", "region_targets", "region_labels", "region_replaced")
 PAD_VALUES = {"input_ids": 0, "token_type_ids": 0, "mlm_labels": -1, "region_feats": 0.0, "region_loc": 0.0,
               "region_targets": 0.0, "region_labels": False,
               "region_replaced": False}
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU ``[N, K]`` of pixel boxes ``a [N, 4]`` and ``b [K, 4]`` (x1, y1, x2, y2), with the detectors'
+    inclusive-pixel ``+1`` widths as vilbert-multi-task computes it."""
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) + 1, 0, None)
+    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) + 1, 0, None)
+    inter = width * height
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def region_locations(boxes: np.ndarray, image_h: int, image_w: int) -> np.ndarray:
@@ -105,10 +120,12 @@ class ViLBERTCollator:
 
     def _mask_regions(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
         features, locations, targets = _real_regions(example, self.max_regions)
-        image_feature = features.mean(axis=0, keepdims=True)  # before masking, as the original
         selected = rng.random(len(features)) < self.region_mask_prob
         zeroed = selected & (rng.random(len(features)) < 0.9)
         features = np.where(zeroed[:, None], np.float32(0.0), features)
+        boxes = np.asarray(example.boxes[: len(features)], dtype=np.float64)
+        overlapped = (box_iou(boxes[selected], boxes) > IMG_OVERLAP_IOU).any(axis=0)
+        image_feature = features.sum(axis=0, keepdims=True) / max(1, int((~overlapped).sum()))
         return _with_img_region(image_feature, features, locations, targets, selected, zeroed)
 
     def __call__(self, keys) -> dict:
