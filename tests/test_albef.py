@@ -292,3 +292,13 @@ def test_loads_a_deepspeed_consolidated_state_dict_with_temp_as_a_vector():
     model = ALBEF(CONFIG)
     model.load_state_dict(state)
     assert model.temp.shape == () and model.temp.item() == pytest.approx(0.05)
+
+
+def test_zero_one_masks_in_every_text_entry_point(generator):
+    model = randomise(ALBEF(CONFIG), generator).eval()
+    _, ids = batch(generator)
+    mask = ids != 0
+    for call in (lambda m: model.text_features(ids, m)[1], lambda m: model.text_encoder.encode_text(ids, m)):
+        torch.testing.assert_close(call(mask.long()), call(mask), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="attention_mask must be bool or hold 0 / 1"):
+            call(mask.long() - 1)

@@ -365,3 +365,32 @@ def test_gpu_fused_vs_reference_parity(dtype):
         assert_parity(f"vilbert {dtype} {name}", f.cpu(), e.cpu(), x)  # the floor follows f's dtype
     for (name, f), (_, e), (_, x) in zip(fused.named_parameters(), eager.named_parameters(), exact.named_parameters()):
         assert_parity(f"vilbert {dtype} grad {name}", f.grad.cpu(), e.grad.cpu(), x.grad)
+
+
+def test_zero_one_masks_and_the_original_keyword_names(generator):
+    """The original scripts' call (0 / 1 integer masks, image_label 1 / -1, its keyword names) gives the
+    outputs of fastvl's own form; other integers are refused naming the argument."""
+    config = ViLBERTConfig.named("tiny", **SMALL)
+    model = _perturb(ViLBERTForPretraining(config))
+    tasks = _perturb(ViLBERTForTasks(config, num_labels=5)).eval()
+    b = _batch(generator)
+    ours = model(**b)
+    image_label = torch.where(b["region_labels"], 1, -1)
+    original = model(b["input_ids"], image_feat=b["region_feats"], image_loc=b["region_loc"],
+                     token_type_ids=b["token_type_ids"], attention_mask=b["text_mask"].long(),
+                     image_attention_mask=b["region_mask"].long(), masked_lm_labels=b["mlm_labels"],
+                     image_label=image_label, image_target=b["region_targets"], next_sentence_label=b["is_next"])
+    for name in ("mlm", "region", "align"):
+        torch.testing.assert_close(original.losses[name], ours.losses[name], rtol=0, atol=0)
+    inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "region_feats", "region_loc")}
+    expected = tasks(**inputs, text_mask=b["text_mask"], region_mask=b["region_mask"]).vqa
+    got = tasks(**inputs, text_mask=b["text_mask"].int(), region_mask=b["region_mask"].to(torch.uint8)).vqa
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="text_mask must be bool or hold 0 / 1"):
+        tasks(**inputs, text_mask=b["text_mask"].long() * 2, region_mask=b["region_mask"])
+    with pytest.raises(ValueError, match="region_labels must hold 1"):
+        model(**{**b, "region_labels": image_label * 2})
+    with pytest.raises(TypeError, match="attention_mask .* text_mask are the same input"):
+        model(**b, attention_mask=b["text_mask"].long())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'image_mask'"):
+        model(**b, image_mask=b["region_mask"])

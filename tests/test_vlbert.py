@@ -210,7 +210,8 @@ def test_named_and_original_configs():
     (lambda a: {**a, "boxes": a["boxes"] * 3}, ValueError, r"outside \[0, 1\]"),
     (lambda a: {**a, "ids": a["ids"][:1]}, ValueError, "batch size"),
     (lambda a: {**a, "ids": torch.ones(2, 39, dtype=torch.long)}, ValueError, "max_position_embeddings"),
-    (lambda a: {**a, "region_mask": a["region_mask"].long()}, TypeError, "region_mask must have a dtype"),
+    (lambda a: {**a, "region_mask": a["region_mask"].long() * 2}, ValueError, "region_mask must be bool or hold 0 / 1"),
+    (lambda a: {**a, "region_mask": a["region_mask"].float()}, TypeError, "region_mask must have a dtype"),
     (lambda a: {**a, "boxes": a["boxes"][:, :2]}, ValueError, "boxes must have shape"),
     (lambda a: {**a, "masked_regions": a["region_mask"]}, ValueError, "mask_visual_embedding"),
 ])
@@ -304,3 +305,18 @@ def test_activation_checkpointing_gives_the_same_gradients(generator):
     got = torch.autograd.grad(_pretraining_run(model, *args)["loss"], list(model.parameters()))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_zero_one_integer_masks(generator):
+    model = VLBERTForPretraining(CONFIG).eval()
+    ids, features, boxes, region_mask = inputs(generator)
+    masked = torch.zeros_like(region_mask)
+    masked[:, 1] = True
+    scores = torch.softmax(torch.randn(*region_mask.shape, CONFIG.visual_region_classes, generator=generator), -1)
+
+    def run(convert):
+        out = model(ids, features, boxes, text_mask=convert(ids != 0), region_mask=convert(region_mask),
+                    masked_regions=convert(masked), region_class_scores=scores)
+        return out["mvrc_loss"]
+
+    torch.testing.assert_close(run(lambda m: m.long()), run(lambda m: m), rtol=0, atol=0)

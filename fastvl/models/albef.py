@@ -34,6 +34,7 @@ from fastvl._nvtx import nvtx_range
 from fastvl.models.bert_config import BertConfig
 from fastvl.models.vlbert import MaskedLMHead
 from fastvl.nn import CrossAttentionLayer, TextEmbeddings, TransformerLayer, init_bert_weights
+from fastvl.nn.common import zero_one_mask
 from fastvl.nn.vision import VisionTransformer
 from fastvl.ops import itc_loss, itc_queue_update_, itm_hard_negatives
 
@@ -134,6 +135,7 @@ class ALBEFTextEncoder(nn.Module):
                     output_attentions: bool = False):
         """``[B, L]`` ids -> ``[B, L, H]`` (the text layers only; ALBEF's ``mode='text'``). With
         ``output_attentions`` also each layer's probabilities ``[B, heads, L, L]``."""
+        attention_mask = zero_one_mask("attention_mask", attention_mask)
         hidden = self.embeddings(input_ids)
         probabilities = []
         for layer in self.text_layers:
@@ -151,6 +153,8 @@ class ALBEFTextEncoder(nn.Module):
         per layer (the cross-attention maps ALBEF's grounding visualises)."""
         images = image if isinstance(image, (list, tuple)) else [image]
         masks = image_mask if isinstance(image_mask, (list, tuple)) else [image_mask] * len(images)
+        attention_mask = zero_one_mask("attention_mask", attention_mask)
+        masks = [zero_one_mask("image_mask", mask) for mask in masks]
         hidden = text
         probabilities = []
         for index, layer in enumerate(self.fusion_layers):
@@ -181,7 +185,7 @@ def _text_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, bat
     _checks.tensor("attention_mask", attention_mask, shape="[B, L] bool or 0 / 1 integers", ndim=2,
                    dtypes=(torch.bool, torch.int64, torch.int32, torch.uint8))
     _checks.same_shape("attention_mask", attention_mask, list(input_ids.shape), "[B, L] like input_ids")
-    return attention_mask.bool()
+    return zero_one_mask("attention_mask", attention_mask)
 
 
 def _temperature_as_stored(module, state_dict, prefix, *_) -> None:

@@ -10,9 +10,15 @@ embeddings. Text layers below ``fixed_t_layer`` (visual below ``fixed_v_layer``)
 
 Inputs (the interface the training code uses)::
 
-    input_ids [B, Lt] long, token_type_ids [B, Lt] long, text_mask [B, Lt] bool (True = real token),
-    region_feats [B, Lv, v_feature_size] float, region_loc [B, Lv, 5] float in [0, 1]
-    ([x1/W, y1/H, x2/W, y2/H, area fraction]), region_mask [B, Lv] bool (True = real region).
+    input_ids [B, Lt] long, token_type_ids [B, Lt] long, text_mask [B, Lt] bool or 0 / 1 integers
+    (True / 1 = real token), region_feats [B, Lv, v_feature_size] float, region_loc [B, Lv, 5] float in
+    [0, 1] ([x1/W, y1/H, x2/W, y2/H, area fraction]), region_mask [B, Lv] bool or 0 / 1 (1 = real region).
+
+The original's keyword names work as well (``image_feat``, ``image_loc``, ``attention_mask``,
+``image_attention_mask``, ``masked_lm_labels``, ``image_label`` with its 1 / -1 values,
+``image_target``, ``next_sentence_label``), so ``model(input_ids, image_feat=..., image_loc=...,
+token_type_ids=..., attention_mask=..., image_attention_mask=...)`` runs as the original scripts call
+it by keyword. (The original's *positional* order differs: pass those inputs by name.)
 
 Region 0 is the IMG token, built by the data collator (``fastvl.data``): its feature is the mean of
 the real regions' features and its location the whole image ``[0, 0, 1, 1, 1]``; it is never masked.
@@ -38,6 +44,7 @@ from fastvl.dispatch import use_backend
 from fastvl.models.bert_config import BertConfig
 from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,
                        init_bert_weights)
+from fastvl.nn.common import bool_mask
 from fastvl.ops import linear_cross_entropy, linear_region_kl_loss
 
 # Keys of the original JSON configs that fastvl accepts but that do not change the model it builds.
@@ -141,6 +148,39 @@ class ViLBERTConfig(BertConfig):
         return cls(**{**base, **overrides})
 
 
+# The original code's keyword names (vilbert-multi-task's BertModel / BertForMultiModalPreTraining /
+# VILBertForVLTasks) -> fastvl's.
+ORIGINAL_NAMES = {"image_feat": "region_feats", "image_loc": "region_loc", "attention_mask": "text_mask",
+                  "image_attention_mask": "region_mask", "masked_lm_labels": "mlm_labels",
+                  "image_label": "region_labels", "image_target": "region_targets", "next_sentence_label": "is_next"}
+
+
+def _original_names(where: str, original: dict, **ours) -> dict:
+    """``ours`` (fastvl's names -> values, in order) with the values passed under the original's names."""
+    for name, value in original.items():
+        mine = ORIGINAL_NAMES.get(name)
+        if mine is None or mine not in ours:
+            raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+        if ours[mine] is not None:
+            raise TypeError(f"{where}(): {name} (the original's name) and {mine} are the same input; pass one")
+        ours[mine] = value
+    return ours
+
+
+def _region_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``region_labels`` as bool: bool as it is, or the original's integers (1 = masked, -1 / 0 = not)."""
+    if labels.dtype == torch.bool:
+        return labels
+    if labels.is_floating_point():
+        raise TypeError(f"region_labels must be bool or integers (1 = masked, -1 / 0 = not), got {labels.dtype}")
+    if not torch.compiler.is_compiling():
+        bad = (labels != 1) & (labels != 0) & (labels != -1)
+        if bool(bad.any()):
+            raise ValueError(f"region_labels must hold 1 (masked) or -1 / 0 (not masked), got the value "
+                             f"{labels[bad][0].item()}")
+    return labels == 1
+
+
 def _backend_scope(backend: str | None):
     return use_backend(backend) if backend is not None else contextlib.nullcontext()
 
@@ -182,18 +222,27 @@ class ViLBERTModel(nn.Module):
         self.v_pooler = nn.Linear(c.v_hidden_size, c.bi_hidden_size)
         self.apply(lambda m: init_bert_weights(m, c.initializer_range))
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
-                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None,
-                task_ids: torch.Tensor | None = None, output_attentions: bool = False) -> dict[str, Any]:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, region_feats: torch.Tensor | None = None,
+                region_loc: torch.Tensor | None = None, region_mask: torch.Tensor | None = None,
+                task_ids: torch.Tensor | None = None, output_attentions: bool = False,
+                **original_names) -> dict[str, Any]:
         """Returns a dict: ``sequence_t [B, Lt(+1), hidden]``, ``sequence_v [B, Lv, v_hidden]``,
         ``pooled_t`` / ``pooled_v`` ``[B, bi_hidden]``, ``text_mask`` (with the task token's slot when
-        used), and with ``output_attentions`` ``attentions`` = {"t": [...], "v": [...], "c": [(v, t)...]}."""
+        used), and with ``output_attentions`` ``attentions`` = {"t": [...], "v": [...], "c": [(v, t)...]}.
+        The original's keyword names are accepted too (:data:`ORIGINAL_NAMES`)."""
+        named = _original_names("ViLBERTModel.forward", original_names, region_feats=region_feats,
+                                region_loc=region_loc, text_mask=text_mask, region_mask=region_mask)
+        region_feats, region_loc, text_mask, region_mask = named.values()
         with _backend_scope(self.backend):
             return self._encode(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
                                 task_ids, output_attentions)
 
     def validate(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids):
         c = self.config
+        if region_feats is None or region_loc is None:
+            raise TypeError("region_feats [B, Lv, v_feature_size] and region_loc [B, Lv, 5] are required (the "
+                            "original's image_feat / image_loc)")
         _checks.tensor("input_ids", input_ids, shape="[B, Lt] int64", ndim=2, dtypes=(torch.int64, torch.int32))
         batch, length = input_ids.shape
         extra = 1 if c.task_specific_tokens else 0
@@ -240,8 +289,8 @@ class ViLBERTModel(nn.Module):
             text_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if region_mask is None:
             region_mask = torch.ones(region_feats.shape[:2], dtype=torch.bool, device=region_feats.device)
-        text_mask = _checks.key_padding_mask("text_mask", text_mask, *input_ids.shape, input_ids.device)
-        region_mask = _checks.key_padding_mask("region_mask", region_mask, *region_feats.shape[:2], input_ids.device)
+        text_mask = bool_mask("text_mask", text_mask, *input_ids.shape, input_ids.device)
+        region_mask = bool_mask("region_mask", region_mask, *region_feats.shape[:2], input_ids.device)
         inserted = None
         if self.task_embeddings is not None:
             inserted = self.task_embeddings(task_ids.view(batch, -1))
@@ -401,12 +450,19 @@ class ViLBERTForPretraining(nn.Module):
         self.cls = PretrainingHeads(config, self.bert.embeddings.word_embeddings.weight)
         self.cls.init_weights(config.initializer_range)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
-                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None,
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, region_feats: torch.Tensor | None = None,
+                region_loc: torch.Tensor | None = None, region_mask: torch.Tensor | None = None,
                 mlm_labels: torch.Tensor | None = None, region_targets: torch.Tensor | None = None,
                 region_labels: torch.Tensor | None = None, is_next: torch.Tensor | None = None, *,
                 task_ids: torch.Tensor | None = None, return_scores: bool = False,
-                output_attentions: bool = False) -> ViLBERTPretrainingOutput:
+                output_attentions: bool = False, **original_names) -> ViLBERTPretrainingOutput:
+        named = _original_names("ViLBERTForPretraining.forward", original_names, region_feats=region_feats,
+                                region_loc=region_loc, text_mask=text_mask, region_mask=region_mask,
+                                mlm_labels=mlm_labels, region_labels=region_labels, region_targets=region_targets,
+                                is_next=is_next)
+        region_feats, region_loc, text_mask, region_mask, mlm_labels, region_labels, region_targets, is_next = \
+            named.values()
         with _backend_scope(self.backend):
             return self._forward(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
                                  mlm_labels, region_targets, region_labels, is_next, task_ids, return_scores,
@@ -443,7 +499,7 @@ class ViLBERTForPretraining(nn.Module):
                 _checks.tensor("region_labels", region_labels, shape="[B, Lv] bool", ndim=2, dtypes=None)
                 _checks.same_shape("region_labels", region_labels, [batch, regions], "[B, Lv] like region_mask")
                 losses["region"] = heads.image_predictions.decoder(hidden_v[:, 1:], region_targets[:, 1:],
-                                                                   region_labels[:, 1:].bool())
+                                                                   _region_labels(region_labels)[:, 1:])
             if is_next is not None:
                 _checks.tensor("is_next", is_next, shape="[B] int64 (0 = aligned)", ndim=1,
                                dtypes=(torch.int64, torch.int32))
@@ -533,9 +589,14 @@ class ViLBERTForTasks(nn.Module):
             if name not in ("bert", "cls"):
                 module.apply(lambda m: init_bert_weights(m, c.initializer_range))
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
-                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None, *,
-                task_ids: torch.Tensor | None = None, output_attentions: bool = False) -> ViLBERTTaskOutput:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, region_feats: torch.Tensor | None = None,
+                region_loc: torch.Tensor | None = None, region_mask: torch.Tensor | None = None, *,
+                task_ids: torch.Tensor | None = None, output_attentions: bool = False,
+                **original_names) -> ViLBERTTaskOutput:
+        named = _original_names("ViLBERTForTasks.forward", original_names, region_feats=region_feats,
+                                region_loc=region_loc, text_mask=text_mask, region_mask=region_mask)
+        region_feats, region_loc, text_mask, region_mask = named.values()
         with _backend_scope(self.backend):
             encoded = self.bert(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
                                 task_ids, output_attentions)

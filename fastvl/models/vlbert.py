@@ -30,6 +30,7 @@ from fastvl import _checks
 from fastvl._nvtx import nvtx_range
 from fastvl.models.bert_config import BertConfig
 from fastvl.nn import LayerNorm, TransformerEncoder, init_bert_weights
+from fastvl.nn.common import zero_one_mask
 from fastvl.nn.geometry import VisualFeatureEmbedding
 from fastvl.ops import bias_gelu, linear_cross_entropy
 
@@ -219,7 +220,7 @@ class VLBERT(nn.Module):
         others), whose representation every text token receives unless ``text_tags`` ``[B, Lt]``
         names another region. token_type_ids ``[B, Lt]`` in {0, 1} (default 0); text_mask ``[B, Lt]``
         (default ``input_ids != pad``, the original's ``> 0``); region_mask ``[B, R]`` (default all
-        real; the boxes of padded regions are not read); object_classes ``[B, R]`` indexes
+        real; the boxes of padded regions are not read); masks are bool or 0 / 1 integers (1 = real); object_classes ``[B, R]`` indexes
         ``object_linguistic_embeddings`` (default 0). masked_regions ``[B, R]`` bool: those regions'
         features become ``mask_visual_embedding`` [F] and their word embedding
         ``mask_word_embedding`` [H] (masked RoI classification). ``unpad=True`` runs the encoder on the
@@ -227,6 +228,8 @@ class VLBERT(nn.Module):
         skips the tail padding's work; the results are the same.
         """
         c = self.config
+        text_mask, region_mask, masked_regions = (zero_one_mask(name, value) for name, value in (
+            ("text_mask", text_mask), ("region_mask", region_mask), ("masked_regions", masked_regions)))
         batch, text_len, regions = self._validate(input_ids, region_features, boxes, token_type_ids, text_mask,
                                                   region_mask, text_tags, object_classes, masked_regions)
         device = input_ids.device
@@ -392,6 +395,10 @@ class VLBERTForPretraining(nn.Module):
         ``loss``, and ``mvrc_logits`` / ``relationship_logits``.
         """
         c = self.config
+        masked_regions = zero_one_mask("masked_regions", masked_regions)
+        replaced_regions = zero_one_mask("replaced_regions", replaced_regions)
+        inputs = {name: zero_one_mask(name, value) if name.endswith("_mask") else value
+                  for name, value in inputs.items()}
         replaced = masked_regions if replaced_regions is None else replaced_regions
         out = self.vlbert(input_ids, region_features, boxes, masked_regions=replaced,
                           mask_visual_embedding=self.object_mask_visual_embedding.weight[0],

@@ -86,10 +86,25 @@ class FeedForward(nn.Module):
         return self.norm(self.output(self.intermediate(x)), x, self.dropout)
 
 
+def zero_one_mask(name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An integer 0 / 1 mask (the original projects' and Hugging Face's ``attention_mask``, 1 = real)
+    as bool; bool and float (additive) masks pass unchanged. Other integers are an error naming
+    ``name`` (checked with one host sync, skipped under torch.compile)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool or mask.is_floating_point():
+        return mask
+    if not torch.compiler.is_compiling():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be bool or hold 0 / 1 integers (1 = real), got the value "
+                             f"{mask[bad][0].item()} (at {bad.nonzero()[0].tolist()})")
+    return mask != 0
+
+
 def bool_mask(name: str, mask: torch.Tensor | None, batch: int, length: int,
               device: torch.device) -> torch.Tensor | None:
-    """A key padding mask as bool ``[B, L]`` (True = real); accepts the original additive form too."""
-    return _checks.key_padding_mask(name, mask, batch, length, device)
+    """A key padding mask as bool ``[B, L]`` (True = real); accepts 0 / 1 integers and the original
+    additive float form (0 = real, -10000 = padded) too."""
+    return _checks.key_padding_mask(name, zero_one_mask(name, mask), batch, length, device)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
