@@ -511,3 +511,24 @@ def test_vlbert_whole_word_masking_and_regions(tmp_path):
         replaced_regions += sample["region_replaced"].sum()
     assert abs(selected_words / words - 0.15) < 0.02 and abs(selected_regions / regions - 0.15) < 0.015
     assert abs(replaced_regions / selected_regions - 0.9) < 0.02  # VL-BERT keeps 10% of the masked regions
+
+
+def test_objective_settings_follow_vilbert_multi_task(dataset):
+    """--objective 1: misaligned pairs carry no word / region labels (inputs masked all the same);
+    2: no misaligned pair and no is_next; 0: labels on every pair."""
+    keys = [(0, i) for i in range(40)]
+    plain, one, two = (_collator(dataset, seed=5, objective=o)(keys) for o in (0, 1, 2))
+    misaligned = plain["is_next"] == 1
+    assert misaligned.any() and (plain["mlm_labels"][misaligned] >= 0).any()
+    torch.testing.assert_close(one["is_next"], plain["is_next"])
+    torch.testing.assert_close(one["input_ids"], plain["input_ids"])  # the same inputs, masked as before
+    torch.testing.assert_close(one["region_feats"], plain["region_feats"])
+    assert (one["mlm_labels"][misaligned] == -1).all() and not one["region_labels"][misaligned].any()
+    torch.testing.assert_close(one["mlm_labels"][~misaligned], plain["mlm_labels"][~misaligned])
+    torch.testing.assert_close(one["region_labels"][~misaligned], plain["region_labels"][~misaligned])
+    assert "is_next" not in two
+    for row, (_, index) in enumerate(keys):  # every caption is the image's own
+        length = len(dataset.token_ids[index][:34])
+        assert two["text_mask"][row].sum() == length + 2
+    with pytest.raises(ValueError, match="objective must be one of"):
+        _collator(dataset, objective=3)

@@ -359,3 +359,21 @@ def test_vlbert_family_adapter(synth):
     torch.testing.assert_close(loss, losses["mlm"] + losses["mvrc"])
     loss.backward()
     assert model.mvrc_head.classifier.weight.grad.abs().sum() > 0
+
+
+def test_objective_2_trains_without_the_alignment_loss(synth):
+    tokenizer = load_tokenizer(os.path.join(synth, "vocab.txt"))
+    dataset = RegionDataset(synth, tokenizer)
+    family, variant = families.resolve("vilbert-tiny")
+    model = family.make_model(variant, families.ModelOptions(tokenizer.get_vocab_size(), dataset.num_classes,
+                                                             dataset.feature_dim)).eval()
+    collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=2, packed=False,
+                                    max_text_len=36, max_regions=36, objective=2)
+    inputs = family.model_inputs(collator([(0, i) for i in range(6)]))
+    assert "is_next" not in inputs
+    loss, losses = family.losses(model(**inputs))
+    assert losses["align"].item() == 0.0 and loss.item() == pytest.approx((losses["mlm"] + losses["region"]).item())
+    with pytest.raises(ValueError, match="--objective 1 is ViLBERT's"):
+        families.resolve("vlbert-tiny")[0].make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(),
+                                                        seed=0, packed=False, max_text_len=36, max_regions=36,
+                                                        objective=1)

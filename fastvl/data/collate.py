@@ -16,6 +16,12 @@ Per pair (the released ViLBERT code's rules; SEED-SYSTEMS.md):
   never reaches the IMG token, so masked-region prediction cannot read its answer there.
 * Locations are ``[x1/W, y1/H, x2/W, y2/H, box area / image area]``.
 
+Objectives (vilbert-multi-task's ``--objective``): 0 = every loss on every pair (the ViLBERT paper's
+setting, and vilbert_beta's only one); 1 = a misaligned pair (``is_next = 1``) gets no masked-word
+or masked-region labels (its inputs are masked all the same; its caption does not describe the
+image), the setting vilbert-multi-task's README pretrains with; 2 = no misaligned pairs and no
+alignment loss (the batch carries no ``is_next``).
+
 Randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))`` per sample, so a
 sample's masking depends only on the seed, the epoch and the sample, never on batching, worker
 count, data-parallel layout or resumption.
@@ -33,6 +39,8 @@ import torch
 from fastvl.data.format import Example
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)
+OBJECTIVES = {0: "every loss on every pair", 1: "no masked-word / masked-region labels on misaligned pairs",
+              2: "no misaligned pairs, no alignment loss"}
 IMG_OVERLAP_IOU = 0.4  # regions overlapping a selected one this much leave the IMG feature's count
 TEXT_FIELDS = ("input_ids", "token_type_ids", "mlm_labels")
 REGION_FIELDS = ("region_feats", "region_loc", "region_targets", "region_labels", "region_replaced")
@@ -75,7 +83,11 @@ class ViLBERTCollator:
 
     def __init__(self, dataset, special, vocab_size: int, *, seed: int = 0, max_text_len: int = 36,
                  max_regions: int = 36, word_mask_prob: float = 0.15, region_mask_prob: float = 0.15,
-                 negative_prob: float = 0.5, packed: bool = False, pad_to_multiple_of: int = 1):
+                 negative_prob: float = 0.5, packed: bool = False, pad_to_multiple_of: int = 1,
+                 objective: int = 0):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)} (vilbert-multi-task's --objective: "
+                             f"{'; '.join(f'{k} = {v}' for k, v in OBJECTIVES.items())}), got {objective!r}")
         if max_text_len < 3:
             raise ValueError(f"max_text_len must be >= 3 ([CLS] word [SEP]), got {max_text_len}")
         if max_regions < 1:
@@ -88,7 +100,8 @@ class ViLBERTCollator:
         self.max_regions = max_regions
         self.word_mask_prob = word_mask_prob
         self.region_mask_prob = region_mask_prob
-        self.negative_prob = negative_prob
+        self.objective = objective
+        self.negative_prob = 0.0 if objective == 2 else negative_prob
         self.packed = packed
         self.pad_to_multiple_of = pad_to_multiple_of
 
@@ -104,6 +117,9 @@ class ViLBERTCollator:
             caption, is_next = self.dataset.token_ids[other], 1
         text = self._mask_words(caption[: self.max_text_len - 2], rng)
         regions = self._mask_regions(example, rng)
+        if is_next and self.objective == 1:  # the caption does not describe the image: nothing to predict
+            text["mlm_labels"] = np.full_like(text["mlm_labels"], -1)
+            regions["region_labels"] = np.zeros_like(regions["region_labels"])
         return {**text, **regions, "is_next": np.int64(is_next)}
 
     def _mask_words(self, pieces: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -131,6 +147,8 @@ class ViLBERTCollator:
     def __call__(self, keys) -> dict:
         samples = [self.sample(int(epoch), int(index)) for epoch, index in keys]
         batch = pack(samples) if self.packed else pad(samples, self.pad_to_multiple_of)
+        if self.objective == 2:  # no alignment task
+            del batch["is_next"]
         batch["keys"] = [(int(e), int(i)) for e, i in keys]
         return batch
 
@@ -183,7 +201,8 @@ def pad(samples: list[dict], pad_to_multiple_of: int = 1) -> dict:
             batch[key] = torch.from_numpy(out)
         mask = np.arange(length)[None, :] < np.array(lengths)[:, None]
         batch["text_mask" if fields is TEXT_FIELDS else "region_mask"] = torch.from_numpy(mask)
-    batch["is_next"] = torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long)
+    if all("is_next" in s for s in samples):
+        batch["is_next"] = torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long)
     batch["num_tokens"] = sum(text_lengths) + sum(region_lengths)
     return batch
 
@@ -211,7 +230,8 @@ def unpack(batch: dict, pad_to_multiple_of: int = 1) -> dict:
     for row in range(len(cu_t) - 1):
         sample = {k: batch[k][cu_t[row]: cu_t[row + 1]].numpy() for k in TEXT_FIELDS}
         sample.update({k: batch[k][cu_v[row]: cu_v[row + 1]].numpy() for k in REGION_FIELDS})
-        sample["is_next"] = batch["is_next"][row]
+        if "is_next" in batch:
+            sample["is_next"] = batch["is_next"][row]
         samples.append(sample)
     out = pad(samples, pad_to_multiple_of)
     for key in ("keys",):

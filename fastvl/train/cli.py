@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-text-len", type=int, help="tokens per caption (default: the family's, 36; ALBEF 25)")
     parser.add_argument("--max-regions", type=int, default=36, help="real regions per image (plus IMG)")
     parser.add_argument("--packed", action="store_true", help="collate packed cu_seqlens batches")
+    parser.add_argument("--objective", type=int, choices=(0, 1, 2), help="ViLBERT: vilbert-multi-task's objective "
+                        "setting (0 = all losses on all pairs, the paper's and the default; 1 = no masked-word/region "
+                        "labels on misaligned pairs; 2 = no misaligned pairs, no alignment loss)")
     parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
     parser.add_argument("--init-text-from", metavar="CKPT", help="initialise the text stream from a Hugging Face "
                         "BERT checkpoint (.safetensors or .bin, loaded weights_only; its vocab.txt must be --vocab)")
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=args.seed,
                                         packed=args.packed, max_text_len=args.max_text_len or family.max_text_len,
-                                        max_regions=args.max_regions)
+                                        max_regions=args.max_regions, objective=args.objective)
     except DataError as error:  # e.g. a model that reads pixels on a set without them
         print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
         return 2

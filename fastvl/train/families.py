@@ -78,15 +78,26 @@ def _text_stream_from_bert(model: torch.nn.Module, path: str):
 
 
 def _vilbert_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
-                      max_regions: int, pad_to_multiple_of: int = 1) -> ViLBERTCollator:
+                      max_regions: int, pad_to_multiple_of: int = 1, objective: int | None = None) -> ViLBERTCollator:
     return ViLBERTCollator(dataset, special, vocab_size, seed=seed, packed=packed, max_text_len=max_text_len,
-                           max_regions=max_regions, pad_to_multiple_of=pad_to_multiple_of)
+                           max_regions=max_regions, pad_to_multiple_of=pad_to_multiple_of, objective=objective or 0)
+
+
+def _no_objective_variants(family: str, objective: int | None) -> None:
+    if objective not in (None, 0):
+        raise ValueError(f"--objective {objective} is ViLBERT's (vilbert-multi-task's objective settings); "
+                         f"{family} has one objective setting")
 
 
 def _vilbert_inputs(batch: dict) -> dict:
     # The model takes padded inputs; a packed batch is padded here (exactly, to its longest sequence).
     batch = unpack(batch)
-    return {key: batch[key] for key in MODEL_INPUTS}
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}  # no is_next under --objective 2
+
+
+def _vilbert_losses(out) -> tuple[torch.Tensor, dict]:
+    # --objective 2 has no alignment loss; it is logged as 0, as the original's `next_sentence_loss * 0`
+    return out.loss, {name: out.losses.get(name, out.loss.new_zeros(())) for name in ("mlm", "region", "align")}
 
 
 def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -103,7 +114,8 @@ def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
 
 
 def _vlbert_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
-                     max_regions: int, pad_to_multiple_of: int = 1) -> VLBERTCollator:
+                     max_regions: int, pad_to_multiple_of: int = 1, objective: int | None = None) -> VLBERTCollator:
+    _no_objective_variants("vlbert", objective)
     return VLBERTCollator(dataset, special, vocab_size, seed=seed, packed=packed, max_text_len=max_text_len,
                           max_regions=max_regions, pad_to_multiple_of=pad_to_multiple_of)
 
@@ -149,7 +161,8 @@ def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
 
 
 def _albef_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
-                    max_regions: int, pad_to_multiple_of: int = 1) -> ALBEFCollator:
+                    max_regions: int, pad_to_multiple_of: int = 1, objective: int | None = None) -> ALBEFCollator:
+    _no_objective_variants("albef", objective)
     del max_regions, pad_to_multiple_of  # region options: ALBEF reads pixels
     if packed:
         raise ValueError("--packed is not supported for ALBEF (its batches are padded image-text pairs)")
@@ -182,7 +195,8 @@ def _albef_losses(out: dict) -> tuple[torch.Tensor, dict]:
 
 FAMILIES = {
     "vilbert": Family("vilbert", ("tiny", "2-layer", "4-layer", "6-layer", "8-layer", "base"), _vilbert_model,
-                      _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert),
+                      _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert,
+                      losses=_vilbert_losses),
     "vlbert": Family("vlbert", ("tiny", "base", "large"), _vlbert_model, _vlbert_collator, _vlbert_inputs, "vlbert",
                      ("mlm", "mvrc"), losses=_vlbert_losses),
     "albef": Family("albef", ("tiny", "base"), _albef_model, _albef_collator, _albef_inputs, "albef",
