@@ -70,7 +70,8 @@ def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
 
 
 def _text_stream_from_bert(model: torch.nn.Module, path: str):
-    """Loads a Hugging Face BERT checkpoint (safetensors, or torch weights_only) into the text stream."""
+    """Loads a Hugging Face BERT checkpoint (safetensors, or torch weights_only) into the model's BERT
+    part (ViLBERT's text stream, VL-BERT's stack, ALBEF's text + fusion encoders: convert/hf_bert.py)."""
     from fastvl.convert.common import load_state_dict_file  # noqa: PLC0415
     from fastvl.convert.hf_bert import text_stream_from_hf_bert  # noqa: PLC0415
 
@@ -198,9 +199,9 @@ FAMILIES = {
                       _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert,
                       losses=_vilbert_losses),
     "vlbert": Family("vlbert", ("tiny", "base", "large"), _vlbert_model, _vlbert_collator, _vlbert_inputs, "vlbert",
-                     ("mlm", "mvrc"), losses=_vlbert_losses),
+                     ("mlm", "mvrc"), _text_stream_from_bert, losses=_vlbert_losses),
     "albef": Family("albef", ("tiny", "base"), _albef_model, _albef_collator, _albef_inputs, "albef",
-                    ("itc", "itm", "mlm"), losses=_albef_losses, step_inputs=_albef_step_inputs, max_text_len=25,
+                    ("itc", "itm", "mlm"), _text_stream_from_bert, losses=_albef_losses, step_inputs=_albef_step_inputs, max_text_len=25,
                     after_initialize=_albef_after_initialize),
 }
 
