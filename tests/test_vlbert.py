@@ -91,9 +91,14 @@ def test_packing_matches_an_explicit_sequence(generator):
         torch.testing.assert_close(captured["x"][b, :len(rows)], expected)
 
 
+def _as_dict(out):
+    """A pretraining output's tensors by name (for the parity helper and loops over them)."""
+    return {**out.losses, "loss": out.loss, "mvrc_logits": out.mvrc_logits}
+
+
 def _pretraining_run(model, ids, features, boxes, region_mask, labels, masked, scores):
-    return model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels, masked_regions=masked,
-                 region_class_scores=scores)
+    return _as_dict(model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels, masked_regions=masked,
+                          region_class_scores=scores))
 
 
 def _pretraining_inputs(generator):
@@ -129,8 +134,8 @@ def test_mlm_with_nothing_masked_is_zero_with_zero_gradient(generator):
     out = model(ids, features, boxes, region_mask=region_mask, mlm_labels=torch.full(ids.shape, -1),
                 masked_regions=torch.zeros_like(region_mask),
                 region_class_scores=torch.full((*region_mask.shape, CONFIG.visual_region_classes), 0.1))
-    assert out["mlm_loss"].item() == 0.0 and out["mvrc_loss"].item() == 0.0
-    out["loss"].backward()
+    assert out.losses["mlm"].item() == 0.0 and out.losses["mvrc"].item() == 0.0
+    out.loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any()), name
 
@@ -139,9 +144,9 @@ def test_mvrc_is_soft_cross_entropy_over_masked_real_regions(generator):
     model = randomise(VLBERTForPretraining(CONFIG), generator)
     ids, features, boxes, region_mask, _, masked, scores = _pretraining_inputs(generator)
     out = model(ids, features, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores)
-    logits = out["mvrc_logits"][masked]
+    logits = out.mvrc_logits[masked]
     expected = -(scores[masked] * F.log_softmax(logits, -1)).sum(-1).mean()
-    torch.testing.assert_close(out["mvrc_loss"], expected)
+    torch.testing.assert_close(out.losses["mvrc"], expected)
 
 
 def test_kept_masked_regions_are_predicted_from_their_own_input(generator):
@@ -156,14 +161,14 @@ def test_kept_masked_regions_are_predicted_from_their_own_input(generator):
     moved = torch.where(kept[..., None], features + 1.0, features)
     other = model(ids, moved, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores,
                   replaced_regions=masked & ~kept)
-    assert not torch.allclose(out["mvrc_logits"][kept], other["mvrc_logits"][kept])
+    assert not torch.allclose(out.mvrc_logits[kept], other.mvrc_logits[kept])
     # replacing every masked region hides those features: perturbing them changes nothing there
     hidden = model(ids, features, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores)
     hidden_moved = model(ids, moved, boxes, region_mask=region_mask, masked_regions=masked,
                          region_class_scores=scores)
-    torch.testing.assert_close(hidden["mvrc_logits"], hidden_moved["mvrc_logits"])
-    logits = out["mvrc_logits"][masked]
-    torch.testing.assert_close(out["mvrc_loss"], -(scores[masked] * F.log_softmax(logits, -1)).sum(-1).mean())
+    torch.testing.assert_close(hidden.mvrc_logits, hidden_moved.mvrc_logits)
+    logits = out.mvrc_logits[masked]
+    torch.testing.assert_close(out.losses["mvrc"], -(scores[masked] * F.log_softmax(logits, -1)).sum(-1).mean())
 
 
 def test_task_heads(generator):
@@ -247,7 +252,7 @@ def test_autocast_losses_and_gradients(generator, device, dtype):
     with torch.autocast(device, dtype):
         out = _pretraining_run(model, *(a.to(device) for a in args))
     out["loss"].float().backward()
-    for key in ("mlm_loss", "mvrc_loss"):
+    for key in ("mlm", "mvrc"):
         torch.testing.assert_close(out[key].float().cpu(), expected[key], rtol=0.05, atol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -257,8 +262,8 @@ def test_unpadded_encoder_gives_the_same_results(generator):
     args = _pretraining_inputs(generator)
     padded = _pretraining_run(model, *args)
     ids, features, boxes, region_mask, labels, masked, scores = args
-    unpadded = model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels, masked_regions=masked,
-                     region_class_scores=scores, unpad=True)
+    unpadded = _as_dict(model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels,
+                              masked_regions=masked, region_class_scores=scores, unpad=True))
     for key in padded:
         torch.testing.assert_close(unpadded[key], padded[key])
     grads = torch.autograd.grad(unpadded["loss"], list(model.parameters()), allow_unused=True)
@@ -317,6 +322,6 @@ def test_zero_one_integer_masks(generator):
     def run(convert):
         out = model(ids, features, boxes, text_mask=convert(ids != 0), region_mask=convert(region_mask),
                     masked_regions=convert(masked), region_class_scores=scores)
-        return out["mvrc_loss"]
+        return out.losses["mvrc"]
 
     torch.testing.assert_close(run(lambda m: m.long()), run(lambda m: m), rtol=0, atol=0)

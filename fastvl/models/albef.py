@@ -32,6 +32,7 @@ from torch import nn
 from fastvl import _checks
 from fastvl._nvtx import nvtx_range
 from fastvl.models.bert_config import BertConfig
+from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.models.vlbert import MaskedLMHead
 from fastvl.nn import CrossAttentionLayer, TextEmbeddings, TransformerLayer, init_bert_weights
 from fastvl.nn.common import zero_one_mask
@@ -195,6 +196,16 @@ def _temperature_as_stored(module, state_dict, prefix, *_) -> None:
         state_dict[key] = state_dict[key].reshape(())
 
 
+@dataclasses.dataclass
+class ALBEFPretrainingOutput(PretrainingOutput):
+    """``losses`` {"itc", "itm", "mlm"} (no "mlm" with ``mlm=False``), ``loss`` their sum; the ITM
+    logits ``[3B, 2]`` and the momentum features ``[B, embed_dim]`` the queues receive."""
+
+    itm_logits: torch.Tensor | None = None
+    image_feat_m: torch.Tensor | None = None
+    text_feat_m: torch.Tensor | None = None
+
+
 class ALBEF(nn.Module):
     """ALBEF for pretraining and retrieval.
 
@@ -282,10 +293,10 @@ class ALBEF(nn.Module):
                 alpha: float | None = None, update: bool | None = None, generator: torch.Generator | None = None,
                 itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mlm: bool = True) -> dict[str, torch.Tensor]:
-        """One pretraining step's losses: ``loss_itc``, ``loss_itm``, ``loss_mlm`` and their sum ``loss``
-        (also ``itm_logits`` and the momentum features ``image_feat_m`` / ``text_feat_m`` ``[B, embed_dim]``
-        that ``update`` enqueues, for callers that enqueue themselves).
+                mlm: bool = True) -> ALBEFPretrainingOutput:
+        """One pretraining step's :class:`ALBEFPretrainingOutput`: ``losses`` {"itc", "itm", "mlm"} and
+        their sum ``loss`` (also ``itm_logits`` and the momentum features ``image_feat_m`` /
+        ``text_feat_m`` ``[B, embed_dim]`` that ``update`` enqueues, for callers that enqueue themselves).
 
         images ``[B, 3, S, S]``; input_ids ``[B, L]`` (``[CLS] tokens``, no trailing [SEP]);
         attention_mask ``[B, L]`` (1 / True = real). alpha: distillation weight (default the config's;
@@ -297,7 +308,7 @@ class ALBEF(nn.Module):
         ``torch.distributed`` the queues receive the all-gathered momentum features (queue_size must
         be a multiple of the global batch), as ALBEF's ``_dequeue_and_enqueue``.
 
-        MLM with nothing to predict (every label -100) gives ``loss_mlm`` = 0 with zero gradient; the
+        MLM with nothing to predict (every label -100) gives ``losses["mlm"]`` = 0 with zero gradient; the
         original's mean is NaN there.
         """
         c = self.config
@@ -343,10 +354,11 @@ class ALBEF(nn.Module):
             itm_labels = torch.cat((torch.ones(batch, dtype=torch.long, device=images.device),
                                     torch.zeros(2 * batch, dtype=torch.long, device=images.device)))
             loss_itm = F.cross_entropy(itm_logits, itm_labels)
-        result = {"loss_itc": loss_itc, "loss_itm": loss_itm, "itm_logits": itm_logits,
-                  "image_feat_m": image_feat_m, "text_feat_m": text_feat_m}
+        losses = {"itc": loss_itc, "itm": loss_itm}
+        result = ALBEFPretrainingOutput(None, losses, itm_logits, image_feat_m, text_feat_m)
         if not mlm:
-            return {**result, "loss": loss_itc + loss_itm}
+            result.loss = total(losses)
+            return result
         if self.text_encoder.mlm_head is None:
             raise ValueError("this ALBEF has no MLM head (with_mlm_head=False); call with mlm=False")
         with nvtx_range("mlm"):
@@ -364,7 +376,9 @@ class ALBEF(nn.Module):
             hidden = self.text_encoder(masked_ids, attention_mask, image_embeds)
             logits = self.text_encoder.mlm_logits(predicted(hidden))
             loss_mlm = mlm_distillation_loss(logits, predicted(labels), soft, alpha)
-        return {**result, "loss_mlm": loss_mlm, "loss": loss_itc + loss_itm + loss_mlm}
+        losses["mlm"] = loss_mlm
+        result.loss = total(losses)
+        return result
 
     @torch.no_grad()
     def retrieval_scores(self, images: torch.Tensor, input_ids: torch.Tensor,

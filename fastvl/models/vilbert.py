@@ -42,6 +42,7 @@ from fastvl import _checks
 from fastvl._nvtx import nvtx_range
 from fastvl.dispatch import use_backend
 from fastvl.models.bert_config import BertConfig
+from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,
                        init_bert_weights)
 from fastvl.nn.common import bool_mask
@@ -412,14 +413,12 @@ class PretrainingHeads(nn.Module):
 
 
 @dataclasses.dataclass
-class ViLBERTPretrainingOutput:
+class ViLBERTPretrainingOutput(PretrainingOutput):
     """``loss`` = mlm + region + align (equal weights; the sum of the losses whose labels were given,
     None if none); ``losses`` {"mlm", "region", "align"}; the scores when asked for
     (``return_scores=True``): ``prediction_scores_t [B, Lt, vocab]``, ``prediction_scores_v
     [B, Lv, v_target_size]``, and always ``alignment_scores [B, 2]``; the encoder outputs."""
 
-    loss: torch.Tensor | None
-    losses: dict[str, torch.Tensor]
     alignment_scores: torch.Tensor
     prediction_scores_t: torch.Tensor | None = None
     prediction_scores_v: torch.Tensor | None = None
@@ -505,10 +504,7 @@ class ViLBERTForPretraining(nn.Module):
                                dtypes=(torch.int64, torch.int32))
                 _checks.same_shape("is_next", is_next, [batch], "[B]")
                 losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
-            total = None
-            for value in losses.values():
-                total = value if total is None else total + value
-            output = ViLBERTPretrainingOutput(total, losses, alignment_scores, encoder=encoded)
+            output = ViLBERTPretrainingOutput(total(losses), losses, alignment_scores, encoder=encoded)
             if return_scores:
                 output.prediction_scores_t = heads.predictions.decoder(hidden_t)
                 output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)

@@ -29,6 +29,7 @@ from torch import nn
 from fastvl import _checks
 from fastvl._nvtx import nvtx_range
 from fastvl.models.bert_config import BertConfig
+from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.nn import LayerNorm, TransformerEncoder, init_bert_weights
 from fastvl.nn.common import zero_one_mask
 from fastvl.nn.geometry import VisualFeatureEmbedding
@@ -345,6 +346,15 @@ class VLBERT(nn.Module):
         return batch, text_len, regions
 
 
+@dataclasses.dataclass
+class VLBERTPretrainingOutput(PretrainingOutput):
+    """``losses`` {"mlm", "mvrc", "relationship"} (those whose labels were given), ``loss`` their sum;
+    ``mvrc_logits [B, R, visual_region_classes]`` and ``relationship_logits [B, 2]`` when computed."""
+
+    mvrc_logits: torch.Tensor | None = None
+    relationship_logits: torch.Tensor | None = None
+
+
 class VLBERTForPretraining(nn.Module):
     """VL-BERT pretraining: MLM with visual clues, masked RoI classification, and (when
     ``with_rel_head``) the sentence-image relation head, off by default as in the released config.
@@ -379,7 +389,7 @@ class VLBERTForPretraining(nn.Module):
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
                 mlm_labels: torch.Tensor | None = None, masked_regions: torch.Tensor | None = None,
                 region_class_scores: torch.Tensor | None = None, relationship_labels: torch.Tensor | None = None,
-                replaced_regions: torch.Tensor | None = None, **inputs) -> dict[str, torch.Tensor]:
+                replaced_regions: torch.Tensor | None = None, **inputs) -> VLBERTPretrainingOutput:
         """Losses (and logits) for one batch; ``inputs`` go to :meth:`VLBERT.forward`.
 
         mlm_labels ``[B, Lt]`` int64, -1 where not predicted (the original's ignore index): loss =
@@ -391,8 +401,8 @@ class VLBERTForPretraining(nn.Module):
         embeddings (default ``masked_regions``; VL-BERT's collation replaces 90% of the masked regions
         and keeps 10% as they are, all of them predicted). relationship_labels ``[B]`` (1 = matching
         caption) with ``with_rel_head``.
-        Returns ``mlm_loss``, ``mvrc_loss``, ``relationship_loss`` (those that apply), their sum
-        ``loss``, and ``mvrc_logits`` / ``relationship_logits``.
+        Returns a :class:`VLBERTPretrainingOutput`: ``losses`` {"mlm", "mvrc", "relationship"} (those
+        that apply), their sum ``loss``, and ``mvrc_logits`` / ``relationship_logits``.
         """
         c = self.config
         masked_regions = zero_one_mask("masked_regions", masked_regions)
@@ -404,13 +414,14 @@ class VLBERTForPretraining(nn.Module):
                           mask_visual_embedding=self.object_mask_visual_embedding.weight[0],
                           mask_word_embedding=self.object_mask_word_embedding.weight[0], **inputs)
         with nvtx_range("heads and losses"):
-            result: dict[str, torch.Tensor] = {}
+            result = VLBERTPretrainingOutput(None, {})
+            losses = result.losses
             if mlm_labels is not None:
                 if self.mlm_head is None:
                     raise ValueError("mlm_labels given but the model has no MLM head (with_mlm_head=False)")
                 _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64", ndim=2, dtypes=(torch.int64,))
                 _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
-                result["mlm_loss"] = self.mlm_head.loss(out.text, self.vlbert.word_embeddings.weight, mlm_labels, -1)
+                losses["mlm"] = self.mlm_head.loss(out.text, self.vlbert.word_embeddings.weight, mlm_labels, -1)
             if masked_regions is not None and region_class_scores is not None and self.mvrc_head is not None:
                 _checks.tensor("region_class_scores", region_class_scores, shape=f"[B, R, {c.visual_region_classes}]",
                                ndim=3)
@@ -421,16 +432,14 @@ class VLBERTForPretraining(nn.Module):
                 chosen = masked_regions if region_mask is None else masked_regions & region_mask
                 per_region = -(region_class_scores.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1)
                 weight = chosen.to(per_region.dtype)
-                result["mvrc_loss"] = (per_region * weight).sum() / weight.sum().clamp(min=1)
-                result["mvrc_logits"] = logits
+                losses["mvrc"] = (per_region * weight).sum() / weight.sum().clamp(min=1)
+                result.mvrc_logits = logits
             if self.relationship_head is not None:
                 logits = self.relationship_head(out.pooled)
-                result["relationship_logits"] = logits
+                result.relationship_logits = logits
                 if relationship_labels is not None:
-                    result["relationship_loss"] = F.cross_entropy(logits, relationship_labels)
-            losses = [v for k, v in result.items() if k.endswith("_loss")]
-            if losses:
-                result["loss"] = torch.stack(losses).sum()
+                    losses["relationship"] = F.cross_entropy(logits, relationship_labels)
+            result.loss = total(losses)
             return result
 
 

@@ -49,11 +49,16 @@ class Family:
     preset: str  # optimizer / schedule preset in fastvl.train.presets
     objectives: tuple[str, ...]
     init_text: Callable[[torch.nn.Module, str], object] | None = None  # text stream from a BERT checkpoint
-    losses: Callable[[object], tuple[torch.Tensor, dict]] = lambda out: (out.loss, out.losses)  # (total, per objective)
     # extra model inputs from (fastvl.data.sampler.MicroBatch, GlobalBatchSampler): where the step is
     step_inputs: Callable[[object, object], dict] | None = None
     max_text_len: int = 36  # tokens per caption unless --max-text-len says otherwise
     after_initialize: Callable[[torch.nn.Module], None] | None = None  # on the module deepspeed.initialize cast
+
+    def losses(self, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total, one loss per objective) of a model's :class:`fastvl.models.outputs.PretrainingOutput`;
+        an objective the run does not train (ViLBERT's alignment under --objective 2) counts 0, as the
+        original's ``next_sentence_loss * 0``."""
+        return out.loss, {name: out.losses.get(name, out.loss.new_zeros(())) for name in self.objectives}
 
 
 def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -96,11 +101,6 @@ def _vilbert_inputs(batch: dict) -> dict:
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}  # no is_next under --objective 2
 
 
-def _vilbert_losses(out) -> tuple[torch.Tensor, dict]:
-    # --objective 2 has no alignment loss; it is logged as 0, as the original's `next_sentence_loss * 0`
-    return out.loss, {name: out.losses.get(name, out.loss.new_zeros(())) for name in ("mlm", "region", "align")}
-
-
 def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
     from fastvl.models.vlbert import VLBERTConfig, VLBERTForPretraining  # noqa: PLC0415
     from fastvl.nn import set_gradient_checkpointing  # noqa: PLC0415
@@ -128,10 +128,6 @@ def _vlbert_inputs(batch: dict) -> dict:
             "text_mask": batch["text_mask"], "region_mask": batch["region_mask"], "mlm_labels": batch["mlm_labels"],
             "masked_regions": batch["region_labels"], "replaced_regions": batch["region_replaced"],
             "region_class_scores": batch["region_targets"]}
-
-
-def _vlbert_losses(out: dict) -> tuple[torch.Tensor, dict]:
-    return out["loss"], {"mlm": out["mlm_loss"], "mvrc": out["mvrc_loss"]}
 
 
 def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -190,18 +186,13 @@ def _albef_after_initialize(model: torch.nn.Module) -> None:
                         "smaller than half a %s ulp round away", dtype, dtype)
 
 
-def _albef_losses(out: dict) -> tuple[torch.Tensor, dict]:
-    return out["loss"], {"itc": out["loss_itc"], "itm": out["loss_itm"], "mlm": out["loss_mlm"]}
-
-
 FAMILIES = {
     "vilbert": Family("vilbert", ("tiny", "2-layer", "4-layer", "6-layer", "8-layer", "base"), _vilbert_model,
-                      _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert,
-                      losses=_vilbert_losses),
+                      _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert),
     "vlbert": Family("vlbert", ("tiny", "base", "large"), _vlbert_model, _vlbert_collator, _vlbert_inputs, "vlbert",
-                     ("mlm", "mvrc"), _text_stream_from_bert, losses=_vlbert_losses),
+                     ("mlm", "mvrc"), _text_stream_from_bert),
     "albef": Family("albef", ("tiny", "base"), _albef_model, _albef_collator, _albef_inputs, "albef",
-                    ("itc", "itm", "mlm"), _text_stream_from_bert, losses=_albef_losses, step_inputs=_albef_step_inputs, max_text_len=25,
+                    ("itc", "itm", "mlm"), _text_stream_from_bert, step_inputs=_albef_step_inputs, max_text_len=25,
                     after_initialize=_albef_after_initialize),
 }
 
