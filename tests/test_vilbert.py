@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastvl import use_backend
+
 from fastvl.models.vilbert import (ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks, multiple_choice_loss,
                                    region_loss, vqa_loss)
 from model_parity import check_model_parity
@@ -239,7 +241,11 @@ def test_original_json_keys_are_accepted():
                 "pooling_method": "mul", "fast_mode": False, "fixed_v_layer": 0, "fixed_t_layer": 0,
                 "in_batch_pairs": False, "fusion_method": "mul", "intra_gate": False, "with_coattention": True,
                 "dynamic_attention": False, "visual_target": 0, "objective": 0}
-    assert ViLBERTConfig.from_dict(original) == ViLBERTConfig.named("base")
+    assert ViLBERTConfig.from_original(original) == ViLBERTConfig.named("base")
+    with pytest.raises(ValueError, match=r"unknown ViLBERT config keys \['num_labels'\]"):
+        ViLBERTConfig.from_original({**original, "num_labels": 3})
+    with pytest.warns(UserWarning, match="ignoring unknown keys"):
+        assert ViLBERTConfig.from_original({**original, "num_labels": 3}, strict=False) == ViLBERTConfig.named("base")
 
 
 @pytest.mark.slow
@@ -394,3 +400,48 @@ def test_zero_one_masks_and_the_original_keyword_names(generator):
         model(**b, attention_mask=b["text_mask"].long())
     with pytest.raises(TypeError, match="unexpected keyword argument 'image_mask'"):
         model(**b, image_mask=b["region_mask"])
+
+
+def _packed(b):
+    """The padded batch ``b`` as fastvl.data packs it: real rows only, cu_seqlens per stream."""
+    tm, vm = b["text_mask"], b["region_mask"]
+    lengths_t, lengths_v = tm.sum(1), vm.sum(1)
+    cu = lambda n: torch.cat([torch.zeros(1, dtype=torch.int32), n.cumsum(0).to(torch.int32)])  # noqa: E731
+    packed = {k: b[k][tm] for k in ("input_ids", "token_type_ids", "mlm_labels")}
+    packed.update({k: b[k][vm] for k in ("region_feats", "region_loc", "region_targets", "region_labels")})
+    return {**packed, "is_next": b["is_next"], "cu_seqlens_text": cu(lengths_t), "cu_seqlens_regions": cu(lengths_v),
+            "max_seqlen_text": int(lengths_t.max()), "max_seqlen_regions": int(lengths_v.max())}
+
+
+@pytest.mark.parametrize("fused", [None, TRITON_LAYERS])
+def test_packed_batches_run_end_to_end_with_the_padded_losses(generator, fused, monkeypatch):
+    """Packed rows through embeddings, every layer and co-attention, and the heads: the padded form's
+    losses and parameter gradients, with every co-attention call on cu_seqlens (no padding)."""
+    import fastvl.nn.layers as layers
+
+    model = _perturb(ViLBERTForPretraining(ViLBERTConfig.named("tiny", **SMALL)))
+    b = _batch(generator, batch=3, text_len=13, regions=21)
+    with use_backend(**(fused or {})):
+        padded = model(**b)
+        torch.autograd.backward(list(padded.losses.values()))
+        expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        calls = []
+        co_attention = layers.co_attention
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs.get("cu_seqlens_v") is not None and args[3] is None)
+            return co_attention(*args, **kwargs)
+
+        monkeypatch.setattr(layers, "co_attention", spy)
+        packed = model(**_packed(b))
+        torch.autograd.backward(list(packed.losses.values()))
+    assert len(calls) == model.config.num_co_attention_layers and all(calls)
+    assert packed.encoder["sequence_t"].shape == (int(b["text_mask"].sum()), model.config.hidden_size)
+    for name in ("mlm", "region", "align"):
+        torch.testing.assert_close(packed.losses[name], padded.losses[name], rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="needs cu_seqlens_text, cu_seqlens_regions"):
+        model(**{k: v for k, v in _packed(b).items() if k != "max_seqlen_regions"})

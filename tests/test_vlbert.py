@@ -325,3 +325,35 @@ def test_zero_one_integer_masks(generator):
         return out.losses["mvrc"]
 
     torch.testing.assert_close(run(lambda m: m.long()), run(lambda m: m), rtol=0, atol=0)
+
+
+def test_packed_batches_run_end_to_end_with_the_padded_losses(generator):
+    """Packed text / region rows (fastvl.data's --packed layout): VL-BERT's sequence is built on the ragged
+    rows and the encoder runs on them; losses, logits and gradients equal the padded form's."""
+    model = randomise(VLBERTForPretraining(CONFIG), generator).eval()
+    ids, features, boxes, region_mask, labels, masked, scores = _pretraining_inputs(generator)
+    text_mask = ids != 0
+    padded = model(ids, features, boxes, text_mask=text_mask, region_mask=region_mask, mlm_labels=labels,
+                   masked_regions=masked, region_class_scores=scores)
+    expected = torch.autograd.grad(padded.loss, list(model.parameters()), allow_unused=True)
+
+    def cu(mask):
+        return torch.cat([torch.zeros(1, dtype=torch.int32), mask.sum(1).cumsum(0).to(torch.int32)])
+
+    packed = model(ids[text_mask], features[region_mask], boxes[region_mask], mlm_labels=labels[text_mask],
+                   token_type_ids=torch.zeros_like(ids[text_mask]), masked_regions=masked[region_mask],
+                   region_class_scores=scores[region_mask], cu_seqlens_text=cu(text_mask),
+                   cu_seqlens_regions=cu(region_mask), max_seqlen_text=int(text_mask.sum(1).max()),
+                   max_seqlen_regions=int(region_mask.sum(1).max()))
+    for name in ("mlm", "mvrc"):
+        torch.testing.assert_close(packed.losses[name], padded.losses[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.mvrc_logits, padded.mvrc_logits[region_mask], rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(packed.loss, list(model.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), got, expected):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="takes no text_mask"):
+        model.vlbert(ids[text_mask], features[region_mask], boxes[region_mask], text_mask=text_mask,
+                     cu_seqlens_text=cu(text_mask), cu_seqlens_regions=cu(region_mask), max_seqlen_text=9,
+                     max_seqlen_regions=9)

@@ -120,7 +120,7 @@ def run(args) -> int:
             from fastvl.convert.hf_bert import text_stream_from_hf_bert  # noqa: PLC0415
             from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining  # noqa: PLC0415
 
-            model = ViLBERTForPretraining(ViLBERTConfig.from_dict(_read_json(args.config, "the ViLBERT config")))
+            model = ViLBERTForPretraining(ViLBERTConfig.from_original(_read_json(args.config, "the ViLBERT config"), strict=False))
             report = text_stream_from_hf_bert(model, state, strict=not args.no_strict)
         else:
             module_name, function = CONVERTERS[args.model]

@@ -31,11 +31,11 @@ from torch import nn
 
 from fastvl import _checks
 from fastvl._nvtx import nvtx_range
-from fastvl.models.bert_config import BertConfig
+from fastvl.models.bert_config import BertConfig, check_unknown_keys
 from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.models.vlbert import MaskedLMHead
 from fastvl.nn import CrossAttentionLayer, TextEmbeddings, TransformerLayer, init_bert_weights
-from fastvl.nn.common import zero_one_mask
+from fastvl.nn.common import on_backend, zero_one_mask
 from fastvl.nn.vision import VisionTransformer
 from fastvl.ops import itc_loss, itc_queue_update_, itm_hard_negatives
 
@@ -83,7 +83,7 @@ class ALBEFConfig(BertConfig):
     def from_original(cls, config: Mapping, strict: bool = True) -> ALBEFConfig:
         """From ALBEF's configs as dicts: ``Pretrain.yaml``'s keys, with the BERT config either under
         ``bert_config`` (a dict, or the path of ``config_bert.json``) or merged at the top level.
-        Unknown keys raise ``ValueError`` unless ``strict=False``."""
+        Unknown keys raise ``ValueError`` (``strict=False``: ignored with a warning)."""
         values = dict(config)
         bert = values.pop("bert_config", None)
         if isinstance(bert, (str, os.PathLike)):
@@ -94,8 +94,7 @@ class ALBEFConfig(BertConfig):
         if merged.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"hidden_act must be 'gelu', got {merged['hidden_act']!r}")
         unknown = sorted(k for k in merged if k not in fields and k not in _OTHER_KEYS | _BERT_ARCHITECTURE_KEYS)
-        if unknown and strict:
-            raise ValueError(f"unknown ALBEF config keys {unknown} (pass strict=False to ignore them)")
+        check_unknown_keys("ALBEF", unknown, strict)
         return cls(**{k: v for k, v in merged.items() if k in fields})
 
 
@@ -217,9 +216,10 @@ class ALBEF(nn.Module):
     no MLM head); :meth:`forward` then needs ``mlm=False``.
     """
 
-    def __init__(self, config: ALBEFConfig, with_mlm_head: bool = True):
+    def __init__(self, config: ALBEFConfig, with_mlm_head: bool = True, backend: str | None = None):
         super().__init__()
         self.config = c = config
+        self.backend = backend
         self.visual_encoder = VisionTransformer(c.image_res, c.patch_size, c.vision_width, c.vision_depth,
                                                 c.vision_heads, c.vision_mlp_ratio, c.vision_eps)
         self.text_encoder = ALBEFTextEncoder(c, with_mlm_head=with_mlm_head)
@@ -275,6 +275,7 @@ class ALBEF(nn.Module):
         masked = torch.where(replaced, c.mask_token_id, input_ids)
         return torch.where(randomised, random_ids, masked), labels
 
+    @on_backend
     def image_features(self, images: torch.Tensor, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image tokens [B, 1 + N, W], normalised [CLS] projection [B, embed_dim])``."""
         encoder, proj = (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder,
@@ -282,6 +283,7 @@ class ALBEF(nn.Module):
         tokens = encoder(images.to(proj.weight.dtype))  # momentum encoders may be kept wider than the model
         return tokens, F.normalize(proj(tokens[:, 0]), dim=-1)
 
+    @on_backend
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(text states [B, L, H], normalised [CLS] projection [B, embed_dim])``."""
@@ -289,6 +291,7 @@ class ALBEF(nn.Module):
         states = encoder.encode_text(input_ids, attention_mask)
         return states, F.normalize(proj(states[:, 0]), dim=-1)
 
+    @on_backend
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 alpha: float | None = None, update: bool | None = None, generator: torch.Generator | None = None,
                 itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -381,6 +384,7 @@ class ALBEF(nn.Module):
         return result
 
     @torch.no_grad()
+    @on_backend
     def retrieval_scores(self, images: torch.Tensor, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor | None = None, k: int = 256,
                          chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,8 +454,10 @@ class ALBEFClassifier(nn.Module):
     Parameters: ``visual_encoder``, ``text_encoder`` (no MLM head), ``cls_head``.
     """
 
-    def __init__(self, config: ALBEFConfig, num_classes: int = 3, num_images: int = 1):
+    def __init__(self, config: ALBEFConfig, num_classes: int = 3, num_images: int = 1,
+                 backend: str | None = None):
         super().__init__()
+        self.backend = backend
         _checks.choice("num_images", num_images, [1, 2])
         self.config, self.num_images = config, num_images
         c = config
@@ -467,6 +473,7 @@ class ALBEFClassifier(nn.Module):
                                       nn.Linear(c.hidden_size, num_classes))
         self.cls_head.apply(lambda m: init_bert_weights(m, c.initializer_range))
 
+    @on_backend
     def forward(self, images: torch.Tensor | tuple, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
         """images ``[B, 3, S, S]`` (or a pair of them for NLVR2); returns ``logits`` (and ``loss``)."""

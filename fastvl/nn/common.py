@@ -1,7 +1,9 @@
 """Building blocks shared by fastvl's layers: the fused LayerNorm and feed-forward modules, BERT's
-weight initialisation, activation checkpointing, and mask normalisation."""
+weight initialisation, activation checkpointing, mask normalisation, and the models' ``backend=``."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvl import _checks
+from fastvl.dispatch import use_backend
 from fastvl.ops import bias_gelu, layer_norm
 
 
@@ -123,3 +126,17 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     if isinstance(module, (LayerNorm, nn.LayerNorm)):
         module.weight.data.fill_(1.0)
         module.bias.data.zero_()
+
+
+def on_backend(method):
+    """Runs a model's method (``forward`` and friends) under ``use_backend(self.backend)`` when the
+    model was built with ``backend=`` (e.g. "reference", the parity baseline); None = auto."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.backend is None:
+            return method(self, *args, **kwargs)
+        with use_backend(self.backend):
+            return method(self, *args, **kwargs)
+
+    return run

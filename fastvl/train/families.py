@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastvl.data.collate import ViLBERTCollator, VLBERTCollator, unpack
+from fastvl.data.collate import ViLBERTCollator, VLBERTCollator
 from fastvl.data.collate_albef import ALBEFCollator
 from fastvl.data.tokenizer import SpecialIds
 
@@ -23,6 +23,8 @@ log = logging.getLogger("fastvl.train")
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "text_mask", "region_feats", "region_loc", "region_mask",
                 "mlm_labels", "region_targets", "region_labels", "is_next")
+PACKED_INPUTS = (*(k for k in MODEL_INPUTS if not k.endswith("_mask")), "cu_seqlens_text", "cu_seqlens_regions",
+                 "max_seqlen_text", "max_seqlen_regions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +98,9 @@ def _no_objective_variants(family: str, objective: int | None) -> None:
 
 
 def _vilbert_inputs(batch: dict) -> dict:
-    # The model takes padded inputs; a packed batch is padded here (exactly, to its longest sequence).
-    batch = unpack(batch)
-    return {key: batch[key] for key in MODEL_INPUTS if key in batch}  # no is_next under --objective 2
+    """The model's inputs, padded or packed as collated (a packed batch runs packed end to end)."""
+    keys = PACKED_INPUTS if batch.get("packed") else MODEL_INPUTS
+    return {key: batch[key] for key in keys if key in batch}  # no is_next under --objective 2
 
 
 def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -122,12 +124,14 @@ def _vlbert_collator(dataset, special, vocab_size: int, *, seed: int, packed: bo
 
 
 def _vlbert_inputs(batch: dict) -> dict:
-    batch = unpack(batch)
-    return {"input_ids": batch["input_ids"], "region_features": batch["region_feats"],
-            "boxes": batch["region_loc"][..., :4], "token_type_ids": batch["token_type_ids"],
-            "text_mask": batch["text_mask"], "region_mask": batch["region_mask"], "mlm_labels": batch["mlm_labels"],
-            "masked_regions": batch["region_labels"], "replaced_regions": batch["region_replaced"],
-            "region_class_scores": batch["region_targets"]}
+    """The model's inputs, padded or packed as collated (a packed batch runs packed end to end)."""
+    inputs = {"input_ids": batch["input_ids"], "region_features": batch["region_feats"],
+              "boxes": batch["region_loc"][..., :4], "token_type_ids": batch["token_type_ids"],
+              "mlm_labels": batch["mlm_labels"], "masked_regions": batch["region_labels"],
+              "replaced_regions": batch["region_replaced"], "region_class_scores": batch["region_targets"]}
+    if batch.get("packed"):
+        return {**inputs, **{k: batch[k] for k in PACKED_INPUTS if k.startswith(("cu_seqlens", "max_seqlen"))}}
+    return {**inputs, "text_mask": batch["text_mask"], "region_mask": batch["region_mask"]}
 
 
 def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
