@@ -26,7 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvl.train.presets import PRESETS  # noqa: PLC0415
 
     parser.add_argument("--model", default="vilbert-tiny", choices=model_names(), help="model family and size")
-    parser.add_argument("--data", required=True, help="dataset directory (fastvl data synth / convert)")
+    parser.add_argument("--data", required=True, help="dataset directory (fastvl data synth / convert), or for "
+                        "ALBEF an {image, caption} .json / .jsonl file as ALBEF's (then --vocab is required)")
+    parser.add_argument("--image-root", default="", help="ALBEF image files: joined to relative image paths")
+    parser.add_argument("--image-res", type=int, help="ALBEF image files: training resolution (default 256)")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: DATA/vocab.txt)")
     parser.add_argument("--out", default="runs/pretrain", help="log.jsonl and checkpoints/ go here")
     parser.add_argument("--deepspeed", dest="ds_config", default=os.path.join(CONFIG_DIR, "zero2.json"),
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     import deepspeed  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset  # noqa: PLC0415
+    from fastvl.data.format import VOCAB_FILE, DataError  # noqa: PLC0415
     from fastvl.data.sampler import GlobalBatchSampler  # noqa: PLC0415
     from fastvl.data.tokenizer import load_tokenizer, special_ids  # noqa: PLC0415
     from fastvl.train import families, presets  # noqa: PLC0415
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     config, precision = load_config(args, world_size)
     try:
         tokenizer = load_tokenizer(args.vocab or os.path.join(args.data, VOCAB_FILE))
-        dataset = RegionDataset(args.data, tokenizer, strict=args.strict_data)
+        dataset = families.open_dataset(family, args.data, tokenizer, strict=args.strict_data,
+                                        image_root=args.image_root, image_res=args.image_res, seed=args.seed)
     except DataError as error:
         print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
         return 2

@@ -201,6 +201,24 @@ FAMILIES = {
 }
 
 
+def open_dataset(family: Family, path: str, tokenizer, *, strict: bool = False, image_root: str = "",
+                 image_res: int | None = None, seed: int = 0):
+    """The training set at ``path``: a shard directory (:class:`fastvl.data.format.RegionDataset`), or
+    for ALBEF an annotation file ``*.json`` / ``*.jsonl`` of ``{image, caption}`` records
+    (:class:`fastvl.data.images.ImageCaptionDataset`: images decoded and augmented in the workers)."""
+    from fastvl.data.format import DataError, RegionDataset
+
+    if path.endswith((".json", ".jsonl")):
+        if family.name != "albef":
+            raise DataError(f"{path}: image-caption files train ALBEF; {family.name} trains on region features "
+                            "(a directory from `fastvl data convert`)")
+        from fastvl.data.images import ImageCaptionDataset
+
+        return ImageCaptionDataset(path, tokenizer, image_root=image_root, image_res=image_res or 256, seed=seed,
+                                   strict=strict)
+    return RegionDataset(path, tokenizer, strict=strict)
+
+
 def resolve(model: str) -> tuple[Family, str]:
     """``"vilbert-tiny"`` -> (the ViLBERT family, ``"tiny"``)."""
     name, _, variant = model.partition("-")
