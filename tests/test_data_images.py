@@ -127,3 +127,46 @@ def test_pretrain_cli_trains_albef_on_image_files(files, tmp_path):
                                      os.path.join(root, "vocab.txt"), "--out", str(tmp_path / "x"), "--no-progress"]),
                            env=_env(), capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "image-caption files train ALBEF" in wrong.stderr
+
+
+def test_embed_writes_pooled_text_image_and_joint_embeddings(files, tmp_path):
+    """`fastvl embed`: every pair's ITC projections and fusion [CLS] state, as the model computes them."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from fastvl.cli import main
+    from fastvl.data.collate_albef import albef_caption, normalise_images
+    from fastvl.models.albef import ALBEF, ALBEFConfig
+
+    root, tokenizer = files
+    special = special_ids(tokenizer)
+    config = ALBEFConfig.named("tiny", vocab_size=tokenizer.get_vocab_size(), pad_token_id=special.pad,
+                               cls_token_id=special.cls, mask_token_id=special.mask)
+    torch.manual_seed(0)
+    model = ALBEF(config).eval()
+    checkpoint = str(tmp_path / "albef.safetensors")
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, checkpoint)
+    with open(checkpoint + ".json", "w") as handle:
+        json.dump({"class": "fastvl.models.albef.ALBEF", "config": dataclasses.asdict(config)}, handle)
+    out = str(tmp_path / "embeddings.npy")
+    assert main(["embed", "--checkpoint", checkpoint, "--data", os.path.join(root, "train.jsonl"), "--vocab",
+                 os.path.join(root, "vocab.txt"), "--image-root", root, "--out", out, "--batch-size", "2",
+                 "--no-progress"]) == 0
+    rows = np.load(out)  # a structured array: no pickle
+    assert rows.shape == (5,) and rows["joint"].shape == (5, config.hidden_size)
+    dataset = _dataset(files, "train.jsonl", augment=False)
+    index = 2
+    ids = torch.tensor([[special.cls, *tokenizer.encode(albef_caption(dataset.captions[index]),
+                                                        add_special_tokens=False).ids]])
+    image = Image.open(dataset.images[index]).convert("RGB").resize((config.image_res,) * 2, Image.BICUBIC)
+    images = normalise_images(np.asarray(image)[None])
+    with torch.no_grad():
+        tokens, image_feat = model.image_features(images)
+        states, text_feat = model.text_features(ids, None)
+        joint = model.text_encoder.fuse(states, None, tokens)[:, 0]
+    np.testing.assert_allclose(rows["image"][index], image_feat[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["text"][index], text_feat[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["joint"][index], joint[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(rows["text"], axis=1), 1.0, rtol=1e-5)
+    assert main(["embed", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", root, "--out", out]) == 2
