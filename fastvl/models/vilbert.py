@@ -336,7 +336,6 @@ class ViLBERTModel(nn.Module):
     def _encode(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids,
                 output_attentions):
         self.validate(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids)
-        c = self.config
         batch = input_ids.shape[0]
         if text_mask is None:
             text_mask = torch.ones_like(input_ids, dtype=torch.bool)
