@@ -445,3 +445,15 @@ def test_packed_batches_run_end_to_end_with_the_padded_losses(generator, fused, 
             torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="needs cu_seqlens_text, cu_seqlens_regions"):
         model(**{k: v for k, v in _packed(b).items() if k != "max_seqlen_regions"})
+
+
+def test_every_dropout_comes_from_the_config(generator):
+    """With the config's dropout probabilities at 0, training mode computes what eval mode does (the
+    alignment head's dropout was a hard-coded 0.1)."""
+    zero = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, v_hidden_dropout_prob=0.0,
+                v_attention_probs_dropout_prob=0.0)
+    model = _perturb(ViLBERTForPretraining(ViLBERTConfig.named("tiny", **SMALL, **zero)))
+    b = _batch(generator)
+    expected = model.eval()(**b).alignment_scores
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.train()(**b).alignment_scores, expected)

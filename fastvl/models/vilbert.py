@@ -215,6 +215,9 @@ class Packing:
         if token_type_ids is not None:
             _checks.same_shape("token_type_ids", token_type_ids, list(input_ids.shape), "[total_t] like input_ids")
         _checks.tensor("region_feats", region_feats, shape=f"[total_v, {config.v_feature_size}] (packed)", ndim=2)
+        _checks.same_shape("region_feats", region_feats, [None, config.v_feature_size],
+                           f"[total_v, {config.v_feature_size}] (packed, v_feature_size)")
+        _checks.tensor("region_loc", region_loc, shape="[total_v, 5] (packed)", ndim=2)
         _checks.same_shape("region_loc", region_loc, [region_feats.shape[0], 5], "[total_v, 5] (packed)")
         if self.max_seqlen_text > config.max_position_embeddings:
             raise ValueError(f"max_seqlen_text {self.max_seqlen_text} is more than the config's "
