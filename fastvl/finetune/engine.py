@@ -187,6 +187,9 @@ def finetune(args) -> int:
         print(f"fastvl finetune: data error: {error}", file=sys.stderr)
         return 2
     model_cfg = model_config(family, variant, dataset, special, args.dropout)
+    global_batch = config["train_batch_size"]
+    if getattr(model_cfg, "queue_size", 0) % global_batch:  # ALBEF: every step enqueues the global batch
+        model_cfg = dataclasses.replace(model_cfg, queue_size=-(-model_cfg.queue_size // global_batch) * global_batch)
     torch.manual_seed(args.seed)  # identical initial heads on every rank
     net = task.make_model(model_cfg)
     init_report = None

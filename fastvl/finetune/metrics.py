@@ -170,11 +170,14 @@ def recall_at_k(scores: torch.Tensor | np.ndarray, positives: Sequence[Sequence[
 
 
 def retrieval_metrics(scores_i2t: torch.Tensor | np.ndarray, text_image: Sequence[int],
-                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+                      ks: Sequence[int] = (1, 5, 10), scores_t2i: torch.Tensor | np.ndarray | None = None) -> dict:
     """The originals' retrieval report from ``scores_i2t [images, texts]`` and the image of every text:
     ``tr_r1`` .. (image -> text: any of the image's captions), ``ir_r1`` .. (text -> image), their
-    means ``tr_mean`` / ``ir_mean`` and ``r_mean`` (the mean of all six)."""
+    means ``tr_mean`` / ``ir_mean`` and ``r_mean`` (the mean of all six). ``scores_t2i [texts, images]``
+    when text -> image is scored separately (ALBEF re-ranks each direction's own top k); default
+    ``scores_i2t`` transposed."""
     scores_i2t = torch.as_tensor(scores_i2t, dtype=torch.float64)
+    scores_t2i = scores_i2t.t() if scores_t2i is None else torch.as_tensor(scores_t2i, dtype=torch.float64)
     num_images, num_texts = scores_i2t.shape
     if len(text_image) != num_texts:
         raise ValueError(f"text_image has {len(text_image)} entries for {num_texts} texts")
@@ -187,7 +190,7 @@ def retrieval_metrics(scores_i2t: torch.Tensor | np.ndarray, text_image: Sequenc
     if without:
         raise ValueError(f"{len(without)} images have no caption, e.g. image {without[0]}")
     tr = recall_at_k(scores_i2t, captions, ks)
-    ir = recall_at_k(scores_i2t.t(), [[image] for image in text_image], ks)
+    ir = recall_at_k(scores_t2i, [[image] for image in text_image], ks)
     out = {**{f"tr_r{k}": v for k, v in tr.items()}, **{f"ir_r{k}": v for k, v in ir.items()}}
     out["tr_mean"] = float(np.mean(list(tr.values())))
     out["ir_mean"] = float(np.mean(list(ir.values())))

@@ -19,6 +19,7 @@ from fastvl.data.collate import IMG_LOCATION, region_locations
 from fastvl.data.collate_albef import albef_caption, normalise_images
 from fastvl.data.format import DataError
 
+QUEUE_BUFFERS = ("image_queue", "text_queue", "queue_ptr")
 # parameter prefixes every one of which --init must provide (the pretrained encoder)
 ENCODER_PREFIXES = {"vilbert": ("bert.",), "vlbert": ("vlbert.",), "albef": ("visual_encoder.", "text_encoder.")}
 
@@ -114,6 +115,8 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], fami
     target = model.state_dict()
     encoder = [k for k in target if k.startswith(ENCODER_PREFIXES[family]) and ".mlm_head." not in k]
     missing = [k for k in encoder if k not in state]
+    # ALBEF's queues are sized by the global batch: a different size starts new (random) queues
+    state = {k: v for k, v in state.items() if not (k in QUEUE_BUFFERS and k in target and v.shape != target[k].shape)}
     wrong = [f"{k}: {list(state[k].shape)} vs {list(target[k].shape)}" for k in target
              if k in state and state[k].shape != target[k].shape and not (k == "temp" and state[k].numel() == 1)]
     if missing or wrong:
