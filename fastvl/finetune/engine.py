@@ -169,10 +169,14 @@ def finetune(args) -> int:
     from fastvl.train.cli import init_distributed, load_config  # noqa: PLC0415
     from fastvl.train.loop import LOG_FILE, Logger, Trainer, TrainingDiverged  # noqa: PLC0415
 
+    try:
+        family, variant = resolve_model(args.model)
+        preset = preset_for(family, args.task)
+    except ValueError as error:
+        print(f"fastvl finetune: {error}", file=sys.stderr)
+        return 2
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    family, variant = resolve_model(args.model)
-    preset = preset_for(family, args.task)
     if args.global_batch is None:
         args.global_batch = preset.global_batch
     if args.micro_batch is None:
@@ -326,9 +330,9 @@ def evaluate(args) -> int:
         return 2
     else:
         model_name = args.model
-    family, variant = resolve_model(model_name)
-    preset = preset_for(family, args.task)
     try:
+        family, variant = resolve_model(model_name)
+        preset = preset_for(family, args.task)
         task_dir = read_task_dir(args.data, args.task)
         dataset, special = open_images(task_dir, args.vocab)
         task = make_task(args, family, dataset, special, task_dir, preset,
