@@ -88,3 +88,23 @@ def test_albef_rerank_with_k_covering_the_pool_equals_every_pair(generator):
         others = torch.ones(9, dtype=torch.bool)
         others[chosen] = False
         assert (top3[row, others] == -100).all()
+
+
+def test_retrieval_benchmark_rows(tmp_path):
+    import argparse
+    import json
+
+    from fastvl.bench import retrieval
+
+    parser = argparse.ArgumentParser()
+    retrieval.add_arguments(parser)
+    args = parser.parse_args(["--model", "vilbert-tiny", "albef-tiny", "--texts", "3", "--images", "2", "--k-test", "2"])
+    args.quick, args.note = True, None
+    assert retrieval.run(args, torch.device("cpu"), tmp_path) == 0
+    document = json.load(open(tmp_path / "retrieval.json"))
+    variants = [(row["name"], row["variant"]) for row in document["rows"]]
+    assert variants == [("vilbert-tiny retrieval", v) for v in ("reference", "fused", "fused+cache")] + [
+        ("albef-tiny retrieval", v) for v in ("reference", "fused")]
+    assert all(row["pairs_per_s"] > 0 and row["flops"] > 0 for row in document["rows"])
+    cache = [r for r in document["ratios"] if r["variant"] == "fused+cache" and r["baseline"] == "fused"]
+    assert len(cache) == 1 and cache[0]["speedup"] > 0

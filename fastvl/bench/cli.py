@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops = modes.add_parser("ops", help="op-level suite: every op and backend, plus benchmarks/bench_*.py")
     model = modes.add_parser("model", help="model-level training throughput, fused vs reference")
     profile = modes.add_parser("profile", help="torch.profiler of one fused training step: the top kernels")
-    for sub in (ops, model, profile):
+    retrieval = modes.add_parser("retrieval", help="retrieval evaluation pairs/s, fused vs reference, text cache")
+    for sub in (ops, model, profile, retrieval):
         sub.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         sub.add_argument("--out", type=Path, default=None,
                          help="result folder (default: benchmarks/results/<date>-<device>/)")
@@ -53,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model_bench.add_arguments(model)
     model_bench.add_arguments(profile)
+    from fastvl.bench import retrieval as retrieval_bench  # noqa: PLC0415 - fastvl.finetune's scoring (issue 14)
+
+    retrieval_bench.add_arguments(retrieval)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.mode == "ops":
             return run_ops(args, device, out_dir)
+        if args.mode == "retrieval":
+            from fastvl.bench import retrieval as retrieval_bench  # noqa: PLC0415
+
+            return retrieval_bench.run(args, device, out_dir)
         from fastvl.bench import model as model_bench  # noqa: PLC0415
 
         if args.mode == "profile":
