@@ -91,16 +91,18 @@ def test_albef_rerank_with_k_covering_the_pool_equals_every_pair(generator):
 
 
 def test_retrieval_benchmark_rows(tmp_path):
-    import argparse
+    """`fastvl bench retrieval --quick` (a subprocess: the CPU backends, not the Triton interpreter)."""
     import json
+    import os
+    import subprocess
+    import sys
 
-    from fastvl.bench import retrieval
-
-    parser = argparse.ArgumentParser()
-    retrieval.add_arguments(parser)
-    args = parser.parse_args(["--model", "vilbert-tiny", "albef-tiny", "--texts", "3", "--images", "2", "--k-test", "2"])
-    args.quick, args.note = True, None
-    assert retrieval.run(args, torch.device("cpu"), tmp_path) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-m", "fastvl", "bench", "retrieval", "--quick", "--model", "vilbert-tiny",
+                           "albef-tiny", "--texts", "3", "--images", "2", "--k-test", "2", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     document = json.load(open(tmp_path / "retrieval.json"))
     variants = [(row["name"], row["variant"]) for row in document["rows"]]
     assert variants == [("vilbert-tiny retrieval", v) for v in ("reference", "fused", "fused+cache")] + [
@@ -108,3 +110,4 @@ def test_retrieval_benchmark_rows(tmp_path):
     assert all(row["pairs_per_s"] > 0 and row["flops"] > 0 for row in document["rows"])
     cache = [r for r in document["ratios"] if r["variant"] == "fused+cache" and r["baseline"] == "fused"]
     assert len(cache) == 1 and cache[0]["speedup"] > 0
+    assert "pairs/s" in done.stdout
