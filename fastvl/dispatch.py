@@ -41,7 +41,8 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     """One implementation of an op.
 
-    ``impl`` has the op's public signature (without ``backend``). ``available()`` gives the reasons it
+    ``impl`` takes what the op's public function hands its backends (the attention ops: one frozen
+    inputs object; the others: their validated arguments). ``available()`` gives the reasons it
     cannot run on this machine at all; ``supports(**features)`` the reasons it cannot run these inputs.
     ``auto_devices``: device types on which ``auto`` may pick it (explicit requests ignore this).
     """
@@ -117,9 +118,6 @@ class Op:
             if device.type in candidate.auto_devices and not candidate.reasons(features):
                 return candidate
         raise BackendUnavailableError(self._report("no backend can run these inputs", features))
-
-    def __call__(self, *args, backend: str | None = None, device: torch.device, features: dict, **kwargs):
-        return self.select(backend, device, **features).impl(*args, **kwargs)
 
     def table(self, device: torch.device | None = None, **features) -> dict[str, list[str]]:
         """{backend: reasons it cannot run (empty = usable)} for a device and features."""

@@ -64,7 +64,7 @@ def test_gpu_parity(dtype):
 
 @pytest.mark.interpret
 def test_custom_op_registration(generator):
-    from fastvl.ops.bias_gelu import _bias_gelu_fwd
+    from fastvl.ops.bias_gelu_op import _bias_gelu_fwd
 
     x = torch.randn(2, 3, 40, generator=generator, requires_grad=True)
     bias = torch.randn(40, generator=generator, requires_grad=True)

@@ -12,15 +12,15 @@ def _q(*shape):
 
 
 def test_auto_prefers_sdpa_on_cpu():
-    assert fastvl.ops.attention.__module__ == "fastvl.ops.attention"
-    from fastvl.ops.attention import ATTENTION
+    assert fastvl.ops.attention.__module__ == "fastvl.ops.attention_op"
+    from fastvl.ops.attention_op import ATTENTION
 
     assert ATTENTION.select(None, torch.device("cpu"), dtype=torch.float32, head_dim=64, dropout=False,
                             packed=False).name == "sdpa"
 
 
 def test_choice_precedence(monkeypatch):
-    from fastvl.ops.attention import ATTENTION
+    from fastvl.ops.attention_op import ATTENTION
 
     select = lambda backend=None: ATTENTION.select(backend, torch.device("cpu"), dtype=torch.float32,  # noqa: E731
                                                    head_dim=64, dropout=False, packed=False).name

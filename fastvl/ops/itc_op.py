@@ -14,7 +14,7 @@ import torch
 
 from fastvl import _checks
 from fastvl.dispatch import op
-from fastvl.ops.region_kl import REGION_KL, region_kl_rows
+from fastvl.ops.region_kl_op import REGION_KL, region_kl_rows
 from fastvl.reference.itc import itc_loss_ref, itc_queue_update_ref, itm_hard_negatives_ref
 
 ITC = op("itc_loss", probe=dict(queue=65536))

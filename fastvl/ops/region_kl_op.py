@@ -8,7 +8,7 @@ compute each masked row's loss and its gradient in one kernel (the gradient is w
 forward, as Liger-Kernel does, and scaled by the upstream gradient in the backward), never materialise
 ``log_softmax``, read nothing of unmasked rows, and keep the masked count on the device.
 
-``linear_region_kl_loss`` projects only the masked regions, chunk by chunk (see ``fastvl.ops._linear_loss``).
+``linear_region_kl_loss`` projects only the masked regions, chunk by chunk (see ``fastvl.ops.linear_loss_common``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from fastvl import _checks, _ext
 from fastvl.dispatch import needs_cpu_device, needs_cuda_device, op, triton_available, triton_device
-from fastvl.ops import _linear_loss
+from fastvl.ops import linear_loss_common
 from fastvl.reference.region_kl import linear_region_kl_loss_ref, region_kl_loss_ref
 
 REGION_KL = op("region_kl_loss", probe=dict(target_dtype=torch.float32, classes=1601))
@@ -68,9 +68,9 @@ def linear_region_kl_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     ``chunk_rows`` at a time (default: about 16M logits per chunk). Under ZeRO-3 pass the gathered weight
     (call through the owning module, or inside ``GatheredParameters``).
     """
-    _linear_loss.validate_projection(hidden, weight, bias, "C")
+    linear_loss_common.validate_projection(hidden, weight, bias, "C")
     _validate_targets("hidden", hidden.shape[:-1], weight.shape[0], hidden, target_probs, region_mask, reduction)
-    _linear_loss.validate_chunk_rows(chunk_rows)
+    linear_loss_common.validate_chunk_rows(chunk_rows)
     region_mask = region_mask.bool()
     chosen = LINEAR_REGION_KL.select(backend, hidden.device, dtype=hidden.dtype, target_dtype=target_probs.dtype,
                                      classes=weight.shape[0])
@@ -176,7 +176,7 @@ def _fused_region_kl(backend: str):
 
 def _fused_linear_region_kl(backend: str):
     def impl(hidden, weight, bias, target_probs, region_mask, reduction, chunk_rows):
-        return _linear_loss.apply("kl", backend, hidden, weight, bias, target_probs, region_mask, reduction,
+        return linear_loss_common.apply("kl", backend, hidden, weight, bias, target_probs, region_mask, reduction,
                                   chunk_rows)
 
     return impl
@@ -187,7 +187,7 @@ def _gathered_rows(backend, logits, targets, scale, grad):
     return region_kl_rows(backend, logits, targets, selected, scale, grad)
 
 
-_linear_loss.ROW_LOSSES["kl"] = _gathered_rows
+linear_loss_common.ROW_LOSSES["kl"] = _gathered_rows
 
 
 def _supports_fused(dtype: torch.dtype, target_dtype: torch.dtype, **_features) -> list[str]:

@@ -3,7 +3,7 @@
 Backends (auto order): ``triton`` (CUDA; CPU only when asked for, under ``TRITON_INTERPRET=1``), ``cpp``
 (CPU, ``fastvl._C.cross_entropy_rows``), ``reference`` (projects every position, as the original). The
 fused backends project only the positions whose label is not ignored, chunk by chunk, and turn each
-chunk's logits into their gradient in place while computing the loss (``fastvl.ops._linear_loss``).
+chunk's logits into their gradient in place while computing the loss (``fastvl.ops.linear_loss_common``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from fastvl import _checks, _ext
 from fastvl.dispatch import needs_cpu_device, op, triton_available, triton_device
-from fastvl.ops import _linear_loss
-from fastvl.ops.region_kl import FUSED_DTYPES, REDUCTIONS
+from fastvl.ops import linear_loss_common
+from fastvl.ops.region_kl_op import FUSED_DTYPES, REDUCTIONS
 from fastvl.reference.cross_entropy import linear_cross_entropy_ref
 
 LINEAR_CROSS_ENTROPY = op("linear_cross_entropy", probe=dict(classes=30522))
@@ -32,12 +32,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     about 16M logits per chunk). Labels are range-checked on the host first (a sync on CUDA). Under
     ZeRO-3 pass the gathered weight (call through the owning module).
     """
-    _linear_loss.validate_projection(hidden, weight, bias, "V")
+    linear_loss_common.validate_projection(hidden, weight, bias, "V")
     _checks.tensor("labels", labels, shape="[...] int64", dtypes=(torch.int64, torch.int32))
     _checks.same_shape("labels", labels, list(hidden.shape[:-1]), "hidden's shape without the last dim")
     _checks.same_device("hidden", hidden, labels=labels)
     _checks.choice("reduction", reduction, REDUCTIONS)
-    _linear_loss.validate_chunk_rows(chunk_rows)
+    linear_loss_common.validate_chunk_rows(chunk_rows)
     _check_label_range(labels, weight.shape[0], ignore_index)
     chosen = LINEAR_CROSS_ENTROPY.select(backend, hidden.device, dtype=hidden.dtype, classes=weight.shape[0])
     return chosen.impl(hidden, weight, bias, labels.long(), ignore_index, reduction, chunk_rows)
@@ -78,12 +78,12 @@ def _gathered_rows(backend, logits, labels, scale, grad):
     return cross_entropy_rows(backend, logits, labels.contiguous(), -1, scale, grad)
 
 
-_linear_loss.ROW_LOSSES["ce"] = _gathered_rows
+linear_loss_common.ROW_LOSSES["ce"] = _gathered_rows
 
 
 def _fused(backend: str):
     def impl(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows):
-        return _linear_loss.apply("ce", backend, hidden, weight, bias, labels, labels != ignore_index, reduction,
+        return linear_loss_common.apply("ce", backend, hidden, weight, bias, labels, labels != ignore_index, reduction,
                                   chunk_rows)
 
     return impl
