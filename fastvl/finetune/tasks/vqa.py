@@ -158,6 +158,14 @@ class VQATask(Task):
             common = Counter(metrics.normalize_answer(a) for q in questions for a in q.answers).most_common(10)
             out["constant_answer_accuracy"] = 100.0 * max(
                 float(np.mean([metrics.vqa_accuracy(answer, q.answers) for q in questions])) for answer, _ in common)
+            # a text-only prior: the best constant answer per question type (the first two words)
+            by_type: dict[str, list[VQAQuestion]] = {}
+            for q in questions:
+                by_type.setdefault(" ".join(q.question.lower().split()[:2]), []).append(q)
+            out["question_type_prior_accuracy"] = 100.0 * sum(
+                max(sum(metrics.vqa_accuracy(answer, q.answers) for q in group) for answer, _ in
+                    Counter(metrics.normalize_answer(a) for q in group for a in q.answers).most_common(10))
+                for group in by_type.values()) / len(questions)
             # the best a classifier over this answer list can do (the answer list's coverage)
             out["soft_score_upper_bound"] = 100.0 * float(np.mean(
                 [max([s for a, s in metrics.answer_scores(q.answers).items() if a in self.label], default=0.0)
