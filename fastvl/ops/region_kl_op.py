@@ -8,7 +8,8 @@ compute each masked row's loss and its gradient in one kernel (the gradient is w
 forward, as Liger-Kernel does, and scaled by the upstream gradient in the backward), never materialise
 ``log_softmax``, read nothing of unmasked rows, and keep the masked count on the device.
 
-``linear_region_kl_loss`` projects only the masked regions, chunk by chunk (see ``fastvl.ops.linear_loss_common``).
+``linear_region_kl_loss`` projects only the masked regions, chunk by chunk (see
+``fastvl.ops.linear_loss_common``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,16 @@ def region_kl_loss(logits: torch.Tensor, target_probs: torch.Tensor, region_mask
     regions; 0 with zero gradient when nothing is masked, where the original gives NaN), 'sum', or
     'none' (``[...]``, 0 on unmasked regions). The result has logits' dtype.
     ViLBERT scores positions 1.. (its IMG token at 0 is never masked): slicing is the caller's choice.
+
+    target_probs rows must be distributions (entries >= 0 summing to 1). Their values are not checked
+    here (a check would read them back, a host sync per call): a negative entry gives NaN on the
+    reference backend (the log of a negative number, as in the original) and a finite but meaningless
+    loss on the fused ones, and unnormalised rows are scored as given (KL of an unnormalised target).
+    Check them where they are made (the data converter, ``fastvl data inspect``).
     """
     _checks.tensor("logits", logits, shape="[..., C]", ndim=range(1, 8))
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., C] with C >= 1 classes, got {list(logits.shape)}")
     _validate_targets("logits", logits.shape[:-1], logits.shape[-1], logits, target_probs, region_mask, reduction)
     region_mask = region_mask.bool()
     chosen = REGION_KL.select(backend, logits.device, dtype=logits.dtype, target_dtype=target_probs.dtype,
@@ -66,7 +75,8 @@ def linear_region_kl_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     ``[..., C]``, region_mask ``[...]`` bool. Gradients flow to hidden, weight and bias. The fused
     backends gather the masked rows (one host sync on CUDA, to size the projection) and project them
     ``chunk_rows`` at a time (default: about 16M logits per chunk). Under ZeRO-3 pass the gathered weight
-    (call through the owning module, or inside ``GatheredParameters``).
+    (call through the owning module, or inside ``GatheredParameters``). target_probs as in
+    :func:`region_kl_loss` (distributions, not checked).
     """
     linear_loss_common.validate_projection(hidden, weight, bias, "C")
     _validate_targets("hidden", hidden.shape[:-1], weight.shape[0], hidden, target_probs, region_mask, reduction)
@@ -214,7 +224,7 @@ def _fused_region_kl(backend: str):
 def _fused_linear_region_kl(backend: str):
     def impl(hidden, weight, bias, target_probs, region_mask, reduction, chunk_rows):
         return linear_loss_common.apply("kl", backend, hidden, weight, bias, target_probs, region_mask, reduction,
-                                  chunk_rows)
+                                        chunk_rows)
 
     return impl
 
