@@ -1,5 +1,5 @@
-"""Short-sequence attention and co-attention (every sequence at most SHORT_MAX_LEN = 128 rows): the
-regime of ViLBERT, VL-BERT and ALBEF (10-101 regions, 16-80 tokens per head).
+"""Short-sequence attention and co-attention (every sequence at most 128 rows at head dims <= 64, 64
+rows at head dims 65-128): the regime of ViLBERT, VL-BERT and ALBEF (10-101 regions, 16-80 tokens).
 
 All keys of a sequence fit one block of BLOCK_N = 64 or 128 rows (the key bucket), so the forward
 is a single pass: one ``S = Q K^T``, one exact softmax, one ``P V`` -- no online rescaling, no
@@ -27,6 +27,9 @@ from fastvl.kernels.attention import CO_LENGTH_ARGS, LENGTH_ARGS, _dropout_keep,
 
 SHORT_MAX_LEN = 128
 KEY_BUCKETS = (64, 128)
+# Longest sequence the short path takes per BLOCK_D (head dim rounded up): at d=128 the 128-row bucket's
+# backward spills 1.7 KB on sm_80 and its forward spills too, so d=128 keeps it to the 64-row bucket.
+SHORT_MAX_LEN_BY_HEAD_BLOCK = {64: 128, 128: 64}
 BLOCK_M = 64  # query rows per forward program
 
 

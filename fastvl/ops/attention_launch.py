@@ -82,7 +82,7 @@ def _meta(k, dtype: torch.dtype, head_dim: int, config) -> dict:
 def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float, scale: float,
                       causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(output like q, log-sum-exp) of one attention; rows with no key get zeros and lse = inf."""
-    if attention_path(max(max_q, max_k), q.dtype) == "short":
+    if attention_path(max(max_q, max_k), q.dtype, q.shape[-1]) == "short":
         return _short_attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed)
     kern = kernels()
     packed = cu_q is not None
@@ -109,7 +109,7 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout
 def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float,
                        scale: float, causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) from the forward's output and log-sum-exp; dropout regenerated from ``seed``."""
-    if attention_path(max(max_q, max_k), q.dtype) == "short":
+    if attention_path(max(max_q, max_k), q.dtype, q.shape[-1]) == "short":
         return _short_attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, dropout_p,
                                          scale, causal, seed)
     kern = kernels()
@@ -142,7 +142,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
 def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v: int, len_t: int,
                          dropout_p: float, scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(ctx_v, ctx_t, lse_v, lse_t): image queries over text keys and text queries over image keys."""
-    if attention_path(max(len_v, len_t), q_v.dtype) == "short":
+    if attention_path(max(len_v, len_t), q_v.dtype, q_v.shape[-1]) == "short":
         return _short_co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v, len_t,
                                            dropout_p, scale, seed)
     kern = kernels()
@@ -176,7 +176,7 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
                           cu_v, cu_t, len_v: int, len_t: int, dropout_p: float, scale: float,
                           seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch."""
-    if attention_path(max(len_v, len_t), q_v.dtype) == "short":
+    if attention_path(max(len_v, len_t), q_v.dtype, q_v.shape[-1]) == "short":
         return _short_co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t,
                                             mask_v, mask_t, cu_v, cu_t, len_v, len_t, dropout_p, scale, seed)
     kern = kernels()
@@ -242,7 +242,7 @@ def _seed_pointer(dropout_p: float, seed: torch.Tensor):
     return seed if dropout_p > 0.0 else None
 
 
-# Short-sequence path (every sequence <= SHORT_MAX_LEN rows: fastvl.kernels.attention_short) ---------
+# Short-sequence path (short sequences, fp16 / bf16: fastvl.kernels.attention_short) ------------------
 
 
 def short_kernels():
@@ -251,13 +251,15 @@ def short_kernels():
     return attention_short
 
 
-def attention_path(max_len: int, dtype: torch.dtype) -> str:
-    """``"short"`` for float16 / bfloat16 when no sequence has more than ``SHORT_MAX_LEN`` rows
-    (host-known lengths, no sync), else ``"tiled"`` (exact fp32 dots unroll on the CUDA cores and
-    spill at these tile sizes: fp32 keeps the tiled kernels). ``FASTVL_ATTENTION_PATH=tiled`` or
-    ``=short`` overrides the rule where the lengths allow (tests, benchmarks)."""
+def attention_path(max_len: int, dtype: torch.dtype, head_dim: int) -> str:
+    """``"short"`` for float16 / bfloat16 when no sequence is longer than the short kernels take at
+    this head dim (128 rows up to d=64, 64 rows up to d=128; host-known lengths, no sync), else
+    ``"tiled"`` (exact fp32 dots unroll on the CUDA cores and spill at these tiles: fp32 keeps the
+    tiled kernels). ``FASTVL_ATTENTION_PATH=tiled`` or ``=short`` overrides the dtype rule (tests,
+    benchmarks); the length limit always holds."""
     forced = os.environ.get("FASTVL_ATTENTION_PATH")
-    if max_len > short_kernels().SHORT_MAX_LEN or forced == "tiled":
+    short = short_kernels()
+    if max_len > short.SHORT_MAX_LEN_BY_HEAD_BLOCK[kernels().head_block(head_dim)] or forced == "tiled":
         return "tiled"
     if forced == "short" or dtype in (torch.float16, torch.bfloat16):
         return "short"
