@@ -49,8 +49,10 @@ DEVICE_LIMITS = {
 SMEM_RESERVED_PER_CTA = 1024
 REGISTER_UNIT = 256  # registers per warp are allocated in multiples of this
 
-# Backward spill budget (spill-store bytes per kernel family; the short-sequence work drives it down).
-SPILL_BUDGET = {"attention_bwd": 600, "co_attention_bwd": 600}
+# Backward spill budget (spill-store bytes per kernel, any configuration and arch): the tiled kernels'
+# worst today (bf16 d=128 with dropout on sm_90: ~600 B, 556 B on main), the short kernels' lower.
+SPILL_BUDGET = {"attention_bwd": 600, "co_attention_bwd": 600, "attention_bwd_short": 400,
+                "co_attention_bwd_short": 400}
 
 
 # Cases: what the launchers are called with ---------------------------------------------------------
@@ -357,7 +359,7 @@ def gate(row: dict, short: bool, uses_dot: bool) -> list[str]:
     if row["shared_bytes"] > DEVICE_LIMITS[arch]["smem_per_block"]:
         problems.append(f"shared memory {row['shared_bytes']} B > {row['arch']} per-block limit")
     family = _family(row["function"])
-    if family.endswith("bwd"):
+    if "_bwd" in family:
         budget = SPILL_BUDGET.get(family, 0)
         if row["spill_store_bytes"] > budget:
             problems.append(f"backward spills {row['spill_store_bytes']} B > budget {budget} B")
@@ -371,8 +373,8 @@ def gate(row: dict, short: bool, uses_dot: bool) -> list[str]:
 
 
 def _family(function: str) -> str:
-    """``co_attention_bwd_kernel`` -> ``co_attention_bwd`` (short-path kernels share their family)."""
-    return function.removesuffix("_kernel").replace("_short", "")
+    """``co_attention_bwd_short_kernel`` -> ``co_attention_bwd_short``."""
+    return function.removesuffix("_kernel")
 
 
 def _path(function: str) -> str:

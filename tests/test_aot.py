@@ -60,7 +60,8 @@ def test_gates_fail_what_they_should():
     problems = "; ".join(aot.gate(row, short=True, uses_dot=True))
     for expected in ("forward kernel spills", "per-block limit", "CTA/SM", "wgmma"):
         assert expected in problems
-    backward = dict(row, function="co_attention_bwd_kernel", spill_store_bytes=aot.SPILL_BUDGET["co_attention_bwd"],
+    backward = dict(row, function="co_attention_bwd_short_kernel",
+                    spill_store_bytes=aot.SPILL_BUDGET["co_attention_bwd_short"],
                     shared_bytes=1024, wgmma=True, ctas_per_sm=2)
     assert aot.gate(backward, short=True, uses_dot=True) == []
     backward["spill_store_bytes"] += 1
