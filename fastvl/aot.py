@@ -13,8 +13,9 @@ Per compiled kernel the report records registers, spill bytes and shared memory 
 and warps per SM (from the device limits below), whether the sm_90 PTX uses ``wgmma`` and the widest
 global load (128 bits = vectorised). Gates
 (exit 1): it compiles; shared memory within the per-block limit; no spill in a forward kernel; backward
-spills within ``SPILL_BUDGET``; at least 2 CTAs per SM for the short-sequence cases; wgmma on sm_90
-where the inner loop is a ``tl.dot``.
+spills within ``SPILL_BUDGET``; at least 2 CTAs per SM for the short-sequence cases on sm_90 (on sm_80,
+where mma operands live in registers, at least 8 resident warps: the d=128 backward runs one 8-warp CTA
+there rather than two 4-warp ones that spill); wgmma on sm_90 where the inner loop is a ``tl.dot``.
 
 ``python -m fastvl.aot`` compiles every case (minutes); ``--ci`` only the representative subset the
 test suite compiles. Must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
@@ -365,8 +366,10 @@ def gate(row: dict, short: bool, uses_dot: bool) -> list[str]:
             problems.append(f"backward spills {row['spill_store_bytes']} B > budget {budget} B")
     elif row["spill_store_bytes"]:
         problems.append(f"forward kernel spills {row['spill_store_bytes']} B")
-    if short and row["ctas_per_sm"] < 2:
+    if short and arch >= 90 and row["ctas_per_sm"] < 2:
         problems.append(f"{row['ctas_per_sm']} CTA/SM (< 2) in a short-sequence case ({row['limited_by']})")
+    if short and arch < 90 and row["warps_per_sm"] < 8:  # sm_80: one 8-warp CTA beats two spilling ones
+        problems.append(f"{row['warps_per_sm']} warps/SM (< 8) in a short-sequence case ({row['limited_by']})")
     if arch >= 90 and uses_dot and not row["wgmma"]:
         problems.append("tl.dot loop does not lower to wgmma on sm_90")
     return problems
@@ -388,13 +391,21 @@ def _uses_dot(launch: Launch) -> bool:
 
 
 def run_case(case: Case, archs: list[int]) -> list[dict]:
+    from fastvl.ops import attention_launch
+
     rows = []
-    for index, launch in enumerate(capture(case)):
-        for arch in archs:
+    for arch in archs:  # the launchers may pick per arch: capture for each
+        attention_launch.TARGET_CAPABILITY = (arch // 10, arch % 10)
+        try:
+            launches = capture(case)
+        finally:
+            attention_launch.TARGET_CAPABILITY = None
+        for launch in launches:
             source, options, _ = jit_source(launch, arch)
             row = measure(f"{case.name}:{source.name.removesuffix('_kernel')}", source, options, arch,
                           _uses_dot(launch))
-            row.update(case=case.name, short=case.short, path=case.path or _path(source.name), grid=list(launch.grid),
+            row.update(case=case.name, short=case.short, path=case.path or _path(source.name),
+                       grid=list(launch.grid),
                        constexprs={k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")})
             problems = gate(row, case.short, _uses_dot(launch))
             row["ok"] = not problems
@@ -434,8 +445,8 @@ def static_specs(only: str | None = None) -> list:
 
 def jit_report(selected: list[Case]) -> list[dict]:
     """On a GPU: run the cases for real, then read what Triton's JIT built (its in-memory cache):
-    registers and local (spill) memory per thread as the driver reports them, shared memory, occupancy -- the ground truth the
-    ahead-of-time report is checked against."""
+    registers and local (spill) memory per thread as the driver reports them, shared memory,
+    occupancy -- the ground truth the ahead-of-time report is checked against."""
     import torch
 
     _DEVICE["name"] = "cuda"

@@ -41,11 +41,14 @@ def key_bucket(max_len: int) -> int:
 FWD_WARPS = 4
 
 
-def bwd_warps(block_n: int) -> int:
-    """Backward warps for key bucket ``block_n``, read off the compile report (sm_90, bf16): at 64, 4
-    warps (d=128: 255 registers, no spill, 2 CTAs/SM; 8 warps would need 166 registers, 1 CTA/SM); at
-    128, 8 warps (4 warps spill 1.3-1.7 KB there)."""
-    return 4 if block_n <= 64 else 8
+def bwd_warps(block_n: int, block_d: int, major: int) -> int:
+    """Backward warps, read off the compile report (bf16): key bucket 64 on sm_90, 4 warps (d=128:
+    255 registers, no spill, 2 CTAs/SM; 8 warps need 166 registers, 1 CTA/SM); on sm_80 (mma operands
+    in registers) d=128 takes 8 warps (4 spill 0.8-1.5 KB with dropout); bucket 128, 8 warps (4 spill
+    1.3-1.7 KB)."""
+    if block_n > 64 or (major < 9 and block_d > 64):
+        return 8
+    return 4
 
 
 @triton.jit
@@ -131,18 +134,19 @@ def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
                   mask=offs_m < seq_q, other=float("inf"))
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.where(_visible(key_ok, offs_m, offs_n, seq_q, seq_k, IS_CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+    if HAS_DROPOUT:  # the mask dies here: where p > 0, p_used > 0 says "kept" (and where p = 0, dS = 0)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
+        p_used = tl.where(keep, p * inv_keep, 0.0)
+    else:
+        p_used = p
     do = tl.load(_rows(DO, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=row_tile, other=0.0)
     o = tl.load(_rows(O, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=row_tile, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     v = tl.load(_rows(V, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=key_tile, other=0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        p_used = tl.where(keep, p * inv_keep, 0.0)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
-    else:
-        p_used = p
+        dp = tl.where(p_used > 0.0, dp * inv_keep, 0.0)
     dv = tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
     in_seq = (offs_n < seq_k)[:, None] & d_ok[None, :]  # masked keys get their zero gradients written
     tl.store(_rows(DV, b, h, k_start, offs_n, offs_d, stride_dkb, stride_dkl, stride_dkh),

@@ -3,7 +3,8 @@ them, for sm_80 and sm_90, with no GPU. CI compiles the representative subset (`
 ViLBERT-base co-attention and text attention, region KL; about a minute) and checks the committed
 full report (``benchmarks/results/compile-report-*.json``, regenerated with ``python -m fastvl.aot
 --json ...``) against the gates and the current case list. Gates: no spill in a forward kernel,
-backward spills within ``SPILL_BUDGET``, at least 2 CTAs per SM on the short-sequence cases, shared
+backward spills within ``SPILL_BUDGET``, at least 2 CTAs per SM on the short-sequence cases (sm_90; 8
+warps per SM on sm_80), shared
 memory within the per-block limit, wgmma on sm_90 where a tl.dot runs on tensor cores."""
 
 import json
@@ -48,7 +49,7 @@ def test_committed_report_passes_the_gates_and_covers_every_case():
         if not row["function"].endswith("bwd_kernel") and not row["function"].endswith("bwd_short_kernel"):
             assert row["spill_store_bytes"] == 0, row["kernel"]
         if row.get("short"):
-            assert row["ctas_per_sm"] >= 2, row["kernel"]
+            assert row["ctas_per_sm"] >= 2 if row["arch"] == "sm_90" else row["warps_per_sm"] >= 8, row["kernel"]
 
 
 def test_gates_fail_what_they_should():

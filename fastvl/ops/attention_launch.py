@@ -266,6 +266,20 @@ def attention_path(max_len: int, dtype: torch.dtype, head_dim: int) -> str:
     return "tiled"
 
 
+TARGET_CAPABILITY: tuple[int, int] | None = None  # set by ``fastvl.aot`` to capture launches for an arch
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability the launch is for (torch caches the device query)."""
+    if TARGET_CAPABILITY is not None:
+        return TARGET_CAPABILITY
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+
+
+def _short_bwd_warps(block_n: int, block_d: int, device: torch.device) -> int:
+    return short_kernels().bwd_warps(block_n, block_d, _capability(device)[0])
+
+
 def _short_block_m():
     """Forward query rows per program (16 under the interpreter, so CPU tests cover several blocks)."""
     return 16 if triton_interpreting() else short_kernels().BLOCK_M
@@ -318,7 +332,7 @@ def _short_attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max
         max_q, max_k, heads, head_dim, scale * tiled.LOG2E, scale, dropout_p,
         BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK=mask is not None, IS_VARLEN=packed,
         IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q.dtype]],
-        EVEN_D=head_dim == block_d, num_warps=short.bwd_warps(block_n), num_stages=1)
+        EVEN_D=head_dim == block_d, num_warps=_short_bwd_warps(block_n, block_d, q.device), num_stages=1)
     return dq, dk, dv
 
 
@@ -380,7 +394,7 @@ def _short_co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, c
         len_v, len_t, heads, head_dim, scale * tiled.LOG2E, scale, dropout_p,
         BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None,
         IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q_v.dtype]],
-        EVEN_D=head_dim == block_d, num_warps=short.bwd_warps(block_n), num_stages=1)
+        EVEN_D=head_dim == block_d, num_warps=_short_bwd_warps(block_n, block_d, q_v.device), num_stages=1)
     return (*grads_v, *grads_t)
 
 
