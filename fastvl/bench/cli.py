@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model_bench.add_arguments(model)
     model_bench.add_arguments(profile)
-    from fastvl.bench import retrieval as retrieval_bench  # noqa: PLC0415 - fastvl.finetune's scoring (issue 14)
+    from fastvl.bench import retrieval as retrieval_bench
 
     retrieval_bench.add_arguments(retrieval)
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         if args.mode == "ops":
             return run_ops(args, device, out_dir)
         if args.mode == "retrieval":
-            from fastvl.bench import retrieval as retrieval_bench  # noqa: PLC0415
+            from fastvl.bench import retrieval as retrieval_bench
 
             return retrieval_bench.run(args, device, out_dir)
         from fastvl.bench import model as model_bench  # noqa: PLC0415

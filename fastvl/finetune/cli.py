@@ -19,7 +19,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvl.train.families import model_names  # noqa: PLC0415
+    from fastvl.train.families import model_names
 
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--model", default="vilbert-tiny", choices=model_names(), help="model family and size")
@@ -64,6 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastvl.finetune.engine import finetune  # noqa: PLC0415
+    from fastvl.finetune.engine import finetune
 
     return finetune(args)

@@ -73,7 +73,7 @@ class TaskFamily:
 
 
 def resolve_model(name: str) -> tuple[str, str]:
-    from fastvl.train.families import resolve  # noqa: PLC0415
+    from fastvl.train.families import resolve
 
     family, variant = resolve(name)
     return family.name, variant
@@ -100,12 +100,12 @@ def make_task(args, family: str, dataset, special, task_dir, preset, state: dict
 def full_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's parameters and buffers as float32 CPU tensors on rank 0 (None elsewhere); under ZeRO-3
     every rank takes part in gathering them."""
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     partitioned = any(hasattr(p, "ds_id") for p in net.parameters())
     rank = dist.get_rank() if dist.is_initialized() else 0
     if partitioned:
-        import deepspeed  # noqa: PLC0415
+        import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):
             state = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
@@ -161,13 +161,13 @@ def evaluation_points(total_steps: int, every: int) -> list[int]:
 def finetune(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    import deepspeed  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
+    import deepspeed
+    import torch.distributed as dist
 
-    from fastvl.data.sampler import GlobalBatchSampler  # noqa: PLC0415
-    from fastvl.train import presets  # noqa: PLC0415
-    from fastvl.train.cli import init_distributed, load_config  # noqa: PLC0415
-    from fastvl.train.loop import LOG_FILE, Logger, Trainer, TrainingDiverged  # noqa: PLC0415
+    from fastvl.data.sampler import GlobalBatchSampler
+    from fastvl.train import presets
+    from fastvl.train.cli import init_distributed, load_config
+    from fastvl.train.loop import LOG_FILE, Logger, Trainer, TrainingDiverged
 
     try:
         family, variant = resolve_model(args.model)
@@ -308,10 +308,10 @@ def finetune(args) -> int:
 
 def evaluate(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
-    from fastvl.bench.harness import environment  # noqa: PLC0415
-    from fastvl.train.cli import init_distributed  # noqa: PLC0415
+    from fastvl.bench.harness import environment
+    from fastvl.train.cli import init_distributed
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:

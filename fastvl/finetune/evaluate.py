@@ -16,7 +16,7 @@ from fastvl.finetune.tasks import TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvl.train.families import model_names  # noqa: PLC0415
+    from fastvl.train.families import model_names
 
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--checkpoint", required=True, help="best.pt of `fastvl finetune`, or a pretraining "
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastvl.finetune.engine import evaluate  # noqa: PLC0415
+    from fastvl.finetune.engine import evaluate
 
     return evaluate(args)
 
