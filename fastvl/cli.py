@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": ("fastvl.convert.cli", "convert original ViLBERT / VL-BERT / ALBEF / HF BERT checkpoints"),
     "bench": ("fastvl.bench.cli", "throughput and memory benchmarks, fused vs reference"),
     "parity": ("fastvl.bench.parity", "layer-by-layer numerical parity of fused vs reference"),
+    "embed": ("fastvl.embed", "pooled ALBEF text / image / joint embeddings of a dataset (.npy)"),
 }
 
 
