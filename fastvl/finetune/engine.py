@@ -62,6 +62,7 @@ class TaskFamily:
 
     objectives: tuple[str, ...]
     step_inputs: object = None
+    name: str | None = None  # recorded in checkpoints: a resumed run must be the same family and task
 
     @staticmethod
     def model_inputs(batch: dict) -> dict:
@@ -175,6 +176,17 @@ def finetune(args) -> int:
     except ValueError as error:
         print(f"fastvl finetune: {error}", file=sys.stderr)
         return 2
+    from fastvl.train.checkpoint import CheckpointError
+    from fastvl.train.locks import OutputDirBusy, clear_stale_build_locks, lock_output_dir
+
+    output_lock = None
+    if os.environ.get("RANK", "0") == "0":  # one run per --out, as fastvl pretrain
+        try:
+            output_lock = lock_output_dir(args.out)
+        except (OutputDirBusy, NotADirectoryError) as error:
+            print(f"fastvl finetune: {error}", file=sys.stderr)
+            return 2
+    clear_stale_build_locks()
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.global_batch is None:
@@ -218,7 +230,9 @@ def finetune(args) -> int:
     if hasattr(net, "keep_momentum_fp32"):  # ALBEF's momentum encoders stay fp32 (fastvl.train.albef)
         net.keep_momentum_fp32()
     os.makedirs(args.out, exist_ok=True)
-    family_view = TaskFamily(task.objectives, task.step_inputs if task.has_step_inputs else None)
+    family_view = TaskFamily(task.objectives, task.step_inputs if task.has_step_inputs else None,
+                             name=f"{family}/{args.task}")
+    del output_lock  # held (by the open file) until the process ends
 
     def trainer(stop_after: int | None) -> Trainer:
         return Trainer(engine, family_view, sampler, task.collate, out_dir=args.out, total_steps=total_steps,
@@ -228,7 +242,11 @@ def finetune(args) -> int:
 
     first = trainer(None)
     if not args.no_resume:
-        first.resume()
+        try:
+            first.resume()
+        except CheckpointError as error:
+            print(f"fastvl finetune: {error}", file=sys.stderr)
+            return 2
     step = first.start_step
     logger = Logger(os.path.join(args.out, LOG_FILE), rank == 0)
     parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in net.parameters())

@@ -89,17 +89,18 @@ def read_init_state(path: str) -> dict[str, torch.Tensor]:
         return normalise_keys(load_state_dict_file(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--init {path!r}: no such file or directory")
+    from fastvl.train.checkpoint import load_weights_only, read_latest
+
     folder = path
     for candidate in (os.path.join(path, "checkpoints"), path):
-        latest = os.path.join(candidate, "latest")
-        if os.path.isfile(latest):
-            with open(latest, encoding="utf-8") as f:
-                folder = os.path.join(candidate, f.read().strip())
+        tag = read_latest(candidate)
+        if tag:
+            folder = os.path.join(candidate, tag)
             break
     states = os.path.join(folder, "mp_rank_00_model_states.pt")
     if not os.path.isfile(states):
         raise FileNotFoundError(f"--init {path!r}: no DeepSpeed checkpoint there (no {states})")
-    loaded = torch.load(states, map_location="cpu", weights_only=True)
+    loaded = load_weights_only(states, map_location="cpu")
     module = loaded.get("module") if isinstance(loaded, dict) else None
     if not module or any(v.numel() == 0 for v in module.values() if isinstance(v, torch.Tensor)):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
