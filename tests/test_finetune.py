@@ -131,6 +131,39 @@ def test_init_and_checkpoint_errors(sets, tmp_path):
     assert done.returncode == 2 and "no 'retrieval' fine-tuning for 'vlbert'" in done.stderr
 
 
+def test_init_from_an_original_release_converted_on_the_fly(sets, tmp_path):
+    """The ViLBERT pretraining checkpoint exported to the original key layout (fastvl convert's inverse)
+    and its config: --init-config converts it while loading; evaluate --checkpoint-config likewise."""
+    from fastvl.convert.vilbert import vilbert_to_original
+    from fastvl.data.format import RegionDataset
+    from fastvl.data.tokenizer import load_tokenizer, special_ids
+    from fastvl.finetune.tasks.common import model_config, read_init_state
+    from fastvl.models.vilbert import ViLBERTForPretraining
+
+    images = os.path.join(sets["root"], "images")
+    dataset = RegionDataset(images, load_tokenizer(os.path.join(images, "vocab.txt")))
+    config = model_config("vilbert", "tiny", dataset, special_ids(dataset.tokenizer))
+    model = ViLBERTForPretraining(config)
+    model.load_state_dict(read_init_state(sets["vilbert"]))
+    original, config_file = str(tmp_path / "pytorch_model.bin"), str(tmp_path / "bert_config.json")
+    torch.save(vilbert_to_original(model), original)
+    with open(config_file, "w") as f:
+        json.dump(config.to_dict(), f)
+    metrics = str(tmp_path / "zero.json")
+    _run("fastvl.finetune.evaluate", ["--task", "retrieval", "--checkpoint", original, "--checkpoint-config",
+                                      config_file, "--model", "vilbert-tiny", "--data", sets["ret"], "--out", metrics])
+    reference = str(tmp_path / "reference.json")
+    _run("fastvl.finetune.evaluate", ["--task", "retrieval", "--checkpoint", sets["vilbert"], "--model",
+                                      "vilbert-tiny", "--data", sets["ret"], "--out", reference])
+    a, b = json.load(open(metrics))["metrics"], json.load(open(reference))["metrics"]
+    assert {k: v for k, v in a.items() if k not in ("seconds", "ms_per_query")} == \
+        {k: v for k, v in b.items() if k not in ("seconds", "ms_per_query")}
+    done = _run("fastvl.finetune", ["--task", "vqa", "--model", "vilbert-tiny", "--init", original, "--init-config",
+                                    config_file, "--data", sets["vqa"], "--out", str(tmp_path / "run"),
+                                    "--max-steps", "1", *FT])
+    assert "--init loaded" in done.stdout
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_the_uninterrupted_run(sets, tmp_path):
     args = ["--task", "vqa", "--model", "vilbert-tiny", "--init", sets["vilbert"], "--data", sets["vqa"],

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", metavar="CKPT", help="pretrained weights: a fastvl checkpoint file or the DeepSpeed "
                         "checkpoint directory of `fastvl pretrain` (loaded weights_only); without it the encoder "
                         "starts from random weights")
+    parser.add_argument("--init-config", metavar="CONFIG", help="--init is an original release (ViLBERT / VL-BERT / "
+                        "ALBEF checkpoint) with this JSON or YAML config: converted on the fly (fastvl convert's rules)")
     parser.add_argument("--data", required=True, help="task directory (task.json; `fastvl data synth-task`)")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
     parser.add_argument("--out", default="runs/finetune", help="log.jsonl, evaluations.jsonl, best.pt, checkpoints/")

@@ -33,8 +33,8 @@ from fastvl.data.tokenizer import load_tokenizer, special_ids
 from fastvl.finetune.parallel import EvalContext
 from fastvl.finetune.presets import preset_for
 from fastvl.finetune.tasks import task_class
-from fastvl.finetune.tasks.common import (config_from_dict, config_to_dict, load_pretrained, model_config,
-                                          read_init_state)
+from fastvl.finetune.tasks.common import (config_from_dict, config_to_dict, convert_original, load_pretrained,
+                                          model_config, read_init_state)
 
 CHECKPOINT_FORMAT = "fastvl-finetune"
 BEST_FILE = "best.pt"
@@ -211,8 +211,10 @@ def finetune(args) -> int:
     init_report = None
     if args.init:
         try:
-            init_report = load_pretrained(net, read_init_state(args.init), family, args.init)
-        except (ValueError, FileNotFoundError) as error:
+            state = (convert_original(family, args.init, args.init_config) if args.init_config else
+                     read_init_state(args.init))
+            init_report = load_pretrained(net, state, family, args.init)
+        except (ValueError, FileNotFoundError, OSError) as error:  # ConversionError is a ValueError
             print(f"fastvl finetune: {error}", file=sys.stderr)
             return 2
     module = TaskModule(task, net)
@@ -365,8 +367,10 @@ def evaluate(args) -> int:
     else:
         net = task.make_model(model_config(family, variant, dataset, special))
         try:
-            load_pretrained(net, read_init_state(args.checkpoint), family, args.checkpoint)
-        except (ValueError, FileNotFoundError) as error:
+            state = (convert_original(family, args.checkpoint, args.checkpoint_config) if args.checkpoint_config
+                     else read_init_state(args.checkpoint))
+            load_pretrained(net, state, family, args.checkpoint)
+        except (ValueError, FileNotFoundError, OSError) as error:
             print(f"fastvl evaluate: {error}", file=sys.stderr)
             return 2
     device = torch.device(args.device)

@@ -109,6 +109,27 @@ def read_init_state(path: str) -> dict[str, torch.Tensor]:
     return normalise_keys({k: v for k, v in module.items() if isinstance(v, torch.Tensor)})
 
 
+def convert_original(family: str, path: str, config_path: str) -> dict[str, torch.Tensor]:
+    """An original release (ViLBERT / VL-BERT / ALBEF checkpoint, loaded weights_only, and its JSON or YAML
+    config) converted on the fly by :mod:`fastvl.convert` (strict: every key must map)."""
+    import importlib
+    import json
+
+    from fastvl.convert.cli import CONVERTERS
+    from fastvl.convert.common import load_state_dict_file
+
+    with open(config_path, encoding="utf-8") as f:
+        if config_path.endswith((".yaml", ".yml")):
+            import yaml
+
+            config = yaml.safe_load(f)
+        else:
+            config = json.load(f)
+    module, function = CONVERTERS[family]
+    model = getattr(importlib.import_module(module), function)(load_state_dict_file(path), config)
+    return model.state_dict()
+
+
 def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], family: str, source: str) -> dict:
     """Loads the parameters of ``state`` that ``model`` has (same name and shape). Every encoder
     parameter (:data:`ENCODER_PREFIXES`) must be there; returns ``{"loaded", "new", "unused"}`` counts
