@@ -150,3 +150,14 @@ def forbid_host_syncs() -> Iterator[None]:
         _checks.SIMULATE_DEVICE = False
         if cuda_mode is not None:
             torch.cuda.set_sync_debug_mode(cuda_mode)
+
+
+def random_padding_mask(batch: int, length: int, *, generator: torch.Generator | None = None,
+                        fully_masked_rows: Sequence[int] = (), device="cpu") -> torch.Tensor:
+    """bool ``[batch, length]`` with True = real: each row keeps a random prefix of length >= 1
+    (rows listed in ``fully_masked_rows`` keep none)."""
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    for row in fully_masked_rows:
+        mask[row] = False
+    return mask.to(device)

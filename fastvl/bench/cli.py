@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     profile = modes.add_parser("profile", help="torch.profiler of one fused training step: the top kernels")
     calibrate = modes.add_parser("calibrate", help="measure every backend per shape: the table auto reads")
     host = modes.add_parser("host", help="host us per op call and launches per op and training step")
-    for sub in (ops, model, profile, calibrate, host):
+    retrieval = modes.add_parser("retrieval", help="retrieval evaluation pairs/s, fused vs reference, text cache")
+    for sub in (ops, model, profile, calibrate, host, retrieval):
         sub.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         sub.add_argument("--out", type=Path, default=None,
                          help="result folder (default: benchmarks/results/<date>-<device>/)")
@@ -67,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model_bench.add_arguments(profile)
     calibrate_bench.add_arguments(calibrate)
     host_bench.add_arguments(host)
+    from fastvl.bench import retrieval as retrieval_bench
+
+    retrieval_bench.add_arguments(retrieval)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
             from fastvl.bench import host
 
             return host.run(args, device, out_dir)
+        if args.mode == "retrieval":
+            from fastvl.bench import retrieval as retrieval_bench
+
+            return retrieval_bench.run(args, device, out_dir)
         from fastvl.bench import model as model_bench
 
         if args.mode == "profile":

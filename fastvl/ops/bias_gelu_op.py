@@ -69,7 +69,8 @@ def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None)
     dy2 = dy.reshape(-1, cols).contiguous()
     dx = torch.empty_like(x2)
     kernel, grid, meta = _launch("bias_gelu_bwd_kernel", x2, bias)
-    partial = torch.zeros(grid[0] if bias is not None else 0, cols, dtype=torch.float32, device=x.device)
+    # Program (i, j) writes column tile j of row i: the grid covers the buffer, no zero-fill needed.
+    partial = torch.empty(grid[0] if bias is not None else 0, cols, dtype=torch.float32, device=x.device)
     if x2.numel():
         kernel[grid](dy2, x2, bias if bias is not None else x2, dx, partial if bias is not None else dx,
                      dy2.stride(0), x2.stride(0), dx.stride(0), x2.shape[0], cols, **meta)
