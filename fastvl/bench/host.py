@@ -8,7 +8,8 @@ launch count rather than by the kernels. This benchmark measures both without a 
   dispatch, custom op, autograd and launch set-up, no kernel), the eager ``reference`` backend it
   replaces (its tiny CPU compute included, which a GPU would overlap), and the other CPU backends.
 * **Device launches per call**: Triton kernels launched, plus one per aten op that is not a view or an
-  ``empty`` (what each would launch on CUDA; an estimate: cuBLAS and some reductions launch more).
+  ``empty`` (what each would launch on CUDA; an estimate: cuBLAS and some reductions launch more),
+  the ops inside fastvl's custom ops included.
   Counted for one op call, and for one ViLBERT training step (forward + backward; the optimizer
   counted apart, the same for both), fused (``use_backend("triton")``, launches stubbed) against
   ``use_backend("reference")``.
@@ -51,6 +52,9 @@ class LaunchCounter(TorchDispatchMode):
         self.by_op: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastvl":  # count what a fastvl custom op runs inside (its own ops and launches)
+            with self:
+                return _custom_op_impl(func)(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if launches(func):
             self.aten += 1
@@ -63,12 +67,22 @@ class LaunchCounter(TorchDispatchMode):
         return self.aten + self.triton
 
 
+def _custom_op_impl(func):
+    from torch._library.custom_ops import OPDEFS
+
+    return OPDEFS[func._schema.name]._init_fn
+
+
 def launches(func) -> bool:
+    """Whether an aten op launches a kernel on CUDA: not a view, an ``empty*``, nor an op returning no
+    tensor (``promote_types``)."""
     name = func.overloadpacket.__name__
-    if name.startswith(("empty", "new_empty", "_local_scalar_dense", "lift_fresh", "sym_")):
+    if name.startswith(("empty", "new_empty", "_local_scalar_dense", "lift_fresh", "_unsafe_view", "_reshape_alias")):
         return False
     returns = func._schema.returns
-    return not (returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns))
+    if not any("Tensor" in str(r.type) for r in returns):
+        return False
+    return not all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
 @contextlib.contextmanager

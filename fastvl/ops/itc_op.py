@@ -146,6 +146,7 @@ def _(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_fea
 
 def _itc_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zero-filled buffers
 
 
 def _itc_backward(ctx, grad_loss, *_grads_of_grads):

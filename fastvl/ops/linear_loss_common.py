@@ -157,6 +157,7 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(hidden, weight, bias, target, selected)
     else:
         ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zero-filled buffers
 
 
 def _backward(ctx, grad_loss, *_grads_of_grads):
