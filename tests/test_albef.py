@@ -33,7 +33,7 @@ def batch(generator, size=4, length=9):
 
 def _run(model, images, ids, negatives, masked, labels):
     out = model(images, ids, itm_negatives=negatives, mlm_inputs=(masked, labels), update=False)
-    return {k: out[k] for k in ("loss_itc", "loss_itm", "loss_mlm", "itm_logits")}
+    return {**out.losses, "itm_logits": out.itm_logits}
 
 
 def _parity_inputs(model, generator):
@@ -106,8 +106,8 @@ def test_mlm_with_nothing_masked_is_zero_with_zero_gradient(generator):
     images, ids = batch(generator)
     out = model(images, ids, itm_negatives=(torch.tensor([1, 0, 3, 2]), torch.tensor([1, 0, 3, 2])),
                 mlm_inputs=(ids, torch.full_like(ids, -100)), update=False)
-    assert out["loss_mlm"].item() == 0.0
-    out["loss_mlm"].backward()
+    assert out.losses["mlm"].item() == 0.0
+    out.losses["mlm"].backward()
     for name, p in model.named_parameters():
         assert p.grad is None or not p.grad.any(), name
 
@@ -188,7 +188,7 @@ def test_integer_attention_mask_as_albef_passes_it(generator):
     args = dict(itm_negatives=(torch.tensor([1, 0, 3, 2]), torch.tensor([1, 0, 3, 2])), mlm=False, update=False)
     as_bool = model(images, ids, ids != 0, **args)
     as_long = model(images, ids, (ids != 0).long(), **args)
-    torch.testing.assert_close(as_long["loss"], as_bool["loss"])
+    torch.testing.assert_close(as_long.loss, as_bool.loss)
     with pytest.raises(TypeError, match="attention_mask"):
         model(images, ids, (ids != 0).float(), **args)
 
@@ -205,8 +205,8 @@ def test_autocast_losses_and_gradients(generator, device, dtype):
     moved = [a.to(device) if isinstance(a, torch.Tensor) else tuple(t.to(device) for t in a) for a in args]
     with torch.autocast(device, dtype):
         out = _run(model, *moved)
-    sum(out[k].float() for k in ("loss_itc", "loss_itm", "loss_mlm")).backward()
-    for key in ("loss_itc", "loss_itm", "loss_mlm"):
+    sum(out[k].float() for k in ("itc", "itm", "mlm")).backward()
+    for key in ("itc", "itm", "mlm"):
         torch.testing.assert_close(out[key].float().cpu(), expected[key], rtol=0.05, atol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -242,10 +242,10 @@ def test_itc_and_itm_losses_follow_albef(generator):
                                                                      image_tokens[i:i + 1])[0, 0])
                               for t, i, _ in pairs])
         itm = F.cross_entropy(logits, torch.tensor([label for _, _, label in pairs]))
-    torch.testing.assert_close(out["loss_itc"], itc)
-    torch.testing.assert_close(out["itm_logits"], logits)
-    torch.testing.assert_close(out["loss_itm"], itm)
-    assert "loss_mlm" not in out
+    torch.testing.assert_close(out.losses["itc"], itc)
+    torch.testing.assert_close(out.itm_logits, logits)
+    torch.testing.assert_close(out.losses["itm"], itm)
+    assert "mlm" not in out.losses
 
 
 def test_mlm_on_predicted_rows_equals_all_rows(generator, monkeypatch):
@@ -292,3 +292,13 @@ def test_loads_a_deepspeed_consolidated_state_dict_with_temp_as_a_vector():
     model = ALBEF(CONFIG)
     model.load_state_dict(state)
     assert model.temp.shape == () and model.temp.item() == pytest.approx(0.05)
+
+
+def test_zero_one_masks_in_every_text_entry_point(generator):
+    model = randomise(ALBEF(CONFIG), generator).eval()
+    _, ids = batch(generator)
+    mask = ids != 0
+    for call in (lambda m: model.text_features(ids, m)[1], lambda m: model.text_encoder.encode_text(ids, m)):
+        torch.testing.assert_close(call(mask.long()), call(mask), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="attention_mask must be bool or hold 0 / 1"):
+            call(mask.long() - 1)

@@ -10,7 +10,7 @@ from fastvl.reference.bias_gelu import bias_gelu_ref
 from fastvl.testing import check_op
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=pytest.mark.interpret)])
 @pytest.mark.parametrize("shape,with_bias", [((2, 23, 150), True), ((37, 64), False), ((1, 300), True)])
 def test_forward_backward_parity(generator, backend, shape, with_bias):
     x = torch.randn(*shape, generator=generator) * 3
@@ -64,7 +64,7 @@ def test_gpu_parity(dtype):
 
 @pytest.mark.interpret
 def test_custom_op_registration(generator):
-    from fastvl.ops.bias_gelu import _bias_gelu_fwd
+    from fastvl.ops.bias_gelu_op import _bias_gelu_fwd
 
     x = torch.randn(2, 3, 40, generator=generator, requires_grad=True)
     bias = torch.randn(40, generator=generator, requires_grad=True)

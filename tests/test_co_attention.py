@@ -1,18 +1,15 @@
 """fastvl.ops.co_attention: both directions fused in one launch (forward and backward), against the
 float64 BertBiAttention reference under the parity rule; padded and packed forms, dropout replay."""
 
-import importlib
-
 import pytest
 import torch
 
 import fastvl
+from fastvl.ops.co_attention_op import CO_ATTENTION
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
 from fastvl.testing import assert_parity, check_op
 from varlen import cu_seqlens, pack, prefix_mask
 
-attention_module = importlib.import_module("fastvl.ops.attention")
-co_module = importlib.import_module("fastvl.ops.co_attention")
 co_attention = fastvl.ops.co_attention
 
 INTERPRET, GPU = pytest.mark.interpret, pytest.mark.gpu
@@ -122,8 +119,8 @@ def test_dropout_keep_masks_replay_through_reference(generator, device, dtype, d
     inputs = streams(generator, 2, 37, 23, 1, 64, dtype, device)
     mask_v, mask_t = prefix_mask([37, 12], 37, device), prefix_mask([23, 4], 23, device)
     seed = 77
-    keep_v = attention_module.dropout_keep_mask(seed, 2, 1, 37, 23, dropout_p, device=device)  # image queries
-    keep_t = attention_module.dropout_keep_mask(seed, 2, 1, 23, 37, dropout_p, device=device, seed_offset=1)
+    keep_v = fastvl.ops.dropout_keep_mask(seed, 2, 1, 37, 23, dropout_p, device=device)  # image queries
+    keep_t = fastvl.ops.dropout_keep_mask(seed, 2, 1, 23, 37, dropout_p, device=device, seed_offset=1)
     q_v, k_v, v_v, q_t, k_t, v_t = inputs
     check_op(fused(dropout_p=dropout_p, dropout_seed=seed),
              reference(dropout_p=dropout_p, dropout_masks=(keep_v, keep_t)),
@@ -215,9 +212,9 @@ def test_torch_backends_packed(generator, backend):
 
 def test_auto_picks_triton_only_on_cuda():
     features = dict(dtype=torch.bfloat16, head_dim=128, dropout=True, packed=False)
-    assert co_module.CO_ATTENTION.select(None, torch.device("cpu"), **features).name == "sdpa"
+    assert CO_ATTENTION.select(None, torch.device("cpu"), **features).name == "sdpa"
     if torch.cuda.is_available():
-        assert co_module.CO_ATTENTION.select(None, torch.device("cuda"), **features).name == "triton"
+        assert CO_ATTENTION.select(None, torch.device("cuda"), **features).name == "triton"
 
 
 def _t(*shape):
@@ -261,8 +258,8 @@ def test_vilbert_shapes_on_gpu(generator, dtype, regions):
     lengths_v = torch.randint(10, regions + 1, (8,), generator=generator)
     lengths_t = torch.randint(1, 37, (8,), generator=generator)
     mask_v, mask_t = prefix_mask(lengths_v.tolist(), regions, "cuda"), prefix_mask(lengths_t.tolist(), 36, "cuda")
-    keep_v = attention_module.dropout_keep_mask(5, 8, 8, regions, 36, 0.1, device="cuda")
-    keep_t = attention_module.dropout_keep_mask(5, 8, 8, 36, regions, 0.1, device="cuda", seed_offset=1)
+    keep_v = fastvl.ops.dropout_keep_mask(5, 8, 8, regions, 36, 0.1, device="cuda")
+    keep_t = fastvl.ops.dropout_keep_mask(5, 8, 8, 36, regions, 0.1, device="cuda", seed_offset=1)
     q_v, k_v, v_v, q_t, k_t, v_t = inputs
     check_op(fused(dropout_p=0.1, dropout_seed=5), reference(dropout_p=0.1, dropout_masks=(keep_v, keep_t)),
              [q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t], name=f"co_attention vilbert {regions}")
@@ -270,7 +267,7 @@ def test_vilbert_shapes_on_gpu(generator, dtype, regions):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_directions_draw_independent_dropout(device):
-    keep_v = attention_module.dropout_keep_mask(8, 2, 2, 30, 30, 0.5, device=device)
-    keep_t = attention_module.dropout_keep_mask(8, 2, 2, 30, 30, 0.5, device=device, seed_offset=1)
+    keep_v = fastvl.ops.dropout_keep_mask(8, 2, 2, 30, 30, 0.5, device=device)
+    keep_t = fastvl.ops.dropout_keep_mask(8, 2, 2, 30, 30, 0.5, device=device, seed_offset=1)
     assert not torch.equal(keep_v, keep_t)
     assert abs((keep_v == keep_t).float().mean().item() - 0.5) < 0.05  # uncorrelated: agree half the time

@@ -289,7 +289,7 @@ def _hf_bert_state(generator, prefix="bert."):
 
 
 def test_hf_bert_initialises_the_text_stream(generator):
-    model = ViLBERTForPretraining(ViLBERTConfig.from_dict(CONFIG))
+    model = ViLBERTForPretraining(ViLBERTConfig.from_original(CONFIG))
     visual_before = model.bert.v_layer[0].attention.qkv.weight.clone()
     hf = _hf_bert_state(generator)
     report = text_stream_from_hf_bert(model, hf)

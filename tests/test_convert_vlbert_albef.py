@@ -202,7 +202,7 @@ def test_vlbert_converted_matches_independent_forward(generator):
                    region_class_scores=scores)
     mvrc = _linear(s, "vlbert.mvrc_head.region_cls_pred", _gelu(_linear(s, "vlbert.mvrc_head.transform.dense",
                                                                         out.objects)))
-    torch.testing.assert_close(result["mvrc_logits"], mvrc)
+    torch.testing.assert_close(result.mvrc_logits, mvrc)
 
 
 def test_vlbert_task_heads_from_original(generator):

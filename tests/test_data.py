@@ -1,6 +1,8 @@
 """fastvl.data: the shard format, synthetic set, conversion, error handling, masking rules, sampler."""
 
 import base64
+import copy
+import dataclasses
 import json
 import os
 import re
@@ -12,7 +14,7 @@ import torch
 
 from fastvl.cli import main as fastvl_main
 from fastvl.data import convert
-from fastvl.data.collate import IMG_LOCATION, ViLBERTCollator, pack, pad, region_locations, unpack
+from fastvl.data.collate import IMG_LOCATION, ViLBERTCollator, box_iou, pack, pad, region_locations, unpack
 from fastvl.data.format import DataError, ImageRecord, RegionDataset, write_dataset
 from fastvl.data.sampler import GlobalBatchSampler
 from fastvl.data.synth import make_synthetic_dataset
@@ -225,6 +227,53 @@ def test_bad_records_are_skipped_and_counted_or_strict(tmp_path, synth_dir, capl
 # collation -------------------------------------------------------------------------------------------
 
 
+class _Replaced:
+    """A dataset serving ``example`` at ``index`` and ``dataset``'s records elsewhere."""
+
+    def __init__(self, dataset, index, example):
+        self.dataset, self.index, self.example, self.token_ids = dataset, index, example, dataset.token_ids
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.example if index == self.index else self.dataset[index]
+
+
+def test_img_region_never_carries_a_masked_region(dataset):
+    """vilbert-multi-task's IMG feature: the sum after zeroing over the regions overlapping no masked one;
+    a zeroed region's feature does not reach it, whatever that feature is."""
+    collator = _collator(dataset, seed=3)
+    checked = 0
+    for index in range(len(dataset)):
+        sample = collator.sample(0, index)
+        zeroed = sample["region_replaced"][1:]
+        if not zeroed.any():
+            continue
+        example = dataset[index]
+        poisoned = np.array(example.features, dtype=np.float32)
+        poisoned[zeroed] = 1e4  # a masked region's feature, made unmistakable
+        poisoned_collator = copy.copy(collator)
+        poisoned_collator.dataset = _Replaced(dataset, index, dataclasses.replace(example, features=poisoned))
+        again = poisoned_collator.sample(0, index)
+        np.testing.assert_array_equal(again["region_replaced"], sample["region_replaced"])
+        np.testing.assert_array_equal(again["region_feats"][0], sample["region_feats"][0])
+        assert np.abs(sample["region_feats"][0]).max() < 1e3
+        # the count: real regions overlapping no selected one (a selected region overlaps itself)
+        selected = sample["region_labels"][1:]
+        free = ~(box_iou(np.asarray(example.boxes, np.float64)[selected], example.boxes) > 0.4).any(0)
+        assert free.sum() <= len(free) - selected.sum()
+        np.testing.assert_allclose(sample["region_feats"][0] * max(1, free.sum()), sample["region_feats"][1:].sum(0),
+                                   rtol=1e-5, atol=1e-4)
+        checked += 1
+    assert checked > 10
+
+
+def test_box_iou_matches_the_pixel_convention():
+    a = np.array([[0, 0, 9, 9], [5, 5, 14, 14]], np.float64)  # 10 x 10 pixels each, 5 x 5 overlap
+    np.testing.assert_allclose(box_iou(a, a), [[1, 25 / 175], [25 / 175, 1]])
+
+
 def test_masking_rules_statistically(dataset):
     """Word and region masking rates, 80/10/10 and 90/10 splits, negatives, IMG region, labels."""
     collator = _collator(dataset, seed=7)
@@ -249,7 +298,8 @@ def test_masking_rules_statistically(dataset):
         example = dataset[index]
         feats, label = sample["region_feats"], sample["region_labels"]
         real = np.asarray(example.features, dtype=np.float32)
-        np.testing.assert_allclose(feats[0], real.mean(0), rtol=1e-5, atol=1e-5)  # IMG = mean before masking
+        overlapped = (box_iou(np.asarray(example.boxes, np.float64)[label[1:]], example.boxes) > 0.4).any(0)
+        np.testing.assert_allclose(feats[0], feats[1:].sum(0) / max(1, (~overlapped).sum()), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(sample["region_loc"][0], IMG_LOCATION)
         assert not label[0] and (sample["region_targets"][0] == 0).all()
         np.testing.assert_allclose(sample["region_targets"][1:], example.cls_prob, rtol=1e-6)
@@ -461,3 +511,24 @@ def test_vlbert_whole_word_masking_and_regions(tmp_path):
         replaced_regions += sample["region_replaced"].sum()
     assert abs(selected_words / words - 0.15) < 0.02 and abs(selected_regions / regions - 0.15) < 0.015
     assert abs(replaced_regions / selected_regions - 0.9) < 0.02  # VL-BERT keeps 10% of the masked regions
+
+
+def test_objective_settings_follow_vilbert_multi_task(dataset):
+    """--objective 1: misaligned pairs carry no word / region labels (inputs masked all the same);
+    2: no misaligned pair and no is_next; 0: labels on every pair."""
+    keys = [(0, i) for i in range(40)]
+    plain, one, two = (_collator(dataset, seed=5, objective=o)(keys) for o in (0, 1, 2))
+    misaligned = plain["is_next"] == 1
+    assert misaligned.any() and (plain["mlm_labels"][misaligned] >= 0).any()
+    torch.testing.assert_close(one["is_next"], plain["is_next"])
+    torch.testing.assert_close(one["input_ids"], plain["input_ids"])  # the same inputs, masked as before
+    torch.testing.assert_close(one["region_feats"], plain["region_feats"])
+    assert (one["mlm_labels"][misaligned] == -1).all() and not one["region_labels"][misaligned].any()
+    torch.testing.assert_close(one["mlm_labels"][~misaligned], plain["mlm_labels"][~misaligned])
+    torch.testing.assert_close(one["region_labels"][~misaligned], plain["region_labels"][~misaligned])
+    assert "is_next" not in two
+    for row, (_, index) in enumerate(keys):  # every caption is the image's own
+        length = len(dataset.token_ids[index][:34])
+        assert two["text_mask"][row].sum() == length + 2
+    with pytest.raises(ValueError, match="objective must be one of"):
+        _collator(dataset, objective=3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastvl
-from fastvl.ops.layer_norm import _layer_norm_fwd
+from fastvl.ops.layer_norm_op import _layer_norm_fwd
 from fastvl.reference.layer_norm import layer_norm_ref
 from fastvl.testing import check_op
 
@@ -61,7 +61,7 @@ def test_triton_float16_parity(generator):
 
 def test_auto_uses_reference_on_cpu_and_matches_torch(generator):
     x, res, weight, bias = _inputs(generator, (4, 32))
-    assert fastvl.ops.layer_norm.__module__ == "fastvl.ops.layer_norm"
+    assert fastvl.ops.layer_norm.__module__ == "fastvl.ops.layer_norm_op"
     from fastvl.dispatch import op
 
     assert op("layer_norm").select(None, x.device, dtype=x.dtype, hidden=32, dropout=False).name == "reference"

@@ -89,7 +89,7 @@ def test_strided_logits_cpp():
 
 
 def test_auto_picks_cpp_on_cpu():
-    from fastvl.ops.region_kl import REGION_KL
+    from fastvl.ops.region_kl_op import REGION_KL
 
     chosen = REGION_KL.select(None, torch.device("cpu"), dtype=torch.float32, target_dtype=torch.float32, classes=1601)
     assert chosen.name == "cpp"

@@ -96,10 +96,11 @@ def test_schedule_presets():
     assert no_decay["weight_decay"] == 0.0
 
 
-def test_packed_and_padded_batches_give_the_same_losses(synth):
+@pytest.mark.parametrize("name", ["vilbert-tiny", "vlbert-tiny"])
+def test_packed_and_padded_batches_give_the_same_losses(synth, name):
     tokenizer = load_tokenizer(os.path.join(synth, "vocab.txt"))
     dataset = RegionDataset(synth, tokenizer)
-    family, variant = families.resolve("vilbert-tiny")
+    family, variant = families.resolve(name)
     torch.manual_seed(0)
     model = family.make_model(variant, families.ModelOptions(tokenizer.get_vocab_size(), dataset.num_classes,
                                                              dataset.feature_dim)).eval()
@@ -116,9 +117,11 @@ def test_packed_and_padded_batches_give_the_same_losses(synth):
     padded_batch, padded = losses(packed=False, pad_to_multiple_of=16)
     packed_batch, packed = losses(packed=True)
     assert "cu_seqlens_text" in packed_batch and padded_batch["input_ids"].shape[1] % 16 == 0
-    assert set(padded) == set(OBJECTIVES) and all(v > 0 for v in padded.values())
-    for name in OBJECTIVES:
-        assert packed[name] == pytest.approx(padded[name], rel=1e-5, abs=1e-6)
+    packed_inputs = family.model_inputs(packed_batch)  # no host re-padding: the model gets the ragged rows
+    assert packed_inputs["input_ids"].dim() == 1 and not any(k.endswith("_mask") for k in packed_inputs)
+    assert set(padded) == set(family.objectives) and all(v > 0 for v in padded.values())
+    for objective in family.objectives:
+        assert packed[objective] == pytest.approx(padded[objective], rel=1e-5, abs=1e-6)
 
 
 def test_unknown_model_name():
@@ -283,10 +286,10 @@ def test_text_stream_from_a_bert_checkpoint(tmp_path):
 
 def record_nvtx(monkeypatch) -> list:
     """NVTX calls recorded in place of CUDA's (pushed names, None per pop), as on a CUDA machine."""
-    import fastvl._nvtx
+    import fastvl.profiling
 
     events = []
-    monkeypatch.setattr(fastvl._nvtx, "_cuda", lambda: True)
+    monkeypatch.setattr(fastvl.profiling, "_cuda", lambda: True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: events.append(name))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: events.append(None))
     return events
@@ -359,3 +362,21 @@ def test_vlbert_family_adapter(synth):
     torch.testing.assert_close(loss, losses["mlm"] + losses["mvrc"])
     loss.backward()
     assert model.mvrc_head.classifier.weight.grad.abs().sum() > 0
+
+
+def test_objective_2_trains_without_the_alignment_loss(synth):
+    tokenizer = load_tokenizer(os.path.join(synth, "vocab.txt"))
+    dataset = RegionDataset(synth, tokenizer)
+    family, variant = families.resolve("vilbert-tiny")
+    model = family.make_model(variant, families.ModelOptions(tokenizer.get_vocab_size(), dataset.num_classes,
+                                                             dataset.feature_dim)).eval()
+    collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=2, packed=False,
+                                    max_text_len=36, max_regions=36, objective=2)
+    inputs = family.model_inputs(collator([(0, i) for i in range(6)]))
+    assert "is_next" not in inputs
+    loss, losses = family.losses(model(**inputs))
+    assert losses["align"].item() == 0.0 and loss.item() == pytest.approx((losses["mlm"] + losses["region"]).item())
+    with pytest.raises(ValueError, match="--objective 1 is ViLBERT's"):
+        families.resolve("vlbert-tiny")[0].make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(),
+                                                        seed=0, packed=False, max_text_len=36, max_regions=36,
+                                                        objective=1)

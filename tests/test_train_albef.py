@@ -206,9 +206,9 @@ def test_momentum_and_queues_move_once_per_optimizer_step(dataset):
     torch.testing.assert_close(model.state_dict()[name],
                                m * before[name] + (1 - m) * before[name.replace("encoder_m.", "encoder.", 1)])
     assert model.queue_ptr.item() == 8
-    features = torch.cat([out["image_feat_m"] for out in outputs])
+    features = torch.cat([out.image_feat_m for out in outputs])
     torch.testing.assert_close(model.image_queue[:, :8], features.t())
-    torch.testing.assert_close(model.text_queue[:, :8], torch.cat([out["text_feat_m"] for out in outputs]).t())
+    torch.testing.assert_close(model.text_queue[:, :8], torch.cat([out.text_feat_m for out in outputs]).t())
     torch.testing.assert_close(model.image_queue[:, 8:], before["image_queue"][:, 8:])
     assert model.state_dict()["temp"].shape == ()  # ALBEF's layout in state dicts (held as [1] for DeepSpeed)
     model.eval()  # evaluation moves nothing
@@ -312,7 +312,7 @@ def _zero3_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for _ in range(3):
         before, weights = gathered(first, momentum), gathered(first, online)
         out = first(**inputs, first_micro_step=True, last_micro_step=True)
-        first.backward(out["loss"])
+        first.backward(out.loss)
         first.step()
         after = gathered(first, momentum)
         errors.append(max((after[m] - (0.995 * before[m] + 0.005 * weights[o])).abs().max().item()

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastvl import use_backend
+
 from fastvl.models.vilbert import (ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks, multiple_choice_loss,
                                    region_loss, vqa_loss)
 from model_parity import check_model_parity
@@ -239,7 +241,11 @@ def test_original_json_keys_are_accepted():
                 "pooling_method": "mul", "fast_mode": False, "fixed_v_layer": 0, "fixed_t_layer": 0,
                 "in_batch_pairs": False, "fusion_method": "mul", "intra_gate": False, "with_coattention": True,
                 "dynamic_attention": False, "visual_target": 0, "objective": 0}
-    assert ViLBERTConfig.from_dict(original) == ViLBERTConfig.named("base")
+    assert ViLBERTConfig.from_original(original) == ViLBERTConfig.named("base")
+    with pytest.raises(ValueError, match=r"unknown ViLBERT config keys \['num_labels'\]"):
+        ViLBERTConfig.from_original({**original, "num_labels": 3})
+    with pytest.warns(UserWarning, match="ignoring unknown keys"):
+        assert ViLBERTConfig.from_original({**original, "num_labels": 3}, strict=False) == ViLBERTConfig.named("base")
 
 
 @pytest.mark.slow
@@ -365,3 +371,89 @@ def test_gpu_fused_vs_reference_parity(dtype):
         assert_parity(f"vilbert {dtype} {name}", f.cpu(), e.cpu(), x)  # the floor follows f's dtype
     for (name, f), (_, e), (_, x) in zip(fused.named_parameters(), eager.named_parameters(), exact.named_parameters()):
         assert_parity(f"vilbert {dtype} grad {name}", f.grad.cpu(), e.grad.cpu(), x.grad)
+
+
+def test_zero_one_masks_and_the_original_keyword_names(generator):
+    """The original scripts' call (0 / 1 integer masks, image_label 1 / -1, its keyword names) gives the
+    outputs of fastvl's own form; other integers are refused naming the argument."""
+    config = ViLBERTConfig.named("tiny", **SMALL)
+    model = _perturb(ViLBERTForPretraining(config))
+    tasks = _perturb(ViLBERTForTasks(config, num_labels=5)).eval()
+    b = _batch(generator)
+    ours = model(**b)
+    image_label = torch.where(b["region_labels"], 1, -1)
+    original = model(b["input_ids"], image_feat=b["region_feats"], image_loc=b["region_loc"],
+                     token_type_ids=b["token_type_ids"], attention_mask=b["text_mask"].long(),
+                     image_attention_mask=b["region_mask"].long(), masked_lm_labels=b["mlm_labels"],
+                     image_label=image_label, image_target=b["region_targets"], next_sentence_label=b["is_next"])
+    for name in ("mlm", "region", "align"):
+        torch.testing.assert_close(original.losses[name], ours.losses[name], rtol=0, atol=0)
+    inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "region_feats", "region_loc")}
+    expected = tasks(**inputs, text_mask=b["text_mask"], region_mask=b["region_mask"]).vqa
+    got = tasks(**inputs, text_mask=b["text_mask"].int(), region_mask=b["region_mask"].to(torch.uint8)).vqa
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="text_mask must be bool or hold 0 / 1"):
+        tasks(**inputs, text_mask=b["text_mask"].long() * 2, region_mask=b["region_mask"])
+    with pytest.raises(ValueError, match="region_labels must hold 1"):
+        model(**{**b, "region_labels": image_label * 2})
+    with pytest.raises(TypeError, match="attention_mask .* text_mask are the same input"):
+        model(**b, attention_mask=b["text_mask"].long())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'image_mask'"):
+        model(**b, image_mask=b["region_mask"])
+
+
+def _packed(b):
+    """The padded batch ``b`` as fastvl.data packs it: real rows only, cu_seqlens per stream."""
+    tm, vm = b["text_mask"], b["region_mask"]
+    lengths_t, lengths_v = tm.sum(1), vm.sum(1)
+    cu = lambda n: torch.cat([torch.zeros(1, dtype=torch.int32), n.cumsum(0).to(torch.int32)])  # noqa: E731
+    packed = {k: b[k][tm] for k in ("input_ids", "token_type_ids", "mlm_labels")}
+    packed.update({k: b[k][vm] for k in ("region_feats", "region_loc", "region_targets", "region_labels")})
+    return {**packed, "is_next": b["is_next"], "cu_seqlens_text": cu(lengths_t), "cu_seqlens_regions": cu(lengths_v),
+            "max_seqlen_text": int(lengths_t.max()), "max_seqlen_regions": int(lengths_v.max())}
+
+
+@pytest.mark.parametrize("fused", [None, TRITON_LAYERS])
+def test_packed_batches_run_end_to_end_with_the_padded_losses(generator, fused, monkeypatch):
+    """Packed rows through embeddings, every layer and co-attention, and the heads: the padded form's
+    losses and parameter gradients, with every co-attention call on cu_seqlens (no padding)."""
+    import fastvl.nn.layers as layers
+
+    model = _perturb(ViLBERTForPretraining(ViLBERTConfig.named("tiny", **SMALL)))
+    b = _batch(generator, batch=3, text_len=13, regions=21)
+    with use_backend(**(fused or {})):
+        padded = model(**b)
+        torch.autograd.backward(list(padded.losses.values()))
+        expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        calls = []
+        co_attention = layers.co_attention
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs.get("cu_seqlens_v") is not None and args[3] is None)
+            return co_attention(*args, **kwargs)
+
+        monkeypatch.setattr(layers, "co_attention", spy)
+        packed = model(**_packed(b))
+        torch.autograd.backward(list(packed.losses.values()))
+    assert len(calls) == model.config.num_co_attention_layers and all(calls)
+    assert packed.encoder["sequence_t"].shape == (int(b["text_mask"].sum()), model.config.hidden_size)
+    for name in ("mlm", "region", "align"):
+        torch.testing.assert_close(packed.losses[name], padded.losses[name], rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="needs cu_seqlens_text, cu_seqlens_regions"):
+        model(**{k: v for k, v in _packed(b).items() if k != "max_seqlen_regions"})
+
+
+def test_every_dropout_comes_from_the_config(generator):
+    """With the config's dropout probabilities at 0, training mode computes what eval mode does (the
+    alignment head's dropout was a hard-coded 0.1)."""
+    zero = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, v_hidden_dropout_prob=0.0,
+                v_attention_probs_dropout_prob=0.0)
+    model = _perturb(ViLBERTForPretraining(ViLBERTConfig.named("tiny", **SMALL, **zero)))
+    b = _batch(generator)
+    expected = model.eval()(**b).alignment_scores
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.train()(**b).alignment_scores, expected)

@@ -91,9 +91,14 @@ def test_packing_matches_an_explicit_sequence(generator):
         torch.testing.assert_close(captured["x"][b, :len(rows)], expected)
 
 
+def _as_dict(out):
+    """A pretraining output's tensors by name (for the parity helper and loops over them)."""
+    return {**out.losses, "loss": out.loss, "mvrc_logits": out.mvrc_logits}
+
+
 def _pretraining_run(model, ids, features, boxes, region_mask, labels, masked, scores):
-    return model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels, masked_regions=masked,
-                 region_class_scores=scores)
+    return _as_dict(model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels, masked_regions=masked,
+                          region_class_scores=scores))
 
 
 def _pretraining_inputs(generator):
@@ -129,8 +134,8 @@ def test_mlm_with_nothing_masked_is_zero_with_zero_gradient(generator):
     out = model(ids, features, boxes, region_mask=region_mask, mlm_labels=torch.full(ids.shape, -1),
                 masked_regions=torch.zeros_like(region_mask),
                 region_class_scores=torch.full((*region_mask.shape, CONFIG.visual_region_classes), 0.1))
-    assert out["mlm_loss"].item() == 0.0 and out["mvrc_loss"].item() == 0.0
-    out["loss"].backward()
+    assert out.losses["mlm"].item() == 0.0 and out.losses["mvrc"].item() == 0.0
+    out.loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any()), name
 
@@ -139,9 +144,9 @@ def test_mvrc_is_soft_cross_entropy_over_masked_real_regions(generator):
     model = randomise(VLBERTForPretraining(CONFIG), generator)
     ids, features, boxes, region_mask, _, masked, scores = _pretraining_inputs(generator)
     out = model(ids, features, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores)
-    logits = out["mvrc_logits"][masked]
+    logits = out.mvrc_logits[masked]
     expected = -(scores[masked] * F.log_softmax(logits, -1)).sum(-1).mean()
-    torch.testing.assert_close(out["mvrc_loss"], expected)
+    torch.testing.assert_close(out.losses["mvrc"], expected)
 
 
 def test_kept_masked_regions_are_predicted_from_their_own_input(generator):
@@ -156,14 +161,14 @@ def test_kept_masked_regions_are_predicted_from_their_own_input(generator):
     moved = torch.where(kept[..., None], features + 1.0, features)
     other = model(ids, moved, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores,
                   replaced_regions=masked & ~kept)
-    assert not torch.allclose(out["mvrc_logits"][kept], other["mvrc_logits"][kept])
+    assert not torch.allclose(out.mvrc_logits[kept], other.mvrc_logits[kept])
     # replacing every masked region hides those features: perturbing them changes nothing there
     hidden = model(ids, features, boxes, region_mask=region_mask, masked_regions=masked, region_class_scores=scores)
     hidden_moved = model(ids, moved, boxes, region_mask=region_mask, masked_regions=masked,
                          region_class_scores=scores)
-    torch.testing.assert_close(hidden["mvrc_logits"], hidden_moved["mvrc_logits"])
-    logits = out["mvrc_logits"][masked]
-    torch.testing.assert_close(out["mvrc_loss"], -(scores[masked] * F.log_softmax(logits, -1)).sum(-1).mean())
+    torch.testing.assert_close(hidden.mvrc_logits, hidden_moved.mvrc_logits)
+    logits = out.mvrc_logits[masked]
+    torch.testing.assert_close(out.losses["mvrc"], -(scores[masked] * F.log_softmax(logits, -1)).sum(-1).mean())
 
 
 def test_task_heads(generator):
@@ -210,7 +215,8 @@ def test_named_and_original_configs():
     (lambda a: {**a, "boxes": a["boxes"] * 3}, ValueError, r"outside \[0, 1\]"),
     (lambda a: {**a, "ids": a["ids"][:1]}, ValueError, "batch size"),
     (lambda a: {**a, "ids": torch.ones(2, 39, dtype=torch.long)}, ValueError, "max_position_embeddings"),
-    (lambda a: {**a, "region_mask": a["region_mask"].long()}, TypeError, "region_mask must have a dtype"),
+    (lambda a: {**a, "region_mask": a["region_mask"].long() * 2}, ValueError, "region_mask must be bool or hold 0 / 1"),
+    (lambda a: {**a, "region_mask": a["region_mask"].float()}, TypeError, "region_mask must have a dtype"),
     (lambda a: {**a, "boxes": a["boxes"][:, :2]}, ValueError, "boxes must have shape"),
     (lambda a: {**a, "masked_regions": a["region_mask"]}, ValueError, "mask_visual_embedding"),
 ])
@@ -246,7 +252,7 @@ def test_autocast_losses_and_gradients(generator, device, dtype):
     with torch.autocast(device, dtype):
         out = _pretraining_run(model, *(a.to(device) for a in args))
     out["loss"].float().backward()
-    for key in ("mlm_loss", "mvrc_loss"):
+    for key in ("mlm", "mvrc"):
         torch.testing.assert_close(out[key].float().cpu(), expected[key], rtol=0.05, atol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -256,8 +262,8 @@ def test_unpadded_encoder_gives_the_same_results(generator):
     args = _pretraining_inputs(generator)
     padded = _pretraining_run(model, *args)
     ids, features, boxes, region_mask, labels, masked, scores = args
-    unpadded = model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels, masked_regions=masked,
-                     region_class_scores=scores, unpad=True)
+    unpadded = _as_dict(model(ids, features, boxes, region_mask=region_mask, mlm_labels=labels,
+                              masked_regions=masked, region_class_scores=scores, unpad=True))
     for key in padded:
         torch.testing.assert_close(unpadded[key], padded[key])
     grads = torch.autograd.grad(unpadded["loss"], list(model.parameters()), allow_unused=True)
@@ -304,3 +310,50 @@ def test_activation_checkpointing_gives_the_same_gradients(generator):
     got = torch.autograd.grad(_pretraining_run(model, *args)["loss"], list(model.parameters()))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_zero_one_integer_masks(generator):
+    model = VLBERTForPretraining(CONFIG).eval()
+    ids, features, boxes, region_mask = inputs(generator)
+    masked = torch.zeros_like(region_mask)
+    masked[:, 1] = True
+    scores = torch.softmax(torch.randn(*region_mask.shape, CONFIG.visual_region_classes, generator=generator), -1)
+
+    def run(convert):
+        out = model(ids, features, boxes, text_mask=convert(ids != 0), region_mask=convert(region_mask),
+                    masked_regions=convert(masked), region_class_scores=scores)
+        return out.losses["mvrc"]
+
+    torch.testing.assert_close(run(lambda m: m.long()), run(lambda m: m), rtol=0, atol=0)
+
+
+def test_packed_batches_run_end_to_end_with_the_padded_losses(generator):
+    """Packed text / region rows (fastvl.data's --packed layout): VL-BERT's sequence is built on the ragged
+    rows and the encoder runs on them; losses, logits and gradients equal the padded form's."""
+    model = randomise(VLBERTForPretraining(CONFIG), generator).eval()
+    ids, features, boxes, region_mask, labels, masked, scores = _pretraining_inputs(generator)
+    text_mask = ids != 0
+    padded = model(ids, features, boxes, text_mask=text_mask, region_mask=region_mask, mlm_labels=labels,
+                   masked_regions=masked, region_class_scores=scores)
+    expected = torch.autograd.grad(padded.loss, list(model.parameters()), allow_unused=True)
+
+    def cu(mask):
+        return torch.cat([torch.zeros(1, dtype=torch.int32), mask.sum(1).cumsum(0).to(torch.int32)])
+
+    packed = model(ids[text_mask], features[region_mask], boxes[region_mask], mlm_labels=labels[text_mask],
+                   token_type_ids=torch.zeros_like(ids[text_mask]), masked_regions=masked[region_mask],
+                   region_class_scores=scores[region_mask], cu_seqlens_text=cu(text_mask),
+                   cu_seqlens_regions=cu(region_mask), max_seqlen_text=int(text_mask.sum(1).max()),
+                   max_seqlen_regions=int(region_mask.sum(1).max()))
+    for name in ("mlm", "mvrc"):
+        torch.testing.assert_close(packed.losses[name], padded.losses[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.mvrc_logits, padded.mvrc_logits[region_mask], rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(packed.loss, list(model.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), got, expected):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="takes no text_mask"):
+        model.vlbert(ids[text_mask], features[region_mask], boxes[region_mask], text_mask=text_mask,
+                     cu_seqlens_text=cu(text_mask), cu_seqlens_regions=cu(region_mask), max_seqlen_text=9,
+                     max_seqlen_regions=9)

@@ -167,7 +167,7 @@ def _convert(args) -> int:
             from fastvl.convert.hf_bert import text_stream_from_hf_bert
             from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining
 
-            model = ViLBERTForPretraining(ViLBERTConfig.from_dict(_read_json(args.config, "the ViLBERT config")))
+            model = ViLBERTForPretraining(ViLBERTConfig.from_original(_read_json(args.config, "the ViLBERT config"), strict=False))
             report = text_stream_from_hf_bert(model, state, strict=not args.no_strict)
         else:
             module_name, function = CONVERTERS[args.model]

@@ -133,7 +133,7 @@ def vilbert_from_original(state_dict: Mapping[str, torch.Tensor], config_dict: M
     decoder that is not tied to the word embeddings. ``model_kwargs`` go to the model (e.g.
     ``backend``). Returns the model (in eval mode), or ``(model, report)`` with ``return_report``.
     """
-    config = config_dict if isinstance(config_dict, ViLBERTConfig) else ViLBERTConfig.from_dict(dict(config_dict))
+    config = config_dict if isinstance(config_dict, ViLBERTConfig) else ViLBERTConfig.from_original(config_dict, strict=False)
     source = SourceState(state_dict, KNOWN_UNUSED)
     release = detect_layout(list(source.state))
     if release is None:

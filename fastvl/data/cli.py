@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--vocab", help="copy this vocab.txt (e.g. BERT's) next to the shards")
     convert.add_argument("--shard-size", type=int, default=1024, help="records per shard")
 
+    from fastvl.data.synth_task import add_arguments as add_synth_task  # noqa: PLC0415 - task sets (issue 14)
+
+    add_synth_task(actions)
     inspect = actions.add_parser("inspect", help="open a dataset, tokenise its captions and report counts")
     inspect.add_argument("data", help="dataset directory")
     inspect.add_argument("--vocab", help="vocab.txt (default: DATA/vocab.txt)")
@@ -62,6 +65,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {index['num_images']} images{pixels} in {len(index['shards'])} shards and {VOCAB_FILE} to "
               f"{args.out}")
         return 0
+    if args.action == "synth-task":
+        from fastvl.data.synth_task import run as run_synth_task  # noqa: PLC0415
+
+        return run_synth_task(args)
     if args.action == "convert":
         import shutil
 

@@ -7,11 +7,20 @@ Per pair (the released ViLBERT code's rules; SEED-SYSTEMS.md):
 * **Words**: each word piece (never [CLS]/[SEP]) is selected with probability 0.15; a selected one
   becomes [MASK] 80% of the time, a uniformly random vocabulary id 10%, stays itself 10%; every
   selected position is labelled with its original id (``mlm_labels``, -1 elsewhere).
-* **Regions**: position 0 is the IMG region (feature = mean of the image's real region features,
-  location ``[0, 0, 1, 1, 1]``, never masked). Each real region is selected with probability 0.15;
-  a selected one has its feature zeroed 90% of the time and kept 10%; every selected region is
-  labelled (``region_labels``) with the detector's class distribution as KL target.
+* **Regions**: each real region is selected with probability 0.15; a selected one has its feature
+  zeroed 90% of the time and kept 10%; every selected region is labelled (``region_labels``) with the
+  detector's class distribution as KL target. Position 0 is the IMG region (location
+  ``[0, 0, 1, 1, 1]``, never masked); its feature is vilbert-multi-task's: the sum of the region
+  features *after* zeroing, divided by the number of real regions that overlap no selected region
+  (pixel-box IoU > 0.4, the ``+1`` pixel convention; at least 1). A zeroed region's feature therefore
+  never reaches the IMG token, so masked-region prediction cannot read its answer there.
 * Locations are ``[x1/W, y1/H, x2/W, y2/H, box area / image area]``.
+
+Objectives (vilbert-multi-task's ``--objective``): 0 = every loss on every pair (the ViLBERT paper's
+setting, and vilbert_beta's only one); 1 = a misaligned pair (``is_next = 1``) gets no masked-word
+or masked-region labels (its inputs are masked all the same; its caption does not describe the
+image), the setting vilbert-multi-task's README pretrains with; 2 = no misaligned pairs and no
+alignment loss (the batch carries no ``is_next``).
 
 Randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))`` per sample, so a
 sample's masking depends only on the seed, the epoch and the sample, never on batching, worker
@@ -30,11 +39,25 @@ import torch
 from fastvl.data.format import Example
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)
+OBJECTIVES = {0: "every loss on every pair", 1: "no masked-word / masked-region labels on misaligned pairs",
+              2: "no misaligned pairs, no alignment loss"}
+IMG_OVERLAP_IOU = 0.4  # regions overlapping a selected one this much leave the IMG feature's count
 TEXT_FIELDS = ("input_ids", "token_type_ids", "mlm_labels")
 REGION_FIELDS = ("region_feats", "region_loc", "region_targets", "region_labels", "region_replaced")
 PAD_VALUES = {"input_ids": 0, "token_type_ids": 0, "mlm_labels": -1, "region_feats": 0.0, "region_loc": 0.0,
               "region_targets": 0.0, "region_labels": False,
               "region_replaced": False}
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU ``[N, K]`` of pixel boxes ``a [N, 4]`` and ``b [K, 4]`` (x1, y1, x2, y2), with the detectors'
+    inclusive-pixel ``+1`` widths as vilbert-multi-task computes it."""
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) + 1, 0, None)
+    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) + 1, 0, None)
+    inter = width * height
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def region_locations(boxes: np.ndarray, image_h: int, image_w: int) -> np.ndarray:
@@ -60,7 +83,11 @@ class ViLBERTCollator:
 
     def __init__(self, dataset, special, vocab_size: int, *, seed: int = 0, max_text_len: int = 36,
                  max_regions: int = 36, word_mask_prob: float = 0.15, region_mask_prob: float = 0.15,
-                 negative_prob: float = 0.5, packed: bool = False, pad_to_multiple_of: int = 1):
+                 negative_prob: float = 0.5, packed: bool = False, pad_to_multiple_of: int = 1,
+                 objective: int = 0):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)} (vilbert-multi-task's --objective: "
+                             f"{'; '.join(f'{k} = {v}' for k, v in OBJECTIVES.items())}), got {objective!r}")
         if max_text_len < 3:
             raise ValueError(f"max_text_len must be >= 3 ([CLS] word [SEP]), got {max_text_len}")
         if max_regions < 1:
@@ -73,7 +100,8 @@ class ViLBERTCollator:
         self.max_regions = max_regions
         self.word_mask_prob = word_mask_prob
         self.region_mask_prob = region_mask_prob
-        self.negative_prob = negative_prob
+        self.objective = objective
+        self.negative_prob = 0.0 if objective == 2 else negative_prob
         self.packed = packed
         self.pad_to_multiple_of = pad_to_multiple_of
 
@@ -89,6 +117,9 @@ class ViLBERTCollator:
             caption, is_next = self.dataset.token_ids[other], 1
         text = self._mask_words(caption[: self.max_text_len - 2], rng)
         regions = self._mask_regions(example, rng)
+        if is_next and self.objective == 1:  # the caption does not describe the image: nothing to predict
+            text["mlm_labels"] = np.full_like(text["mlm_labels"], -1)
+            regions["region_labels"] = np.zeros_like(regions["region_labels"])
         return {**text, **regions, "is_next": np.int64(is_next)}
 
     def _mask_words(self, pieces: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -105,15 +136,19 @@ class ViLBERTCollator:
 
     def _mask_regions(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
         features, locations, targets = _real_regions(example, self.max_regions)
-        image_feature = features.mean(axis=0, keepdims=True)  # before masking, as the original
         selected = rng.random(len(features)) < self.region_mask_prob
         zeroed = selected & (rng.random(len(features)) < 0.9)
         features = np.where(zeroed[:, None], np.float32(0.0), features)
+        boxes = np.asarray(example.boxes[: len(features)], dtype=np.float64)
+        overlapped = (box_iou(boxes[selected], boxes) > IMG_OVERLAP_IOU).any(axis=0)
+        image_feature = features.sum(axis=0, keepdims=True) / max(1, int((~overlapped).sum()))
         return _with_img_region(image_feature, features, locations, targets, selected, zeroed)
 
     def __call__(self, keys) -> dict:
         samples = [self.sample(int(epoch), int(index)) for epoch, index in keys]
         batch = pack(samples) if self.packed else pad(samples, self.pad_to_multiple_of)
+        if self.objective == 2:  # no alignment task
+            del batch["is_next"]
         batch["keys"] = [(int(e), int(i)) for e, i in keys]
         return batch
 
@@ -166,7 +201,8 @@ def pad(samples: list[dict], pad_to_multiple_of: int = 1) -> dict:
             batch[key] = torch.from_numpy(out)
         mask = np.arange(length)[None, :] < np.array(lengths)[:, None]
         batch["text_mask" if fields is TEXT_FIELDS else "region_mask"] = torch.from_numpy(mask)
-    batch["is_next"] = torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long)
+    if all("is_next" in s for s in samples):
+        batch["is_next"] = torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long)
     batch["num_tokens"] = sum(text_lengths) + sum(region_lengths)
     return batch
 
@@ -194,7 +230,8 @@ def unpack(batch: dict, pad_to_multiple_of: int = 1) -> dict:
     for row in range(len(cu_t) - 1):
         sample = {k: batch[k][cu_t[row]: cu_t[row + 1]].numpy() for k in TEXT_FIELDS}
         sample.update({k: batch[k][cu_v[row]: cu_v[row + 1]].numpy() for k in REGION_FIELDS})
-        sample["is_next"] = batch["is_next"][row]
+        if "is_next" in batch:
+            sample["is_next"] = batch["is_next"][row]
         samples.append(sample)
     out = pad(samples, pad_to_multiple_of)
     for key in ("keys",):

@@ -14,7 +14,9 @@ Per pair:
   the unmasked ids; MLM reads the masked ones.
 * **Image**: the stored uint8 ``[H, W, 3]`` pixels as float ``[3, H, W]`` in [0, 1], normalised per
   channel with ALBEF's mean (0.48145466, 0.4578275, 0.40821073) and std (0.26862954, 0.26130258,
-  0.27577711). No augmentation (ALBEF's random resized crop, flip and RandAugment are not applied).
+  0.27577711). A shard set's fixed-size pixels are used as stored; an image-file dataset
+  (:class:`fastvl.data.images.ImageCaptionDataset`) decodes each image here and applies ALBEF's
+  random resized crop, flip and RandAugment, seeded per (seed, epoch, sample).
 
 Randomness comes from ``numpy.random.default_rng((seed, epoch, index))`` per sample, as in
 :class:`fastvl.data.collate.ViLBERTCollator`: a sample's masking depends only on the seed, the epoch
@@ -54,7 +56,7 @@ class ALBEFCollator:
     """Turns a list of ``(epoch, index)`` sample keys into an ALBEF pretraining batch.
 
     ``dataset``: a :class:`fastvl.data.format.RegionDataset` with pixels (else :class:`DataError`
-    naming its ``index.json``); ``special``: :class:`fastvl.data.tokenizer.SpecialIds`; ``vocab_size``
+    naming its ``index.json``) or a :class:`fastvl.data.images.ImageCaptionDataset`; ``special``: :class:`fastvl.data.tokenizer.SpecialIds`; ``vocab_size``
     for random replacements. Output: ``images`` ``[B, 3, H, W]`` float32; ``input_ids``,
     ``mlm_input_ids``, ``mlm_labels`` ``[B, L]`` int64 (padded with [PAD] / -100); ``attention_mask``
     ``[B, L]`` bool (True = real); ``num_tokens`` (real text tokens) and ``keys``.
@@ -88,8 +90,10 @@ class ALBEFCollator:
         to_random = selected & ~to_mask & (rng.random(len(ids)) < 0.5)
         random_ids = rng.integers(self.vocab_size, size=len(ids))
         masked = np.where(to_mask, s.mask, np.where(to_random, random_ids, ids))
+        # image-file datasets (fastvl.data.images) decode and augment here, in the DataLoader worker
+        pixels = self.dataset.image(epoch, index) if hasattr(self.dataset, "image") else self.dataset[index].pixels
         return {"input_ids": ids, "mlm_input_ids": masked, "mlm_labels": np.where(selected, ids, IGNORE_INDEX),
-                "pixels": self.dataset[index].pixels}
+                "pixels": pixels}
 
     def __call__(self, keys) -> dict:
         samples = [self.sample(int(epoch), int(index)) for epoch, index in keys]

@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl._nvtx import nvtx_range
-from fastvl.models.bert_config import BertConfig
+from fastvl.profiling import nvtx_range
+from fastvl.models.bert_config import BertConfig, check_unknown_keys
+from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.models.vlbert import MaskedLMHead
 from fastvl.nn import CrossAttentionLayer, TextEmbeddings, TransformerLayer, init_bert_weights
+from fastvl.nn.common import on_backend, zero_one_mask
 from fastvl.nn.vision import VisionTransformer
 from fastvl.ops import itc_loss, itc_queue_update_, itm_hard_negatives
 
@@ -81,7 +83,7 @@ class ALBEFConfig(BertConfig):
     def from_original(cls, config: Mapping, strict: bool = True) -> ALBEFConfig:
         """From ALBEF's configs as dicts: ``Pretrain.yaml``'s keys, with the BERT config either under
         ``bert_config`` (a dict, or the path of ``config_bert.json``) or merged at the top level.
-        Unknown keys raise ``ValueError`` unless ``strict=False``."""
+        Unknown keys raise ``ValueError`` (``strict=False``: ignored with a warning)."""
         values = dict(config)
         bert = values.pop("bert_config", None)
         if isinstance(bert, (str, os.PathLike)):
@@ -92,8 +94,7 @@ class ALBEFConfig(BertConfig):
         if merged.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"hidden_act must be 'gelu', got {merged['hidden_act']!r}")
         unknown = sorted(k for k in merged if k not in fields and k not in _OTHER_KEYS | _BERT_ARCHITECTURE_KEYS)
-        if unknown and strict:
-            raise ValueError(f"unknown ALBEF config keys {unknown} (pass strict=False to ignore them)")
+        check_unknown_keys("ALBEF", unknown, strict)
         return cls(**{k: v for k, v in merged.items() if k in fields})
 
 
@@ -134,6 +135,7 @@ class ALBEFTextEncoder(nn.Module):
                     output_attentions: bool = False):
         """``[B, L]`` ids -> ``[B, L, H]`` (the text layers only; ALBEF's ``mode='text'``). With
         ``output_attentions`` also each layer's probabilities ``[B, heads, L, L]``."""
+        attention_mask = zero_one_mask("attention_mask", attention_mask)
         hidden = self.embeddings(input_ids)
         probabilities = []
         for layer in self.text_layers:
@@ -151,6 +153,8 @@ class ALBEFTextEncoder(nn.Module):
         per layer (the cross-attention maps ALBEF's grounding visualises)."""
         images = image if isinstance(image, (list, tuple)) else [image]
         masks = image_mask if isinstance(image_mask, (list, tuple)) else [image_mask] * len(images)
+        attention_mask = zero_one_mask("attention_mask", attention_mask)
+        masks = [zero_one_mask("image_mask", mask) for mask in masks]
         hidden = text
         probabilities = []
         for index, layer in enumerate(self.fusion_layers):
@@ -181,7 +185,7 @@ def _text_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, bat
     _checks.tensor("attention_mask", attention_mask, shape="[B, L] bool or 0 / 1 integers", ndim=2,
                    dtypes=(torch.bool, torch.int64, torch.int32, torch.uint8))
     _checks.same_shape("attention_mask", attention_mask, list(input_ids.shape), "[B, L] like input_ids")
-    return attention_mask.bool()
+    return zero_one_mask("attention_mask", attention_mask)
 
 
 def _temperature_as_stored(module, state_dict, prefix, *_) -> None:
@@ -189,6 +193,16 @@ def _temperature_as_stored(module, state_dict, prefix, *_) -> None:
     key = prefix + "temp"
     if key in state_dict and state_dict[key].shape == (1,) and module.temp.dim() == 0:
         state_dict[key] = state_dict[key].reshape(())
+
+
+@dataclasses.dataclass
+class ALBEFPretrainingOutput(PretrainingOutput):
+    """``losses`` {"itc", "itm", "mlm"} (no "mlm" with ``mlm=False``), ``loss`` their sum; the ITM
+    logits ``[3B, 2]`` and the momentum features ``[B, embed_dim]`` the queues receive."""
+
+    itm_logits: torch.Tensor | None = None
+    image_feat_m: torch.Tensor | None = None
+    text_feat_m: torch.Tensor | None = None
 
 
 class ALBEF(nn.Module):
@@ -202,9 +216,10 @@ class ALBEF(nn.Module):
     no MLM head); :meth:`forward` then needs ``mlm=False``.
     """
 
-    def __init__(self, config: ALBEFConfig, with_mlm_head: bool = True):
+    def __init__(self, config: ALBEFConfig, with_mlm_head: bool = True, backend: str | None = None):
         super().__init__()
         self.config = c = config
+        self.backend = backend
         self.visual_encoder = VisionTransformer(c.image_res, c.patch_size, c.vision_width, c.vision_depth,
                                                 c.vision_heads, c.vision_mlp_ratio, c.vision_eps)
         self.text_encoder = ALBEFTextEncoder(c, with_mlm_head=with_mlm_head)
@@ -260,6 +275,7 @@ class ALBEF(nn.Module):
         masked = torch.where(replaced, c.mask_token_id, input_ids)
         return torch.where(randomised, random_ids, masked), labels
 
+    @on_backend
     def image_features(self, images: torch.Tensor, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image tokens [B, 1 + N, W], normalised [CLS] projection [B, embed_dim])``."""
         encoder, proj = (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder,
@@ -267,6 +283,7 @@ class ALBEF(nn.Module):
         tokens = encoder(images.to(proj.weight.dtype))  # momentum encoders may be kept wider than the model
         return tokens, F.normalize(proj(tokens[:, 0]), dim=-1)
 
+    @on_backend
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(text states [B, L, H], normalised [CLS] projection [B, embed_dim])``."""
@@ -274,14 +291,15 @@ class ALBEF(nn.Module):
         states = encoder.encode_text(input_ids, attention_mask)
         return states, F.normalize(proj(states[:, 0]), dim=-1)
 
+    @on_backend
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 alpha: float | None = None, update: bool | None = None, generator: torch.Generator | None = None,
                 itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mlm: bool = True) -> dict[str, torch.Tensor]:
-        """One pretraining step's losses: ``loss_itc``, ``loss_itm``, ``loss_mlm`` and their sum ``loss``
-        (also ``itm_logits`` and the momentum features ``image_feat_m`` / ``text_feat_m`` ``[B, embed_dim]``
-        that ``update`` enqueues, for callers that enqueue themselves).
+                mlm: bool = True) -> ALBEFPretrainingOutput:
+        """One pretraining step's :class:`ALBEFPretrainingOutput`: ``losses`` {"itc", "itm", "mlm"} and
+        their sum ``loss`` (also ``itm_logits`` and the momentum features ``image_feat_m`` /
+        ``text_feat_m`` ``[B, embed_dim]`` that ``update`` enqueues, for callers that enqueue themselves).
 
         images ``[B, 3, S, S]``; input_ids ``[B, L]`` (``[CLS] tokens``, no trailing [SEP]);
         attention_mask ``[B, L]`` (1 / True = real). alpha: distillation weight (default the config's;
@@ -293,7 +311,7 @@ class ALBEF(nn.Module):
         ``torch.distributed`` the queues receive the all-gathered momentum features (queue_size must
         be a multiple of the global batch), as ALBEF's ``_dequeue_and_enqueue``.
 
-        MLM with nothing to predict (every label -100) gives ``loss_mlm`` = 0 with zero gradient; the
+        MLM with nothing to predict (every label -100) gives ``losses["mlm"]`` = 0 with zero gradient; the
         original's mean is NaN there.
         """
         c = self.config
@@ -339,10 +357,11 @@ class ALBEF(nn.Module):
             itm_labels = torch.cat((torch.ones(batch, dtype=torch.long, device=images.device),
                                     torch.zeros(2 * batch, dtype=torch.long, device=images.device)))
             loss_itm = F.cross_entropy(itm_logits, itm_labels)
-        result = {"loss_itc": loss_itc, "loss_itm": loss_itm, "itm_logits": itm_logits,
-                  "image_feat_m": image_feat_m, "text_feat_m": text_feat_m}
+        losses = {"itc": loss_itc, "itm": loss_itm}
+        result = ALBEFPretrainingOutput(None, losses, itm_logits, image_feat_m, text_feat_m)
         if not mlm:
-            return {**result, "loss": loss_itc + loss_itm}
+            result.loss = total(losses)
+            return result
         if self.text_encoder.mlm_head is None:
             raise ValueError("this ALBEF has no MLM head (with_mlm_head=False); call with mlm=False")
         with nvtx_range("mlm"):
@@ -360,9 +379,12 @@ class ALBEF(nn.Module):
             hidden = self.text_encoder(masked_ids, attention_mask, image_embeds)
             logits = self.text_encoder.mlm_logits(predicted(hidden))
             loss_mlm = mlm_distillation_loss(logits, predicted(labels), soft, alpha)
-        return {**result, "loss_mlm": loss_mlm, "loss": loss_itc + loss_itm + loss_mlm}
+        losses["mlm"] = loss_mlm
+        result.loss = total(losses)
+        return result
 
     @torch.no_grad()
+    @on_backend
     def retrieval_scores(self, images: torch.Tensor, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor | None = None, k: int = 256,
                          chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,8 +454,10 @@ class ALBEFClassifier(nn.Module):
     Parameters: ``visual_encoder``, ``text_encoder`` (no MLM head), ``cls_head``.
     """
 
-    def __init__(self, config: ALBEFConfig, num_classes: int = 3, num_images: int = 1):
+    def __init__(self, config: ALBEFConfig, num_classes: int = 3, num_images: int = 1,
+                 backend: str | None = None):
         super().__init__()
+        self.backend = backend
         _checks.choice("num_images", num_images, [1, 2])
         self.config, self.num_images = config, num_images
         c = config
@@ -449,6 +473,7 @@ class ALBEFClassifier(nn.Module):
                                       nn.Linear(c.hidden_size, num_classes))
         self.cls_head.apply(lambda m: init_bert_weights(m, c.initializer_range))
 
+    @on_backend
     def forward(self, images: torch.Tensor | tuple, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
         """images ``[B, 3, S, S]`` (or a pair of them for NLVR2); returns ``logits`` (and ``loss``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 
 @dataclasses.dataclass
@@ -20,3 +21,13 @@ class BertConfig:
     type_vocab_size: int = 2
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
+
+
+def check_unknown_keys(family: str, unknown: list[str], strict: bool) -> None:
+    """The config contract of every ``from_original(config, strict=True)``: keys that mean nothing to
+    fastvl raise ``ValueError`` naming them, or with ``strict=False`` are ignored with a warning."""
+    if not unknown:
+        return
+    if strict:
+        raise ValueError(f"unknown {family} config keys {unknown} (pass strict=False to ignore them)")
+    warnings.warn(f"{family} config: ignoring unknown keys {unknown}", stacklevel=3)

@@ -10,9 +10,15 @@ embeddings. Text layers below ``fixed_t_layer`` (visual below ``fixed_v_layer``)
 
 Inputs (the interface the training code uses)::
 
-    input_ids [B, Lt] long, token_type_ids [B, Lt] long, text_mask [B, Lt] bool (True = real token),
-    region_feats [B, Lv, v_feature_size] float, region_loc [B, Lv, 5] float in [0, 1]
-    ([x1/W, y1/H, x2/W, y2/H, area fraction]), region_mask [B, Lv] bool (True = real region).
+    input_ids [B, Lt] long, token_type_ids [B, Lt] long, text_mask [B, Lt] bool or 0 / 1 integers
+    (True / 1 = real token), region_feats [B, Lv, v_feature_size] float, region_loc [B, Lv, 5] float in
+    [0, 1] ([x1/W, y1/H, x2/W, y2/H, area fraction]), region_mask [B, Lv] bool or 0 / 1 (1 = real region).
+
+The original's keyword names work as well (``image_feat``, ``image_loc``, ``attention_mask``,
+``image_attention_mask``, ``masked_lm_labels``, ``image_label`` with its 1 / -1 values,
+``image_target``, ``next_sentence_label``), so ``model(input_ids, image_feat=..., image_loc=...,
+token_type_ids=..., attention_mask=..., image_attention_mask=...)`` runs as the original scripts call
+it by keyword. (The original's *positional* order differs: pass those inputs by name.)
 
 Region 0 is the IMG token, built by the data collator (``fastvl.data``): its feature is the mean of
 the real regions' features and its location the whole image ``[0, 0, 1, 1, 1]``; it is never masked.
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -33,11 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl._nvtx import nvtx_range
+from fastvl.profiling import nvtx_range
 from fastvl.dispatch import use_backend
-from fastvl.models.bert_config import BertConfig
+from fastvl.models.bert_config import BertConfig, check_unknown_keys
+from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,
                        init_bert_weights)
+from fastvl.nn.common import bool_mask
 from fastvl.ops import linear_cross_entropy, linear_region_kl_loss
 
 # Keys of the original JSON configs that fastvl accepts but that do not change the model it builds.
@@ -51,8 +59,8 @@ _IGNORED_ORIGINAL_KEYS = {
 @dataclasses.dataclass
 class ViLBERTConfig(BertConfig):
     """ViLBERT's configuration, with the original JSON keys (``bert_base_6layer_6conect.json`` and
-    friends) as field names. ``ViLBERTConfig.from_dict(json.load(f))`` accepts an original config as
-    it is; ``ViLBERTConfig.named("base" | "2-layer" | "4-layer" | "6-layer" | "8-layer" | "tiny")``.
+    friends) as field names. ``ViLBERTConfig.from_original(json.load(f))`` accepts an original config
+    as it is; ``ViLBERTConfig.named("base" | "2-layer" | "4-layer" | "6-layer" | "8-layer" | "tiny")``.
 
     fastvl additions: ``max_regions`` (the most regions, IMG included, a batch may have) and
     ``layer_norm_eps`` (BERT's 1e-12).
@@ -103,15 +111,16 @@ class ViLBERTConfig(BertConfig):
         return len(self.v_biattention_id)
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any], **overrides) -> ViLBERTConfig:
-        """From an original JSON config dict (keys as they are); unknown keys are warned about."""
-        merged = {**config, **overrides}
+    def from_original(cls, config: Mapping[str, Any], strict: bool = True) -> ViLBERTConfig:
+        """From an original JSON config dict (``bert_base_6layer_6conect.json`` and friends, keys as they
+        are). Unknown keys raise ``ValueError`` (``strict=False``: ignored with a warning), as every
+        fastvl config's ``from_original``."""
+        merged = dict(config)
         fields = {f.name for f in dataclasses.fields(cls)}
         if "vocab_size_or_config_json_file" in merged and "vocab_size" not in merged:
             merged["vocab_size"] = merged["vocab_size_or_config_json_file"]
-        unknown = sorted(k for k in merged if k not in fields and k not in _IGNORED_ORIGINAL_KEYS)
-        if unknown:
-            warnings.warn(f"ViLBERTConfig: ignoring unknown config keys {unknown}", stacklevel=2)
+        check_unknown_keys("ViLBERT", sorted(k for k in merged if k not in fields and k not in _IGNORED_ORIGINAL_KEYS),
+                           strict)
         return cls(**{k: v for k, v in merged.items() if k in fields})
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +148,83 @@ class ViLBERTConfig(BertConfig):
         else:
             raise ValueError(f"unknown ViLBERT config {name!r}; known: {[*depths, 'tiny']}")
         return cls(**{**base, **overrides})
+
+
+# The original code's keyword names (vilbert-multi-task's BertModel / BertForMultiModalPreTraining /
+# VILBertForVLTasks) -> fastvl's.
+ORIGINAL_NAMES = {"image_feat": "region_feats", "image_loc": "region_loc", "attention_mask": "text_mask",
+                  "image_attention_mask": "region_mask", "masked_lm_labels": "mlm_labels",
+                  "image_label": "region_labels", "image_target": "region_targets", "next_sentence_label": "is_next"}
+
+
+def _original_names(where: str, original: dict, **ours) -> dict:
+    """``ours`` (fastvl's names -> values, in order) with the values passed under the original's names."""
+    for name, value in original.items():
+        mine = ORIGINAL_NAMES.get(name)
+        if mine is None or mine not in ours:
+            raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+        if ours[mine] is not None:
+            raise TypeError(f"{where}(): {name} (the original's name) and {mine} are the same input; pass one")
+        ours[mine] = value
+    return ours
+
+
+def _region_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``region_labels`` as bool: bool as it is, or the original's integers (1 = masked, -1 / 0 = not)."""
+    if labels.dtype == torch.bool:
+        return labels
+    if labels.is_floating_point():
+        raise TypeError(f"region_labels must be bool or integers (1 = masked, -1 / 0 = not), got {labels.dtype}")
+    if not torch.compiler.is_compiling():
+        bad = (labels != 1) & (labels != 0) & (labels != -1)
+        if bool(bad.any()):
+            raise ValueError(f"region_labels must hold 1 (masked) or -1 / 0 (not masked), got the value "
+                             f"{labels[bad][0].item()}")
+    return labels == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """A packed ViLBERT batch's layout (FlashAttention's convention, as ``fastvl.data`` collates it):
+    ``cu_seqlens_text`` / ``cu_seqlens_regions`` int32 ``[B + 1]`` prefix sums of each sample's text
+    and region counts (IMG included), and the longest of each (host ints, so no layer syncs)."""
+
+    cu_seqlens_text: torch.Tensor
+    cu_seqlens_regions: torch.Tensor
+    max_seqlen_text: int
+    max_seqlen_regions: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens_text.shape[0] - 1
+
+    def positions(self, total: int) -> torch.Tensor:
+        """Each of the ``total`` tokens' position in its own caption ``[total_t]`` (no host sync)."""
+        cu = self.cu_seqlens_text.long()
+        starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+        return torch.arange(total, device=cu.device) - starts
+
+    def validate(self, input_ids, token_type_ids, region_feats, region_loc, config) -> None:
+        for name, cu in (("cu_seqlens_text", self.cu_seqlens_text), ("cu_seqlens_regions", self.cu_seqlens_regions)):
+            _checks.tensor(name, cu, shape="[B + 1] int32", ndim=1, dtypes=(torch.int32,))
+        if self.cu_seqlens_regions.shape != self.cu_seqlens_text.shape:
+            raise ValueError(f"cu_seqlens_text {list(self.cu_seqlens_text.shape)} and cu_seqlens_regions "
+                             f"{list(self.cu_seqlens_regions.shape)} must both be [B + 1]")
+        _checks.tensor("input_ids", input_ids, shape="[total_t] int64 (packed)", ndim=1,
+                       dtypes=(torch.int64, torch.int32))
+        if token_type_ids is not None:
+            _checks.same_shape("token_type_ids", token_type_ids, list(input_ids.shape), "[total_t] like input_ids")
+        _checks.tensor("region_feats", region_feats, shape=f"[total_v, {config.v_feature_size}] (packed)", ndim=2)
+        _checks.same_shape("region_feats", region_feats, [None, config.v_feature_size],
+                           f"[total_v, {config.v_feature_size}] (packed, v_feature_size)")
+        _checks.tensor("region_loc", region_loc, shape="[total_v, 5] (packed)", ndim=2)
+        _checks.same_shape("region_loc", region_loc, [region_feats.shape[0], 5], "[total_v, 5] (packed)")
+        if self.max_seqlen_text > config.max_position_embeddings:
+            raise ValueError(f"max_seqlen_text {self.max_seqlen_text} is more than the config's "
+                             f"max_position_embeddings = {config.max_position_embeddings}")
+        if self.max_seqlen_regions > config.max_regions:
+            raise ValueError(f"max_seqlen_regions {self.max_seqlen_regions} is more than the config's max_regions = "
+                             f"{config.max_regions} (IMG token included)")
 
 
 def _backend_scope(backend: str | None):
@@ -182,18 +268,34 @@ class ViLBERTModel(nn.Module):
         self.v_pooler = nn.Linear(c.v_hidden_size, c.bi_hidden_size)
         self.apply(lambda m: init_bert_weights(m, c.initializer_range))
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
-                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None,
-                task_ids: torch.Tensor | None = None, output_attentions: bool = False) -> dict[str, Any]:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, region_feats: torch.Tensor | None = None,
+                region_loc: torch.Tensor | None = None, region_mask: torch.Tensor | None = None,
+                task_ids: torch.Tensor | None = None, output_attentions: bool = False, *,
+                packing: Packing | None = None, **original_names) -> dict[str, Any]:
         """Returns a dict: ``sequence_t [B, Lt(+1), hidden]``, ``sequence_v [B, Lv, v_hidden]``,
         ``pooled_t`` / ``pooled_v`` ``[B, bi_hidden]``, ``text_mask`` (with the task token's slot when
-        used), and with ``output_attentions`` ``attentions`` = {"t": [...], "v": [...], "c": [(v, t)...]}."""
+        used), and with ``output_attentions`` ``attentions`` = {"t": [...], "v": [...], "c": [(v, t)...]}.
+        The original's keyword names are accepted too (:data:`ORIGINAL_NAMES`).
+
+        Packed batches (``packing``, a :class:`Packing`): every per-token input is ``[total_t]`` /
+        per-region input ``[total_v, ...]``, no masks; the sequences are ``sequence_t [total_t, hidden]``
+        and ``sequence_v [total_v, v_hidden]``, every layer runs on the ragged rows (no padding)."""
+        named = _original_names("ViLBERTModel.forward", original_names, region_feats=region_feats,
+                                region_loc=region_loc, text_mask=text_mask, region_mask=region_mask)
+        region_feats, region_loc, text_mask, region_mask = named.values()
         with _backend_scope(self.backend):
+            if packing is not None:
+                return self._encode_packed(input_ids, token_type_ids, text_mask, region_feats, region_loc,
+                                           region_mask, task_ids, output_attentions, packing)
             return self._encode(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
                                 task_ids, output_attentions)
 
     def validate(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids):
         c = self.config
+        if region_feats is None or region_loc is None:
+            raise TypeError("region_feats [B, Lv, v_feature_size] and region_loc [B, Lv, 5] are required (the "
+                            "original's image_feat / image_loc)")
         _checks.tensor("input_ids", input_ids, shape="[B, Lt] int64", ndim=2, dtypes=(torch.int64, torch.int32))
         batch, length = input_ids.shape
         extra = 1 if c.task_specific_tokens else 0
@@ -224,6 +326,9 @@ class ViLBERTModel(nn.Module):
                             region_feats=region_feats, region_loc=region_loc, region_mask=region_mask)
         if c.task_specific_tokens and task_ids is None:
             raise ValueError("task_ids [B, 1] is required: the config has task_specific_tokens")
+        self._check_locations(region_loc)
+
+    def _check_locations(self, region_loc: torch.Tensor) -> None:
         if self.validate_values and not torch.compiler.is_compiling():
             outside = (region_loc < 0) | (region_loc > 1)
             if bool(outside.any()):
@@ -234,59 +339,87 @@ class ViLBERTModel(nn.Module):
     def _encode(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids,
                 output_attentions):
         self.validate(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids)
-        c = self.config
         batch = input_ids.shape[0]
         if text_mask is None:
             text_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if region_mask is None:
             region_mask = torch.ones(region_feats.shape[:2], dtype=torch.bool, device=region_feats.device)
-        text_mask = _checks.key_padding_mask("text_mask", text_mask, *input_ids.shape, input_ids.device)
-        region_mask = _checks.key_padding_mask("region_mask", region_mask, *region_feats.shape[:2], input_ids.device)
+        text_mask = bool_mask("text_mask", text_mask, *input_ids.shape, input_ids.device)
+        region_mask = bool_mask("region_mask", region_mask, *region_feats.shape[:2], input_ids.device)
         inserted = None
         if self.task_embeddings is not None:
             inserted = self.task_embeddings(task_ids.view(batch, -1))
             text_mask = torch.cat([text_mask[:, :1], torch.ones_like(text_mask[:, :1]), text_mask[:, 1:]], dim=1)
         text = self.embeddings(input_ids, token_type_ids, insert_after_first=inserted)
         image = self.v_embeddings(region_feats, region_loc)
-
-        probs: dict[str, list] = {"t": [], "v": [], "c": []}
-
-        def run(layers, start, end, fixed, hidden, mask, key):
-            # the original: layers [start, fixed) without grad (start jumps to fixed), then [start, end)
-            if start < fixed:
-                with torch.no_grad():
-                    for index in range(start, fixed):
-                        hidden = self._layer(layers[index], hidden, mask, output_attentions, probs[key])
-                start = fixed
-            for index in range(start, end):
-                hidden = self._layer(layers[index], hidden, mask, output_attentions, probs[key])
-            return hidden, start
-
-        t_start = v_start = 0
-        for count, (v_end, t_end) in enumerate(zip(c.v_biattention_id, c.t_biattention_id)):
-            text, t_start = run(self.layer, t_start, t_end, c.fixed_t_layer, text, text_mask, "t")
-            image, v_start = run(self.v_layer, v_start, v_end, c.fixed_v_layer, image, region_mask, "v")
-            if c.with_coattention:
-                out = self.c_layer[count](image, region_mask, text, text_mask, output_attentions=output_attentions)
-                image, text = out[0], out[1]
-                if output_attentions:
-                    probs["c"].append(out[2])
-            v_start, t_start = v_end, t_end
-        image, _ = run(self.v_layer, v_start, len(self.v_layer), 0, image, region_mask, "v")
-        text, _ = run(self.layer, t_start, len(self.layer), 0, text, text_mask, "t")
+        text, image, probs = self._streams(text, text_mask, image, region_mask, output_attentions, {}, {}, {})
         result = {"sequence_t": text, "sequence_v": image, "pooled_t": F.relu(self.t_pooler(text[:, 0])),
                   "pooled_v": F.relu(self.v_pooler(image[:, 0])), "text_mask": text_mask, "region_mask": region_mask}
         if output_attentions:
             result["attentions"] = probs
         return result
 
+    def _encode_packed(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids,
+                       output_attentions, packing: Packing):
+        c = self.config
+        if text_mask is not None or region_mask is not None:
+            raise ValueError("a packed batch (packing=...) has no text_mask / region_mask: cu_seqlens delimit it")
+        if output_attentions:
+            raise ValueError("output_attentions=True needs the padded form, not a packed batch")
+        if c.task_specific_tokens:
+            raise ValueError("task_specific_tokens needs the padded form, not a packed batch")
+        packing.validate(input_ids, token_type_ids, region_feats, region_loc, c)
+        self._check_locations(region_loc)
+        text = self.embeddings(input_ids[None], None if token_type_ids is None else token_type_ids[None],
+                               packing.positions(input_ids.shape[0])[None])[0]
+        image = self.v_embeddings(region_feats[None], region_loc[None])[0]
+        t_pack = {"cu_seqlens": packing.cu_seqlens_text, "max_seqlen": packing.max_seqlen_text}
+        v_pack = {"cu_seqlens": packing.cu_seqlens_regions, "max_seqlen": packing.max_seqlen_regions}
+        c_pack = {"cu_seqlens_t": packing.cu_seqlens_text, "max_seqlen_t": packing.max_seqlen_text,
+                  "cu_seqlens_v": packing.cu_seqlens_regions, "max_seqlen_v": packing.max_seqlen_regions}
+        text, image, _ = self._streams(text, None, image, None, False, t_pack, v_pack, c_pack)
+        first_t, first_v = packing.cu_seqlens_text[:-1].long(), packing.cu_seqlens_regions[:-1].long()
+        return {"sequence_t": text, "sequence_v": image, "pooled_t": F.relu(self.t_pooler(text[first_t])),
+                "pooled_v": F.relu(self.v_pooler(image[first_v])), "text_mask": None, "region_mask": None}
+
+    def _streams(self, text, text_mask, image, region_mask, output_attentions, t_pack, v_pack, c_pack):
+        """Both streams through their layers and the co-attention layers, in the original's order."""
+        c = self.config
+        probs: dict[str, list] = {"t": [], "v": [], "c": []}
+
+        def run(layers, start, end, fixed, hidden, mask, key, pack):
+            # the original: layers [start, fixed) without grad (start jumps to fixed), then [start, end)
+            if start < fixed:
+                with torch.no_grad():
+                    for index in range(start, fixed):
+                        hidden = self._layer(layers[index], hidden, mask, output_attentions, probs[key], pack)
+                start = fixed
+            for index in range(start, end):
+                hidden = self._layer(layers[index], hidden, mask, output_attentions, probs[key], pack)
+            return hidden, start
+
+        t_start = v_start = 0
+        for count, (v_end, t_end) in enumerate(zip(c.v_biattention_id, c.t_biattention_id)):
+            text, t_start = run(self.layer, t_start, t_end, c.fixed_t_layer, text, text_mask, "t", t_pack)
+            image, v_start = run(self.v_layer, v_start, v_end, c.fixed_v_layer, image, region_mask, "v", v_pack)
+            if c.with_coattention:
+                out = self.c_layer[count](image, region_mask, text, text_mask, output_attentions=output_attentions,
+                                          **c_pack)
+                image, text = out[0], out[1]
+                if output_attentions:
+                    probs["c"].append(out[2])
+            v_start, t_start = v_end, t_end
+        image, _ = run(self.v_layer, v_start, len(self.v_layer), 0, image, region_mask, "v", v_pack)
+        text, _ = run(self.layer, t_start, len(self.layer), 0, text, text_mask, "t", t_pack)
+        return text, image, probs
+
     @staticmethod
-    def _layer(layer, hidden, mask, output_attentions, probs):
+    def _layer(layer, hidden, mask, output_attentions, probs, pack):
         if output_attentions:
             hidden, layer_probs = layer(hidden, mask, output_attentions=True)
             probs.append(layer_probs)
             return hidden
-        return layer(hidden, mask)
+        return layer(hidden, mask, **pack)
 
 
 def fuse(config: ViLBERTConfig, pooled_t: torch.Tensor, pooled_v: torch.Tensor) -> torch.Tensor:
@@ -363,14 +496,12 @@ class PretrainingHeads(nn.Module):
 
 
 @dataclasses.dataclass
-class ViLBERTPretrainingOutput:
+class ViLBERTPretrainingOutput(PretrainingOutput):
     """``loss`` = mlm + region + align (equal weights; the sum of the losses whose labels were given,
     None if none); ``losses`` {"mlm", "region", "align"}; the scores when asked for
     (``return_scores=True``): ``prediction_scores_t [B, Lt, vocab]``, ``prediction_scores_v
     [B, Lv, v_target_size]``, and always ``alignment_scores [B, 2]``; the encoder outputs."""
 
-    loss: torch.Tensor | None
-    losses: dict[str, torch.Tensor]
     alignment_scores: torch.Tensor
     prediction_scores_t: torch.Tensor | None = None
     prediction_scores_v: torch.Tensor | None = None
@@ -390,8 +521,14 @@ class ViLBERTForPretraining(nn.Module):
     * Region: ``KL(region_targets || softmax(scores))`` summed over the ``v_target_size`` classes, over
       regions 1.. (IMG excluded) with ``region_labels [B, Lv]`` True, divided by their count; 0 with
       zero gradient when no region is masked (the original: NaN). ``region_targets [B, Lv, C]``.
+    * Packed batches (``cu_seqlens_text`` / ``cu_seqlens_regions`` int32 ``[B + 1]`` with
+      ``max_seqlen_text`` / ``max_seqlen_regions``, as ``fastvl.data``'s ``--packed`` collation gives
+      them): every per-token input ``[total_t]``, per-region input ``[total_v, ...]``, no masks; the
+      model runs on the ragged rows end to end (embeddings, every layer, heads) and gives the
+      padded form's losses.
     * Alignment: cross-entropy of ``bi_seq_relationship(dropout(fused))`` against ``is_next [B]``
-      (0 = aligned caption).
+      (0 = aligned caption); the dropout is ``hidden_dropout_prob`` (the original hard-codes 0.1,
+      the default).
     """
 
     def __init__(self, config: ViLBERTConfig, backend: str | None = None, validate_values: bool = True):
@@ -401,27 +538,45 @@ class ViLBERTForPretraining(nn.Module):
         self.cls = PretrainingHeads(config, self.bert.embeddings.word_embeddings.weight)
         self.cls.init_weights(config.initializer_range)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
-                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None,
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, region_feats: torch.Tensor | None = None,
+                region_loc: torch.Tensor | None = None, region_mask: torch.Tensor | None = None,
                 mlm_labels: torch.Tensor | None = None, region_targets: torch.Tensor | None = None,
                 region_labels: torch.Tensor | None = None, is_next: torch.Tensor | None = None, *,
                 task_ids: torch.Tensor | None = None, return_scores: bool = False,
-                output_attentions: bool = False) -> ViLBERTPretrainingOutput:
+                output_attentions: bool = False, cu_seqlens_text: torch.Tensor | None = None,
+                cu_seqlens_regions: torch.Tensor | None = None, max_seqlen_text: int | None = None,
+                max_seqlen_regions: int | None = None, **original_names) -> ViLBERTPretrainingOutput:
+        named = _original_names("ViLBERTForPretraining.forward", original_names, region_feats=region_feats,
+                                region_loc=region_loc, text_mask=text_mask, region_mask=region_mask,
+                                mlm_labels=mlm_labels, region_labels=region_labels, region_targets=region_targets,
+                                is_next=is_next)
+        region_feats, region_loc, text_mask, region_mask, mlm_labels, region_labels, region_targets, is_next = \
+            named.values()
+        packing = None
+        if cu_seqlens_text is not None or cu_seqlens_regions is not None:
+            if None in (cu_seqlens_text, cu_seqlens_regions, max_seqlen_text, max_seqlen_regions):
+                raise ValueError("a packed batch needs cu_seqlens_text, cu_seqlens_regions, max_seqlen_text and "
+                                 "max_seqlen_regions (fastvl.data's packed collation gives all four)")
+            packing = Packing(cu_seqlens_text, cu_seqlens_regions, int(max_seqlen_text), int(max_seqlen_regions))
         with _backend_scope(self.backend):
             return self._forward(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
                                  mlm_labels, region_targets, region_labels, is_next, task_ids, return_scores,
-                                 output_attentions)
+                                 output_attentions, packing)
 
     def _forward(self, input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, mlm_labels,
-                 region_targets, region_labels, is_next, task_ids, return_scores, output_attentions):
+                 region_targets, region_labels, is_next, task_ids, return_scores, output_attentions, packing):
         c = self.config
         encoded = self.bert(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask, task_ids,
-                            output_attentions)
+                            output_attentions, packing=packing)
+        if packing is not None:
+            return self._heads_packed(encoded, input_ids, region_feats, mlm_labels, region_targets, region_labels,
+                                      is_next, return_scores, packing)
         with nvtx_range("heads and losses"):
             batch, regions = region_feats.shape[:2]
             seq_t, seq_v = encoded["sequence_t"], encoded["sequence_v"]
             heads = self.cls
-            fused = F.dropout(fuse(c, encoded["pooled_t"], encoded["pooled_v"]), 0.1, self.training)
+            fused = F.dropout(fuse(c, encoded["pooled_t"], encoded["pooled_v"]), c.hidden_dropout_prob, self.training)
             alignment_scores = heads.bi_seq_relationship(fused)
             hidden_t = heads.predictions.transform(seq_t)
             hidden_v = heads.image_predictions.transform(seq_v)
@@ -443,16 +598,47 @@ class ViLBERTForPretraining(nn.Module):
                 _checks.tensor("region_labels", region_labels, shape="[B, Lv] bool", ndim=2, dtypes=None)
                 _checks.same_shape("region_labels", region_labels, [batch, regions], "[B, Lv] like region_mask")
                 losses["region"] = heads.image_predictions.decoder(hidden_v[:, 1:], region_targets[:, 1:],
-                                                                   region_labels[:, 1:].bool())
+                                                                   _region_labels(region_labels)[:, 1:])
             if is_next is not None:
                 _checks.tensor("is_next", is_next, shape="[B] int64 (0 = aligned)", ndim=1,
                                dtypes=(torch.int64, torch.int32))
                 _checks.same_shape("is_next", is_next, [batch], "[B]")
                 losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
-            total = None
-            for value in losses.values():
-                total = value if total is None else total + value
-            output = ViLBERTPretrainingOutput(total, losses, alignment_scores, encoder=encoded)
+            output = ViLBERTPretrainingOutput(total(losses), losses, alignment_scores, encoder=encoded)
+            if return_scores:
+                output.prediction_scores_t = heads.predictions.decoder(hidden_t)
+                output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)
+            return output
+
+    def _heads_packed(self, encoded, input_ids, region_feats, mlm_labels, region_targets, region_labels, is_next,
+                      return_scores, packing):
+        """The heads on packed rows: the same losses as the padded form (each a mean over its labelled
+        tokens / regions, alignment over the B pairs); every sample's first region (IMG) is never scored."""
+        c, heads = self.config, self.cls
+        with nvtx_range("heads and losses"):
+            fused = F.dropout(fuse(c, encoded["pooled_t"], encoded["pooled_v"]), c.hidden_dropout_prob, self.training)
+            alignment_scores = heads.bi_seq_relationship(fused)
+            hidden_t = heads.predictions.transform(encoded["sequence_t"])
+            hidden_v = heads.image_predictions.transform(encoded["sequence_v"])
+            losses: dict[str, torch.Tensor] = {}
+            if mlm_labels is not None:
+                _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[total_t] like input_ids (packed)")
+                losses["mlm"] = heads.predictions.decoder(hidden_t, mlm_labels)
+            if region_targets is not None or region_labels is not None:
+                if region_targets is None or region_labels is None:
+                    raise ValueError("region_targets and region_labels must be given together")
+                total_v = region_feats.shape[0]
+                _checks.same_shape("region_targets", region_targets, [total_v, c.v_target_size],
+                                   "[total_v, v_target_size] (packed)")
+                _checks.same_shape("region_labels", region_labels, [total_v], "[total_v] (packed)")
+                img = torch.zeros(total_v, dtype=torch.bool, device=region_feats.device)
+                img[packing.cu_seqlens_regions[:-1].long()] = True
+                labels = _region_labels(region_labels) & ~img
+                losses["region"] = heads.image_predictions.decoder(hidden_v, region_targets, labels)
+            if is_next is not None:
+                _checks.same_shape("is_next", is_next, [packing.batch_size], "[B]")
+                losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
+            output = ViLBERTPretrainingOutput(total(losses), losses, alignment_scores, encoder=encoded)
             if return_scores:
                 output.prediction_scores_t = heads.predictions.decoder(hidden_t)
                 output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)
@@ -533,9 +719,14 @@ class ViLBERTForTasks(nn.Module):
             if name not in ("bert", "cls"):
                 module.apply(lambda m: init_bert_weights(m, c.initializer_range))
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
-                region_feats: torch.Tensor, region_loc: torch.Tensor, region_mask: torch.Tensor | None, *,
-                task_ids: torch.Tensor | None = None, output_attentions: bool = False) -> ViLBERTTaskOutput:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, region_feats: torch.Tensor | None = None,
+                region_loc: torch.Tensor | None = None, region_mask: torch.Tensor | None = None, *,
+                task_ids: torch.Tensor | None = None, output_attentions: bool = False,
+                **original_names) -> ViLBERTTaskOutput:
+        named = _original_names("ViLBERTForTasks.forward", original_names, region_feats=region_feats,
+                                region_loc=region_loc, text_mask=text_mask, region_mask=region_mask)
+        region_feats, region_loc, text_mask, region_mask = named.values()
         with _backend_scope(self.backend):
             encoded = self.bert(input_ids, token_type_ids, text_mask, region_feats, region_loc, region_mask,
                                 task_ids, output_attentions)
@@ -548,7 +739,8 @@ class ViLBERTForTasks(nn.Module):
                 vqa=self.vil_prediction(fused), option_score=self.vil_logit(fused),
                 region_score=self.vision_logit(seq_v).squeeze(-1) + region_pad,
                 token_score=self.linguistic_logit(seq_t).squeeze(-1),
-                alignment_scores=self.cls.bi_seq_relationship(F.dropout(raw_fused, 0.1, self.training)),
+                alignment_scores=self.cls.bi_seq_relationship(
+                    F.dropout(raw_fused, self.config.hidden_dropout_prob, self.training)),
                 encoder=encoded)
             if self.release == "multi-task":
                 out.gqa = self.vil_prediction_gqa(fused)

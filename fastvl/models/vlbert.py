@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl._nvtx import nvtx_range
-from fastvl.models.bert_config import BertConfig
+from fastvl.profiling import nvtx_range
+from fastvl.models.bert_config import BertConfig, check_unknown_keys
+from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.nn import LayerNorm, TransformerEncoder, init_bert_weights
+from fastvl.nn.common import on_backend, zero_one_mask
 from fastvl.nn.geometry import VisualFeatureEmbedding
 from fastvl.ops import bias_gelu, linear_cross_entropy
 
@@ -68,7 +70,7 @@ class VLBERTConfig(BertConfig):
     def from_original(cls, config: Mapping, strict: bool = True) -> VLBERTConfig:
         """From the original YAML config as a dict: the whole file (``NETWORK.VLBERT`` and the
         ``NETWORK.WITH_*_LOSS`` / ``IMAGE_FINAL_DIM`` flags are read) or its ``NETWORK.VLBERT`` part.
-        Unknown keys raise ``ValueError`` unless ``strict=False``; settings fastvl cannot honour
+        Unknown keys raise ``ValueError`` (``strict=False``: ignored with a warning); settings fastvl cannot honour
         (frozen word embeddings with special words, absolute object positions, semantic object
         embeddings) always raise."""
         values: dict = {}
@@ -95,8 +97,7 @@ class VLBERTConfig(BertConfig):
         values["object_word_classes"] = 81 if mode == 1 else 1
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in vlbert if k not in fields and k not in _TRAINING_ONLY_KEYS)
-        if unknown and strict:
-            raise ValueError(f"unknown VL-BERT config keys {unknown} (pass strict=False to ignore them)")
+        check_unknown_keys("VL-BERT", unknown, strict)
         values.update({k: v for k, v in vlbert.items() if k in fields})
         config_out = cls(**values)
         if config_out.hidden_act != "gelu":
@@ -170,9 +171,10 @@ class VLBERT(nn.Module):
     when ``visual_ln`` is off), ``encoder`` (:class:`fastvl.nn.TransformerEncoder`), ``pooler``.
     """
 
-    def __init__(self, config: VLBERTConfig):
+    def __init__(self, config: VLBERTConfig, backend: str | None = None):
         super().__init__()
         self.config = c = config
+        self.backend = backend
         h = c.hidden_size
         self.word_embeddings = nn.Embedding(c.vocab_size, h)
         self.end_embedding = nn.Embedding(1, h)
@@ -205,12 +207,15 @@ class VLBERT(nn.Module):
             return getattr(self, f"visual_ln_{which}")(reps)
         return reps * getattr(self, f"visual_scale_{which}")
 
+    @on_backend
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
                 token_type_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
                 region_mask: torch.Tensor | None = None, text_tags: torch.Tensor | None = None,
                 object_classes: torch.Tensor | None = None, masked_regions: torch.Tensor | None = None,
                 mask_visual_embedding: torch.Tensor | None = None, mask_word_embedding: torch.Tensor | None = None,
-                output_attentions: bool = False, unpad: bool = False) -> VLBERTOutput:
+                output_attentions: bool = False, unpad: bool = False, cu_seqlens_text: torch.Tensor | None = None,
+                cu_seqlens_regions: torch.Tensor | None = None, max_seqlen_text: int | None = None,
+                max_seqlen_regions: int | None = None) -> VLBERTOutput:
         """Encodes a batch.
 
         input_ids ``[B, Lt]`` (e.g. ``[CLS] caption [SEP]``); region_features ``[B, R, F]`` (F =
@@ -219,14 +224,34 @@ class VLBERT(nn.Module):
         others), whose representation every text token receives unless ``text_tags`` ``[B, Lt]``
         names another region. token_type_ids ``[B, Lt]`` in {0, 1} (default 0); text_mask ``[B, Lt]``
         (default ``input_ids != pad``, the original's ``> 0``); region_mask ``[B, R]`` (default all
-        real; the boxes of padded regions are not read); object_classes ``[B, R]`` indexes
+        real; the boxes of padded regions are not read); masks are bool or 0 / 1 integers (1 = real); object_classes ``[B, R]`` indexes
         ``object_linguistic_embeddings`` (default 0). masked_regions ``[B, R]`` bool: those regions'
         features become ``mask_visual_embedding`` [F] and their word embedding
         ``mask_word_embedding`` [H] (masked RoI classification). ``unpad=True`` runs the encoder on the
         real rows only (packed ``[total, H]`` with ``cu_seqlens``; one host sync for the total), which
         skips the tail padding's work; the results are the same.
+
+        Packed inputs (``cu_seqlens_text`` / ``cu_seqlens_regions`` int32 ``[B + 1]`` with
+        ``max_seqlen_text`` / ``max_seqlen_regions``, as ``fastvl.data``'s packed collation gives them):
+        input_ids / token_type_ids ``[total_t]``, region_features ``[total_v, F]``, boxes ``[total_v, 4]``,
+        masked_regions ``[total_v]``, no masks (every row is real; each sample's first region is its
+        whole image). Each sample's VL-BERT sequence (text, objects, END) is built on the ragged rows
+        and the encoder runs on them: no padding and no host sync; ``sequence`` is ``[total_t +
+        total_v + B, H]``, ``text`` ``[total_t, H]``, ``objects`` ``[total_v, H]``, ``attention_mask`` None.
         """
         c = self.config
+        if cu_seqlens_text is not None or cu_seqlens_regions is not None:
+            if None in (cu_seqlens_text, cu_seqlens_regions, max_seqlen_text, max_seqlen_regions):
+                raise ValueError("a packed batch needs cu_seqlens_text, cu_seqlens_regions, max_seqlen_text and "
+                                 "max_seqlen_regions (fastvl.data's packed collation gives all four)")
+            if text_mask is not None or region_mask is not None or text_tags is not None or output_attentions:
+                raise ValueError("a packed batch takes no text_mask / region_mask / text_tags / output_attentions")
+            return self._forward_packed(input_ids, region_features, boxes, token_type_ids, object_classes,
+                                        zero_one_mask("masked_regions", masked_regions), mask_visual_embedding,
+                                        mask_word_embedding, cu_seqlens_text, cu_seqlens_regions,
+                                        int(max_seqlen_text), int(max_seqlen_regions))
+        text_mask, region_mask, masked_regions = (zero_one_mask(name, value) for name, value in (
+            ("text_mask", text_mask), ("region_mask", region_mask), ("masked_regions", masked_regions)))
         batch, text_len, regions = self._validate(input_ids, region_features, boxes, token_type_ids, text_mask,
                                                   region_mask, text_tags, object_classes, masked_regions)
         device = input_ids.device
@@ -297,6 +322,75 @@ class VLBERT(nn.Module):
         pooled = torch.tanh(self.pooler(encoded[:, 0])) if self.pooler is not None else None
         return VLBERTOutput(encoded, attention_mask, text, objects, pooled, attentions)
 
+    def _forward_packed(self, input_ids, region_features, boxes, token_type_ids, object_classes, masked_regions,
+                        mask_visual_embedding, mask_word_embedding, cu_seqlens_text, cu_seqlens_regions,
+                        max_seqlen_text, max_seqlen_regions) -> VLBERTOutput:
+        c = self.config
+        ints = (torch.int64, torch.int32)
+        _checks.tensor("input_ids", input_ids, shape="[total_t] int64 (packed)", ndim=1, dtypes=ints)
+        _checks.tensor("region_features", region_features, shape=f"[total_v, {c.visual_feature_dim}] (packed)",
+                       ndim=2)
+        total_t, total_v = input_ids.shape[0], region_features.shape[0]
+        _checks.same_shape("boxes", boxes, [total_v, 4], "[total_v, 4] (packed)")
+        for name, value in (("token_type_ids", token_type_ids), ("object_classes", object_classes),
+                            ("masked_regions", masked_regions)):
+            if value is not None:
+                _checks.same_shape(name, value, [total_t if name == "token_type_ids" else total_v], "packed rows")
+        for name, cu in (("cu_seqlens_text", cu_seqlens_text), ("cu_seqlens_regions", cu_seqlens_regions)):
+            _checks.tensor(name, cu, shape="[B + 1] int32", ndim=1, dtypes=(torch.int32,))
+        if max_seqlen_text + 2 > c.max_position_embeddings:
+            raise ValueError(f"max_seqlen_text {max_seqlen_text}: VL-BERT needs text length + 2 <= "
+                             f"max_position_embeddings = {c.max_position_embeddings}")
+        if masked_regions is not None and (mask_visual_embedding is None or mask_word_embedding is None):
+            raise ValueError("masked_regions needs mask_visual_embedding [F] and mask_word_embedding [H] (use "
+                             "VLBERTForPretraining, which owns them)")
+        device = input_ids.device
+        batch = cu_seqlens_text.shape[0] - 1
+        cu_t, cu_v = cu_seqlens_text.long(), cu_seqlens_regions.long()
+        n_t, n_v = cu_t[1:] - cu_t[:-1], cu_v[1:] - cu_v[:-1]
+        rows = torch.arange(batch, device=device)
+        sample_t = torch.repeat_interleave(rows, n_t, output_size=total_t)
+        sample_v = torch.repeat_interleave(rows, n_v, output_size=total_v)
+        index_t = torch.arange(total_t, device=device) - cu_t[:-1][sample_t]  # a token's place in its caption
+        index_v = torch.arange(total_v, device=device) - cu_v[:-1][sample_v]
+        # sample i's sequence (text, objects, END) starts at cu_t[i] + cu_v[i] + i
+        cu = cu_t + cu_v + torch.arange(batch + 1, device=device)
+        slot_t = cu[:-1][sample_t] + index_t
+        slot_v = cu[:-1][sample_v] + n_t[sample_v] + index_v
+        slot_end = cu[1:] - 1
+
+        features = region_features
+        if masked_regions is not None:
+            features = torch.where(masked_regions[:, None], mask_visual_embedding.to(features.dtype), features)
+        object_reps = self.visual(features[None], boxes[None])[0]  # [total_v, visual_size]
+        text_visual = object_reps[cu_v[:-1][sample_t]]  # every token sees its image's region 0 (the whole image)
+        text_vl = self.word_embeddings(input_ids) + self._visual(text_visual, "text")
+        classes = torch.zeros(total_v, dtype=torch.long, device=device) if object_classes is None else object_classes
+        object_words = self.object_linguistic_embeddings(classes)
+        if masked_regions is not None:
+            object_words = torch.where(masked_regions[:, None], mask_word_embedding.to(object_words.dtype),
+                                       object_words)
+        object_vl = (object_words + self._visual(object_reps, "object")).to(text_vl.dtype)
+        total = total_t + total_v + batch
+        hidden = text_vl.shape[-1]
+        packed = text_vl.new_zeros(total, hidden)
+        packed = packed.index_put((slot_t,), text_vl).index_put((slot_v,), object_vl)
+        packed = packed.index_put((slot_end,), self.end_embedding.weight.to(text_vl.dtype).expand(batch, -1))
+        positions = torch.zeros(total, dtype=torch.long, device=device)
+        positions = positions.index_put((slot_t,), index_t).index_put((slot_v,), n_t[sample_v])
+        positions = positions.index_put((slot_end,), n_t + 1)
+        types = torch.full((total,), 2, dtype=torch.long, device=device)
+        if token_type_ids is not None:
+            types = types.index_put((slot_t,), token_type_ids.long())
+        else:
+            types = types.index_put((slot_t,), torch.zeros_like(index_t))
+        embedded = self.embedding_norm(self.position_embeddings(positions) + self.token_type_embeddings(types), packed)
+        embedded = F.dropout(embedded, c.hidden_dropout_prob, self.training)
+        encoded = self.encoder(embedded, cu_seqlens=cu.to(torch.int32),
+                               max_seqlen=max_seqlen_text + max_seqlen_regions + 1)
+        pooled = torch.tanh(self.pooler(encoded[cu[:-1]])) if self.pooler is not None else None
+        return VLBERTOutput(encoded, None, encoded[slot_t], encoded[slot_v], pooled, None)
+
     def _encode_unpadded(self, embedded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The encoder on the real rows (a prefix of every packed row) as one varlen batch."""
         lengths = attention_mask.sum(1)
@@ -342,6 +436,15 @@ class VLBERT(nn.Module):
         return batch, text_len, regions
 
 
+@dataclasses.dataclass
+class VLBERTPretrainingOutput(PretrainingOutput):
+    """``losses`` {"mlm", "mvrc", "relationship"} (those whose labels were given), ``loss`` their sum;
+    ``mvrc_logits [B, R, visual_region_classes]`` and ``relationship_logits [B, 2]`` when computed."""
+
+    mvrc_logits: torch.Tensor | None = None
+    relationship_logits: torch.Tensor | None = None
+
+
 class VLBERTForPretraining(nn.Module):
     """VL-BERT pretraining: MLM with visual clues, masked RoI classification, and (when
     ``with_rel_head``) the sentence-image relation head, off by default as in the released config.
@@ -352,13 +455,13 @@ class VLBERTForPretraining(nn.Module):
     ``relationship_head`` (Linear(H, 2) on the pooled state; needs ``with_pooler``).
     """
 
-    def __init__(self, config: VLBERTConfig):
+    def __init__(self, config: VLBERTConfig, backend: str | None = None):
         super().__init__()
         if config.with_rel_head and not config.with_pooler:
             raise ValueError("with_rel_head needs with_pooler=True (the relation head reads the pooled state)")
-        self.config = config
+        self.config, self.backend = config, backend
         h = config.hidden_size
-        self.vlbert = VLBERT(config)
+        self.vlbert = VLBERT(config, backend)
         self.object_mask_visual_embedding = nn.Embedding(1, config.visual_feature_dim)
         self.object_mask_word_embedding = nn.Embedding(1, h)
         self.mlm_head = MaskedLMHead(h, config.vocab_size, config.layer_norm_eps) if config.with_mlm_head else None
@@ -373,10 +476,11 @@ class VLBERTForPretraining(nn.Module):
                 module.apply(lambda m: init_bert_weights(m, config.initializer_range))
         nn.init.zeros_(self.object_mask_visual_embedding.weight)
 
+    @on_backend
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
                 mlm_labels: torch.Tensor | None = None, masked_regions: torch.Tensor | None = None,
                 region_class_scores: torch.Tensor | None = None, relationship_labels: torch.Tensor | None = None,
-                replaced_regions: torch.Tensor | None = None, **inputs) -> dict[str, torch.Tensor]:
+                replaced_regions: torch.Tensor | None = None, **inputs) -> VLBERTPretrainingOutput:
         """Losses (and logits) for one batch; ``inputs`` go to :meth:`VLBERT.forward`.
 
         mlm_labels ``[B, Lt]`` int64, -1 where not predicted (the original's ignore index): loss =
@@ -388,25 +492,31 @@ class VLBERTForPretraining(nn.Module):
         embeddings (default ``masked_regions``; VL-BERT's collation replaces 90% of the masked regions
         and keeps 10% as they are, all of them predicted). relationship_labels ``[B]`` (1 = matching
         caption) with ``with_rel_head``.
-        Returns ``mlm_loss``, ``mvrc_loss``, ``relationship_loss`` (those that apply), their sum
-        ``loss``, and ``mvrc_logits`` / ``relationship_logits``.
+        Returns a :class:`VLBERTPretrainingOutput`: ``losses`` {"mlm", "mvrc", "relationship"} (those
+        that apply), their sum ``loss``, and ``mvrc_logits`` / ``relationship_logits``.
         """
         c = self.config
+        masked_regions = zero_one_mask("masked_regions", masked_regions)
+        replaced_regions = zero_one_mask("replaced_regions", replaced_regions)
+        inputs = {name: zero_one_mask(name, value) if name.endswith("_mask") else value
+                  for name, value in inputs.items()}
         replaced = masked_regions if replaced_regions is None else replaced_regions
         out = self.vlbert(input_ids, region_features, boxes, masked_regions=replaced,
                           mask_visual_embedding=self.object_mask_visual_embedding.weight[0],
                           mask_word_embedding=self.object_mask_word_embedding.weight[0], **inputs)
         with nvtx_range("heads and losses"):
-            result: dict[str, torch.Tensor] = {}
+            result = VLBERTPretrainingOutput(None, {})
+            losses = result.losses
             if mlm_labels is not None:
                 if self.mlm_head is None:
                     raise ValueError("mlm_labels given but the model has no MLM head (with_mlm_head=False)")
-                _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64", ndim=2, dtypes=(torch.int64,))
+                _checks.tensor("mlm_labels", mlm_labels, shape="[B, Lt] int64", ndim=input_ids.dim(),
+                               dtypes=(torch.int64,))
                 _checks.same_shape("mlm_labels", mlm_labels, list(input_ids.shape), "[B, Lt] like input_ids")
-                result["mlm_loss"] = self.mlm_head.loss(out.text, self.vlbert.word_embeddings.weight, mlm_labels, -1)
+                losses["mlm"] = self.mlm_head.loss(out.text, self.vlbert.word_embeddings.weight, mlm_labels, -1)
             if masked_regions is not None and region_class_scores is not None and self.mvrc_head is not None:
                 _checks.tensor("region_class_scores", region_class_scores, shape=f"[B, R, {c.visual_region_classes}]",
-                               ndim=3)
+                               ndim=region_features.dim())
                 _checks.same_shape("region_class_scores", region_class_scores,
                                    [*masked_regions.shape, c.visual_region_classes], "[B, R, C]")
                 logits = self.mvrc_head.classifier(dense_gelu(self.mvrc_head.dense, out.objects))
@@ -414,16 +524,14 @@ class VLBERTForPretraining(nn.Module):
                 chosen = masked_regions if region_mask is None else masked_regions & region_mask
                 per_region = -(region_class_scores.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1)
                 weight = chosen.to(per_region.dtype)
-                result["mvrc_loss"] = (per_region * weight).sum() / weight.sum().clamp(min=1)
-                result["mvrc_logits"] = logits
+                losses["mvrc"] = (per_region * weight).sum() / weight.sum().clamp(min=1)
+                result.mvrc_logits = logits
             if self.relationship_head is not None:
                 logits = self.relationship_head(out.pooled)
-                result["relationship_logits"] = logits
+                result.relationship_logits = logits
                 if relationship_labels is not None:
-                    result["relationship_loss"] = F.cross_entropy(logits, relationship_labels)
-            losses = [v for k, v in result.items() if k.endswith("_loss")]
-            if losses:
-                result["loss"] = torch.stack(losses).sum()
+                    losses["relationship"] = F.cross_entropy(logits, relationship_labels)
+            result.loss = total(losses)
             return result
 
 
@@ -434,10 +542,12 @@ class VLBERTForVQA(nn.Module):
     answers (3129). Loss: BCE against the soft scores, times the number of answers (as the original).
     """
 
-    def __init__(self, config: VLBERTConfig, num_answers: int = 3129, classifier_dropout: float = 0.1):
+    def __init__(self, config: VLBERTConfig, num_answers: int = 3129, classifier_dropout: float = 0.1,
+                 backend: str | None = None):
         super().__init__()
+        self.backend = backend
         self.config, self.num_answers, self.classifier_dropout = config, num_answers, classifier_dropout
-        self.vlbert = VLBERT(config)
+        self.vlbert = VLBERT(config, backend)
         self.head = nn.Module()
         self.head.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.head.norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
@@ -460,6 +570,7 @@ class VLBERTForVQA(nn.Module):
         token_type_ids = ((slots > n + 1) & (slots <= n + 3)).long()
         return input_ids, token_type_ids, (n + 2).squeeze(1)
 
+    @on_backend
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor,
                 answer_positions: torch.Tensor, *, answer_scores: torch.Tensor | None = None,
                 **inputs) -> dict[str, torch.Tensor]:
@@ -486,14 +597,16 @@ class VLBERTForVCR(nn.Module):
     tanh pooler's output -> dropout -> ``classifier`` Linear(H, 1) scores it; softmax cross-entropy
     over the options."""
 
-    def __init__(self, config: VLBERTConfig, classifier_dropout: float = 0.1):
+    def __init__(self, config: VLBERTConfig, classifier_dropout: float = 0.1, backend: str | None = None):
         super().__init__()
+        self.backend = backend
         config = dataclasses.replace(config, with_pooler=True)
         self.config, self.classifier_dropout = config, classifier_dropout
-        self.vlbert = VLBERT(config)
+        self.vlbert = VLBERT(config, backend)
         self.classifier = nn.Linear(config.hidden_size, 1)
         init_bert_weights(self.classifier, config.initializer_range)
 
+    @on_backend
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, text_tags: torch.Tensor | None = None,
@@ -527,15 +640,17 @@ class VLBERTForRefCOCO(nn.Module):
     """RefCOCO+ grounding: each region's state -> ``head.dense`` + GELU -> dropout ->
     ``head.classifier`` Linear(H, 1); BCE over real regions against ``IoU > 0.5`` with the target."""
 
-    def __init__(self, config: VLBERTConfig, classifier_dropout: float = 0.1):
+    def __init__(self, config: VLBERTConfig, classifier_dropout: float = 0.1, backend: str | None = None):
         super().__init__()
+        self.backend = backend
         self.config, self.classifier_dropout = config, classifier_dropout
-        self.vlbert = VLBERT(config)
+        self.vlbert = VLBERT(config, backend)
         self.head = nn.Module()
         self.head.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.head.classifier = nn.Linear(config.hidden_size, 1)
         self.head.apply(lambda m: init_bert_weights(m, config.initializer_range))
 
+    @on_backend
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
                 ious: torch.Tensor | None = None, **inputs) -> dict[str, torch.Tensor]:
         """ious ``[B, R]``: each region's IoU with the referred box (label = IoU > 0.5). Returns

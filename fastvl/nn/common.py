@@ -1,7 +1,9 @@
 """Building blocks shared by fastvl's layers: the fused LayerNorm and feed-forward modules, BERT's
-weight initialisation, activation checkpointing, and mask normalisation."""
+weight initialisation, activation checkpointing, mask normalisation, and the models' ``backend=``."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvl import _checks
+from fastvl.dispatch import use_backend
 from fastvl.ops import bias_gelu, layer_norm
 
 
@@ -86,10 +89,25 @@ class FeedForward(nn.Module):
         return self.norm(self.output(self.intermediate(x)), x, self.dropout)
 
 
+def zero_one_mask(name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An integer 0 / 1 mask (the original projects' and Hugging Face's ``attention_mask``, 1 = real)
+    as bool; bool and float (additive) masks pass unchanged. Other integers are an error naming
+    ``name`` (checked with one host sync, skipped under torch.compile)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool or mask.is_floating_point():
+        return mask
+    if not torch.compiler.is_compiling():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be bool or hold 0 / 1 integers (1 = real), got the value "
+                             f"{mask[bad][0].item()} (at {bad.nonzero()[0].tolist()})")
+    return mask != 0
+
+
 def bool_mask(name: str, mask: torch.Tensor | None, batch: int, length: int,
               device: torch.device) -> torch.Tensor | None:
-    """A key padding mask as bool ``[B, L]`` (True = real); accepts the original additive form too."""
-    return _checks.key_padding_mask(name, mask, batch, length, device)
+    """A key padding mask as bool ``[B, L]`` (True = real); accepts 0 / 1 integers and the original
+    additive float form (0 = real, -10000 = padded) too."""
+    return _checks.key_padding_mask(name, zero_one_mask(name, mask), batch, length, device)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -108,3 +126,17 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     if isinstance(module, (LayerNorm, nn.LayerNorm)):
         module.weight.data.fill_(1.0)
         module.bias.data.zero_()
+
+
+def on_backend(method):
+    """Runs a model's method (``forward`` and friends) under ``use_backend(self.backend)`` when the
+    model was built with ``backend=`` (e.g. "reference", the parity baseline); None = auto."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.backend is None:
+            return method(self, *args, **kwargs)
+        with use_backend(self.backend):
+            return method(self, *args, **kwargs)
+
+    return run

@@ -116,14 +116,14 @@ class ALBEFPretraining(ALBEF):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor, mlm_labels: torch.Tensor, *, alpha_scale: float = 1.0,
-                first_micro_step: bool = True, last_micro_step: bool = True) -> dict[str, torch.Tensor]:
+                first_micro_step: bool = True, last_micro_step: bool = True):
         if self.training:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
         out = super().forward(images, input_ids, attention_mask, alpha=self.config.alpha * alpha_scale, update=False,
                               mlm_inputs=(mlm_input_ids, mlm_labels))
         if self.training:
-            self._step_features.append((out["image_feat_m"], out["text_feat_m"]))
+            self._step_features.append((out.image_feat_m, out.text_feat_m))
             if last_micro_step:
                 image_feat_m = _all_gather(torch.cat([image for image, _ in self._step_features]))
                 text_feat_m = _all_gather(torch.cat([text for _, text in self._step_features]))

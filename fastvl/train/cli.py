@@ -28,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvl.train.presets import PRESETS
 
     parser.add_argument("--model", default="vilbert-tiny", choices=model_names(), help="model family and size")
-    parser.add_argument("--data", required=True, help="dataset directory (fastvl data synth / convert)")
+    parser.add_argument("--data", required=True, help="dataset directory (fastvl data synth / convert), or for "
+                        "ALBEF an {image, caption} .json / .jsonl file as ALBEF's (then --vocab is required)")
+    parser.add_argument("--image-root", default="", help="ALBEF image files: joined to relative image paths")
+    parser.add_argument("--image-res", type=int, help="ALBEF image files: training resolution (default 256)")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: DATA/vocab.txt)")
     parser.add_argument("--out", default="runs/pretrain", help="log.jsonl and checkpoints/ go here")
     parser.add_argument("--deepspeed", dest="ds_config", default=os.path.join(CONFIG_DIR, "zero2.json"),
@@ -50,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-text-len", type=int, help="tokens per caption (default: the family's, 36; ALBEF 25)")
     parser.add_argument("--max-regions", type=int, default=36, help="real regions per image (plus IMG)")
     parser.add_argument("--packed", action="store_true", help="collate packed cu_seqlens batches")
+    parser.add_argument("--objective", type=int, choices=(0, 1, 2), help="ViLBERT: vilbert-multi-task's objective "
+                        "setting (0 = all losses on all pairs, the paper's and the default; 1 = no masked-word/region "
+                        "labels on misaligned pairs; 2 = no misaligned pairs, no alignment loss)")
     parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
     parser.add_argument("--init-text-from", metavar="CKPT", help="initialise the text stream from a Hugging Face "
                         "BERT checkpoint (.safetensors or .bin, loaded weights_only; its vocab.txt must be --vocab)")
@@ -168,11 +174,12 @@ def build(args: argparse.Namespace) -> Run:
     import torch.distributed as dist
 
     from fastvl.convert.common import ConversionError
-    from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset
+    from fastvl.data.format import VOCAB_FILE, DataError
     from fastvl.data.sampler import GlobalBatchSampler
     from fastvl.data.tokenizer import load_tokenizer, special_ids
     from fastvl.train import families, presets
-    from fastvl.train.loop import Trainer, nvtx_layer_ranges
+    from fastvl.profiling import nvtx_layer_ranges
+    from fastvl.train.loop import Trainer
 
     clear_stale_build_locks()  # DeepSpeed builds / loads its CPU shared-memory op below
     init_distributed()
@@ -186,7 +193,8 @@ def build(args: argparse.Namespace) -> Run:
         raise UsageError(f"--deepspeed {args.ds_config}: {error}") from None
     try:
         tokenizer = load_tokenizer(args.vocab or os.path.join(args.data, VOCAB_FILE))
-        dataset = RegionDataset(args.data, tokenizer, strict=args.strict_data)
+        dataset = families.open_dataset(family, args.data, tokenizer, strict=args.strict_data,
+                                        image_root=args.image_root, image_res=args.image_res, seed=args.seed)
     except DataError as error:
         raise UsageError(f"data error: {error}") from None
     micro = config["train_micro_batch_size_per_gpu"]
@@ -199,7 +207,7 @@ def build(args: argparse.Namespace) -> Run:
     try:
         collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=args.seed,
                                         packed=args.packed, max_text_len=args.max_text_len or family.max_text_len,
-                                        max_regions=args.max_regions)
+                                        max_regions=args.max_regions, objective=args.objective)
     except DataError as error:  # e.g. a model that reads pixels on a set without them
         raise UsageError(f"data error: {error}") from None
     except ValueError as error:  # an option the family cannot honour (e.g. --packed for ALBEF)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastvl.data.collate import ViLBERTCollator, VLBERTCollator, unpack
+from fastvl.data.collate import ViLBERTCollator, VLBERTCollator
 from fastvl.data.collate_albef import ALBEFCollator
 from fastvl.data.tokenizer import SpecialIds
 
@@ -23,6 +23,8 @@ log = logging.getLogger("fastvl.train")
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "text_mask", "region_feats", "region_loc", "region_mask",
                 "mlm_labels", "region_targets", "region_labels", "is_next")
+PACKED_INPUTS = (*(k for k in MODEL_INPUTS if not k.endswith("_mask")), "cu_seqlens_text", "cu_seqlens_regions",
+                 "max_seqlen_text", "max_seqlen_regions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +51,16 @@ class Family:
     preset: str  # optimizer / schedule preset in fastvl.train.presets
     objectives: tuple[str, ...]
     init_text: Callable[[torch.nn.Module, str], object] | None = None  # text stream from a BERT checkpoint
-    losses: Callable[[object], tuple[torch.Tensor, dict]] = lambda out: (out.loss, out.losses)  # (total, per objective)
     # extra model inputs from (fastvl.data.sampler.MicroBatch, GlobalBatchSampler): where the step is
     step_inputs: Callable[[object, object], dict] | None = None
     max_text_len: int = 36  # tokens per caption unless --max-text-len says otherwise
     after_initialize: Callable[[torch.nn.Module], None] | None = None  # on the module deepspeed.initialize cast
+
+    def losses(self, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total, one loss per objective) of a model's :class:`fastvl.models.outputs.PretrainingOutput`;
+        an objective the run does not train (ViLBERT's alignment under --objective 2) counts 0, as the
+        original's ``next_sentence_loss * 0``."""
+        return out.loss, {name: out.losses.get(name, out.loss.new_zeros(())) for name in self.objectives}
 
 
 def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -70,7 +77,8 @@ def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
 
 
 def _text_stream_from_bert(model: torch.nn.Module, path: str):
-    """Loads a Hugging Face BERT checkpoint (safetensors, or torch weights_only) into the text stream."""
+    """Loads a Hugging Face BERT checkpoint (safetensors, or torch weights_only) into the model's BERT
+    part (ViLBERT's text stream, VL-BERT's stack, ALBEF's text + fusion encoders: convert/hf_bert.py)."""
     from fastvl.convert.common import load_state_dict_file  # noqa: PLC0415
     from fastvl.convert.hf_bert import text_stream_from_hf_bert  # noqa: PLC0415
 
@@ -78,15 +86,21 @@ def _text_stream_from_bert(model: torch.nn.Module, path: str):
 
 
 def _vilbert_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
-                      max_regions: int, pad_to_multiple_of: int = 1) -> ViLBERTCollator:
+                      max_regions: int, pad_to_multiple_of: int = 1, objective: int | None = None) -> ViLBERTCollator:
     return ViLBERTCollator(dataset, special, vocab_size, seed=seed, packed=packed, max_text_len=max_text_len,
-                           max_regions=max_regions, pad_to_multiple_of=pad_to_multiple_of)
+                           max_regions=max_regions, pad_to_multiple_of=pad_to_multiple_of, objective=objective or 0)
+
+
+def _no_objective_variants(family: str, objective: int | None) -> None:
+    if objective not in (None, 0):
+        raise ValueError(f"--objective {objective} is ViLBERT's (vilbert-multi-task's objective settings); "
+                         f"{family} has one objective setting")
 
 
 def _vilbert_inputs(batch: dict) -> dict:
-    # The model takes padded inputs; a packed batch is padded here (exactly, to its longest sequence).
-    batch = unpack(batch)
-    return {key: batch[key] for key in MODEL_INPUTS}
+    """The model's inputs, padded or packed as collated (a packed batch runs packed end to end)."""
+    keys = PACKED_INPUTS if batch.get("packed") else MODEL_INPUTS
+    return {key: batch[key] for key in keys if key in batch}  # no is_next under --objective 2
 
 
 def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -103,22 +117,21 @@ def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
 
 
 def _vlbert_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
-                     max_regions: int, pad_to_multiple_of: int = 1) -> VLBERTCollator:
+                     max_regions: int, pad_to_multiple_of: int = 1, objective: int | None = None) -> VLBERTCollator:
+    _no_objective_variants("vlbert", objective)
     return VLBERTCollator(dataset, special, vocab_size, seed=seed, packed=packed, max_text_len=max_text_len,
                           max_regions=max_regions, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def _vlbert_inputs(batch: dict) -> dict:
-    batch = unpack(batch)
-    return {"input_ids": batch["input_ids"], "region_features": batch["region_feats"],
-            "boxes": batch["region_loc"][..., :4], "token_type_ids": batch["token_type_ids"],
-            "text_mask": batch["text_mask"], "region_mask": batch["region_mask"], "mlm_labels": batch["mlm_labels"],
-            "masked_regions": batch["region_labels"], "replaced_regions": batch["region_replaced"],
-            "region_class_scores": batch["region_targets"]}
-
-
-def _vlbert_losses(out: dict) -> tuple[torch.Tensor, dict]:
-    return out["loss"], {"mlm": out["mlm_loss"], "mvrc": out["mvrc_loss"]}
+    """The model's inputs, padded or packed as collated (a packed batch runs packed end to end)."""
+    inputs = {"input_ids": batch["input_ids"], "region_features": batch["region_feats"],
+              "boxes": batch["region_loc"][..., :4], "token_type_ids": batch["token_type_ids"],
+              "mlm_labels": batch["mlm_labels"], "masked_regions": batch["region_labels"],
+              "replaced_regions": batch["region_replaced"], "region_class_scores": batch["region_targets"]}
+    if batch.get("packed"):
+        return {**inputs, **{k: batch[k] for k in PACKED_INPUTS if k.startswith(("cu_seqlens", "max_seqlen"))}}
+    return {**inputs, "text_mask": batch["text_mask"], "region_mask": batch["region_mask"]}
 
 
 def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
@@ -149,7 +162,8 @@ def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
 
 
 def _albef_collator(dataset, special, vocab_size: int, *, seed: int, packed: bool, max_text_len: int,
-                    max_regions: int, pad_to_multiple_of: int = 1) -> ALBEFCollator:
+                    max_regions: int, pad_to_multiple_of: int = 1, objective: int | None = None) -> ALBEFCollator:
+    _no_objective_variants("albef", objective)
     del max_regions, pad_to_multiple_of  # region options: ALBEF reads pixels
     if packed:
         raise ValueError("--packed is not supported for ALBEF (its batches are padded image-text pairs)")
@@ -176,19 +190,33 @@ def _albef_after_initialize(model: torch.nn.Module) -> None:
                         "smaller than half a %s ulp round away", dtype, dtype)
 
 
-def _albef_losses(out: dict) -> tuple[torch.Tensor, dict]:
-    return out["loss"], {"itc": out["loss_itc"], "itm": out["loss_itm"], "mlm": out["loss_mlm"]}
-
-
 FAMILIES = {
     "vilbert": Family("vilbert", ("tiny", "2-layer", "4-layer", "6-layer", "8-layer", "base"), _vilbert_model,
                       _vilbert_collator, _vilbert_inputs, "vilbert", ("mlm", "region", "align"), _text_stream_from_bert),
     "vlbert": Family("vlbert", ("tiny", "base", "large"), _vlbert_model, _vlbert_collator, _vlbert_inputs, "vlbert",
-                     ("mlm", "mvrc"), losses=_vlbert_losses),
+                     ("mlm", "mvrc"), _text_stream_from_bert),
     "albef": Family("albef", ("tiny", "base"), _albef_model, _albef_collator, _albef_inputs, "albef",
-                    ("itc", "itm", "mlm"), losses=_albef_losses, step_inputs=_albef_step_inputs, max_text_len=25,
+                    ("itc", "itm", "mlm"), _text_stream_from_bert, step_inputs=_albef_step_inputs, max_text_len=25,
                     after_initialize=_albef_after_initialize),
 }
+
+
+def open_dataset(family: Family, path: str, tokenizer, *, strict: bool = False, image_root: str = "",
+                 image_res: int | None = None, seed: int = 0):
+    """The training set at ``path``: a shard directory (:class:`fastvl.data.format.RegionDataset`), or
+    for ALBEF an annotation file ``*.json`` / ``*.jsonl`` of ``{image, caption}`` records
+    (:class:`fastvl.data.images.ImageCaptionDataset`: images decoded and augmented in the workers)."""
+    from fastvl.data.format import DataError, RegionDataset
+
+    if path.endswith((".json", ".jsonl")):
+        if family.name != "albef":
+            raise DataError(f"{path}: image-caption files train ALBEF; {family.name} trains on region features "
+                            "(a directory from `fastvl data convert`)")
+        from fastvl.data.images import ImageCaptionDataset
+
+        return ImageCaptionDataset(path, tokenizer, image_root=image_root, image_res=image_res or 256, seed=seed,
+                                   strict=strict)
+    return RegionDataset(path, tokenizer, strict=strict)
 
 
 def resolve(model: str) -> tuple[Family, str]:

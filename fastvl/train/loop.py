@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastvl._nvtx import nvtx_range
+from fastvl.profiling import nvtx_range
 from fastvl.train import checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
@@ -44,24 +44,6 @@ LOG_FILE = "log.jsonl"
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf in a bf16 or fp32 run."""
-
-
-def nvtx_layer_ranges(model: torch.nn.Module, enabled: bool | None = None) -> int:
-    """Wraps the forward of every layer held in a ``ModuleList`` (``bert.layer.3``, ``bert.c_layer.0``,
-    ...) in an NVTX range named after it, so a profile shows the forward per layer. Only on CUDA
-    machines unless ``enabled``; returns the number of layers instrumented."""
-    if not (torch.cuda.is_available() if enabled is None else enabled):
-        return 0
-    count = 0
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, torch.nn.ModuleList):
-            continue
-        for index, layer in enumerate(parent):
-            name = f"forward {parent_name}.{index}"
-            layer.register_forward_pre_hook(lambda *_, name=name: torch.cuda.nvtx.range_push(name))
-            layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
-            count += 1
-    return count
 
 
 def micro_batch_seed(seed: int, global_step: int, chunk: int) -> int:
