@@ -160,7 +160,7 @@ def triton_supports(dtype, head_dim, device, **_features) -> list[str]:
         reasons.append("bfloat16 under TRITON_INTERPRET=1 (the interpreter's bfloat16 tl.dot returns wrong values; "
                        "use float16 or float32 there)")
     if not reasons:
-        max_head_dim = attention_launch.kernels().MAX_HEAD_DIM
+        max_head_dim = max(attention_launch.kernels().HEAD_BLOCKS)
         if head_dim > max_head_dim:
             reasons.append(f"head dim {head_dim} > {max_head_dim}")
     return reasons
