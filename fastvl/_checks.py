@@ -8,6 +8,17 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Set by fastvl.testing.forbid_host_syncs(): CPU tensors are then treated as device tensors, so a CPU
+# test runs the code path a GPU takes (no value checks that read tensors back).
+SIMULATE_DEVICE = False
+
+
+def may_read_values(value: torch.Tensor) -> bool:
+    """Whether a value check may read ``value`` on the host now: only for CPU tensors (where that is
+    no device sync) and never while torch.compile traces. Checks of device tensors either run on the
+    device or once per tensor (see ``fastvl.ops.attention_common.check_cu_seqlens``)."""
+    return value.device.type == "cpu" and not SIMULATE_DEVICE and not torch.compiler.is_compiling()
+
 
 def tensor(name: str, value, *, shape: str, ndim: int | Sequence[int] | None = None,
            dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES) -> torch.Tensor:

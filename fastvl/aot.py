@@ -1,91 +1,476 @@
-"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, on a machine with no GPU.
+"""Ahead-of-time compile report of the Triton kernels for sm_80 and sm_90, on a machine with no GPU.
 
-``python -m fastvl.aot`` imports every module of ``fastvl.kernels``, compiles each ``AOT_SPECS``
-entry with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and checks: it
-compiles, its shared memory fits the architecture's per-block limit, and kernels whose inner loop is
-a ``tl.dot`` use ``wgmma`` in their sm_90 PTX. Prints a table, optionally writes JSON, exits 1 on any
-failure. Must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions).
+The attention kernels are compiled exactly as the JIT would build them on a GPU: each case runs the
+real launch code (``fastvl.ops.attention_launch``) on small CPU tensors shaped like the workload, with
+every kernel's ``run`` replaced by a recorder; the recorded arguments go through Triton's own binder
+(the run-time specialisation: integers equal to 1 become constants, pointers and integers divisible
+by 16 get divisibility hints, ``do_not_specialize`` honoured) and ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`` with the launch's num_warps / num_stages. The row kernels
+(layer norm, bias+GELU, cross entropy) are compiled from their hand-written ``AOT_SPECS``; region KL is
+captured like the attention kernels.
+
+Per compiled kernel the report records registers, spill bytes and shared memory (from ptxas), CTAs
+and warps per SM (from the device limits below), whether the sm_90 PTX uses ``wgmma`` and the widest
+global load (128 bits = vectorised). Gates
+(exit 1): it compiles; shared memory within the per-block limit; no spill in a forward kernel; backward
+spills within ``SPILL_BUDGET``; at least 2 CTAs per SM for the short-sequence cases; wgmma on sm_90
+where the inner loop is a ``tl.dot``.
+
+``python -m fastvl.aot`` compiles every case (minutes); ``--ci`` only the representative subset the
+test suite compiles. Must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import datetime
 import importlib
+import io
 import json
+import math
 import os
 import pkgutil
+import platform
+import re
 import sys
 import time
+from collections.abc import Callable
 
-# Largest dynamic shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+# Per-SM resources (CUDA occupancy calculator): shared memory per SM and per block, 1 KiB reserved
+# per CTA, 64K 32-bit registers allocated per warp in units of 256, 64 warps, 32 CTAs.
+DEVICE_LIMITS = {
+    80: {"smem_per_sm": 164 * 1024, "smem_per_block": 163 * 1024, "regs_per_sm": 65536, "warps_per_sm": 64,
+         "ctas_per_sm": 32},
+    90: {"smem_per_sm": 228 * 1024, "smem_per_block": 227 * 1024, "regs_per_sm": 65536, "warps_per_sm": 64,
+         "ctas_per_sm": 32},
+}
+SMEM_RESERVED_PER_CTA = 1024
+REGISTER_UNIT = 256  # registers per warp are allocated in multiples of this
+
+# Backward spill budget (spill-store bytes per kernel family; the short-sequence work drives it down).
+SPILL_BUDGET = {"attention_bwd": 600, "co_attention_bwd": 600}
 
 
-def collect_specs(only: str | None = None) -> list:
-    import fastvl.kernels as kernels_pkg  # noqa: PLC0415
+# Cases: what the launchers are called with ---------------------------------------------------------
 
-    specs = []
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One workload: ``run`` calls the launch code on CPU tensors (each launch it makes is recorded).
+    ``short``: a short-sequence case taking the short path, gated on >= 2 CTAs per SM. ``ci``:
+    compiled by the test suite. ``path="tiled"``: the same shapes forced onto the tiled kernels (the
+    comparison with the tiled path, which serves these lengths when the short path is off)."""
+
+    name: str
+    run: Callable[[], None]
+    short: bool = False
+    ci: bool = False
+    path: str | None = None  # "tiled": the launchers' FASTVL_ATTENTION_PATH override while capturing
+
+
+_TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def _projections(batch, length, heads, head_dim, dtype, packed=False):
+    """q, k, v as views of one fused projection ``[B, L, 3 * H * D]`` (how the models call the op)."""
+    import torch
+
+    fused = torch.empty(batch * length if packed else batch, *(() if packed else (length,)), 3, heads, head_dim,
+                        dtype=getattr(torch, _TORCH_DTYPES[dtype]))
+    return fused.unbind(-3)
+
+
+def _mask(batch, length):
+    import torch
+
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, length // 2:] = False
+    return mask
+
+
+def _cu_seqlens(batch, length):
+    import torch
+
+    return torch.arange(0, batch * length + 1, length, dtype=torch.int32)
+
+
+def _attention_case(dtype, head_dim, len_q, len_k, *, mask=True, dropout=0.0, causal=False, packed=False,
+                    heads=12, batch=2):
+    def run():
+        import torch
+
+        from fastvl.ops import attention_launch as launch
+
+        q, _, _ = _projections(batch, len_q, heads, head_dim, dtype, packed)
+        _, k, v = _projections(batch, len_k, heads, head_dim, dtype, packed)
+        key_mask = _mask(batch, len_k) if mask and not packed else None
+        cu_q = _cu_seqlens(batch, len_q) if packed else None
+        cu_k = _cu_seqlens(batch, len_k) if packed else None
+        seed = launch.draw_seed(dropout, None, q.device)
+        out, lse = launch.attention_forward(q, k, v, key_mask, cu_q, cu_k, len_q, len_k, dropout, head_dim ** -0.5,
+                                            causal, seed)
+        launch.attention_backward(torch.empty_like(out), q, k, v, out, lse, key_mask, cu_q, cu_k, len_q, len_k,
+                                  dropout, head_dim ** -0.5, causal, seed)
+
+    return run
+
+
+def _co_attention_case(dtype, head_dim, len_v, len_t, *, dropout=0.0, packed=False, heads=8, batch=2):
+    def run():
+        import torch
+
+        from fastvl.ops import attention_launch as launch
+
+        q_v, k_v, v_v = _projections(batch, len_v, heads, head_dim, dtype, packed)
+        q_t, k_t, v_t = _projections(batch, len_t, heads, head_dim, dtype, packed)
+        mask_v = None if packed else _mask(batch, len_v)
+        mask_t = None if packed else _mask(batch, len_t)
+        cu_v = _cu_seqlens(batch, len_v) if packed else None
+        cu_t = _cu_seqlens(batch, len_t) if packed else None
+        seed = launch.draw_seed(dropout, None, q_v.device)
+        ctx_v, ctx_t, lse_v, lse_t = launch.co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v,
+                                                                 cu_t, len_v, len_t, dropout, head_dim ** -0.5, seed)
+        launch.co_attention_backward(torch.empty_like(ctx_v), torch.empty_like(ctx_t), q_v, k_v, v_v, q_t, k_t, v_t,
+                                     ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, len_v, len_t, dropout,
+                                     head_dim ** -0.5, seed)
+
+    return run
+
+
+def _region_kl_case(dtype, classes, rows=2368, reduction="mean"):
+    def run():
+        import torch
+
+        from fastvl.ops import region_kl_op
+
+        logits = torch.empty(rows, classes, dtype=getattr(torch, _TORCH_DTYPES[dtype]))
+        targets = torch.empty(rows, classes, dtype=torch.float32)
+        selected = torch.zeros(rows, dtype=torch.bool)
+        region_kl_op._region_kl_triton(logits, targets, selected, reduction, torch.empty_like(logits), (rows,),
+                                       logits.dtype)
+
+    return run
+
+
+def cases() -> list[Case]:
+    """ViLBERT-base shapes: 37 regions (36 boxes + the image token) and 36 tokens, 8 co-attention heads
+    of 128 (ViLBERT's 1024-wide connection), 12 text heads of 64; BERT-length 512 for the long path."""
+    found = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for dropout in (0.0, 0.1):
+            if dtype == "fp32" and dropout:
+                continue
+            tag = f"{dtype}{'_dropout' if dropout else ''}"
+            found.append(Case(f"co_attention_{tag}_d128_v37_t36",
+                              _co_attention_case(dtype, 128, 37, 36, dropout=dropout), short=True,
+                              ci=dtype == "bf16"))
+            found.append(Case(f"attention_{tag}_d64_l36", _attention_case(dtype, 64, 36, 36, dropout=dropout),
+                              short=True, ci=dtype == "bf16" and not dropout))
+        found.append(Case(f"co_attention_{dtype}_d64_v101_t80", _co_attention_case(dtype, 64, 101, 80), short=True))
+        found.append(Case(f"attention_{dtype}_d128_l101", _attention_case(dtype, 128, 101, 101), short=True))
+        if dtype != "fp32":
+            found.append(Case(f"attention_{dtype}_d64_l512_causal",
+                              _attention_case(dtype, 64, 512, 512, causal=True)))
+            found.append(Case(f"co_attention_{dtype}_d128_v300_t200", _co_attention_case(dtype, 128, 300, 200)))
+    for dtype in ("bf16", "fp16"):  # the tiled kernels at ViLBERT-base shapes, for comparison
+        for dropout in (0.0, 0.1):
+            tag = f"{dtype}{'_dropout' if dropout else ''}"
+            found.append(Case(f"co_attention_{tag}_d128_v37_t36_tiled",
+                              _co_attention_case(dtype, 128, 37, 36, dropout=dropout), path="tiled"))
+            found.append(Case(f"attention_{tag}_d64_l36_tiled", _attention_case(dtype, 64, 36, 36, dropout=dropout),
+                              path="tiled"))
+    for dtype in ("bf16", "fp16", "fp32"):  # ViLBERT's 1601 detector classes, B=64 x 37 regions
+        found.append(Case(f"region_kl_{dtype}_c1601", _region_kl_case(dtype, 1601), ci=dtype == "bf16"))
+    found.append(Case("attention_fp16_d64_l36_packed", _attention_case("fp16", 64, 36, 36, packed=True), short=True))
+    found.append(Case("co_attention_fp16_d64_v37_t36_packed", _co_attention_case("fp16", 64, 37, 36, packed=True),
+                      short=True))
+    return found
+
+
+# Capturing the launches -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+def _jit_kernels() -> list:
+    import fastvl.kernels as kernels_pkg
+    from triton.runtime.jit import JITFunction
+
+    found = []
     for module_info in pkgutil.iter_modules(kernels_pkg.__path__):
-        if module_info.name == "aot_spec":
-            continue
         module = importlib.import_module(f"fastvl.kernels.{module_info.name}")
-        for spec in getattr(module, "AOT_SPECS", []):
-            if only is None or only in spec.name:
-                specs.append(spec)
-    return specs
+        found += [value for value in vars(module).values() if isinstance(value, JITFunction) and value not in found]
+    return found
 
 
-def compile_spec(spec, arch: int) -> dict:
-    import triton  # noqa: PLC0415
-    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-    from triton.compiler import ASTSource  # noqa: PLC0415
+@contextlib.contextmanager
+def recording():
+    """Within the block no kernel runs: each ``kernel[grid](...)`` appends a :class:`Launch`."""
+    launches = []
 
-    row = {"kernel": spec.name, "arch": f"sm_{arch}", "num_warps": spec.num_warps, "num_stages": spec.num_stages,
-           "constexprs": {k: v for k, v in spec.constexprs.items()}, "ok": False}
+    def recorder(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            launches.append(Launch(kernel, tuple(grid), args, kwargs))
+
+        return run
+
+    kernels = _jit_kernels()
+    for kernel in kernels:
+        kernel.run = recorder(kernel)
+    try:
+        yield launches
+    finally:
+        for kernel in kernels:
+            del kernel.run
+
+
+def capture(case: Case) -> list[Launch]:
+    saved = os.environ.get("FASTVL_ATTENTION_PATH")
+    if case.path:
+        os.environ["FASTVL_ATTENTION_PATH"] = case.path
+    try:
+        with recording() as launches:
+            case.run()
+    finally:
+        if case.path:
+            os.environ.pop("FASTVL_ATTENTION_PATH")
+            if saved is not None:
+                os.environ["FASTVL_ATTENTION_PATH"] = saved
+    return launches
+
+
+def jit_source(launch: Launch, arch: int):
+    """(ASTSource, options) exactly as ``JITFunction.run`` builds them for these arguments on ``arch``."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options.__dict__, specialization
+
+
+def variants(lengths: list[tuple[int, int]], dtype: str = "bf16", head_dim: int = 128, dropout: float = 0.0,
+             arch: int = 90) -> dict[str, set]:
+    """Distinct JIT specialisations (what Triton keys its cache on, besides the options) per kernel when
+    co-attention and attention run every ``(len_a, len_b)`` pair: one entry per compiled variant."""
+    keys: dict[str, set] = {}
+    for len_a, len_b in lengths:
+        for case in (_co_attention_case(dtype, head_dim, len_a, len_b, dropout=dropout),
+                     _attention_case(dtype, head_dim, len_b, len_b, dropout=dropout)):
+            for launch in capture(Case("variants", case)):
+                _, options, specialization = jit_source(launch, arch)
+                key = (str(specialization), options["num_warps"], options["num_stages"])
+                keys.setdefault(launch.kernel.__name__, set()).add(key)
+    return keys
+
+
+# Compiling and measuring ----------------------------------------------------------------------------
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_GLOBAL_LOAD = re.compile(r"ld\.global(?:\.[a-z0-9_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s")
+
+
+def widest_global_load(ptx: str) -> int:
+    """Bits of the widest global load in the PTX (128 = vectorised 16-byte loads)."""
+    return max((int(vec or 1) * int(bits) for vec, bits in _GLOBAL_LOAD.findall(ptx)), default=0)
+
+
+def occupancy(arch: int, registers: int, shared_bytes: int, num_warps: int) -> dict:
+    """Resident CTAs and warps per SM, and which resource limits them."""
+    limits = DEVICE_LIMITS[arch]
+    per_warp = math.ceil(max(registers, 1) * 32 / REGISTER_UNIT) * REGISTER_UNIT
+    bounds = {
+        "registers": (limits["regs_per_sm"] // per_warp) // num_warps,
+        "shared": limits["smem_per_sm"] // (shared_bytes + SMEM_RESERVED_PER_CTA),
+        "warps": limits["warps_per_sm"] // num_warps,
+        "ctas": limits["ctas_per_sm"],
+    }
+    ctas = min(bounds.values())
+    return {"ctas_per_sm": ctas, "warps_per_sm": ctas * num_warps, "limited_by": min(bounds, key=bounds.get)}
+
+
+def _compile(source, options: dict, arch: int) -> tuple[object, str]:
+    """The compiled kernel and ptxas' verbose log (always compiled afresh, so the log exists)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    log = io.StringIO()
+    with knobs.nvidia.scope(), knobs.compilation.scope():
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, log.getvalue()
+
+
+def measure(name: str, source, options: dict, arch: int, uses_dot: bool) -> dict:
+    row = {"kernel": name, "function": source.name, "arch": f"sm_{arch}", "num_warps": options["num_warps"],
+           "num_stages": options["num_stages"], "ok": False}
     start = time.perf_counter()
     try:
-        source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        compiled, log = _compile(source, options, arch)
     except Exception as error:  # noqa: BLE001 - reported per kernel
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
         return row
-    ptx = compiled.asm["ptx"]
-    row["shared_bytes"] = int(compiled.metadata.shared)
-    row["wgmma"] = "wgmma" in ptx
-    row["seconds"] = round(time.perf_counter() - start, 2)
+    used, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
+    row.update(registers=int(used.group(1)) if used else None,
+               spill_store_bytes=int(spill.group(1)) if spill else 0,
+               spill_load_bytes=int(spill.group(2)) if spill else 0,
+               shared_bytes=int(compiled.metadata.shared), wgmma="wgmma" in compiled.asm["ptx"],
+               widest_load_bits=widest_global_load(compiled.asm["ptx"]),
+               seconds=round(time.perf_counter() - start, 2))
+    row.update(occupancy(arch, row["registers"] or 255, row["shared_bytes"], row["num_warps"]))
+    return row
+
+
+def gate(row: dict, short: bool, uses_dot: bool) -> list[str]:
+    """The problems that fail this row (empty: it passes)."""
+    if "error" in row and "registers" not in row:
+        return [row["error"]]
+    arch = int(row["arch"][3:])
     problems = []
-    if row["shared_bytes"] > SHARED_MEMORY_LIMIT[arch]:
-        problems.append(f"shared memory {row['shared_bytes']} B > sm_{arch} limit {SHARED_MEMORY_LIMIT[arch]} B")
-    if arch >= 90 and spec.uses_dot and not row["wgmma"]:
+    if row["registers"] is None:
+        problems.append("ptxas log carries no register count")
+    if row["shared_bytes"] > DEVICE_LIMITS[arch]["smem_per_block"]:
+        problems.append(f"shared memory {row['shared_bytes']} B > {row['arch']} per-block limit")
+    family = _family(row["function"])
+    if family.endswith("bwd"):
+        budget = SPILL_BUDGET.get(family, 0)
+        if row["spill_store_bytes"] > budget:
+            problems.append(f"backward spills {row['spill_store_bytes']} B > budget {budget} B")
+    elif row["spill_store_bytes"]:
+        problems.append(f"forward kernel spills {row['spill_store_bytes']} B")
+    if short and row["ctas_per_sm"] < 2:
+        problems.append(f"{row['ctas_per_sm']} CTA/SM (< 2) in a short-sequence case ({row['limited_by']})")
+    if arch >= 90 and uses_dot and not row["wgmma"]:
         problems.append("tl.dot loop does not lower to wgmma on sm_90")
+    return problems
+
+
+def _family(function: str) -> str:
+    """``co_attention_bwd_kernel`` -> ``co_attention_bwd`` (short-path kernels share their family)."""
+    return function.removesuffix("_kernel").replace("_short", "")
+
+
+def _path(function: str) -> str:
+    return "short" if "_short" in function else ("tiled" if "attention" in function else "row")
+
+
+def _uses_dot(launch: Launch) -> bool:
+    """Attention kernels run tl.dot on tensor cores except in exact fp32 (ieee) mode."""
+    return "PRECISION" in launch.kwargs and launch.kwargs["PRECISION"] != "ieee"
+
+
+def run_case(case: Case, archs: list[int]) -> list[dict]:
+    rows = []
+    for index, launch in enumerate(capture(case)):
+        for arch in archs:
+            source, options, _ = jit_source(launch, arch)
+            row = measure(f"{case.name}:{source.name.removesuffix('_kernel')}", source, options, arch,
+                          _uses_dot(launch))
+            row.update(case=case.name, short=case.short, path=case.path or _path(source.name), grid=list(launch.grid),
+                       constexprs={k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")})
+            problems = gate(row, case.short, _uses_dot(launch))
+            row["ok"] = not problems
+            if problems:
+                row["error"] = "; ".join(problems)
+            rows.append(row)
+    return rows
+
+
+def run_static_spec(spec, arch: int) -> dict:
+    """A row kernel from its hand-written ``AotSpec`` (no launch is captured for it)."""
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+    row = measure(spec.name, source, {"num_warps": spec.num_warps, "num_stages": spec.num_stages}, arch,
+                  spec.uses_dot)
+    row.update(case=spec.name, short=False, static=True)
+    problems = gate(row, False, spec.uses_dot)
+    row["ok"] = not problems
     if problems:
         row["error"] = "; ".join(problems)
-    else:
-        row["ok"] = True
     return row
+
+
+def static_specs(only: str | None = None) -> list:
+    """``AOT_SPECS`` of the kernel modules whose launches are not captured (the row kernels)."""
+    import fastvl.kernels as kernels_pkg
+
+    specs = []
+    for module_info in pkgutil.iter_modules(kernels_pkg.__path__):
+        if module_info.name in ("aot_spec", "attention", "attention_short", "region_kl"):
+            continue
+        module = importlib.import_module(f"fastvl.kernels.{module_info.name}")
+        specs += [spec for spec in getattr(module, "AOT_SPECS", []) if only is None or only in spec.name]
+    return specs
+
+
+def environment() -> dict:
+    import torch
+    import triton
+
+    return {"date": datetime.date.today().isoformat(), "triton": triton.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "device_limits": DEVICE_LIMITS, "spill_budget": SPILL_BUDGET}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvl.aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_MEMORY_LIMIT))
-    parser.add_argument("--only", help="compile only kernels whose name contains this")
-    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(DEVICE_LIMITS))
+    parser.add_argument("--only", help="compile only cases / kernels whose name contains this")
+    parser.add_argument("--ci", action="store_true", help="only the representative subset the tests compile")
+    parser.add_argument("--no-row-kernels", action="store_true", help="skip the row kernels' static specs")
+    parser.add_argument("--json", help="write the report to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
-    specs = collect_specs(args.only)
-    rows = [compile_spec(spec, arch) for spec in specs for arch in args.arch]
-    for row in rows:
-        status = "ok " if row["ok"] else "FAIL"
-        detail = row.get("error", f"smem {row.get('shared_bytes', 0):>6} B  wgmma={row.get('wgmma')}")
-        print(f"{status} {row['arch']} {row['kernel']:<48} w{row['num_warps']} s{row['num_stages']}  {detail}")
+    selected = [case for case in cases() if (not args.ci or case.ci) and (args.only is None or args.only in case.name)]
+    rows = []
+    for case in selected:
+        for row in run_case(case, args.arch):
+            rows.append(row)
+            _print(row)
+    if not args.ci and not args.no_row_kernels:
+        for spec in static_specs(args.only):
+            for arch in args.arch:
+                rows.append(run_static_spec(spec, arch))
+                _print(rows[-1])
     failed = [row for row in rows if not row["ok"]]
-    print(f"{len(rows) - len(failed)} compiled, {len(failed)} failed ({len(specs)} configurations x {len(args.arch)} archs)")
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed ({len(rows)} kernel builds)")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
+            json.dump({"environment": environment(), "rows": rows}, handle, indent=1)
     return 1 if failed or not rows else 0
+
+
+def _print(row: dict) -> None:
+    status = "ok  " if row["ok"] else "FAIL"
+    if "registers" in row:
+        detail = (f"regs {row['registers']:>3} spill {row['spill_store_bytes']:>4} B smem {row['shared_bytes']:>6} B "
+                  f"{row['ctas_per_sm']:>2} CTA/SM {row['warps_per_sm']:>2} warps/SM wgmma={row['wgmma']:d} "
+                  f"ld{row['widest_load_bits']}")
+    else:
+        detail = ""
+    error = f"  <- {row['error']}" if "error" in row else ""
+    print(f"{status} {row['arch']} {row['kernel']:<62} w{row['num_warps']} s{row['num_stages']} {detail}{error}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -64,11 +67,16 @@ class Backend:
 class Op:
     """A dispatched op: ``op.register(...)`` adds backends, ``op.select(...)`` picks one."""
 
-    def __init__(self, name: str, probe: dict | None = None):
+    def __init__(self, name: str, probe: dict | None = None, table_key: Sequence[str] = (),
+                 rule: Callable[..., list[tuple[str, str]]] | None = None):
         self.name = name
         self.backends: dict[str, Backend] = {}
         # Features of typical inputs, used by `fastvl info` to ask which backends run on this machine.
         self.probe = dict(probe or {})
+        # The features a calibration table entry is keyed on, and the rule auto falls back to:
+        # rule(device, **features) -> [(backend, why)] in preference order (empty: registration order).
+        self.table_key = tuple(table_key)
+        self.rule = rule
 
     def register(self, name: str, *, available: Callable[[], list[str]] | None = None,
                  supports: Callable[..., list[str]] | None = None,
@@ -103,6 +111,12 @@ class Op:
     def select(self, backend: str | None, device: torch.device, **features) -> Backend:
         """The backend to run inputs with these features on ``device``."""
         features["device"] = device
+        chosen = self._choose(backend, device, features)
+        if _LISTENERS and not torch.compiler.is_compiling():
+            return _tell_listeners(self, chosen, device, features)
+        return chosen
+
+    def _choose(self, backend: str | None, device: torch.device, features: dict) -> Backend:
         name, strict = self.requested(backend)
         if name != AUTO:
             chosen = self.backends.get(name)
@@ -114,10 +128,27 @@ class Op:
                 return chosen
             elif strict:
                 raise BackendUnavailableError(self._report(f"backend {name!r} cannot run these inputs", features))
-        for candidate in self.backends.values():
-            if device.type in candidate.auto_devices and not candidate.reasons(features):
-                return candidate
+        return self.auto(device, features)[0]
+
+    def auto(self, device: torch.device, features: dict) -> tuple[Backend, str]:
+        """``auto``'s choice for these features on ``device`` and why: the calibration table's entry for
+        this device and shape (see :func:`table_entry`), else the op's rule, else the first usable
+        backend in registration order; each only if it can run these inputs."""
+        features = {**features, "device": device}
+        for name, why in self._candidates(device, features):
+            candidate = self.backends.get(name)
+            if candidate is not None and device.type in candidate.auto_devices and not candidate.reasons(features):
+                return candidate, why
         raise BackendUnavailableError(self._report("no backend can run these inputs", features))
+
+    def _candidates(self, device: torch.device, features: dict) -> Iterator[tuple[str, str]]:
+        entry = table_entry(self, device, features)
+        if entry is not None:
+            yield entry["backend"], f"calibration table: measured fastest at this shape ({entry['source']})"
+        if self.rule is not None:
+            yield from self.rule(**features)
+        for name in self.backends:
+            yield name, "first usable backend in auto order"
 
     def table(self, device: torch.device | None = None, **features) -> dict[str, list[str]]:
         """{backend: reasons it cannot run (empty = usable)} for a device and features."""
@@ -138,6 +169,46 @@ def _no_reasons(**_features) -> list[str]:
     return []
 
 
+# Listeners ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatched:
+    """One dispatch decision, as a listener sees it: the op, the backend chosen, the device and the
+    features it was chosen on (dtype, head dim, lengths, mask, dropout, ...)."""
+
+    op: str
+    backend: str
+    device: torch.device
+    features: dict
+
+
+Listener = Callable[[Dispatched, Callable], Callable | None]
+_LISTENERS: list[Listener] = []
+
+
+@contextlib.contextmanager
+def listen(callback: Listener) -> Iterator[None]:
+    """Inside the block, every op call tells ``callback(event, impl)`` which backend it dispatched to
+    (a :class:`Dispatched`) and the implementation about to run. A callback returning a callable
+    replaces ``impl`` for that call (to wrap it: record inputs and outputs, open a profiler range);
+    returning None only observes. Listeners nest (the innermost wraps last, so it runs outermost) and
+    are not consulted while torch.compile traces."""
+    _LISTENERS.append(callback)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(callback)
+
+
+def _tell_listeners(op: Op, chosen: Backend, device: torch.device, features: dict) -> Backend:
+    event = Dispatched(op.name, chosen.name, device, {k: v for k, v in features.items() if k != "device"})
+    impl = chosen.impl
+    for callback in list(_LISTENERS):
+        impl = callback(event, impl) or impl
+    return chosen if impl is chosen.impl else dataclasses.replace(chosen, impl=impl)
+
+
 _AVAILABILITY: dict[int, tuple[str, ...]] = {}
 
 
@@ -154,12 +225,96 @@ _SCOPES: list[dict[str | None, str]] = []
 _OPS: dict[str, Op] = {}
 
 
-def op(name: str, probe: dict | None = None) -> Op:
+def op(name: str, probe: dict | None = None, table_key: Sequence[str] = (),
+       rule: Callable[..., list[tuple[str, str]]] | None = None) -> Op:
     """The registry entry for op ``name`` (created on first use). ``probe``: the features (besides
-    device and dtype) of a typical input, which ``fastvl info`` passes to every backend."""
+    device and dtype) of a typical input, which ``fastvl info`` passes to every backend;
+    ``table_key``: the features a calibration table is keyed on; ``rule``: auto's fallback order."""
     if name not in _OPS:
-        _OPS[name] = Op(name, probe)
+        _OPS[name] = Op(name, probe, table_key, rule)
     return _OPS[name]
+
+
+def length_bucket(length: int | None) -> int | None:
+    """A sequence length rounded up to a power of two (None stays None): the form lengths take in
+    dispatch features, so choices (and torch.compile's guards on them) stay few."""
+    if length is None:
+        return None
+    return 1 << max(0, int(length) - 1).bit_length()
+
+
+def backward_expected(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will differentiate this call (a dispatch feature: a backend fast forward-only
+    may be slow forward+backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# Calibration tables ---------------------------------------------------------------------------------
+# ``fastvl bench calibrate`` measures every backend per shape on one device and writes a table:
+# {"schema": 1, "device": KIND, "source": ..., "entries": {op: {key: backend}}}, where KIND is "cpu" or
+# the CUDA device's name and key is "feature=value,..." over the op's table_key. auto reads the table
+# named by FASTVL_DISPATCH_TABLE, else the packaged fastvl/configs/dispatch-<kind>.json.
+
+TABLE_ENV = "FASTVL_DISPATCH_TABLE"
+TABLES_DIR = Path(__file__).parent / "configs"
+_TABLES: dict[str, dict] = {}
+_KINDS: dict[torch.device, str] = {}
+
+
+def device_kind(device: torch.device) -> str:
+    """"cpu", or the CUDA device's name (a table measured on one GPU model holds for that model)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return device.type
+    if device not in _KINDS:
+        _KINDS[device] = torch.cuda.get_device_name(device)
+    return _KINDS[device]
+
+
+def default_table_path(kind: str) -> Path:
+    return TABLES_DIR / f"dispatch-{re.sub(r'[^a-z0-9]+', '-', kind.lower()).strip('-')}.json"
+
+
+def table_path(kind: str) -> Path:
+    """Where auto reads the table of a device kind: ``FASTVL_DISPATCH_TABLE``, else the packaged one."""
+    override = os.environ.get(TABLE_ENV)
+    return Path(override) if override else default_table_path(kind)
+
+
+def load_table(kind: str) -> dict:
+    """The calibration table for a device kind ({} when there is none); read once per process."""
+    path = table_path(kind)
+    cache_key = f"{kind}@{path}"
+    if cache_key not in _TABLES:
+        table = {}
+        if path.is_file():
+            table = json.loads(path.read_text())
+            if table.get("device") != kind:
+                table = {}  # measured on another device: not this one's choice
+        _TABLES[cache_key] = table
+    return _TABLES[cache_key]
+
+
+def table_key(op: Op, features: dict) -> str:
+    parts = []
+    for name in op.table_key:
+        value = features.get(name)
+        parts.append(f"{name}={str(value).removeprefix('torch.') if isinstance(value, torch.dtype) else value}")
+    return ",".join(parts)
+
+
+def table_entry(op: Op, device: torch.device, features: dict) -> dict | None:
+    """{"backend", "key", "source"} of the calibration table for these features, or None. Not read
+    while torch.compile traces unless already loaded."""
+    if not op.table_key:
+        return None
+    if torch.compiler.is_compiling() and not _TABLES:
+        return None
+    table = load_table(device_kind(device))
+    key = table_key(op, features)
+    backend = table.get("entries", {}).get(op.name, {}).get(key)
+    if backend is None:
+        return None
+    return {"backend": backend, "key": key, "source": table.get("source", "calibration table")}
 
 
 def registered_ops() -> dict[str, Op]:

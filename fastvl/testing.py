@@ -8,10 +8,13 @@ error happens to be 0).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+
+from fastvl import _checks
 
 FACTOR = 2.0
 # Floor, relative to max(1, max|exact|): a few units in the last place of each dtype.
@@ -109,6 +112,44 @@ def check_op(fused: Callable, reference: Callable, inputs: Sequence, *, grad: Se
             continue
         results.append(assert_parity(f"{name} grad[{index}]", f, e, x, factor=factor, floor=floor))
     return results
+
+
+class HostSyncError(RuntimeError):
+    """A tensor's values were read back to the host inside :func:`forbid_host_syncs`."""
+
+
+_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def forbid_host_syncs() -> Iterator[None]:
+    """Inside the block, reading a tensor's values back to the host raises :class:`HostSyncError`:
+    ``item``, ``tolist``, ``bool``/``int``/``float`` of a tensor, ``numpy`` and ``cpu`` (on CUDA also
+    every synchronising call, through ``torch.cuda.set_sync_debug_mode("error")``). fastvl treats CPU
+    tensors as device tensors meanwhile (no host value checks), so a CPU test walks the GPU's path.
+    Data-dependent shapes (``nonzero``) are caught on CUDA only."""
+
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise HostSyncError(f"Tensor.{name}() read a {tuple(self.shape)} tensor back to the host")
+
+        return read
+
+    saved = {name: getattr(torch.Tensor, name) for name in _READS}
+    cuda_mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else None
+    for name in _READS:
+        setattr(torch.Tensor, name, forbidden(name))
+    _checks.SIMULATE_DEVICE = True
+    if cuda_mode is not None:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+        _checks.SIMULATE_DEVICE = False
+        if cuda_mode is not None:
+            torch.cuda.set_sync_debug_mode(cuda_mode)
 
 
 def random_padding_mask(batch: int, length: int, *, generator: torch.Generator | None = None,

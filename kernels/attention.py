@@ -12,9 +12,12 @@ Co-attention runs both directions (image queries over text keys/values, text que
 keys/values) in the same launches: the grid enumerates direction 0's blocks, then direction 1's,
 and each program calls the shared block function with its direction's tensors, strides and mask.
 
-Conventions: tensors are addressed as ``[B, L, H, D]`` through explicit strides (packed batches pass
-batch stride 0 and take each sequence's first row from ``cu_seqlens``); offsets are int64 before
-they meet a stride; key masks are uint8 ``[B, Lk]`` (nonzero = real key); the log-sum-exp
+Conventions: tensors are addressed as ``[B, L, H, D]`` through (batch, row, head) strides with a
+head-dim stride of 1, one stride set per group of tensors that share strides (q; k and v; an output
+and its gradient; a stream's input gradients -- the launcher makes them agree); packed batches pass
+batch stride 0 and take each sequence's first row from ``cu_seqlens``; offsets are int64 before
+they meet a stride; key masks are contiguous uint8 ``[B, Lk]`` (nonzero = real key); absent masks,
+``cu_seqlens`` and seeds are ``None`` (their constexpr flag is off); the log-sum-exp
 is float32, ``[B, H, Lq]`` padded or ``[H, total_q]`` packed. A row with no key that may be attended
 gets log-sum-exp +inf, hence zero output and zero gradients. Dropout keeps element (b, h, m, n) when
 ``tl.rand(seed, ((b * H + h) * len_q + m) * len_k + n) >= dropout_p`` (len = the padded length or
@@ -29,9 +32,12 @@ import dataclasses
 import triton
 import triton.language as tl
 
-from fastvl.kernels.aot_spec import AotSpec
-
 LOG2E = 1.4426950408889634
+# Arguments whose value follows the sequence lengths are not specialised (Triton would otherwise key
+# its cache on ``== 1`` and ``% 16`` of each): one compiled variant serves every length.
+LENGTH_ARGS = ["len_q", "len_k", "stride_lse_b", "stride_lse_h", "stride_mask_b"]
+CO_LENGTH_ARGS = ["len_v", "len_t", "stride_lse_vb", "stride_lse_vh", "stride_lse_tb", "stride_lse_th",
+                  "stride_mask_vb", "stride_mask_tb"]
 
 
 # Shared device functions -------------------------------------------------------------------------
@@ -55,39 +61,52 @@ def _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p):
 
 
 @triton.jit
-def _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK: tl.constexpr):
+def _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK: tl.constexpr):
     """Which keys of a block exist and may be attended (inside the sequence, mask nonzero)."""
     ok = offs_n < seq_k
     if HAS_MASK:
-        bits = tl.load(MASK + b.to(tl.int64) * stride_mask_b + offs_n.to(tl.int64) * stride_mask_l, mask=ok, other=0)
+        bits = tl.load(MASK + b.to(tl.int64) * stride_mask_b + offs_n, mask=ok, other=0)
         ok = ok & (bits != 0)
     return ok
 
 
 @triton.jit
+def _rows(T, b, h, first, offs, offs_d, stride_b, stride_l, stride_h):
+    """Addresses [len(offs), BLOCK_D] of rows ``first + offs`` of head h of sequence b (head-dim
+    stride 1), computed in int64."""
+    rows = first + offs.to(tl.int64)
+    return (T + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + rows[:, None] * stride_l
+            + offs_d[None, :])
+
+
+@triton.jit
+def _head_base(T, b, h, first, offs_d, stride_b, stride_l, stride_h):
+    """[1, BLOCK_D] addresses of row ``first`` of head h of sequence b; a loop adds ``offs * stride_l``
+    (the invariant part stays out of the loop)."""
+    return (T + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + first * stride_l + offs_d[None, :])
+
+
+@triton.jit
 def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
-               stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-               stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-               stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
-               len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
+               stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
+               stride_lse_b, stride_lse_h, stride_mask_b, len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
-    """Output rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b, and their log-sum-exp."""
+    """Output rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b, and their log-sum-exp
+    (k and v share the stride set ``stride_k*``)."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m < seq_q:
-        b64, h64 = b.to(tl.int64), h.to(tl.int64)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < seq_q
         d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)  # EVEN_D: a mask the compiler folds away
-        rows = q_start + offs_m.to(tl.int64)
-        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kl + offs_d[None, :] * stride_kd
-        v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vl + offs_d[None, :] * stride_vd
+        tile = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(_rows(Q, b, h, q_start, offs_m, offs_d, stride_qb, stride_ql, stride_qh), mask=tile, other=0.0)
+        k_base = _head_base(K, b, h, k_start, offs_d, stride_kb, stride_kl, stride_kh)
+        v_base = _head_base(V, b, h, k_start, offs_d, stride_kb, stride_kl, stride_kh)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -96,7 +115,7 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
             end_n = tl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK)
+            key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK)
             kv_mask = key_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -112,7 +131,7 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
                 p = tl.where(keep, p, 0.0)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         has_key = l_i > 0.0
@@ -121,44 +140,39 @@ def _fwd_block(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
         if HAS_DROPOUT:
             inv = inv / (1.0 - dropout_p)
         out = acc * inv[:, None]
-        tl.store(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(_rows(O, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), out.to(O.dtype.element_ty),
+                 mask=tile)
         lse = tl.where(has_key, m_i + tl.log2(l_safe), float("inf"))
-        tl.store(LSE + b64 * stride_lse_b + h64 * stride_lse_h + rows, lse, mask=row_ok)
+        tl.store(LSE + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m, lse,
+                 mask=row_ok)
 
 
 @triton.jit
 def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
-                  stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                  stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-                  stride_dob, stride_dol, stride_doh, stride_dod,
-                  stride_dkb, stride_dkl, stride_dkh, stride_dkd, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
-                  stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+                  stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
+                  stride_dkb, stride_dkl, stride_dkh, stride_lse_b, stride_lse_h, stride_mask_b,
                   len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                   IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """dK and dV of key rows [pid_n * BLOCK_N, +BLOCK_N) of head h of sequence b (loop over queries;
-    each query block's delta = rowsum(O * dO) is recomputed from its O and dO tiles)."""
+    each query block's delta = rowsum(O * dO) is recomputed from its O and dO tiles). Stride sets: q;
+    k and v; o and do; dk and dv."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n < seq_k:
-        b64, h64 = b.to(tl.int64), h.to(tl.int64)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)  # EVEN_D: a mask the compiler folds away
-        key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK)
-        keys = k_start + offs_n.to(tl.int64)
+        key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK)
         kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b64 * stride_kb + h64 * stride_kh + keys[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b64 * stride_vb + h64 * stride_vh + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)
-        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_ql + offs_d[None, :] * stride_qd
-        do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dol + offs_d[None, :] * stride_dod
-        lse_base = LSE + b64 * stride_lse_b + h64 * stride_lse_h + q_start
-        o_base = O + b64 * stride_ob + h64 * stride_oh + q_start * stride_ol + offs_d[None, :] * stride_od
+        k = tl.load(_rows(K, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=kv_mask, other=0.0)
+        v = tl.load(_rows(V, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=kv_mask, other=0.0)
+        q_base = _head_base(Q, b, h, q_start, offs_d, stride_qb, stride_ql, stride_qh)
+        do_base = _head_base(DO, b, h, q_start, offs_d, stride_ob, stride_ol, stride_oh)
+        o_base = _head_base(O, b, h, q_start, offs_d, stride_ob, stride_ol, stride_oh)
+        lse_base = LSE + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         begin_m = 0
@@ -169,7 +183,7 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, se
             row_ok = offs_m < seq_q
             tile = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_ql, mask=tile, other=0.0)
-            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dol, mask=tile, other=0.0)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_ol, mask=tile, other=0.0)
             o = tl.load(o_base + offs_m[:, None].to(tl.int64) * stride_ol, mask=tile, other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
@@ -190,19 +204,16 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, se
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         store_mask = (offs_n < seq_k)[:, None] & d_ok[None, :]
-        tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + keys[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
+        tl.store(_rows(DK, b, h, k_start, offs_n, offs_d, stride_dkb, stride_dkl, stride_dkh),
                  (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
-        tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + keys[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
+        tl.store(_rows(DV, b, h, k_start, offs_n, offs_d, stride_dkb, stride_dkl, stride_dkh),
                  dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
 def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
-                 stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                 stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-                 stride_dob, stride_dol, stride_doh, stride_dod,
-                 stride_dqb, stride_dql, stride_dqh, stride_dqd,
-                 stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+                 stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
+                 stride_dqb, stride_dql, stride_dqh, stride_lse_b, stride_lse_h, stride_mask_b,
                  len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                  IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -212,34 +223,29 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m < seq_q:
-        b64, h64 = b.to(tl.int64), h.to(tl.int64)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < seq_q
         d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)  # EVEN_D: a mask the compiler folds away
         tile = row_ok[:, None] & d_ok[None, :]
-        rows = q_start + offs_m.to(tl.int64)
-        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                    mask=tile, other=0.0)
-        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dol + offs_d[None,
-        :] * stride_dod,
-                     mask=tile, other=0.0)
-        lse = tl.load(LSE + b64 * stride_lse_b + h64 * stride_lse_h + rows, mask=row_ok, other=float("inf"))
-        o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                    mask=tile, other=0.0)
+        q = tl.load(_rows(Q, b, h, q_start, offs_m, offs_d, stride_qb, stride_ql, stride_qh), mask=tile, other=0.0)
+        do = tl.load(_rows(DO, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=tile, other=0.0)
+        lse = tl.load(LSE + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m,
+                      mask=row_ok, other=float("inf"))
+        o = tl.load(_rows(O, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=tile, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kl + offs_d[None, :] * stride_kd
-        v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vl + offs_d[None, :] * stride_vd
+        k_base = _head_base(K, b, h, k_start, offs_d, stride_kb, stride_kl, stride_kh)
+        v_base = _head_base(V, b, h, k_start, offs_d, stride_kb, stride_kl, stride_kh)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         end_n = seq_k
         if IS_CAUSAL:
             end_n = tl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, stride_mask_l, HAS_MASK)
+            key_ok = _key_ok(MASK, b, offs_n, seq_k, stride_mask_b, HAS_MASK)
             kv_mask = key_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_kl, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             allowed = key_ok[None, :]
             if IS_CAUSAL:
@@ -251,18 +257,18 @@ def _bwd_q_block(pid_m, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+        tl.store(_rows(DQ, b, h, q_start, offs_m, offs_d, stride_dqb, stride_dql, stride_dqh),
                  (dq * scale).to(DQ.dtype.element_ty), mask=tile)
 
 
 # Attention kernels -------------------------------------------------------------------------------
+# Stride sets (batch, row, head; the head-dim stride is 1): q; k and v; o and do; dq; dk and dv.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def attention_fwd_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
-                         stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                         stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-                         stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+                         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+                         stride_ob, stride_ol, stride_oh, stride_lse_b, stride_lse_h, stride_mask_b,
                          len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -271,21 +277,16 @@ def attention_fwd_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
     pid_bh = tl.program_id(1)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
     _fwd_block(tl.program_id(0), pid_bh // n_heads, pid_bh % n_heads, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
-               stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-               stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-               stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
-               qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION,
-               EVEN_D)
+               stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
+               stride_lse_b, stride_lse_h, stride_mask_b, len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
+               BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED,
-                         stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                         stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-                         stride_dob, stride_dol, stride_doh, stride_dod,
-                         stride_dqb, stride_dql, stride_dqh, stride_dqd, stride_dkb, stride_dkl, stride_dkh, stride_dkd,
-                         stride_dvb, stride_dvl, stride_dvh, stride_dvd,
-                         stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l,
+                         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+                         stride_ob, stride_ol, stride_oh, stride_dqb, stride_dql, stride_dqh,
+                         stride_dkb, stride_dkl, stride_dkh, stride_lse_b, stride_lse_h, stride_mask_b,
                          len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -300,21 +301,16 @@ def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED
     seed = tl.load(SEED) if HAS_DROPOUT else 0
     if pid < kv_blocks:
         _bwd_kv_block(pid, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
-                      stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                      stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-                      stride_dob, stride_dol, stride_doh, stride_dod, stride_dkb, stride_dkl, stride_dkh, stride_dkd,
-                      stride_dvb, stride_dvl, stride_dvh, stride_dvd,
-                      stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
-                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
-                      HAS_DROPOUT, PRECISION, EVEN_D)
+                      stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol,
+                      stride_oh, stride_dkb, stride_dkl, stride_dkh, stride_lse_b, stride_lse_h, stride_mask_b,
+                      len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
+                      HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D)
     else:
         _bwd_q_block(pid - kv_blocks, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
-                     stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
-                     stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
-                     stride_dob, stride_dol, stride_doh, stride_dod, stride_dqb, stride_dql, stride_dqh, stride_dqd,
-                     stride_lse_b, stride_lse_h, stride_mask_b, stride_mask_l, len_q, len_k, n_heads, head_dim,
-                     qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL,
-                     HAS_DROPOUT, PRECISION, EVEN_D)
+                     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol,
+                     stride_oh, stride_dqb, stride_dql, stride_dqh, stride_lse_b, stride_lse_h, stride_mask_b,
+                     len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
+                     HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D)
 
 
 @triton.jit
@@ -336,21 +332,16 @@ def dropout_keep_kernel(KEEP, SEED, stride_keep_b, stride_keep_h, stride_keep_m,
 
 
 # Co-attention kernels (direction 0: image queries over text keys/values; 1: text over image) ------
+# Stride sets (batch, row, head; head-dim stride 1): per stream its q/k/v (v, t), its output and
+# output gradient (ov, ot), its three input gradients (gv, gt).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
-                            stride_qvb, stride_qvl, stride_qvh, stride_qvd,
-                            stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                            stride_vvb, stride_vvl, stride_vvh, stride_vvd,
-                            stride_qtb, stride_qtl, stride_qth, stride_qtd,
-                            stride_ktb, stride_ktl, stride_kth, stride_ktd,
-                            stride_vtb, stride_vtl, stride_vth, stride_vtd,
-                            stride_ovb, stride_ovl, stride_ovh, stride_ovd,
-                            stride_otb, stride_otl, stride_oth, stride_otd,
+                            stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
+                            stride_ovb, stride_ovl, stride_ovh, stride_otb, stride_otl, stride_oth,
                             stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
-                            stride_mask_vb, stride_mask_vl, stride_mask_tb, stride_mask_tl,
-                            len_v, len_t, n_heads, head_dim, qk_scale, dropout_p,
+                            stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale, dropout_p,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
                             HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
@@ -365,43 +356,27 @@ def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V
     seed = tl.load(SEED) if HAS_DROPOUT else 0
     if pid < v_blocks:
         _fwd_block(pid, b, h, QV, KT, VT, OV, LSE_V, MASK_T, CU_V, CU_T, seed,
-                   stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
-                   stride_vtb, stride_vtl, stride_vth, stride_vtd, stride_ovb, stride_ovl, stride_ovh, stride_ovd,
-                   stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
+                   stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                   stride_ovh, stride_lse_vb, stride_lse_vh, stride_mask_tb, len_v, len_t, n_heads, head_dim,
                    qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
                    PRECISION, EVEN_D)
     else:
         _fwd_block(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
-                   stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                   stride_vvb, stride_vvl, stride_vvh, stride_vvd, stride_otb, stride_otl, stride_oth, stride_otd,
-                   stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
+                   stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
+                   stride_oth, stride_lse_tb, stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim,
                    qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
                    PRECISION, EVEN_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, DVV, DQT, DKT, DVT,
                             LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
-                            stride_qvb, stride_qvl, stride_qvh, stride_qvd,
-                            stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                            stride_vvb, stride_vvl, stride_vvh, stride_vvd,
-                            stride_qtb, stride_qtl, stride_qth, stride_qtd,
-                            stride_ktb, stride_ktl, stride_kth, stride_ktd,
-                            stride_vtb, stride_vtl, stride_vth, stride_vtd,
-                            stride_ovb, stride_ovl, stride_ovh, stride_ovd,
-                            stride_otb, stride_otl, stride_oth, stride_otd,
-                            stride_dovb, stride_dovl, stride_dovh, stride_dovd,
-                            stride_dotb, stride_dotl, stride_doth, stride_dotd,
-                            stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
-                            stride_dkvb, stride_dkvl, stride_dkvh, stride_dkvd,
-                            stride_dvvb, stride_dvvl, stride_dvvh, stride_dvvd,
-                            stride_dqtb, stride_dqtl, stride_dqth, stride_dqtd,
-                            stride_dktb, stride_dktl, stride_dkth, stride_dktd,
-                            stride_dvtb, stride_dvtl, stride_dvth, stride_dvtd,
+                            stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
+                            stride_ovb, stride_ovl, stride_ovh, stride_otb, stride_otl, stride_oth,
+                            stride_gvb, stride_gvl, stride_gvh, stride_gtb, stride_gtl, stride_gth,
                             stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
-                            stride_mask_vb, stride_mask_vl, stride_mask_tb, stride_mask_tl,
-                            len_v, len_t, n_heads, head_dim, qk_scale, scale, dropout_p,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale, scale,
+                            dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
                             HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     """Program (i, b * H + h) of head h, sequence b; by i, in this order: an image key block (dK_v,
@@ -418,51 +393,31 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
     kv_t_blocks = tl.cdiv(len_t, BLOCK_N)
     if pid < kv_v_blocks:  # image keys/values serve direction 1 (text queries)
         _bwd_kv_block(pid, b, h, QT, KV, VV, OT, DOT, DKV, DVV, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
-                      stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                      stride_vvb, stride_vvl, stride_vvh, stride_vvd,
-                      stride_otb, stride_otl, stride_oth, stride_otd,
-                      stride_dotb, stride_dotl, stride_doth, stride_dotd,
-                      stride_dkvb, stride_dkvl, stride_dkvh, stride_dkvd,
-                      stride_dvvb, stride_dvvl, stride_dvvh, stride_dvvd,
-                      stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
-                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
-                      HAS_DROPOUT, PRECISION, EVEN_D)
+                      stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
+                      stride_oth, stride_gvb, stride_gvl, stride_gvh, stride_lse_tb, stride_lse_th, stride_mask_vb,
+                      len_t, len_v, n_heads, head_dim, qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
+                      HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT, PRECISION, EVEN_D)
     elif pid < kv_v_blocks + kv_t_blocks:  # text keys/values serve direction 0 (image queries)
         _bwd_kv_block(pid - kv_v_blocks, b, h, QV, KT, VT, OV, DOV, DKT, DVT, LSE_V, MASK_T, CU_V, CU_T, seed,
-                      stride_qvb, stride_qvl, stride_qvh, stride_qvd, stride_ktb, stride_ktl, stride_kth, stride_ktd,
-                      stride_vtb, stride_vtl, stride_vth, stride_vtd,
-                      stride_ovb, stride_ovl, stride_ovh, stride_ovd,
-                      stride_dovb, stride_dovl, stride_dovh, stride_dovd,
-                      stride_dktb, stride_dktl, stride_dkth, stride_dktd,
-                      stride_dvtb, stride_dvtl, stride_dvth, stride_dvtd,
-                      stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
-                      qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
-                      HAS_DROPOUT, PRECISION, EVEN_D)
+                      stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                      stride_ovh, stride_gtb, stride_gtl, stride_gth, stride_lse_vb, stride_lse_vh, stride_mask_tb,
+                      len_v, len_t, n_heads, head_dim, qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
+                      HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT, PRECISION, EVEN_D)
     elif pid < kv_v_blocks + kv_t_blocks + v_blocks:
         _bwd_q_block(pid - kv_v_blocks - kv_t_blocks, b, h, QV, KT, VT, OV, DOV, DQV, LSE_V, MASK_T, CU_V, CU_T,
-                     seed, stride_qvb, stride_qvl, stride_qvh, stride_qvd,
-                     stride_ktb, stride_ktl, stride_kth, stride_ktd,
-                     stride_vtb, stride_vtl, stride_vth, stride_vtd,
-                      stride_ovb, stride_ovl, stride_ovh, stride_ovd,
-                      stride_dovb, stride_dovl, stride_dovh, stride_dovd,
-                     stride_dqvb, stride_dqvl, stride_dqvh, stride_dqvd,
-                     stride_lse_vb, stride_lse_vh, stride_mask_tb, stride_mask_tl, len_v, len_t, n_heads, head_dim,
-                     qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False,
-                     HAS_DROPOUT, PRECISION, EVEN_D)
+                     seed, stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                     stride_ovh, stride_gvb, stride_gvl, stride_gvh, stride_lse_vb, stride_lse_vh, stride_mask_tb,
+                     len_v, len_t, n_heads, head_dim, qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
+                     HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT, PRECISION, EVEN_D)
     else:
         _bwd_q_block(pid - kv_v_blocks - kv_t_blocks - v_blocks, b, h, QT, KV, VV, OT, DOT, DQT, LSE_T, MASK_V,
-                     CU_T, CU_V, seed + 1,
-                     stride_qtb, stride_qtl, stride_qth, stride_qtd, stride_kvb, stride_kvl, stride_kvh, stride_kvd,
-                     stride_vvb, stride_vvl, stride_vvh, stride_vvd,
-                      stride_otb, stride_otl, stride_oth, stride_otd,
-                      stride_dotb, stride_dotl, stride_doth, stride_dotd,
-                     stride_dqtb, stride_dqtl, stride_dqth, stride_dqtd,
-                     stride_lse_tb, stride_lse_th, stride_mask_vb, stride_mask_vl, len_t, len_v, n_heads, head_dim,
-                     qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False,
-                     HAS_DROPOUT, PRECISION, EVEN_D)
+                     CU_T, CU_V, seed + 1, stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh,
+                     stride_otb, stride_otl, stride_oth, stride_gtb, stride_gtl, stride_gth, stride_lse_tb,
+                     stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim, qk_scale, scale, dropout_p,
+                     BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT, PRECISION, EVEN_D)
 
 
-# Launch configurations (the launchers pick from these; AOT_SPECS lists every one) ----------------
+# Launch configurations (the launchers pick from these; ``python -m fastvl.aot`` reports them) ------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,7 +428,6 @@ class BlockConfig:
     num_stages: int
 
 
-MAX_HEAD_DIM = 128
 HEAD_BLOCKS = (64, 128)  # BLOCK_D: the head dim rounded up to a power of two, at least 64
 LONG_SEQUENCE = 512  # from this many query rows on, the forward uses 128-row query blocks
 DTYPES = ("fp16", "bf16", "fp32")
@@ -495,80 +449,10 @@ def fwd_config(dtype: str, block_d: int, long: bool) -> BlockConfig:
         return BlockConfig(32, 16, 4, 2)
     if long:
         return BlockConfig(128, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
-    return BlockConfig(64, 64, 4, 2 if block_d == 128 else 3)
+    return BlockConfig(64, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
 
 
 def bwd_config(dtype: str, block_d: int) -> BlockConfig:
     if dtype == "fp32":
         return BlockConfig(16, 16, 4, 1)
     return BlockConfig(64, 64, 8 if block_d == 128 else 4, 2)
-
-
-def _signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
-    """Triton types of a kernel's arguments, read from their names: upper-case names are pointers
-    (LSE float32, MASK uint8, CU int32, SEED int64, KEEP int8, the rest the data dtype), the
-    scales and dropout_p float32, every other runtime argument int32."""
-    pointer = {"LSE": "*fp32", "MASK": "*u8", "CU": "*i32", "SEED": "*i64", "KEEP": "*i8"}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name[0].isupper():
-            signature[name] = pointer.get(name.split("_")[0], f"*{dtype}")
-        elif name in ("qk_scale", "scale", "dropout_p"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def _spec(name: str, kernel, dtype: str, constexprs: dict, config: BlockConfig, uses_dot: bool) -> AotSpec:
-    return AotSpec(name, kernel, _signature(kernel, dtype, constexprs), constexprs, config.num_warps,
-                   config.num_stages, uses_dot)
-
-
-def _aot_specs() -> list[AotSpec]:
-    """Every block configuration the launchers can pick, in bfloat16 and float32 (fp16 lowers like
-    bf16: it is compiled once per kernel), with masks and causal on; EVEN_D (head dim = BLOCK_D) on in
-    the bf16 builds, off in the others, so both load paths compile. Dropout (Philox) only changes
-    registers, not shared memory or the dot lowering, and doubles the compile time: it is on in the
-    bf16 head-dim-128 builds (ViLBERT's co-attention) and the keep-mask kernel."""
-    specs = []
-    for dtype in ("bf16", "fp32"):
-        uses_dot = dtype != "fp32"  # exact fp32 dots run on the CUDA cores, not wgmma
-        for block_d in HEAD_BLOCKS:
-            tag = f"{dtype}_d{block_d}"
-            flags = {"BLOCK_D": block_d, "IS_VARLEN": False, "HAS_DROPOUT": dtype == "bf16" and block_d == 128,
-                     "PRECISION": PRECISION[dtype], "EVEN_D": dtype == "bf16"}
-            attention_flags = {**flags, "HAS_MASK": True, "IS_CAUSAL": True}
-            co_flags = {**flags, "HAS_MASK_V": True, "HAS_MASK_T": True}
-            for long in (False,) if dtype == "fp32" else (False, True):
-                config = fwd_config(dtype, block_d, long)
-                specs.append(_spec(f"attention_fwd_{tag}_m{config.block_m}", attention_fwd_kernel, dtype,
-                                   {**attention_flags, **_blocks(config)}, config, uses_dot))
-            config = fwd_config(dtype, block_d, False)
-            specs.append(_spec(f"co_attention_fwd_{tag}", co_attention_fwd_kernel, dtype,
-                               {**co_flags, **_blocks(config)}, config, uses_dot))
-            config = bwd_config(dtype, block_d)
-            specs.append(_spec(f"attention_bwd_{tag}", attention_bwd_kernel, dtype,
-                               {**attention_flags, **_blocks(config)}, config, uses_dot))
-            specs.append(_spec(f"co_attention_bwd_{tag}", co_attention_bwd_kernel, dtype,
-                               {**co_flags, **_blocks(config)}, config, uses_dot))
-    fp16 = {"BLOCK_D": 64, "IS_VARLEN": True, "HAS_DROPOUT": False, "PRECISION": PRECISION["fp16"],
-            "EVEN_D": False}
-    config = fwd_config("fp16", 64, False)
-    specs.append(_spec("co_attention_fwd_fp16_d64_varlen", co_attention_fwd_kernel, "fp16",
-                       {**fp16, "HAS_MASK_V": False, "HAS_MASK_T": False, **_blocks(config)}, config, True))
-    config = bwd_config("fp16", 64)
-    specs.append(_spec("attention_bwd_fp16_d64_varlen", attention_bwd_kernel, "fp16",
-                       {**fp16, "HAS_MASK": False, "IS_CAUSAL": False, **_blocks(config)}, config, True))
-    specs.append(_spec("attention_dropout_keep", dropout_keep_kernel, "fp16", _blocks(KEEP_CONFIG), KEEP_CONFIG,
-                       False))
-    return specs
-
-
-def _blocks(config: BlockConfig) -> dict[str, int]:
-    return {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
-
-
-AOT_SPECS = _aot_specs()

@@ -4,7 +4,9 @@ Never materialises ``log_softmax``: a first sweep over the row keeps a running m
 ``s = sum exp(x - m)`` together with ``sum p``, ``sum p (x - c)`` and ``sum p log p``; the loss follows from
 ``log softmax(x) = x - m - log s``. A second sweep writes the gradient
 ``(softmax(x) * sum p - p) * scale`` (the loss's gradient, scaled by the caller's per-row factor), which may
-overwrite the logits in place. Rows with ``selected == 0`` only get a zero gradient written.
+overwrite the logits in place. Rows with ``selected == 0`` only get a zero gradient written. A second,
+one-program kernel reduces the row losses ('mean' over the selected count, counted on the device) and
+writes the gradient factor, so the op is two launches.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastvl.kernels.aot_spec import AotSpec
-
 
 @triton.jit
 def region_kl_kernel(
     logits_ptr, target_ptr, selected_ptr, scale_ptr, loss_ptr, grad_ptr,
     n_classes, stride_logits_row, stride_target_row, stride_grad_row, stride_scale, write_grad,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
-    # One program = one row: its loss (fp32) and, if write_grad, its gradient row.
+    # One program = one row: its loss (stored in loss_ptr's dtype) and, if write_grad, its gradient
+    # row times scale (1 without HAS_SCALE).
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     target_row = target_ptr + row * stride_target_row
@@ -54,10 +55,10 @@ def region_kl_kernel(
 
     log_norm = row_max + tl.log(tl.where(selected, sum_exp, 1.0))
     loss = sum_p_log_p - sum_p_x + sum_p * (log_norm - shift)
-    tl.store(loss_ptr + row, tl.where(selected, loss, 0.0))
+    tl.store(loss_ptr + row, tl.where(selected, loss, 0.0).to(loss_ptr.dtype.element_ty))
 
     if write_grad != 0:
-        scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+        scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32) if HAS_SCALE else 1.0
         grad_row = grad_ptr + row * stride_grad_row
         for start in range(0, n_classes, BLOCK_C):
             offsets = start + cols
@@ -68,6 +69,27 @@ def region_kl_kernel(
             grad = (tl.exp(x - log_norm) * sum_p - p) * scale
             grad = tl.where(valid, grad, 0.0)
             tl.store(grad_row + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def region_kl_reduce_kernel(row_loss_ptr, selected_ptr, loss_ptr, scale_ptr, n_rows, IS_MEAN: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # One program: loss = sum of the row losses (over the selected count for 'mean'; 0 when nothing is
+    # selected), stored in loss_ptr's dtype, and the gradient factor 1 / max(count, 1) (1 for 'sum')
+    # into scale_ptr; fixed summation order, so the result is bitwise repeatable.
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        ok = start + offsets < n_rows
+        total += tl.load(row_loss_ptr + start + offsets, mask=ok, other=0.0)
+        count += (tl.load(selected_ptr + start + offsets, mask=ok, other=0) != 0).to(tl.int32)
+    loss = tl.sum(total, axis=0)
+    scale = 1.0
+    if IS_MEAN:
+        scale = 1.0 / tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
+    tl.store(loss_ptr, (loss * scale).to(loss_ptr.dtype.element_ty))
+    tl.store(scale_ptr, scale)
 
 
 BLOCK_SIZES = (1024, 2048, 4096)
@@ -86,24 +108,4 @@ def num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8
 
 
-_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-
-
-def _specs() -> list[AotSpec]:
-    specs = []
-    for logits_name, logits_type in _DTYPES.items():
-        for target_name in sorted({"fp32", logits_name}):
-            for block in BLOCK_SIZES:
-                signature = {
-                    "logits_ptr": logits_type, "target_ptr": _DTYPES[target_name], "selected_ptr": "*u8",
-                    "scale_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": logits_type,
-                    "n_classes": "i32", "stride_logits_row": "i32", "stride_target_row": "i32",
-                    "stride_grad_row": "i32", "stride_scale": "i32", "write_grad": "i32", "BLOCK_C": "constexpr",
-                }
-                specs.append(AotSpec(name=f"region_kl_{logits_name}_t{target_name}_b{block}", kernel=region_kl_kernel,
-                                     signature=signature, constexprs={"BLOCK_C": block}, num_warps=num_warps(block),
-                                     num_stages=1))
-    return specs
-
-
-AOT_SPECS = _specs()
+REDUCE_BLOCK = 1024

@@ -279,37 +279,6 @@ def test_optional_backends(generator, backend):
     check_op(lambda q, k, v: attention(q, k, v, backend=backend), attention_ref, [q, k, v], name=backend)
 
 
-def test_every_launch_configuration_is_compiled_ahead_of_time():
-    """The launchers pick blocks from fwd_config / bwd_config; each pick must be an AOT_SPECS entry
-    (fp16 and bf16 lower alike, so a bf16 entry covers fp16)."""
-    from fastvl.kernels import attention as kernels
-
-    def key(kernel, dtype_class, config, block_d):
-        return kernel, dtype_class, config.block_m, config.block_n, block_d, config.num_warps, config.num_stages
-
-    compiled = set()
-    for spec in kernels.AOT_SPECS:
-        data = spec.signature.get("Q", spec.signature.get("QV"))
-        config = kernels.BlockConfig(spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"], spec.num_warps,
-                                     spec.num_stages)
-        if data is not None:
-            compiled.add(key(spec.kernel, "fp32" if data == "*fp32" else "half", config,
-                             spec.constexprs["BLOCK_D"]))
-    for dtype in kernels.DTYPES:
-        dtype_class = "fp32" if dtype == "fp32" else "half"
-        for head_dim in range(1, kernels.MAX_HEAD_DIM + 1):
-            block_d = kernels.head_block(head_dim)
-            assert block_d in kernels.HEAD_BLOCKS
-            wanted = [key(kernels.attention_fwd_kernel, dtype_class, kernels.fwd_config(dtype, block_d, long), block_d)
-                      for long in (False, True)]
-            wanted.append(key(kernels.co_attention_fwd_kernel, dtype_class, kernels.fwd_config(dtype, block_d, False),
-                              block_d))
-            wanted += [key(kernel, dtype_class, kernels.bwd_config(dtype, block_d), block_d)
-                       for kernel in (kernels.attention_bwd_kernel, kernels.co_attention_bwd_kernel)]
-            missing = [w for w in wanted if w not in compiled]
-            assert not missing, f"{dtype} head_dim {head_dim}: not in AOT_SPECS: {missing}"
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim,causal", [(64, False), (128, True)])

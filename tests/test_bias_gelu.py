@@ -10,7 +10,7 @@ from fastvl.reference.bias_gelu import bias_gelu_ref
 from fastvl.testing import check_op
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=pytest.mark.interpret)])
 @pytest.mark.parametrize("shape,with_bias", [((2, 23, 150), True), ((37, 64), False), ((1, 300), True)])
 def test_forward_backward_parity(generator, backend, shape, with_bias):
     x = torch.randn(*shape, generator=generator) * 3

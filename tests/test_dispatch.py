@@ -56,3 +56,28 @@ def test_per_call_backend_reaches_the_op():
         fastvl.ops.attention(q, q, q, backend="does_not_exist")
     torch.testing.assert_close(fastvl.ops.attention(q, q, q, backend="sdpa"),
                                fastvl.ops.attention(q, q, q, backend="reference"))
+
+
+def test_listeners_see_each_dispatch_and_may_wrap_it():
+    q = _q(1, 3, 2, 8)
+    seen, wrapped = [], []
+
+    def observe(event, impl):
+        seen.append(event)
+
+    def wrap(event, impl):
+        def run(*args, **kwargs):
+            wrapped.append(event.op)
+            return impl(*args, **kwargs)
+
+        return run
+
+    with fastvl.dispatch.listen(observe), fastvl.dispatch.listen(wrap):
+        out = fastvl.ops.attention(q, q, q, backend="reference")
+        fastvl.ops.bias_gelu(torch.randn(2, 4), torch.randn(4))
+    assert [(e.op, e.device.type) for e in seen] == [("attention", "cpu"), ("bias_gelu", "cpu")]
+    assert seen[0].backend == "reference" and seen[0].features["head_dim"] == 8 and "device" not in seen[0].features
+    assert wrapped == ["attention", "bias_gelu"]
+    torch.testing.assert_close(out, fastvl.ops.attention(q, q, q, backend="reference"))
+    fastvl.ops.attention(q, q, q)
+    assert len(seen) == 2 and len(wrapped) == 2  # gone after the block

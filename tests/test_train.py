@@ -286,10 +286,10 @@ def test_text_stream_from_a_bert_checkpoint(tmp_path):
 
 def record_nvtx(monkeypatch) -> list:
     """NVTX calls recorded in place of CUDA's (pushed names, None per pop), as on a CUDA machine."""
-    import fastvl._nvtx
+    import fastvl.profiling
 
     events = []
-    monkeypatch.setattr(fastvl._nvtx, "_cuda", lambda: True)
+    monkeypatch.setattr(fastvl.profiling, "_cuda", lambda: True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: events.append(name))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: events.append(None))
     return events

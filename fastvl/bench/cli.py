@@ -8,6 +8,9 @@
     ``backend="reference"``, with the largest batch that fits (:mod:`fastvl.bench.model`).
 ``fastvl bench profile --model vilbert-base``
     torch.profiler over one fused training step; saves the top kernels by time.
+``fastvl bench calibrate [--from ops.json] [--install]``
+    Every backend of the shape-aware ops per shape: the dispatch table ``auto`` reads
+    (:mod:`fastvl.bench.calibrate`).
 
 Both print a table and write JSON (device, versions, commit, date) and PNG plots under ``--out``
 (default ``benchmarks/results/<date>-<device>/``). Sizes default to the papers' on GPU and small on CPU.
@@ -34,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops = modes.add_parser("ops", help="op-level suite: every op and backend, plus benchmarks/bench_*.py")
     model = modes.add_parser("model", help="model-level training throughput, fused vs reference")
     profile = modes.add_parser("profile", help="torch.profiler of one fused training step: the top kernels")
-    for sub in (ops, model, profile):
+    calibrate = modes.add_parser("calibrate", help="measure every backend per shape: the table auto reads")
+    retrieval = modes.add_parser("retrieval", help="retrieval evaluation pairs/s, fused vs reference, text cache")
+    for sub in (ops, model, profile, calibrate, retrieval):
         sub.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         sub.add_argument("--out", type=Path, default=None,
                          help="result folder (default: benchmarks/results/<date>-<device>/)")
@@ -49,10 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="run only these ops / benchmark names (prefixes) / benchmarks/bench_<suite>.py suites")
     ops.add_argument("--builtin-only", action="store_true", help="skip the benchmarks/bench_*.py modules")
 
-    from fastvl.bench import model as model_bench  # noqa: PLC0415
+    from fastvl.bench import calibrate as calibrate_bench
+    from fastvl.bench import model as model_bench
 
     model_bench.add_arguments(model)
     model_bench.add_arguments(profile)
+    calibrate_bench.add_arguments(calibrate)
+    from fastvl.bench import retrieval as retrieval_bench
+
+    retrieval_bench.add_arguments(retrieval)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +73,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.mode == "ops":
             return run_ops(args, device, out_dir)
-        from fastvl.bench import model as model_bench  # noqa: PLC0415
+        if args.mode == "calibrate":
+            from fastvl.bench import calibrate
+
+            return calibrate.run(args, device, out_dir)
+        if args.mode == "retrieval":
+            from fastvl.bench import retrieval as retrieval_bench
+
+            return retrieval_bench.run(args, device, out_dir)
+        from fastvl.bench import model as model_bench
 
         if args.mode == "profile":
             model_bench.profile_step(args, device, out_dir)

@@ -14,169 +14,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import fastvl
+from fastvl import profiling
 from fastvl.bench import harness
+from fastvl.bench.workloads import WORKLOADS, Workload
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("fused", "reference")
-
-
-@dataclasses.dataclass
-class ModelSpec:
-    """How to build a model and a synthetic pretraining batch for it.
-
-    ``make_batch(batch_size, generator, device)`` -> the model's keyword arguments; ``shape``: the
-    per-sample lengths (text tokens, regions or patches) whose sum counts as the sample's tokens;
-    ``batch_ok``: batch sizes the model accepts (ALBEF's queue needs a divisor of its size);
-    ``deterministic``: the forward is a function of weights and batch (no momentum encoders, queues or
-    random draws), which ``fastvl parity`` needs."""
-
-    build: Callable[[], torch.nn.Module]
-    make_batch: Callable[[int, torch.Generator, torch.device], dict]
-    shape: dict[str, int]
-    batch_ok: Callable[[int], bool] = lambda batch_size: True
-    deterministic: bool = True
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.shape.values())
-
-
-def loss_of(output) -> torch.Tensor:
-    """The total pretraining loss of a model output (ViLBERT's dataclass or VL-BERT's / ALBEF's dict)."""
-    return output["loss"] if isinstance(output, dict) else output.loss
-
-
-def losses_of(output) -> dict[str, torch.Tensor]:
-    """The per-objective losses of a model output."""
-    if isinstance(output, dict):
-        return {k: v for k, v in output.items() if k.startswith("loss_") or k.endswith("_loss")}
-    return dict(output.losses)
-
-
-def _vilbert(size: str) -> ModelSpec:
-    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining  # noqa: PLC0415
-
-    config = ViLBERTConfig.named(size)
-    # validate_values=False: the region-box range check is a host sync, not model work
-    return ModelSpec(lambda: ViLBERTForPretraining(config, validate_values=False),
-                     lambda n, g, d: _vilbert_batch(config, n, g, d, 36, 37), {"text": 36, "regions": 37})
-
-
-def _vlbert(size: str) -> ModelSpec:
-    from fastvl.models.vlbert import VLBERTConfig, VLBERTForPretraining  # noqa: PLC0415
-
-    config = VLBERTConfig.named(size)
-    text, regions = (59, 100) if size == "base" else (11, 9)  # base: 160 packed positions with the END token
-    return ModelSpec(lambda: VLBERTForPretraining(config),
-                     lambda n, g, d: _vlbert_batch(config, n, g, d, text, regions),
-                     {"text": text, "regions": regions, "end": 1})
-
-
-def _albef(size: str) -> ModelSpec:
-    from fastvl.models.albef import ALBEF, ALBEFConfig  # noqa: PLC0415
-
-    config = ALBEFConfig.named(size)
-    text = 30 if size == "base" else 12
-    patches = (config.image_res // config.patch_size) ** 2 + 1
-    return ModelSpec(lambda: ALBEF(config), lambda n, g, d: _albef_batch(config, n, g, d, text),
-                     {"text": text, "patches": patches},
-                     batch_ok=lambda n: n >= 2 and config.queue_size % n == 0, deterministic=False)
-
-
-MODELS: dict[str, Callable[[], ModelSpec]] = {
-    "vilbert-tiny": lambda: _vilbert("tiny"),
-    "vilbert-base": lambda: _vilbert("base"),
-    "vlbert-tiny": lambda: _vlbert("tiny"),
-    "vlbert-base": lambda: _vlbert("base"),
-    "albef-tiny": lambda: _albef("tiny"),
-    "albef-base": lambda: _albef("base"),
-}
-
-
-def _ragged_text(vocab_size: int, batch: int, length: int, generator: torch.Generator):
-    """(input_ids with 0 as padding, bool mask, MLM labels with -1 = not predicted, ~15% predicted)."""
-    lengths = torch.randint(max(2, length // 2), length + 1, (batch,), generator=generator)
-    mask = torch.arange(length)[None] < lengths[:, None]
-    input_ids = torch.randint(1, vocab_size, (batch, length), generator=generator) * mask
-    predicted = (torch.rand(batch, length, generator=generator) < 0.15) & mask
-    predicted[:, 1] = True
-    return input_ids, mask, torch.where(predicted, input_ids, torch.full_like(input_ids, -1))
-
-
-def _boxes(batch: int, regions: int, generator: torch.Generator) -> torch.Tensor:
-    """Normalised (x1, y1, x2, y2) with x1 < x2 and y1 < y2; region 0 the whole image."""
-    corners = torch.rand(batch, regions, 2, 2, generator=generator).sort(dim=2).values
-    boxes = torch.stack([corners[..., 0, 0], corners[..., 0, 1], corners[..., 1, 0], corners[..., 1, 1]], dim=-1)
-    boxes[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
-    return boxes
-
-
-def _vlbert_batch(config, batch: int, generator: torch.Generator, device: torch.device, text_len: int,
-                  regions: int) -> dict:
-    input_ids, text_mask, mlm_labels = _ragged_text(config.vocab_size, batch, text_len, generator)
-    counts = torch.randint(max(2, regions // 2), regions + 1, (batch,), generator=generator)
-    region_mask = torch.arange(regions)[None] < counts[:, None]
-    masked = (torch.rand(batch, regions, generator=generator) < 0.15) & region_mask
-    masked[:, 0] = False
-    masked[:, 1] = True
-    scores = torch.softmax(4 * torch.randn(batch, regions, config.visual_region_classes, generator=generator), -1)
-    tensors = {"input_ids": input_ids, "text_mask": text_mask, "mlm_labels": mlm_labels,
-               "region_features": torch.randn(batch, regions, config.visual_feature_dim, generator=generator).relu(),
-               "boxes": _boxes(batch, regions, generator), "region_mask": region_mask, "masked_regions": masked,
-               "region_class_scores": scores}
-    return {name: t.to(device) for name, t in tensors.items()}
-
-
-def _albef_batch(config, batch: int, generator: torch.Generator, device: torch.device, text_len: int) -> dict:
-    input_ids, mask, _ = _ragged_text(config.vocab_size, batch, text_len, generator)
-    input_ids[:, 0] = config.cls_token_id
-    images = torch.randn(batch, 3, config.image_res, config.image_res, generator=generator)
-    return {"images": images.to(device), "input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-
-
-def _vilbert_batch(config, batch: int, generator: torch.Generator, device: torch.device, text_len: int,
-                   regions: int) -> dict:
-    """A ViLBERT pretraining batch with ragged text and regions (region 0 the IMG token over the whole
-    image), 15% of tokens and regions masked."""
-    text_lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=generator)
-    region_counts = torch.randint(regions // 2, regions + 1, (batch,), generator=generator)
-    text_mask = torch.arange(text_len)[None] < text_lengths[:, None]
-    region_mask = torch.arange(regions)[None] < region_counts[:, None]
-    input_ids = torch.randint(1, config.vocab_size, (batch, text_len), generator=generator) * text_mask
-    masked_words = (torch.rand(batch, text_len, generator=generator) < 0.15) & text_mask
-    masked_words[:, 1] = True
-    masked_regions = (torch.rand(batch, regions, generator=generator) < 0.15) & region_mask
-    masked_regions[:, 0] = False  # the IMG token is never masked
-    masked_regions[:, 1] = True
-    corners = torch.rand(batch, regions, 2, 2, generator=generator).sort(dim=2).values  # x1<x2, y1<y2
-    x1, x2, y1, y2 = corners[..., 0, 0], corners[..., 1, 0], corners[..., 0, 1], corners[..., 1, 1]
-    area = (x2 - x1) * (y2 - y1)
-    region_loc = torch.stack([x1, y1, x2, y2, area], dim=-1)
-    region_loc[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
-    tensors = {
-        "input_ids": input_ids,
-        "token_type_ids": torch.zeros(batch, text_len, dtype=torch.long),
-        "text_mask": text_mask,
-        "region_feats": torch.randn(batch, regions, config.v_feature_size, generator=generator).relu(),
-        "region_loc": region_loc,
-        "region_mask": region_mask,
-        "mlm_labels": torch.where(masked_words, input_ids, torch.full_like(input_ids, -1)),
-        "region_targets": torch.softmax(4 * torch.randn(batch, regions, config.v_target_size, generator=generator), -1),
-        "region_labels": masked_regions,
-        "is_next": torch.randint(0, 2, (batch,), generator=generator),
-    }
-    return {name: t.to(device) for name, t in tensors.items()}
 
 
 @contextlib.contextmanager
@@ -192,7 +44,7 @@ def backend_scope(backend: str):
 class Trainer:
     """One model + AdamW + batch under one backend and precision; ``step()`` returns phase times (ms)."""
 
-    def __init__(self, spec: ModelSpec, backend: str, batch_size: int, device: torch.device, precision: str,
+    def __init__(self, spec: Workload, backend: str, batch_size: int, device: torch.device, precision: str,
                  seed: int = 0):
         torch.manual_seed(seed)
         self.model = spec.build().to(device).train()
@@ -217,7 +69,7 @@ class Trainer:
 
     def _forward(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return loss_of(self.model(**self.batch))
+            return self.spec.loss(self.model(**self.batch))
 
     def step(self) -> tuple[float, float, float]:
         with backend_scope(self.backend):
@@ -314,7 +166,7 @@ def largest_batch(trainer: Trainer, cap: int, limit: int, start: int = 1) -> int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(MODELS), default="vilbert-base")
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="vilbert-base")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="batch sizes to time (default: 64 on GPU, 8 on CPU, 2 with --quick)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -330,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
-    spec = MODELS[args.model]()
+    spec = WORKLOADS[args.model]()
     gpu = device.type == "cuda"
     batches = args.batch or [2 if args.quick else 64 if gpu else 8]
     precision = args.precision or ("bf16" if gpu else "fp32")
@@ -411,24 +263,22 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
 def profile_step(args: argparse.Namespace, device: torch.device, out_dir: Path, top: int = 30) -> dict:
     """torch.profiler over one fused training step (after warm-up): the ``top`` kernels by their own
     device time (CPU ops by their own CPU time on CPU) and each layer's forward time (its range from
-    :func:`fastvl.bench.parity.annotate`), as ``profile-<model>.json`` and ``.txt``."""
-    from torch.autograd import DeviceType  # noqa: PLC0415
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
-    from fastvl.bench.parity import annotate, layer_modules  # noqa: PLC0415 - parity imports this module
+    :func:`fastvl.profiling.annotate`), as ``profile-<model>.json`` and ``.txt``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
     gpu = device.type == "cuda"
-    spec = MODELS[args.model]()
+    spec = WORKLOADS[args.model]()
     batch_size = (args.batch or [2 if args.quick else 64 if gpu else 8])[0]
     precision = args.precision or ("bf16" if gpu else "fp32")
     trainer = Trainer(spec, "fused", batch_size, device, precision, seed=args.seed)
     for _ in range(max(1, args.warmup)):
         trainer.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities, record_shapes=False) as prof, annotate(trainer.model):
+    with profile(activities=activities, record_shapes=False) as prof, profiling.annotate(trainer.model):
         trainer.step()
     averages = prof.key_averages()
-    layer_names = set(layer_modules(trainer.model))
+    layer_names = set(profiling.layer_modules(trainer.model))
 
     def is_range(key: str) -> bool:  # annotate()'s ranges: layers and fastvl op calls
         return key in layer_names or key.startswith("op ")

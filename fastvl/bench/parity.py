@@ -34,35 +34,15 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 import fastvl
-from fastvl import testing
+from fastvl import dispatch, testing
 from fastvl.bench import harness
-from fastvl.bench.model import MODELS, loss_of, losses_of
-from fastvl.dispatch import Op
+from fastvl.bench.workloads import WORKLOADS
+from fastvl.profiling import annotate, layer_modules, nvtx_range
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # What to compare -----------------------------------------------------------------------------------
-
-
-def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """{qualified name: module} of the blocks the report is made of (see the module docstring)."""
-    found: dict[str, nn.Module] = {}
-
-    def is_container(module: nn.Module) -> bool:
-        return (type(module).forward is nn.Module.forward or isinstance(module, (nn.ModuleList, nn.ModuleDict))
-                or any(isinstance(inner, nn.ModuleList) for inner in module.modules()))
-
-    def visit(prefix: str, module: nn.Module, in_list: bool) -> None:
-        for name, child in module.named_children():
-            full = f"{prefix}{name}"
-            if in_list or not is_container(child):
-                found[full] = child
-            else:
-                visit(f"{full}.", child, isinstance(child, nn.ModuleList))
-
-    visit("", model, False)
-    return found
 
 
 def _floats(value) -> list[torch.Tensor]:
@@ -132,28 +112,22 @@ def record(model: nn.Module) -> Iterator[tuple[dict[str, Call], list[Call]]]:
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
 
-    original_select = Op.select
-
-    def select(op: Op, backend, device, **features):
-        chosen = original_select(op, backend, device, **features)
-        recorded_features = {k: v for k, v in features.items() if k != "device"}
-
-        def impl(*args, **kwargs):
-            output = chosen.impl(*args, **kwargs)
-            call = Call(f"{op.name}#{len(ops)}", _detached(args), _detached(kwargs),
-                        _detached(_floats(output)), _grad_positions(args, kwargs), op=op.name,
-                        features=recorded_features, layer=stack[-1] if stack else "(model)")
+    def recording(event: dispatch.Dispatched, impl: Callable) -> Callable:
+        def recorded(*args, **kwargs):
+            output = impl(*args, **kwargs)
+            call = Call(f"{event.op}#{len(ops)}", _detached(args), _detached(kwargs), _detached(_floats(output)),
+                        _grad_positions(args, kwargs), op=event.op, features=event.features,
+                        layer=stack[-1] if stack else "(model)")
             call.watch_gradients(_floats(output))
             ops.append(call)
             return output
 
-        return dataclasses.replace(chosen, impl=impl)
+        return recorded
 
-    Op.select = select
     try:
-        yield layers, ops
+        with dispatch.listen(recording):
+            yield layers, ops
     finally:
-        Op.select = original_select
         for handle in handles:
             handle.remove()
 
@@ -173,68 +147,13 @@ def _backend(side: str):
     return contextlib.nullcontext() if side == "fused" else fastvl.use_backend("reference")
 
 
-def _nvtx(name: str):
-    return torch.cuda.nvtx.range(name) if torch.cuda.is_available() else contextlib.nullcontext()
-
-
-class _Range:
-    """One named range for both tools: an NVTX range (for nsys, only with CUDA) and a
-    torch.profiler ``record_function``."""
-
-    def __init__(self, name: str):
-        self.contexts = [torch.autograd.profiler.record_function(name), _nvtx(name)]
-
-    def __enter__(self):
-        for context in self.contexts:
-            context.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
-
-
-@contextlib.contextmanager
-def annotate(model: nn.Module, prefix: str = "") -> Iterator[None]:
-    """Inside the block, every layer of ``model`` (see :func:`layer_modules`) and every fastvl op call runs
-    in a named range, so ``nsys`` and torch.profiler show the same breakdown as the parity report."""
-    open_ranges: list[_Range] = []
-    handles = []
-    for name, module in layer_modules(model).items():
-        def pre(module, args, name=name):
-            open_ranges.append(_Range(f"{prefix}{name}").__enter__())
-
-        def post(module, args, output):
-            open_ranges.pop().__exit__(None, None, None)
-
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    original_select = Op.select
-
-    def select(op: Op, backend, device, **features):
-        chosen = original_select(op, backend, device, **features)
-
-        def impl(*args, **kwargs):
-            with _Range(f"{prefix}op {op.name} [{chosen.name}]"):
-                return chosen.impl(*args, **kwargs)
-
-        return dataclasses.replace(chosen, impl=impl)
-
-    Op.select = select
-    try:
-        yield
-    finally:
-        Op.select = original_select
-        for handle in handles:
-            handle.remove()
-
-
 def replay(call: Call, fn: Callable, dtype: torch.dtype, params: dict[str, nn.Parameter]) -> Replay:
     """Runs ``fn(*args, **kwargs)`` on the recorded inputs cast to ``dtype``, then back-propagates the
     recorded upstream gradients; returns outputs and the gradients of the inputs and ``params``."""
     args, kwargs = _cast((call.args, call.kwargs), dtype, call.grad_inputs)
     for p in params.values():
         p.grad = None
-    with _nvtx(call.name):
+    with nvtx_range(call.name):
         outputs = _floats(fn(*args, **kwargs))
     pairs = [(o, g.to(o.dtype)) for o, g in zip(outputs, call.upstream) if g is not None and o.requires_grad]
     if pairs:
@@ -282,7 +201,7 @@ def _summary(result: testing.ParityResult | None) -> dict | None:
 def run_parity(model_name: str, dtype: torch.dtype, device: torch.device, *, batch_size: int = 2, seed: int = 0,
                perturb: str | None = None, time_layers: bool = True, quick: bool = False) -> dict:
     """The full report as a JSON-ready dict (see the module docstring)."""
-    spec = MODELS[model_name]()
+    spec = WORKLOADS[model_name]()
     if not spec.deterministic:
         raise ValueError(f"{model_name}: its forward is not a function of weights and batch alone (momentum "
                          "encoders, queues or random draws), so fused and reference runs cannot be compared")
@@ -304,8 +223,9 @@ def run_parity(model_name: str, dtype: torch.dtype, device: torch.device, *, bat
     # the exact run: what every replay starts from
     with fastvl.use_backend("reference"), record(exact) as (layer_calls, op_calls):
         exact_out = exact(**_cast(batch, torch.float64))
-        loss_of(exact_out).backward()
-    end_to_end = _end_to_end(fused, eager, exact, exact_out, batch, dtype)  # before replays reset the grads
+        spec.loss(exact_out).backward()
+    # before the replays reset the grads
+    end_to_end = _end_to_end(fused, eager, exact, exact_out, batch, dtype, spec.losses)
 
     layers_fused, layers_eager, layers_exact = (layer_modules(m) for m in (fused, eager, exact))
     report_layers, report_ops = [], []
@@ -385,7 +305,7 @@ def _time_layer(call: Call, fused: nn.Module, eager: nn.Module, dtype: torch.dty
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
-        with _nvtx(f"time {call.name} {side}"):
+        with nvtx_range(f"time {call.name} {side}"):
             times[f"{side}_fwd_ms"] = harness.time_fn(forward, device, **budget).median_ms
             times[f"{side}_fwd_bwd_ms"] = harness.time_fn(forward_backward, device, grad_to_none=params,
                                                           **budget).median_ms
@@ -409,18 +329,18 @@ def _op_entry(call: Call, dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def _end_to_end(fused: nn.Module, eager: nn.Module, exact: nn.Module, exact_out, batch: dict,
-                dtype: torch.dtype) -> dict:
+                dtype: torch.dtype, losses: Callable[[object], tuple[torch.Tensor, dict]]) -> dict:
     """The whole model's losses and parameter gradients (errors of all layers accumulated)."""
     outputs = {}
     for side, model in (("fused", fused), ("eager", eager)):
         with _backend(side), annotate(model, f"{side} "):
             model.zero_grad(set_to_none=True)
             out = model(**_cast(batch, dtype))
-            loss_of(out).backward()
+            losses(out)[0].backward()
         outputs[side] = out
     entry = {}
-    fused_losses, eager_losses = losses_of(outputs["fused"]), losses_of(outputs["eager"])
-    for key, value in losses_of(exact_out).items():
+    fused_losses, eager_losses = losses(outputs["fused"])[1], losses(outputs["eager"])[1]
+    for key, value in losses(exact_out)[1].items():
         entry[f"loss.{key}"] = _summary(testing.compare(f"loss.{key}", fused_losses[key], eager_losses[key], value))
     grads = [(n, p.grad) for n, p in exact.named_parameters() if p.grad is not None]
     fused_params, eager_params = dict(fused.named_parameters()), dict(eager.named_parameters())
@@ -435,7 +355,7 @@ def _end_to_end(fused: nn.Module, eager: nn.Module, exact: nn.Module, exact_out,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(MODELS), default="vilbert-tiny",
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="vilbert-tiny",
                         help="a model whose forward is deterministic (not ALBEF: momentum encoders, queues, "
                              "random negatives)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")

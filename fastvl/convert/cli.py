@@ -47,22 +47,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-strict", action="store_true", help="load what matches and report the rest")
 
 
+class UsageError(Exception):
+    """An argument the command cannot use (a missing or unreadable config, an unwritable output)."""
+
+
 def _read_json(path: str | None, what: str) -> dict:
     if path is None:
-        raise SystemExit(f"fastvl convert: --config is required ({what})")
-    with open(path) as handle:
-        if path.endswith((".yaml", ".yml")):  # VL-BERT's and ALBEF's configs are YAML
-            try:
-                import yaml  # noqa: PLC0415
-            except ImportError:
-                raise SystemExit(f"fastvl convert: reading {path} needs PyYAML (pip install pyyaml), or pass "
-                                 "the config as JSON") from None
-            return yaml.safe_load(handle)
-        return json.load(handle)
+        raise UsageError(f"--config is required ({what})")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.endswith((".yaml", ".yml")):  # VL-BERT's and ALBEF's configs are YAML
+                try:
+                    import yaml
+                except ImportError:
+                    raise UsageError(f"reading {path} needs PyYAML (pip install pyyaml), or pass the config as "
+                                     "JSON") from None
+                try:
+                    config = yaml.safe_load(handle)
+                except yaml.YAMLError as error:
+                    raise UsageError(f"{path}: not valid YAML ({error})") from None
+            else:
+                try:
+                    config = json.load(handle)
+                except json.JSONDecodeError as error:
+                    raise UsageError(f"{path}: not valid JSON ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a JSON/YAML object of config fields, got {type(config).__name__}")
+    return config
+
+
+def _check_writable(output: str) -> None:
+    folder = os.path.dirname(os.path.abspath(output))
+    existing = folder
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise UsageError(f"-o {output}: {existing} is a file, not a folder")
+        existing = os.path.dirname(existing)
+    if os.path.isdir(output):
+        raise UsageError(f"-o {output} is a folder; name the output file")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"-o {output}: {existing} is not writable")
 
 
 def _save_fastvl(model: torch.nn.Module, output: str) -> None:
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # tied weights: own copies
     save_file(state, output)
@@ -85,11 +115,11 @@ def _to_original(args) -> int:
             load_state_dict_file(args.checkpoint, allow_pickle=args.allow_pickle), sidecar)
         return _write_original(getattr(module, f"{args.model}_to_original")(model), args.output,
                                {"vlbert": "VL-BERT", "albef": "ALBEF"}[args.model])
-    from fastvl.convert.vilbert import vilbert_to_original  # noqa: PLC0415
-    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks  # noqa: PLC0415
+    from fastvl.convert.vilbert import vilbert_to_original
+    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 
     if args.model != "vilbert":
-        raise SystemExit("fastvl convert: --to-original supports vilbert, vlbert and albef")
+        raise UsageError("--to-original supports vilbert, vlbert and albef")
     sidecar = _read_json(args.checkpoint + ".json", "the .json written next to the fastvl checkpoint")
     config = ViLBERTConfig(**sidecar["config"])
     if sidecar["class"].endswith("ViLBERTForTasks"):
@@ -102,7 +132,7 @@ def _to_original(args) -> int:
 
 def _write_original(state: dict, output: str, name: str) -> int:
     if output.endswith(".safetensors"):
-        from safetensors.torch import save_file  # noqa: PLC0415
+        from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in state.items()}, output)
     else:
@@ -112,13 +142,30 @@ def _write_original(state: dict, output: str, name: str) -> int:
 
 
 def run(args) -> int:
-    if args.to_original:
-        return _to_original(args)
+    """Exit 0 converted, 1 the checkpoint does not match (every key named), 2 an argument or file the
+    command cannot use, or a non-strict conversion that left problems (reported)."""
+    try:
+        _check_writable(args.output)
+        if args.to_original:
+            return _to_original(args)
+        return _convert(args)
+    except UsageError as error:
+        print(f"fastvl convert: {error}", file=sys.stderr)
+        return 2
+    except (ConversionError, FileNotFoundError) as error:
+        print(f"fastvl convert: {error}", file=sys.stderr)
+        return 1
+    except (TypeError, ValueError, KeyError) as error:  # a config field the model rejects
+        print(f"fastvl convert: --config {args.config}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+
+
+def _convert(args) -> int:
     try:
         state = load_state_dict_file(args.checkpoint, allow_pickle=args.allow_pickle)
         if args.model == "hf-bert":
-            from fastvl.convert.hf_bert import text_stream_from_hf_bert  # noqa: PLC0415
-            from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining  # noqa: PLC0415
+            from fastvl.convert.hf_bert import text_stream_from_hf_bert
+            from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining
 
             model = ViLBERTForPretraining(ViLBERTConfig.from_original(_read_json(args.config, "the ViLBERT config"), strict=False))
             report = text_stream_from_hf_bert(model, state, strict=not args.no_strict)
@@ -127,7 +174,7 @@ def run(args) -> int:
             convert = getattr(importlib.import_module(module_name), function)
             model, report = convert(state, _read_json(args.config, "the original config"),
                                     strict=not args.no_strict, return_report=True)
-    except (ConversionError, FileNotFoundError) as error:
+    except ConversionError as error:
         print(f"fastvl convert: {error}", file=sys.stderr)
         return 1
     print(report)

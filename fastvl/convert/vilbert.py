@@ -20,15 +20,15 @@ original but never used in its forward: they are reported as known and skipped, 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from fastvl.convert.common import ConversionError, ConversionReport, SourceState, load_converted
+from fastvl.convert.common import (ConversionError, ConversionReport, Rule, SourceState, load_converted,
+                                   original_names)
 from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 
-Rule = tuple[str, Callable[[re.Match], Sequence[str]]]
 KNOWN_UNUSED = ("bert.encoder.c_layer.*.biOutput.q_dense1.*", "bert.encoder.c_layer.*.biOutput.q_dense2.*",
                 "bert.embeddings.position_ids")
 TIED_DECODER = "cls.predictions.decoder.weight"
@@ -102,15 +102,6 @@ def rules(release: str | None) -> list[Rule]:
         table += [(r"^(vil_logit|vil_tri_prediction|vision_logit)\.(\w+)$", lambda m: [f"{m[1]}.{m[2]}"]),
                   (r"^linguistic_logit\.(\w+)$", lambda m: [f"linguisic_logit.{m[1]}"])]
     return table
-
-
-def original_names(name: str, table: Sequence[Rule]) -> list[str]:
-    """The original key(s) of the fastvl tensor ``name`` (several = concatenated along dim 0)."""
-    for pattern, names in table:
-        match = re.match(pattern, name)
-        if match:
-            return list(names(match))
-    raise ConversionError(f"no original name known for the fastvl tensor {name!r}")
 
 
 def detect_layout(keys: Sequence[str]) -> str | None:
@@ -198,5 +189,5 @@ def vilbert_to_original(model: ViLBERTForPretraining | ViLBERTForTasks) -> dict[
     return out
 
 
-__all__ = ["ConversionReport", "vilbert_from_original", "vilbert_to_original", "transformer_layer_rules",
-           "text_embedding_rules"]
+__all__ = ["ConversionReport", "Rule", "original_names", "vilbert_from_original", "vilbert_to_original",
+           "transformer_layer_rules", "text_embedding_rules"]

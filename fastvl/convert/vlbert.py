@@ -19,16 +19,15 @@ fastvl takes precomputed RoI features, so the detector inside end-to-end checkpo
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from fastvl.convert.common import ConversionError, SourceState, load_converted
+from fastvl.convert.common import (ConversionError, Rule, SourceState, check_tied, convert_with_rules,
+                                   export_with_rules, load_converted)
 from fastvl.models.vlbert import (VLBERTConfig, VLBERTForPretraining, VLBERTForRefCOCO, VLBERTForVCR,
                                   VLBERTForVQA)
 
-Rule = tuple[str, Callable[[re.Match], Sequence[str]]]
 TASKS = ("pretraining", "vqa", "vcr", "refcoco")
 
 _LAYER = r"vlbert\.encoder\.layers\.(\d+)\."
@@ -72,45 +71,6 @@ _TASK_RULES: dict[str, list[Rule]] = {
 # VCR's auxiliary object-classification head (a training-only loss on the objects' states).
 KNOWN_UNUSED = ("image_feature_extractor.*", "aux_text_visual_embedding.*", "cnn_loss_reg.*")
 _TIED_DECODER = "vlbert.mlm_head.predictions.decoder.weight"
-
-
-def original_names(name: str, rules: Sequence[Rule]) -> list[str]:
-    """The original key(s) holding the fastvl tensor ``name`` (several = concatenated along dim 0)."""
-    for pattern, names in rules:
-        match = re.match(pattern, name)
-        if match:
-            return list(names(match))
-    raise ConversionError(f"no original name known for the fastvl tensor {name!r}")
-
-
-def convert_with_rules(model: torch.nn.Module, source: SourceState,
-                       rules: Sequence[Rule]) -> dict[str, torch.Tensor | None]:
-    """Every tensor of ``model`` taken from the original keys the rules name (None where missing);
-    pass the result to :func:`fastvl.convert.common.load_converted`."""
-    converted = {}
-    for name in model.state_dict():
-        keys = original_names(name, rules)
-        converted[name] = source.take(keys[0]) if len(keys) == 1 else source.take_cat(keys)
-    return converted
-
-
-def export_with_rules(model: torch.nn.Module, rules: Sequence[Rule], prefix: str = "") -> dict[str, torch.Tensor]:
-    """The inverse: model tensors under their original names (fused tensors split back)."""
-    exported = {}
-    for name, tensor in model.state_dict().items():
-        keys = original_names(name, rules)
-        for key, part in zip(keys, tensor.chunk(len(keys), dim=0) if len(keys) > 1 else (tensor,)):
-            exported[prefix + key] = part.detach().clone()
-    return exported
-
-
-def check_tied(source: SourceState, key: str, expected: torch.Tensor | None, what: str) -> None:
-    """Marks ``key`` (a tied copy in the original) used after checking it equals ``expected``."""
-    if key not in source or expected is None:
-        return
-    value = source.take(key)
-    if value.shape != expected.shape or not torch.equal(value.to(expected.dtype), expected):
-        raise ConversionError(f"{key} must equal {what} (they are tied in the original), but differs")
 
 
 def detect_task(keys: Sequence[str]) -> str:

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--vocab", help="copy this vocab.txt (e.g. BERT's) next to the shards")
     convert.add_argument("--shard-size", type=int, default=1024, help="records per shard")
 
+    from fastvl.data.synth_task import add_arguments as add_synth_task  # noqa: PLC0415 - task sets (issue 14)
+
+    add_synth_task(actions)
     inspect = actions.add_parser("inspect", help="open a dataset, tokenise its captions and report counts")
     inspect.add_argument("data", help="dataset directory")
     inspect.add_argument("--vocab", help="vocab.txt (default: DATA/vocab.txt)")
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.action == "synth":
-        from fastvl.data.synth import make_synthetic_dataset  # noqa: PLC0415
+        from fastvl.data.synth import make_synthetic_dataset
 
         index = make_synthetic_dataset(args.out, args.num_images, seed=args.seed, feature_dim=args.feature_dim,
                                        num_classes=args.num_classes, shard_size=args.shard_size,
@@ -62,13 +65,23 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {index['num_images']} images{pixels} in {len(index['shards'])} shards and {VOCAB_FILE} to "
               f"{args.out}")
         return 0
-    if args.action == "convert":
-        import shutil  # noqa: PLC0415
+    if args.action == "synth-task":
+        from fastvl.data.synth_task import run as run_synth_task  # noqa: PLC0415
 
-        from fastvl.data import convert  # noqa: PLC0415
+        return run_synth_task(args)
+    if args.action == "convert":
+        import shutil
+
+        from fastvl.data import convert
 
         if args.captions is None and not args.lmdb:
             raise DataError("--captions is required for TSV files (they carry no captions)")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise DataError(f"--out {args.out} is an existing file, not a folder")
+        if args.vocab:  # checked before hours of conversion, not after
+            from fastvl.data.tokenizer import load_tokenizer
+
+            load_tokenizer(args.vocab)
         captions = convert.read_captions(args.captions) if args.captions else {}
         fields = tuple(args.fields.split(",")) if args.fields else None
 
@@ -86,14 +99,20 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(index["conversion"]))
         print(f"wrote {index['num_images']} records in {len(index['shards'])} shards to {args.out}")
         return 0
-    from fastvl.data.format import RegionDataset  # noqa: PLC0415
-    from fastvl.data.tokenizer import load_tokenizer  # noqa: PLC0415
+    from fastvl.data.format import RegionDataset
+    from fastvl.data.tokenizer import load_tokenizer
 
     dataset = RegionDataset(args.data, load_tokenizer(args.vocab or os.path.join(args.data, VOCAB_FILE)),
                             strict=args.strict)
     lengths = dataset.caption_lengths()
+    bad_count, bad = dataset.find_bad_records()
     print(json.dumps({"records": len(dataset), "skipped": dataset.skipped, "feature_dim": dataset.feature_dim,
                       "num_classes": dataset.num_classes, "pixels": dataset.pixel_size,
                       "max_caption_pieces": max(lengths),
-                      "mean_caption_pieces": round(sum(lengths) / len(lengths), 2)}))
+                      "mean_caption_pieces": round(sum(lengths) / len(lengths), 2), "bad_records": bad_count}))
+    if bad_count:
+        for line in bad:
+            print(f"fastvl data: bad record: {line}")
+        print(f"fastvl data: error: {bad_count} record(s) hold values training cannot use (first {len(bad)} above)")
+        return 2
     return 0

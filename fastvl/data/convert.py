@@ -48,26 +48,46 @@ import numpy as np
 from fastvl.data.format import DataError, ImageRecord, ShardWriter
 
 BUTD_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+MAX_REGIONS = 100  # ViLBERT's task features hold at most 100 boxes (36 for Conceptual Captions)
 log = logging.getLogger("fastvl.data")
 
 
 def read_captions(path: str) -> dict[str, list[str]]:
+    """``{image_id: [caption, ...]}`` from JSON lines ``{"image_id": ..., "caption": "..."}`` or
+    ``image_id<TAB>caption`` lines; a caption that is not text (``null``, a number) is a :class:`DataError`
+    naming the line, never the text "None"."""
     captions: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            try:
-                if line.lstrip().startswith("{"):
-                    row = json.loads(line)
-                    image_id, caption = str(row["image_id"]), str(row["caption"])
-                else:
-                    image_id, caption = line.split("\t", 1)
-            except (ValueError, KeyError) as error:
-                raise DataError(f"{path}:{line_number}: expected a JSON object with image_id and caption or "
-                                f"'image_id<TAB>caption' ({error})") from error
-            captions.setdefault(image_id.strip(), []).append(caption.strip())
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as error:
+        raise DataError(f"--captions {path}: cannot read it ({error.strerror or error})") from None
+    for line_number, raw in enumerate(lines, 1):
+        where = f"{path}:{line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        if not line.strip():
+            continue
+        try:
+            if line.lstrip().startswith("{"):
+                row = json.loads(line)
+                image_id, caption = row["image_id"], row["caption"]
+                if not isinstance(caption, str):
+                    raise DataError(f"{where}: caption is {json.dumps(caption)}, expected text (an image without "
+                                    "a caption: leave its line out)")
+                if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+                    raise DataError(f"{where}: image_id is {json.dumps(image_id)}, expected a string or integer")
+                image_id = str(image_id)
+            else:
+                image_id, caption = line.split("\t", 1)
+        except (ValueError, KeyError, TypeError) as error:
+            if isinstance(error, DataError):
+                raise
+            raise DataError(f"{where}: expected a JSON object with image_id and caption or "
+                            f"'image_id<TAB>caption' ({error})") from None
+        captions.setdefault(image_id.strip(), []).append(caption.strip())
     return captions
 
 
@@ -100,9 +120,17 @@ def _distribution(objects_id: np.ndarray, objects_conf: np.ndarray, num_classes:
 
 def read_butd_tsv(path: str, fields: tuple[str, ...] | None = None,
                   num_classes: int | None = None) -> Iterator[dict]:
-    """Yields ``{image_id, image_h, image_w, boxes, features, cls_prob}`` per line of a BUTD TSV file."""
-    with open(path, encoding="ascii", errors="strict") as f:
-        for line_number, line in enumerate(f, 1):
+    """Yields ``{image_id, image_h, image_w, boxes, features, cls_prob}`` per line of a BUTD TSV file,
+    with the LMDB path's checks (0 <= num_boxes <= 100, a positive image size, arrays of num_boxes rows)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_number}: not ASCII (base64 fields and numbers are): not a BUTD "
+                                "TSV file, or a damaged one") from None
             values = line.rstrip("\r\n").split("\t")
             if line_number == 1 and values[0] == "image_id":  # header row
                 fields = tuple(values)
@@ -119,6 +147,10 @@ def read_butd_tsv(path: str, fields: tuple[str, ...] | None = None,
             except (KeyError, ValueError) as error:
                 raise DataError(f"{where}: bad image_id/image_w/image_h/num_boxes ({error})") from error
             where = f"{where} (image_id {image_id!r})"
+            if not 0 <= num_boxes <= MAX_REGIONS:
+                raise DataError(f"{where}: num_boxes {num_boxes} outside [0, {MAX_REGIONS}]")
+            if num_boxes and (image_h <= 0 or image_w <= 0):
+                raise DataError(f"{where}: image size {image_h} x {image_w} is not positive")
             if num_boxes == 0:
                 yield {"image_id": image_id, "num_boxes": 0, "where": where}
                 continue
@@ -137,7 +169,6 @@ def read_butd_tsv(path: str, fields: tuple[str, ...] | None = None,
                    "boxes": boxes, "features": features, "cls_prob": cls_prob, "where": where}
 
 
-MAX_REGIONS = 100  # ViLBERT's task features hold at most 100 boxes (36 for Conceptual Captions)
 ROW_FIELDS = ("features", "cls_prob", "boxes", "num_boxes", "image_h", "image_w", "image_id", "caption")
 _KEY_LISTS = (b"__keys__", b"keys")  # tensorpack's LMDBSerializer / ViLBERT's ImageFeaturesH5Reader
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: nothing else is rebuilt from an nd-map

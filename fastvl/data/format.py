@@ -71,6 +71,37 @@ class Example:
     pixels: np.ndarray | None = None  # uint8 [H, W, 3] when the dataset has pixels
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: features and cls_prob are stored in float16
+CLS_PROB_TOLERANCE = 1e-2  # |row sum - 1| allowed (detector softmax in float32, float16 storage)
+
+
+def region_problem(features: np.ndarray, boxes: np.ndarray, cls_prob: np.ndarray) -> str | None:
+    """What makes one image's regions unfit to train on, or None: non-finite features or boxes,
+    features beyond float16's range (they would be stored as inf), ``cls_prob`` rows that are not
+    probability distributions (negative entries, logits, rows not summing to 1)."""
+    features = np.asarray(features, dtype=np.float32)
+    for name, array in (("features", features), ("boxes", np.asarray(boxes, dtype=np.float32)),
+                        ("cls_prob", np.asarray(cls_prob, dtype=np.float32))):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            return f"{name} holds NaN or Inf (region {row})"
+    if features.size and np.abs(features).max() > FLOAT16_MAX:
+        row = int(np.argwhere(np.abs(features) > FLOAT16_MAX)[0][0])
+        return (f"features reach {float(np.abs(features).max()):.4g} (region {row}), beyond float16's range "
+                f"({FLOAT16_MAX:g}) in which they are stored: they would become inf. Scale the features down")
+    probabilities = np.asarray(cls_prob, dtype=np.float64)
+    if probabilities.size:
+        sums = probabilities.sum(axis=1)
+        bad_rows = np.flatnonzero((probabilities < -1e-6).any(axis=1) | (np.abs(sums - 1) > CLS_PROB_TOLERANCE))
+        if bad_rows.size:
+            row = int(bad_rows[0])
+            return (f"cls_prob row {row} is not a probability distribution (min {probabilities[row].min():.4g}, "
+                    f"sum {sums[row]:.4g}; {bad_rows.size} of {len(sums)} rows): pass the detector's softmax "
+                    "output, not logits or scores")
+    return None
+
+
 class ShardWriter:
     """Writes image records into ``out_dir`` as shards of ``shard_size`` images plus ``index.json``.
 
@@ -108,6 +139,14 @@ class ShardWriter:
         if record.cls_prob.shape != (n, self.num_classes):
             raise DataError(f"{where}: cls_prob must be [N, C] = [{n}, {self.num_classes}], "
                             f"got {list(record.cls_prob.shape)}")
+        if not isinstance(record.caption, str):
+            raise DataError(f"{where}: caption is {type(record.caption).__name__} {record.caption!r}, expected text")
+        if not (isinstance(record.image_h, (int, np.integer)) and isinstance(record.image_w, (int, np.integer))
+                and record.image_h > 0 and record.image_w > 0):
+            raise DataError(f"{where}: image size {record.image_h!r} x {record.image_w!r} is not positive integers")
+        problem = region_problem(record.features, record.boxes, record.cls_prob)
+        if problem:
+            raise DataError(f"{where}: {problem}")
         if self.pixels is None and record.pixels is not None:
             raise DataError(f"{where}: has pixels, but the writer was opened without pixels=(H, W)")
         if self.pixels is not None:
@@ -184,9 +223,24 @@ def read_index(data_dir: str) -> dict:
         raise DataError(f"{path}: 'format' must be {FORMAT_NAME!r}")
     if index.get("version") != FORMAT_VERSION:
         raise DataError(f"{path}: format version {index.get('version')!r} is not supported (expected {FORMAT_VERSION})")
-    for key in ("feature_dim", "num_classes", "shards"):
-        if key not in index:
-            raise DataError(f"{path}: missing key {key!r}")
+    for key in ("feature_dim", "num_classes"):
+        if not (isinstance(index.get(key), int) and index[key] >= 1):
+            raise DataError(f"{path}: {key!r} must be a positive integer, got {index.get(key)!r}")
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        raise DataError(f"{path}: 'shards' must be a list of {{name, num_images, num_regions}}, got "
+                        f"{type(shards).__name__}")
+    for number, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise DataError(f"{path}: shards[{number}] must be an object, got {type(shard).__name__}")
+        name = shard.get("name")
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise DataError(f"{path}: shards[{number}] name {name!r} must be a folder name inside the dataset "
+                            "(no path separators or '..')")
+        for key in ("num_images", "num_regions"):
+            if not (isinstance(shard.get(key), int) and shard[key] >= 0):
+                raise DataError(f"{path}: shards[{number}] ({name}) {key!r} must be a non-negative integer, "
+                                f"got {shard.get(key)!r}")
     pixels = index.get("pixels")
     if pixels is not None and not (isinstance(pixels, list) and len(pixels) == 2
                                    and all(isinstance(v, int) and v >= 1 for v in pixels)):
@@ -284,8 +338,13 @@ class _Shard:
         if not os.path.isfile(path):
             raise DataError(f"{path}: missing")
         out = []
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{path}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start} "
+                                    "of the line)") from None
                 try:
                     row = json.loads(line)
                     image_id, caption = str(row["image_id"]), row["caption"]
@@ -374,6 +433,35 @@ class RegionDataset:
             raise DataError(f"{os.path.join(self.dir, INDEX_FILE)}: this dataset has no images (no 'pixels' entry); "
                             f"{who} trains on image pixels. Write a set with them: `fastvl data synth --image-size N`")
         return self.pixel_size
+
+    def find_bad_records(self, limit: int = 20) -> tuple[int, list[str]]:
+        """Scans every region of every shard (skipped records too) for what training cannot use:
+        NaN/Inf features or boxes (in float16, also features that overflowed its range), ``cls_prob`` rows
+        that are not distributions. Returns the number of bad records and up to ``limit`` of them, each
+        named by shard, caption line and image_id."""
+        count, found = 0, []
+        for shard in self.shards:
+            arrays, captions = shard.arrays(), shard.captions()
+            offsets = arrays["offsets"]
+            bad = np.zeros(len(arrays["features"]), dtype=np.int8)  # per region: 0 fine, else a reason below
+            reasons = ("", "features NaN/Inf", "boxes NaN/Inf", "cls_prob not a distribution")
+            for start in range(0, len(bad), 65536):
+                stop = min(start + 65536, len(bad))
+                probabilities = np.asarray(arrays["cls_prob"][start:stop], dtype=np.float32)
+                not_distribution = ((probabilities < 0).any(axis=1) | ~np.isfinite(probabilities).all(axis=1)
+                                    | (np.abs(probabilities.sum(axis=1) - 1) > CLS_PROB_TOLERANCE))
+                chunk = bad[start:stop]
+                chunk[not_distribution] = 3
+                chunk[~np.isfinite(np.asarray(arrays["boxes"][start:stop])).all(axis=1)] = 2
+                chunk[~np.isfinite(np.asarray(arrays["features"][start:stop])).all(axis=1)] = 1
+            regions = np.flatnonzero(bad)
+            rows = np.unique(np.searchsorted(offsets, regions, side="right") - 1)
+            count += len(rows)
+            for row in rows[: max(0, limit - len(found))]:
+                first = int(regions[np.searchsorted(regions, offsets[row])])
+                found.append(f"{os.path.join(shard.dir, CAPTIONS_FILE)}:{row + 1} (image_id {captions[row][0]!r}): "
+                             f"{reasons[bad[first]]} (region {first - int(offsets[row])})")
+        return count, found
 
     def caption_lengths(self) -> Sequence[int]:
         return [len(t) for t in self.token_ids]

@@ -32,6 +32,13 @@ def load_tokenizer(vocab_file: str, lowercase: bool = True):
     if not os.path.isfile(vocab_file):
         raise DataError(f"{vocab_file}: vocabulary file not found (pass BERT's vocab.txt with --vocab, or make a "
                         "synthetic set with `fastvl data synth`, which writes its own)")
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            pieces = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{vocab_file}: vocabulary is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not pieces:
+        raise DataError(f"{vocab_file}: vocabulary is empty (expected one word piece per line, as BERT's vocab.txt)")
     tokenizer = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
     missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
     if missing:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl._nvtx import nvtx_range
+from fastvl.profiling import nvtx_range
 from fastvl.dispatch import use_backend
 from fastvl.models.bert_config import BertConfig, check_unknown_keys
 from fastvl.models.outputs import PretrainingOutput, total

@@ -6,39 +6,78 @@ packing helpers, the torch SDPA path, and the backends' support rules.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-from fastvl.dispatch import triton_device
+from fastvl.dispatch import triton_device, triton_interpreting
+from fastvl.ops import attention_launch
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SEEDED_ONLY_ON_TRITON = "dropout_seed is honoured by the triton backend only"
+SHORT_SEQUENCE = 128  # the ViLBERT / VL-BERT / ALBEF range, where fastvl's Triton kernels are meant to win
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> None:
-    """cu_seqlens must be int32/int64 ``[B + 1]``, start at 0, not decrease, and end at ``total``.
+_VALIDATED = WeakIdKeyDictionary()  # cu_seqlens tensor -> (version, packed length, longest sequence)
 
-    The value checks read the tensor on the host (one sync); they run only while validation is on
-    (``FASTVL_VALIDATE_CU_SEQLENS=0`` disables them for CUDA-graph capture).
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, given_max: int | None) -> int | None:
+    """Validates a packed batch's ``cu_seqlens`` (int32/int64 ``[B + 1]``, starts at 0, never
+    decreases, ends at the packed length ``total``) and its ``max_seqlen`` (an int at least the
+    longest sequence; 0 only for an empty batch). Returns the max_seqlen to launch with: the given
+    one, else the longest sequence when the values were read, else None.
+
+    The value checks read ``cu`` on the host, once per tensor (and again only after it is changed in
+    place): the first layer of a step pays one sync, the others reuse the result. They are skipped
+    under ``torch.compile`` and with ``FASTVL_VALIDATE_CU_SEQLENS=0`` (CUDA-graph capture).
     """
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 tensor [B + 1], got "
                         f"{getattr(cu, 'dtype', type(cu).__name__)} {list(getattr(cu, 'shape', []))}")
     if cu.numel() < 2:
         raise ValueError(f"{name} must have B + 1 >= 2 entries, got {cu.numel()}")
-    if torch.compiler.is_compiling() or os.environ.get("FASTVL_VALIDATE_CU_SEQLENS", "1") == "0":
-        return
+    if torch.compiler.is_compiling():
+        return given_max
+    if given_max is not None:
+        if isinstance(given_max, bool) or not isinstance(given_max, numbers.Integral):
+            raise TypeError(f"{max_name} must be an int (the longest sequence of {name}), got "
+                            f"{type(given_max).__name__}")
+        given_max = int(given_max)
+        if given_max < 0 or (given_max == 0 and total > 0):
+            raise ValueError(f"{max_name} must be >= 1 (the longest sequence of {name}), got {given_max}")
+    if os.environ.get("FASTVL_VALIDATE_CU_SEQLENS", "1") == "0":
+        return given_max
+    longest = _checked_longest(name, cu, total)
+    if given_max is not None and given_max < longest:
+        raise ValueError(f"{max_name} = {given_max} is below the longest sequence of {name} ({longest}): rows past "
+                         f"it would be dropped; pass at least {longest} (or None to read it from {name})")
+    return longest if given_max is None else given_max
+
+
+def _checked_longest(name: str, cu: torch.Tensor, total: int) -> int:
+    try:
+        version = cu._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: check every time
+        version = None
+    seen = _VALIDATED.get(cu) if version is not None else None
+    if seen is not None and seen[0] == version and seen[1] == total:
+        return seen[2]
     values = cu.tolist()
     if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must start at 0 and never decrease, got {values}")
     if values[-1] != total:
         raise ValueError(f"{name}[-1] = {values[-1]} must equal the packed length {total}")
+    longest = max(b - a for a, b in zip(values, values[1:]))
+    if version is not None:
+        _VALIDATED[cu] = (version, total, longest)
+    return longest
 
 
 def max_seqlen(cu_seqlens: torch.Tensor, given: int | None) -> int:
-    """The longest sequence of a packed batch: ``given`` if passed, else read from the device (a sync)."""
+    """The longest sequence of a packed batch: ``given`` if known, else read from the device (a sync)."""
     return int(given) if given is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
@@ -62,7 +101,7 @@ def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tu
     positions = torch.arange(max_seqlen, device=x.device)
     valid = positions[None, :] < lengths[:, None]
     index = (cu_seqlens[:-1, None].long() + positions[None, :]).clamp_max(max(x.shape[0] - 1, 0))
-    padded = x[index] * valid.view(*valid.shape, *([1] * (x.dim() - 1))).to(x.dtype)
+    padded = x[index].masked_fill(~valid.view(*valid.shape, *([1] * (x.dim() - 1))), 0)
     return padded, valid
 
 
@@ -77,7 +116,11 @@ def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.T
 
 
 def sdpa_padded(q, k, v, mask, dropout_p: float, scale: float | None, causal: bool) -> torch.Tensor:
-    """torch's SDPA on ``[B, L, H, D]``; queries with no real key get zeros (and zero gradient)."""
+    """torch's SDPA on ``[B, L, H, D]``; queries with no real key get zeros (and zero gradient). Padded
+    key and value rows are zeroed first, so a non-finite value there stays out of the sample."""
+    if mask is not None:
+        padded = ~mask[:, :, None, None]
+        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
     keep = None
     if mask is not None or causal:
         keep = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
@@ -113,8 +156,13 @@ def triton_supports(dtype, head_dim, device, **_features) -> list[str]:
     reasons = triton_device(device)
     if dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {dtype} (triton runs float16, bfloat16, float32)")
-    if head_dim > 128:
-        reasons.append(f"head dim {head_dim} > 128")
+    if dtype == torch.bfloat16 and triton_interpreting():
+        reasons.append("bfloat16 under TRITON_INTERPRET=1 (the interpreter's bfloat16 tl.dot returns wrong values; "
+                       "use float16 or float32 there)")
+    if not reasons:
+        max_head_dim = max(attention_launch.kernels().HEAD_BLOCKS)
+        if head_dim > max_head_dim:
+            reasons.append(f"head dim {head_dim} > {max_head_dim}")
     return reasons
 
 
@@ -129,3 +177,23 @@ def torch_supports(device, seeded=False, deterministic=False, **_features) -> li
 
 def reference_supports(seeded=False, **_features) -> list[str]:
     return [SEEDED_ONLY_ON_TRITON] if seeded else []
+
+
+def attention_rule(device, dtype, lengths: tuple[int | None, ...], packed: bool, seeded: bool = False,
+                   deterministic: bool = False) -> list[tuple[str, str]]:
+    """auto's fallback order for both attention ops (when no calibration table entry decides): on CUDA
+    Triton in the short-sequence range and for what only it offers (a seeded dropout mask, a bitwise
+    repeatable backward); torch SDPA (flash / cuDNN / memory-efficient kernels), or flash_attn's
+    varlen kernel for packed batches, for long sequences and float32. Elsewhere: registration order."""
+    if device.type != "cuda":
+        return []
+    if seeded or deterministic:
+        return [("triton", "only triton honours dropout_seed and promises a bitwise repeatable backward")]
+    known = [n for n in lengths if n is not None]
+    longest = max(known) if known else None
+    if dtype == torch.float32 or (longest is not None and longest > SHORT_SEQUENCE):
+        why = "float32" if dtype == torch.float32 else f"long sequences (> {SHORT_SEQUENCE})"
+        order = [("flash_attn", f"{why}, packed: flash_attn's varlen kernel")] if packed else []
+        return order + [("sdpa", f"{why}: torch SDPA (flash / cuDNN / memory-efficient kernels)"),
+                        ("triton", f"{why}, SDPA unusable: triton")]
+    return [("triton", f"short sequences (<= {SHORT_SEQUENCE}) in 16 bits: fastvl's Triton kernels")]

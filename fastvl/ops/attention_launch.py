@@ -10,6 +10,7 @@ padded or ``[H, total]`` packed.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -38,11 +39,6 @@ def block_configs(dtype: torch.dtype, head_dim: int, long: bool):
     return k.fwd_config(name, block_d, long), k.bwd_config(name, block_d)
 
 
-def rows_strides(t: torch.Tensor, packed: bool) -> tuple[int, ...]:
-    """Strides of ``t`` as (batch, row, head, dim); packed ``[total, H, D]`` has batch stride 0."""
-    return (0, *t.stride()) if packed else tuple(t.stride())
-
-
 def new_lse(q: torch.Tensor, batch: int, packed: bool) -> tuple[torch.Tensor, tuple[int, int]]:
     """Float32 per-row buffer (log-sum-exp or delta): ``[H, total_q]`` packed or ``[B, H, Lq]``
     padded, with its (batch, head) strides."""
@@ -60,13 +56,6 @@ def lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
 
 def lse_strides(lse: torch.Tensor, packed: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if packed else (lse.stride(0), lse.stride(1))
-
-
-def mask_arg(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(pointer, batch stride, position stride) of a bool key mask read as uint8."""
-    if mask is None:
-        return placeholder, 0, 0
-    return mask.view(torch.uint8), mask.stride(0), mask.stride(1)
 
 
 def draw_seed(dropout_p: float, seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -93,43 +82,54 @@ def _meta(k, dtype: torch.dtype, head_dim: int, config) -> dict:
 def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float, scale: float,
                       causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(output like q, log-sum-exp) of one attention; rows with no key get zeros and lse = inf."""
+    if attention_path(max(max_q, max_k)) == "short":
+        return _short_attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed)
     kern = kernels()
     packed = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
     batch = cu_q.shape[0] - 1 if packed else q.shape[0]
+    (q,), q_strides = shared_strides(q)
+    (k, v), kv_strides = shared_strides(k, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _, o_strides = shared_strides(out)
     lse, lse_stride = new_lse(q, batch, packed)
     config, _ = block_configs(q.dtype, head_dim, max_q >= kern.LONG_SEQUENCE)
     grid = (cdiv(max_q, config.block_m), batch * heads)
     if q.numel() == 0 or grid[0] * grid[1] == 0:
         return out.zero_(), lse.fill_(math.inf)
-    mask_ptr, *mask_stride = mask_arg(mask, seed)
+    mask_u8, mask_stride = _mask_pointer(mask)
     kern.attention_fwd_kernel[grid](
-        q, k, v, out, lse, mask_ptr, cu_q if packed else seed, cu_k if packed else seed, seed,
-        *rows_strides(q, packed), *rows_strides(k, packed), *rows_strides(v, packed), *rows_strides(out, packed),
-        *lse_stride, *mask_stride, max_q, max_k, heads, head_dim, scale * kern.LOG2E, dropout_p,
-        HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0,
-        **_meta(kern, q.dtype, head_dim, config))
+        q, k, v, out, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed),
+        *q_strides, *kv_strides, *o_strides, *lse_stride, mask_stride, max_q, max_k, heads, head_dim,
+        scale * kern.LOG2E, dropout_p, HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal,
+        HAS_DROPOUT=dropout_p > 0.0, **_meta(kern, q.dtype, head_dim, config))
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float,
                        scale: float, causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) from the forward's output and log-sum-exp; dropout regenerated from ``seed``."""
+    if attention_path(max(max_q, max_k)) == "short":
+        return _short_attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, dropout_p,
+                                         scale, causal, seed)
     kern = kernels()
     packed = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
     batch = cu_q.shape[0] - 1 if packed else q.shape[0]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    (q,), q_strides = shared_strides(q)
+    (k, v), kv_strides = shared_strides(k, v)
+    (out, grad_out), o_strides = shared_strides(out, grad_out)
+    dq, dk, dv = _gradients(q, k, k)
+    _, dq_strides = shared_strides(dq)
+    _, dkv_strides = shared_strides(dk, dv)
     if q.numel() == 0 or k.numel() == 0 or batch * heads == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     _, config = block_configs(q.dtype, head_dim, False)
     grid = (cdiv(max_k, config.block_n) + cdiv(max_q, config.block_m), batch * heads)
-    mask_ptr, *mask_stride = mask_arg(mask, seed)
+    mask_u8, mask_stride = _mask_pointer(mask)
     kern.attention_bwd_kernel[grid](
-        q, k, v, out, grad_out, dq, dk, dv, lse, mask_ptr, cu_q if packed else seed, cu_k if packed else seed, seed,
-        *(s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in rows_strides(t, packed)),
-        *lse_strides(lse, packed), *mask_stride,
+        q, k, v, out, grad_out, dq, dk, dv, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed),
+        *q_strides, *kv_strides, *o_strides, *dq_strides, *dkv_strides, *lse_strides(lse, packed), mask_stride,
         max_q, max_k, heads, head_dim, scale * kern.LOG2E, scale, dropout_p,
         HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0,
         **_meta(kern, q.dtype, head_dim, config))
@@ -142,27 +142,31 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
 def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v: int, len_t: int,
                          dropout_p: float, scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(ctx_v, ctx_t, lse_v, lse_t): image queries over text keys and text queries over image keys."""
+    if attention_path(max(len_v, len_t)) == "short":
+        return _short_co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v, len_t,
+                                           dropout_p, scale, seed)
     kern = kernels()
     packed = cu_v is not None
     heads, head_dim = q_v.shape[-2:]
     batch = cu_v.shape[0] - 1 if packed else q_v.shape[0]
+    (q_v, k_v, v_v), v_strides = shared_strides(q_v, k_v, v_v)
+    (q_t, k_t, v_t), t_strides = shared_strides(q_t, k_t, v_t)
     ctx_v = torch.empty(q_v.shape, dtype=q_v.dtype, device=q_v.device)
     ctx_t = torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)
+    _, ov_strides = shared_strides(ctx_v)
+    _, ot_strides = shared_strides(ctx_t)
     lse_v, stride_lse_v = new_lse(q_v, batch, packed)
     lse_t, stride_lse_t = new_lse(q_t, batch, packed)
     config, _ = block_configs(q_v.dtype, head_dim, False)
     grid = (cdiv(len_v, config.block_m) + cdiv(len_t, config.block_m), batch * heads)
     if grid[0] * grid[1] == 0:
         return ctx_v.zero_(), ctx_t.zero_(), lse_v.fill_(math.inf), lse_t.fill_(math.inf)
-    mask_v_ptr, *mask_v_stride = mask_arg(mask_v, seed)
-    mask_t_ptr, *mask_t_stride = mask_arg(mask_t, seed)
+    mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
+    mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
     kern.co_attention_fwd_kernel[grid](
-        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v_ptr, mask_t_ptr,
-        cu_v if packed else seed, cu_t if packed else seed, seed,
-        *rows_strides(q_v, packed), *rows_strides(k_v, packed), *rows_strides(v_v, packed),
-        *rows_strides(q_t, packed), *rows_strides(k_t, packed), *rows_strides(v_t, packed),
-        *rows_strides(ctx_v, packed), *rows_strides(ctx_t, packed), *stride_lse_v, *stride_lse_t,
-        *mask_v_stride, *mask_t_stride, len_v, len_t, heads, head_dim, scale * kern.LOG2E, dropout_p,
+        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t,
+        _seed_pointer(dropout_p, seed), *v_strides, *t_strides, *ov_strides, *ot_strides, *stride_lse_v,
+        *stride_lse_t, mask_v_stride, mask_t_stride, len_v, len_t, heads, head_dim, scale * kern.LOG2E, dropout_p,
         HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed,
         HAS_DROPOUT=dropout_p > 0.0, **_meta(kern, q_v.dtype, head_dim, config))
     return ctx_v, ctx_t, lse_v, lse_t
@@ -172,30 +176,206 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
                           cu_v, cu_t, len_v: int, len_t: int, dropout_p: float, scale: float,
                           seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch."""
+    if attention_path(max(len_v, len_t)) == "short":
+        return _short_co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t,
+                                            mask_v, mask_t, cu_v, cu_t, len_v, len_t, dropout_p, scale, seed)
     kern = kernels()
     packed = cu_v is not None
     heads, head_dim = q_v.shape[-2:]
     batch = cu_v.shape[0] - 1 if packed else q_v.shape[0]
-    grads = [torch.empty_like(t) for t in (q_v, k_v, v_v, q_t, k_t, v_t)]
+    (q_v, k_v, v_v), v_strides = shared_strides(q_v, k_v, v_v)
+    (q_t, k_t, v_t), t_strides = shared_strides(q_t, k_t, v_t)
+    (ctx_v, grad_v), ov_strides = shared_strides(ctx_v, grad_v)
+    (ctx_t, grad_t), ot_strides = shared_strides(ctx_t, grad_t)
+    grads_v, grads_t = _gradients(q_v, q_v, q_v), _gradients(q_t, q_t, q_t)
+    _, gv_strides = shared_strides(*grads_v)
+    _, gt_strides = shared_strides(*grads_t)
     if batch * heads == 0 or len_v + len_t == 0:
-        return tuple(g.zero_() for g in grads)
-    dq_v, dk_v, dv_v, dq_t, dk_t, dv_t = grads
-    if not packed:
-        cu_v = cu_t = seed  # unused placeholders
+        return tuple(g.zero_() for g in (*grads_v, *grads_t))
     _, config = block_configs(q_v.dtype, head_dim, False)
     blocks = sum(cdiv(n, config.block_n) + cdiv(n, config.block_m) for n in (len_v, len_t))
-    mask_v_ptr, *mask_v_stride = mask_arg(mask_v, seed)
-    mask_t_ptr, *mask_t_stride = mask_arg(mask_t, seed)
+    mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
+    mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
     kern.co_attention_bwd_kernel[(blocks, batch * heads)](
-        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, dq_v, dk_v, dv_v, dq_t, dk_t, dv_t,
-        lse_v, lse_t, mask_v_ptr, mask_t_ptr, cu_v, cu_t, seed,
-        *(s for t in (q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, dq_v, dk_v, dv_v, dq_t, dk_t, dv_t)
-          for s in rows_strides(t, packed)),
-        *lse_strides(lse_v, packed), *lse_strides(lse_t, packed), *mask_v_stride, *mask_t_stride,
+        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, *grads_v, *grads_t,
+        lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t, _seed_pointer(dropout_p, seed),
+        *v_strides, *t_strides, *ov_strides, *ot_strides, *gv_strides, *gt_strides,
+        *lse_strides(lse_v, packed), *lse_strides(lse_t, packed), mask_v_stride, mask_t_stride,
         len_v, len_t, heads, head_dim, scale * kern.LOG2E, scale, dropout_p,
         HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed,
         HAS_DROPOUT=dropout_p > 0.0, **_meta(kern, q_v.dtype, head_dim, config))
-    return tuple(grads)
+    return (*grads_v, *grads_t)
+
+
+# Stride groups, pointers ------------------------------------------------------------------------------
+
+
+def shared_strides(*tensors):
+    """(tensors, their common (batch, row, head) strides): the kernels take one stride set per group
+    of tensors and a head-dim stride of 1, so a tensor with another head-dim stride, or a group whose
+    strides differ, is made contiguous (packed ``[total, H, D]``: batch stride 0)."""
+    tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+    if any(t.stride() != tensors[0].stride() for t in tensors[1:]):
+        tensors = [t.contiguous() for t in tensors]
+    strides = tensors[0].stride()[:-1]
+    if tensors[0].dim() == 3:
+        strides = (0, *strides)
+    return tensors, strides
+
+
+def _gradients(*like):
+    """Contiguous gradient buffers shaped like ``like``: same-shaped ones share one stride set
+    (separate tensors -- a custom op's outputs may not alias each other)."""
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
+
+
+def _mask_pointer(mask):
+    """(uint8 pointer or None, batch stride) of a bool [B, L] key mask; position stride 1."""
+    if mask is None:
+        return None, 0
+    mask = mask.contiguous().view(torch.uint8)
+    return mask, mask.stride(0)
+
+
+def _seed_pointer(dropout_p: float, seed: torch.Tensor):
+    """The seed tensor when the kernel reads it (dropout), else None."""
+    return seed if dropout_p > 0.0 else None
+
+
+# Short-sequence path (every sequence <= SHORT_MAX_LEN rows: fastvl.kernels.attention_short) ---------
+
+
+def short_kernels():
+    from fastvl.kernels import attention_short
+
+    return attention_short
+
+
+def attention_path(max_len: int) -> str:
+    """``"short"`` when no sequence has more than ``SHORT_MAX_LEN`` rows (host-known lengths, no sync),
+    else ``"tiled"``; ``FASTVL_ATTENTION_PATH=tiled`` keeps every length on the tiled path (tests,
+    benchmarks)."""
+    if max_len > short_kernels().SHORT_MAX_LEN or os.environ.get("FASTVL_ATTENTION_PATH") == "tiled":
+        return "tiled"
+    return "short"
+
+
+def _short_block_m():
+    """Forward query rows per program (16 under the interpreter, so CPU tests cover several blocks)."""
+    return 16 if triton_interpreting() else short_kernels().BLOCK_M
+
+
+def _short_attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed):
+    short, tiled = short_kernels(), kernels()
+    packed = cu_q is not None
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    batch = cu_q.shape[0] - 1 if packed else q.shape[0]
+    (q,), q_strides = shared_strides(q)
+    (k, v), kv_strides = shared_strides(k, v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _, o_strides = shared_strides(out)
+    lse, lse_stride = new_lse(q, batch, packed)
+    block_n, block_d, block_m = short.key_bucket(max(max_q, max_k)), tiled.head_block(head_dim), _short_block_m()
+    grid = (-(-max_q // block_m), batch * heads)
+    if q.numel() == 0 or grid[0] * grid[1] == 0:
+        return out.zero_(), lse.fill_(math.inf)
+    mask_u8, mask_stride = _mask_pointer(mask)
+    short.attention_fwd_short_kernel[grid](
+        q, k, v, out, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed), *q_strides, *kv_strides, *o_strides,
+        *lse_stride, mask_stride,
+        max_q, max_k, heads, head_dim, scale * tiled.LOG2E, dropout_p,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK=mask is not None, IS_VARLEN=packed,
+        IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q.dtype]],
+        EVEN_D=head_dim == block_d, num_warps=short.FWD_WARPS, num_stages=1)
+    return out, lse
+
+
+def _short_attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal,
+                             seed):
+    short, tiled = short_kernels(), kernels()
+    packed = cu_q is not None
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    batch = cu_q.shape[0] - 1 if packed else q.shape[0]
+    (q,), q_strides = shared_strides(q)
+    (k, v), kv_strides = shared_strides(k, v)
+    (out, grad_out), o_strides = shared_strides(out, grad_out)
+    dq, dk, dv = _gradients(q, k, k)
+    _, dq_strides = shared_strides(dq)
+    _, dkv_strides = shared_strides(dk, dv)
+    if q.numel() == 0 or k.numel() == 0 or batch * heads == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_n, block_d = short.key_bucket(max(max_q, max_k)), tiled.head_block(head_dim)
+    mask_u8, mask_stride = _mask_pointer(mask)
+    short.attention_bwd_short_kernel[(batch * heads,)](
+        q, k, v, out, grad_out, dq, dk, dv, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed),
+        *q_strides, *kv_strides, *o_strides, *dq_strides, *dkv_strides, *lse_strides(lse, packed), mask_stride,
+        max_q, max_k, heads, head_dim, scale * tiled.LOG2E, scale, dropout_p,
+        BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK=mask is not None, IS_VARLEN=packed,
+        IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q.dtype]],
+        EVEN_D=head_dim == block_d, num_warps=short.bwd_warps(block_n), num_stages=1)
+    return dq, dk, dv
+
+
+def _short_co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v, len_t, dropout_p,
+                               scale, seed):
+    short, tiled = short_kernels(), kernels()
+    packed = cu_v is not None
+    heads, head_dim = q_v.shape[-2:]
+    batch = cu_v.shape[0] - 1 if packed else q_v.shape[0]
+    (q_v, k_v, v_v), v_strides = shared_strides(q_v, k_v, v_v)
+    (q_t, k_t, v_t), t_strides = shared_strides(q_t, k_t, v_t)
+    ctx_v = torch.empty(q_v.shape, dtype=q_v.dtype, device=q_v.device)
+    ctx_t = torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)
+    _, ov_strides = shared_strides(ctx_v)
+    _, ot_strides = shared_strides(ctx_t)
+    lse_v, lse_v_stride = new_lse(q_v, batch, packed)
+    lse_t, lse_t_stride = new_lse(q_t, batch, packed)
+    block_n, block_d, block_m = short.key_bucket(max(len_v, len_t)), tiled.head_block(head_dim), _short_block_m()
+    grid = (-(-len_v // block_m) + -(-len_t // block_m), batch * heads)
+    if grid[0] * grid[1] == 0:
+        return ctx_v.zero_(), ctx_t.zero_(), lse_v.fill_(math.inf), lse_t.fill_(math.inf)
+    mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
+    mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
+    short.co_attention_fwd_short_kernel[grid](
+        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t,
+        _seed_pointer(dropout_p, seed),
+        *v_strides, *t_strides, *ov_strides, *ot_strides, *lse_v_stride, *lse_t_stride, mask_v_stride, mask_t_stride,
+        len_v, len_t, heads, head_dim, scale * tiled.LOG2E, dropout_p,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK_V=mask_v is not None,
+        HAS_MASK_T=mask_t is not None, IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0,
+        PRECISION=tiled.PRECISION[DTYPE_NAMES[q_v.dtype]], EVEN_D=head_dim == block_d,
+        num_warps=short.FWD_WARPS, num_stages=1)
+    return ctx_v, ctx_t, lse_v, lse_t
+
+
+def _short_co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v,
+                                mask_t, cu_v, cu_t, len_v, len_t, dropout_p, scale, seed):
+    short, tiled = short_kernels(), kernels()
+    packed = cu_v is not None
+    heads, head_dim = q_v.shape[-2:]
+    batch = cu_v.shape[0] - 1 if packed else q_v.shape[0]
+    (q_v, k_v, v_v), v_strides = shared_strides(q_v, k_v, v_v)
+    (q_t, k_t, v_t), t_strides = shared_strides(q_t, k_t, v_t)
+    (ctx_v, grad_v), ov_strides = shared_strides(ctx_v, grad_v)
+    (ctx_t, grad_t), ot_strides = shared_strides(ctx_t, grad_t)
+    grads_v, grads_t = _gradients(q_v, q_v, q_v), _gradients(q_t, q_t, q_t)
+    _, gv_strides = shared_strides(*grads_v)
+    _, gt_strides = shared_strides(*grads_t)
+    if batch * heads == 0 or len_v + len_t == 0:
+        return tuple(g.zero_() for g in (*grads_v, *grads_t))
+    block_n, block_d = short.key_bucket(max(len_v, len_t)), tiled.head_block(head_dim)
+    mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
+    mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
+    short.co_attention_bwd_short_kernel[(2, batch * heads)](
+        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, *grads_v, *grads_t,
+        lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t, _seed_pointer(dropout_p, seed),
+        *v_strides, *t_strides, *ov_strides, *ot_strides, *gv_strides, *gt_strides,
+        *lse_strides(lse_v, packed), *lse_strides(lse_t, packed), mask_v_stride, mask_t_stride,
+        len_v, len_t, heads, head_dim, scale * tiled.LOG2E, scale, dropout_p,
+        BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None,
+        IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q_v.dtype]],
+        EVEN_D=head_dim == block_d, num_warps=short.bwd_warps(block_n), num_stages=1)
+    return (*grads_v, *grads_t)
 
 
 # Debug helper ---------------------------------------------------------------------------------------

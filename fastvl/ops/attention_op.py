@@ -22,14 +22,21 @@ import torch
 import torch.utils._pytree as pytree
 
 from fastvl import _checks
-from fastvl.dispatch import needs_cuda_device, needs_module, op, triton_available
+from fastvl.dispatch import (backward_expected, length_bucket, needs_cuda_device, needs_module, op,
+                             triton_available)
 from fastvl.ops import attention_launch as launch
-from fastvl.ops.attention_common import (SEEDED_ONLY_ON_TRITON, TRITON_DTYPES, check_cu_seqlens, max_seqlen,
-                                         reference_supports, sdpa_packed, sdpa_padded, seed_tensor, softmax_scale,
-                                         torch_supports, triton_supports)
+from fastvl.ops.attention_common import (SEEDED_ONLY_ON_TRITON, TRITON_DTYPES, attention_rule, check_cu_seqlens,
+                                         max_seqlen, reference_supports, sdpa_packed, sdpa_padded, seed_tensor,
+                                         softmax_scale, torch_supports, triton_supports)
 from fastvl.reference.attention import attention_ref, varlen_attention_ref
 
-ATTENTION = op("attention", probe=dict(head_dim=64, dropout=False, packed=False))
+def _rule(device, dtype, len_q=None, len_k=None, packed=False, seeded=False, deterministic=False, **_features):
+    return attention_rule(device, dtype, (len_q, len_k), packed, seeded, deterministic)
+
+
+ATTENTION = op("attention", probe=dict(head_dim=64, dropout=False, packed=False, len_q=64, len_k=64, grad=True),
+               table_key=("dtype", "head_dim", "len_q", "len_k", "has_mask", "dropout", "packed", "causal", "grad"),
+               rule=_rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +74,13 @@ class AttentionInputs:
         return max_seqlen(self.cu_seqlens_q, self.max_seqlen_q), max_seqlen(self.cu_seqlens_k, self.max_seqlen_k)
 
     def features(self) -> dict:
-        """What dispatch decides on (besides the device)."""
+        """What dispatch decides on (besides the device): lengths as power-of-two buckets (None: a
+        packed batch whose max_seqlen is not known without a sync), ``grad``: a backward will follow."""
+        len_q, len_k = (self.q.shape[1], self.k.shape[1]) if not self.packed else (self.max_seqlen_q, self.max_seqlen_k)
         return dict(dtype=self.q.dtype, head_dim=self.q.shape[-1], dropout=self.dropout_p > 0.0, packed=self.packed,
                     has_mask=self.key_padding_mask is not None, seeded=self.dropout_seed is not None,
-                    deterministic=self.deterministic, causal=self.causal)
+                    deterministic=self.deterministic, causal=self.causal, len_q=length_bucket(len_q),
+                    len_k=length_bucket(len_k), grad=backward_expected(self.q, self.k, self.v))
 
 
 # A pytree node, so recorders (fastvl parity) see and recast the tensors inside.
@@ -105,14 +115,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     ``deterministic=True`` asks for a bitwise repeatable backward (the triton backend always is).
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
-    mask = _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q, cu_seqlens_k)
+    mask, max_seqlen_q, max_seqlen_k = _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q,
+                                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     inputs = AttentionInputs(q, k, v, mask, dropout_p, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, dropout_seed, deterministic)
     return ATTENTION.select(backend, q.device, **inputs.features()).impl(inputs)
 
 
-def _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q, cu_seqlens_k) -> torch.Tensor | None:
-    """Checks every argument; returns the key padding mask as bool ``[B, Lk]`` (or None)."""
+def _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Checks every argument; returns (key padding mask as bool ``[B, Lk]`` or None, max_seqlen_q,
+    max_seqlen_k), the lengths filled in from ``cu_seqlens`` when it was read."""
     if packed:
         rank, form_q, form_k = 3, "[total_q, H, D]", "[total_k, H, D]"
     else:
@@ -127,20 +139,23 @@ def _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q, cu_seq
     heads, head_dim = q.shape[-2], q.shape[-1]
     _checks.same_shape("k", k, [*k.shape[:-2], heads, head_dim], form_k + f" with H={heads}, D={head_dim} as q")
     _checks.same_shape("v", v, list(k.shape), form_k + " equal to k's shape")
+    if head_dim == 0:
+        raise ValueError(f"q, k and v must have a head dim D >= 1, got shape {list(q.shape)}")
     if not packed:
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"q and k must have the same batch size B, got {q.shape[0]} and {k.shape[0]}")
-        return _checks.key_padding_mask("key_padding_mask", key_padding_mask, k.shape[0], k.shape[1], q.device)
+        mask = _checks.key_padding_mask("key_padding_mask", key_padding_mask, k.shape[0], k.shape[1], q.device)
+        return mask, None, None
     if key_padding_mask is not None:
         raise ValueError("key_padding_mask must be None in the packed form (cu_seqlens_* carry the lengths)")
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("the packed form needs both cu_seqlens_q and cu_seqlens_k ([B + 1] int32)")
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    max_seqlen_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be [B + 1], got {list(cu_seqlens_q.shape)} "
                          f"and {list(cu_seqlens_k.shape)}")
-    return None
+    return None, max_seqlen_q, max_seqlen_k
 
 
 # Triton backend: custom ops and autograd --------------------------------------------------------------

@@ -18,13 +18,22 @@ import torch
 import torch.utils._pytree as pytree
 
 from fastvl import _checks
-from fastvl.dispatch import op, triton_available
+from fastvl.dispatch import backward_expected, length_bucket, op, triton_available
 from fastvl.ops import attention_launch as launch
-from fastvl.ops.attention_common import (check_cu_seqlens, max_seqlen, reference_supports, sdpa_packed, sdpa_padded,
-                                         seed_tensor, softmax_scale, torch_supports, triton_supports)
+from fastvl.ops.attention_common import (attention_rule, check_cu_seqlens, max_seqlen, reference_supports,
+                                         sdpa_packed, sdpa_padded, seed_tensor, softmax_scale, torch_supports,
+                                         triton_supports)
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
 
-CO_ATTENTION = op("co_attention", probe=dict(head_dim=128, dropout=False, packed=False))
+
+def _rule(device, dtype, len_v=None, len_t=None, packed=False, seeded=False, deterministic=False, **_features):
+    return attention_rule(device, dtype, (len_v, len_t), packed, seeded, deterministic)
+
+
+CO_ATTENTION = op("co_attention",
+                  probe=dict(head_dim=128, dropout=False, packed=False, len_v=64, len_t=64, grad=True),
+                  table_key=("dtype", "head_dim", "len_v", "len_t", "has_mask", "dropout", "packed", "grad"),
+                  rule=_rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +70,14 @@ class CoAttentionInputs:
         return max_seqlen(self.cu_seqlens_v, self.max_seqlen_v), max_seqlen(self.cu_seqlens_t, self.max_seqlen_t)
 
     def features(self) -> dict:
-        """What dispatch decides on (besides the device)."""
+        """What dispatch decides on (besides the device); lengths as in ``AttentionInputs.features``."""
+        len_v, len_t = ((self.q_v.shape[1], self.q_t.shape[1]) if not self.packed
+                        else (self.max_seqlen_v, self.max_seqlen_t))
         return dict(dtype=self.q_v.dtype, head_dim=self.q_v.shape[-1], dropout=self.dropout_p > 0.0,
                     packed=self.packed, has_mask=self.mask_v is not None or self.mask_t is not None,
-                    seeded=self.dropout_seed is not None, deterministic=self.deterministic)
+                    seeded=self.dropout_seed is not None, deterministic=self.deterministic,
+                    len_v=length_bucket(len_v), len_t=length_bucket(len_t),
+                    grad=backward_expected(self.q_v, self.k_v, self.v_v, self.q_t, self.k_t, self.v_t))
 
 
 # A pytree node, so recorders (fastvl parity) see and recast the tensors inside.
@@ -114,13 +127,15 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
                         cu_seqlens_v=cu_seqlens_v, cu_seqlens_t=cu_seqlens_t)
     _checks.same_dtype("q_v", q_v, k_v=k_v, v_v=v_v, q_t=q_t, k_t=k_t, v_t=v_t)
     _checks.probability("dropout_p", dropout_p)
+    if head_dim == 0:
+        raise ValueError(f"the projections must have a head dim D >= 1, got q_v of shape {list(q_v.shape)}")
     if packed:
         if mask_v is not None or mask_t is not None:
             raise ValueError("mask_v and mask_t must be None in the packed form (cu_seqlens_* carry the lengths)")
         if cu_seqlens_v is None or cu_seqlens_t is None:
             raise ValueError("the packed form needs both cu_seqlens_v and cu_seqlens_t ([B + 1] int32)")
-        check_cu_seqlens("cu_seqlens_v", cu_seqlens_v, q_v.shape[0])
-        check_cu_seqlens("cu_seqlens_t", cu_seqlens_t, q_t.shape[0])
+        max_seqlen_v = check_cu_seqlens("cu_seqlens_v", cu_seqlens_v, q_v.shape[0], "max_seqlen_v", max_seqlen_v)
+        max_seqlen_t = check_cu_seqlens("cu_seqlens_t", cu_seqlens_t, q_t.shape[0], "max_seqlen_t", max_seqlen_t)
         if cu_seqlens_v.shape != cu_seqlens_t.shape:
             raise ValueError(f"cu_seqlens_v and cu_seqlens_t must both be [B + 1], got {list(cu_seqlens_v.shape)} "
                              f"and {list(cu_seqlens_t.shape)}")

@@ -10,6 +10,8 @@ turns each similarity row into its loss and gradient, so only three ``[B, B + Q]
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fastvl import _checks
@@ -26,7 +28,8 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
     """ALBEF's ITC loss with momentum distillation (see :func:`fastvl.reference.itc_loss_ref`).
 
     img_feat, txt_feat, img_feat_m, txt_feat_m ``[B, E]`` (L2-normalised); img_queue, txt_queue
-    ``[E, Q]`` (ALBEF's layout); temp > 0 (float or a scalar tensor with grad); alpha in [0, 1].
+    ``[E, Q]`` (ALBEF's layout); temp > 0 (float or a scalar tensor with grad); alpha in [0, 1]. All
+    one dtype (outside autocast, which casts the similarity matmuls' operands itself); B >= 1.
     """
     _checks.tensor("img_feat", img_feat, shape="[B, E]", ndim=2)
     batch, embed = img_feat.shape
@@ -41,11 +44,21 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
                          f"and {list(txt_queue.shape)}")
     _checks.same_device("img_feat", img_feat, txt_feat=txt_feat, img_queue=img_queue, txt_queue=txt_queue,
                         img_feat_m=img_feat_m, txt_feat_m=txt_feat_m)
+    if not torch.is_autocast_enabled(img_feat.device.type):  # autocast casts the matmuls' operands itself
+        _checks.same_dtype("img_feat", img_feat, txt_feat=txt_feat, img_queue=img_queue, txt_queue=txt_queue,
+                           img_feat_m=img_feat_m, txt_feat_m=txt_feat_m)
+    if batch == 0:
+        raise ValueError("itc_loss needs a batch B >= 1 (a contrastive loss over no pairs is undefined), got "
+                         f"img_feat of shape {list(img_feat.shape)}")
+    if not isinstance(temp, torch.Tensor) and (isinstance(temp, bool) or not isinstance(temp, numbers.Real)):
+        raise TypeError(f"temp must be a float > 0 or a one-element tensor, got {type(temp).__name__} {temp!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a float in [0, 1], got {type(alpha).__name__} {alpha!r}")
     if isinstance(temp, torch.Tensor):
         if temp.numel() != 1:
             raise ValueError(f"temp must be a float or a one-element tensor, got shape {list(temp.shape)}")
         # A CUDA temp is not read back: that would be a host sync every step.
-        if temp.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(temp.detach() > 0):
+        if _checks.may_read_values(temp) and not bool(temp.detach() > 0):
             raise ValueError(f"temp must be > 0, got {float(temp)!r}")
     elif not temp > 0:
         raise ValueError(f"temp must be > 0, got {temp!r}")

@@ -125,8 +125,10 @@ def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bi
         programs = min(row_blocks, 4)
     blocks_per_program = triton.cdiv(row_blocks, programs)
     programs = triton.cdiv(row_blocks, blocks_per_program)
-    partial_w = torch.zeros(programs, hidden, dtype=torch.float32, device=dy.device)
-    partial_b = torch.zeros_like(partial_w) if has_bias else partial_w
+    # Every program writes its whole row of the partial sums: no zero-fill unless nothing runs.
+    alloc = torch.empty if rows else torch.zeros
+    partial_w = alloc(programs, hidden, dtype=torch.float32, device=dy.device)
+    partial_b = alloc(programs, hidden, dtype=torch.float32, device=dy.device) if has_bias else partial_w
     if rows:
         layer_norm_bwd_kernel[(programs,)](
             dy2, h2, weight, mean, rstd, keep if has_dropout else dy2, dh, dx if has_dropout else dh,
@@ -158,6 +160,7 @@ def _setup_context(ctx, inputs, output):
     _, hidden_sum, keep, mean, rstd = output
     stored = hidden_sum if (seed is not None or residual is not None) else x
     ctx.save_for_backward(stored, weight, mean, rstd, keep)
+    ctx.set_materialize_grads(False)  # the internal outputs get no gradient: no zero-filled buffers
     ctx.dropout_p, ctx.has_bias, ctx.has_residual = dropout_p, bias is not None, residual is not None
 
 

@@ -29,7 +29,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     ``ignore_index`` (default -1, ViLBERT's; HF uses -100). reduction 'mean' over non-ignored positions
     (0 with zero gradient when all are ignored), 'sum', or 'none'. The fused backends project only the
     non-ignored positions (one host sync on CUDA to count them), ``chunk_rows`` at a time (default:
-    about 16M logits per chunk). Labels are range-checked on the host first (a sync on CUDA). Under
+    about 16M logits per chunk). Labels are range-checked: on the host for CPU tensors (a ValueError),
+    on the device for CUDA ones (no sync: out-of-range labels are left out and make the loss NaN). Under
     ZeRO-3 pass the gathered weight (call through the owning module).
     """
     linear_loss_common.validate_projection(hidden, weight, bias, "V")
@@ -38,18 +39,26 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     _checks.same_device("hidden", hidden, labels=labels)
     _checks.choice("reduction", reduction, REDUCTIONS)
     linear_loss_common.validate_chunk_rows(chunk_rows)
-    _check_label_range(labels, weight.shape[0], ignore_index)
+    labels, out_of_range = _checked_labels(labels, weight.shape[0], ignore_index)
     chosen = LINEAR_CROSS_ENTROPY.select(backend, hidden.device, dtype=hidden.dtype, classes=weight.shape[0])
-    return chosen.impl(hidden, weight, bias, labels.long(), ignore_index, reduction, chunk_rows)
+    loss = chosen.impl(hidden, weight, bias, labels.long(), ignore_index, reduction, chunk_rows)
+    if out_of_range is None:
+        return loss
+    return torch.where(out_of_range if reduction == "none" else out_of_range.any(), torch.nan, loss)
 
 
-def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    if torch.compiler.is_compiling() or labels.numel() == 0:
-        return
+def _checked_labels(labels: torch.Tensor, vocab: int, ignore_index: int):
+    """(labels, None) after a host check of their range where reading them costs no sync (CPU); else
+    (labels with the out-of-range ones ignored, bool mask of those) so the loss turns NaN on the device."""
+    if labels.numel() == 0:
+        return labels, None
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if not _checks.may_read_values(labels):
+        return torch.where(bad, ignore_index, labels), bad
     if bool(bad.any()):
         value = int(labels[bad][0])
         raise ValueError(f"labels must be in [0, V) = [0, {vocab}) or ignore_index = {ignore_index}, found {value}")
+    return labels, None
 
 
 def cross_entropy_rows(backend: str, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
@@ -83,8 +92,8 @@ linear_loss_common.ROW_LOSSES["ce"] = _gathered_rows
 
 def _fused(backend: str):
     def impl(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows):
-        return linear_loss_common.apply("ce", backend, hidden, weight, bias, labels, labels != ignore_index, reduction,
-                                  chunk_rows)
+        return linear_loss_common.apply("ce", backend, hidden, weight, bias, labels, labels != ignore_index,
+                                        reduction, chunk_rows)
 
     return impl
 
@@ -98,10 +107,12 @@ def _cpp_available() -> list[str]:
     return [reason] if reason else []
 
 
-LINEAR_CROSS_ENTROPY.register("triton", available=triton_available, auto_devices=("cuda",),
-                              supports=lambda device, **f: triton_device(device) + _supports_fused(**f))(_fused("triton"))
-LINEAR_CROSS_ENTROPY.register("cpp", available=_cpp_available, auto_devices=("cpu",),
-                              supports=lambda device, **f: needs_cpu_device(device) + _supports_fused(**f))(_fused("cpp"))
+LINEAR_CROSS_ENTROPY.register(
+    "triton", available=triton_available, auto_devices=("cuda",),
+    supports=lambda device, **f: triton_device(device) + _supports_fused(**f))(_fused("triton"))
+LINEAR_CROSS_ENTROPY.register(
+    "cpp", available=_cpp_available, auto_devices=("cpu",),
+    supports=lambda device, **f: needs_cpu_device(device) + _supports_fused(**f))(_fused("cpp"))
 
 
 @LINEAR_CROSS_ENTROPY.register("reference")

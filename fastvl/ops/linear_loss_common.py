@@ -41,6 +41,8 @@ def validate_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         _checks.same_shape("bias", bias, [weight.shape[0]], f"[{classes}] with {classes} = weight.shape[0]")
     _checks.same_device("hidden", hidden, weight=weight, bias=bias)
     _checks.same_dtype("hidden", hidden, weight=weight, bias=bias)
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [{classes}, K] with {classes} >= 1 classes, got {list(weight.shape)}")
 
 
 def validate_chunk_rows(chunk_rows: int | None) -> None:
@@ -56,7 +58,8 @@ def _project_chunks(kind: str, backend: str, hidden: torch.Tensor, weight: torch
     classes, features = weight.shape
     hidden2d = hidden.reshape(-1, features)
     total_rows = hidden2d.shape[0]
-    target2d = target.reshape(total_rows, -1) if target.dim() > selected.dim() else target.reshape(total_rows)
+    per_row = target.shape[-1:] if target.dim() > selected.dim() else ()
+    target2d = target.reshape(total_rows, *per_row)
     rows = selected.reshape(-1).nonzero().squeeze(1)
     chunk = chunk_rows if chunk_rows > 0 else max(1, CHUNK_ELEMENTS // max(classes, 1))
     row_loss = torch.zeros(total_rows, dtype=torch.float32, device=hidden.device)

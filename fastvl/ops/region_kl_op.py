@@ -8,7 +8,8 @@ compute each masked row's loss and its gradient in one kernel (the gradient is w
 forward, as Liger-Kernel does, and scaled by the upstream gradient in the backward), never materialise
 ``log_softmax``, read nothing of unmasked rows, and keep the masked count on the device.
 
-``linear_region_kl_loss`` projects only the masked regions, chunk by chunk (see ``fastvl.ops.linear_loss_common``).
+``linear_region_kl_loss`` projects only the masked regions, chunk by chunk (see
+``fastvl.ops.linear_loss_common``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,16 @@ def region_kl_loss(logits: torch.Tensor, target_probs: torch.Tensor, region_mask
     regions; 0 with zero gradient when nothing is masked, where the original gives NaN), 'sum', or
     'none' (``[...]``, 0 on unmasked regions). The result has logits' dtype.
     ViLBERT scores positions 1.. (its IMG token at 0 is never masked): slicing is the caller's choice.
+
+    target_probs rows must be distributions (entries >= 0 summing to 1). Their values are not checked
+    here (a check would read them back, a host sync per call): a negative entry gives NaN on the
+    reference backend (the log of a negative number, as in the original) and a finite but meaningless
+    loss on the fused ones, and unnormalised rows are scored as given (KL of an unnormalised target).
+    Check them where they are made (the data converter, ``fastvl data inspect``).
     """
     _checks.tensor("logits", logits, shape="[..., C]", ndim=range(1, 8))
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., C] with C >= 1 classes, got {list(logits.shape)}")
     _validate_targets("logits", logits.shape[:-1], logits.shape[-1], logits, target_probs, region_mask, reduction)
     region_mask = region_mask.bool()
     chosen = REGION_KL.select(backend, logits.device, dtype=logits.dtype, target_dtype=target_probs.dtype,
@@ -66,7 +75,8 @@ def linear_region_kl_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     ``[..., C]``, region_mask ``[...]`` bool. Gradients flow to hidden, weight and bias. The fused
     backends gather the masked rows (one host sync on CUDA, to size the projection) and project them
     ``chunk_rows`` at a time (default: about 16M logits per chunk). Under ZeRO-3 pass the gathered weight
-    (call through the owning module, or inside ``GatheredParameters``).
+    (call through the owning module, or inside ``GatheredParameters``). target_probs as in
+    :func:`region_kl_loss` (distributions, not checked).
     """
     linear_loss_common.validate_projection(hidden, weight, bias, "C")
     _validate_targets("hidden", hidden.shape[:-1], weight.shape[0], hidden, target_probs, region_mask, reduction)
@@ -91,17 +101,44 @@ def region_kl_rows(backend: str, logits: torch.Tensor, targets: torch.Tensor, se
         with torch.cuda.device(logits.device):
             stream = torch.cuda.current_stream(logits.device).cuda_stream
             return _ext.load().region_kl_rows_cuda(logits, targets, selected, scale, grad, stream)
-    from fastvl.kernels.region_kl import block_size, num_warps, region_kl_kernel  # noqa: PLC0415
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _region_kl_triton_rows(logits, targets, selected, scale, grad, loss)
+    return loss
+
+
+def _region_kl_triton_rows(logits, targets, selected, scale, grad, loss):
+    """Launches the Triton row kernel: ``loss`` (any float dtype, ``[N]``) gets each row's loss;
+    ``scale`` None means 1."""
+    from fastvl.kernels.region_kl import block_size, num_warps, region_kl_kernel
 
     rows, classes = logits.shape
-    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    grad_stride = grad.stride(0) if grad is not None else logits.stride(0)
     if rows:
         block = block_size(classes)
         region_kl_kernel[(rows,)](
             logits, targets, selected.view(torch.uint8), scale, loss, grad if grad is not None else logits,
-            classes, logits.stride(0), targets.stride(0), grad.stride(0) if grad is not None else 0,
-            0 if scale.numel() == 1 else 1, int(grad is not None), BLOCK_C=block, num_warps=num_warps(block))
-    return loss
+            classes, logits.stride(0), targets.stride(0), grad_stride,
+            0 if scale is None or scale.numel() == 1 else 1, int(grad is not None),
+            BLOCK_C=block, HAS_SCALE=scale is not None, num_warps=num_warps(block))
+
+
+def _region_kl_triton(logits, targets, selected, reduction, grad, shape, dtype):
+    """The whole op in two launches: the row kernel (unscaled gradient) and, for 'mean' / 'sum', the
+    one-program reduction (loss and the gradient factor, count kept on the device). Returns (loss,
+    gradient factor fp32 [1], or an empty tensor for 'none')."""
+    from fastvl.kernels.region_kl import REDUCE_BLOCK, region_kl_reduce_kernel
+
+    if reduction == "none":
+        loss = torch.empty(shape, dtype=dtype, device=logits.device)
+        _region_kl_triton_rows(logits, targets, selected, None, grad, loss.view(-1))
+        return loss, logits.new_empty(0, dtype=torch.float32)
+    row_loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _region_kl_triton_rows(logits, targets, selected, None, grad, row_loss)
+    loss = torch.empty((), dtype=dtype, device=logits.device)
+    factor = torch.empty(1, dtype=torch.float32, device=logits.device)
+    region_kl_reduce_kernel[(1,)](row_loss, selected.view(torch.uint8), loss, factor, row_loss.shape[0],
+                                  IS_MEAN=reduction == "mean", BLOCK=REDUCE_BLOCK, num_warps=4)
+    return loss, factor
 
 
 def _rows_2d(t: torch.Tensor, classes: int) -> torch.Tensor:
@@ -128,38 +165,48 @@ def reduce_rows(row_loss: torch.Tensor, count: torch.Tensor, reduction: str, sha
 
 @torch.library.custom_op("fastvl::region_kl_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _region_kl_fwd(logits: torch.Tensor, targets: torch.Tensor, region_mask: torch.Tensor, reduction: str,
-                   backend: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d logits for an upstream gradient of 1 — or empty without ``with_grad``)."""
+                   backend: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d logits for an upstream gradient of 1 -- or empty without ``with_grad`` --,
+    the factor the backward still applies to that gradient: fp32 [1], or empty when it is applied)."""
     classes = logits.shape[-1]
     logits2d, targets2d = _rows_2d(logits, classes), _rows_2d(targets, classes)
     selected = region_mask.reshape(-1).contiguous()
-    count = selected.sum()
     grad = torch.empty_like(logits2d) if with_grad else None
-    row_loss = region_kl_rows(backend, logits2d, targets2d, selected, _mean_scale(count, reduction), grad)
-    loss = reduce_rows(row_loss, count, reduction, region_mask.shape, logits.dtype)
-    return loss, grad.view(logits.shape) if grad is not None else logits.new_empty(0)
+    if backend == "triton":
+        loss, factor = _region_kl_triton(logits2d, targets2d, selected, reduction, grad, region_mask.shape,
+                                         logits.dtype)
+    else:
+        count = selected.sum()
+        row_loss = region_kl_rows(backend, logits2d, targets2d, selected, _mean_scale(count, reduction), grad)
+        loss = reduce_rows(row_loss, count, reduction, region_mask.shape, logits.dtype)
+        factor = logits.new_empty(0, dtype=torch.float32)
+    return loss, grad.view(logits.shape) if grad is not None else logits.new_empty(0), factor
 
 
 @_region_kl_fwd.register_fake
 def _(logits, targets, region_mask, reduction, backend, with_grad):
     loss_shape = region_mask.shape if reduction == "none" else ()
-    return logits.new_empty(loss_shape), torch.empty_like(logits) if with_grad else logits.new_empty(0)
+    factor = logits.new_empty(1 if backend == "triton" and reduction != "none" else 0, dtype=torch.float32)
+    return (logits.new_empty(loss_shape), torch.empty_like(logits) if with_grad else logits.new_empty(0), factor)
 
 
 def _region_kl_setup(ctx, inputs, output):
     ctx.reduction = inputs[3]
     ctx.consumed = False
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled [N, C] gradient for the gradient output
 
 
-def _region_kl_backward(ctx, grad_loss, _grad_of_grad):
+def _region_kl_backward(ctx, grad_loss, _grad_of_grad, _grad_of_factor):
     # The gradient was written in the forward for an upstream gradient of 1: scale it in place (as
     # Liger-Kernel does, no second [N, C] buffer), which allows one backward per forward.
     if ctx.consumed:
         raise RuntimeError("fastvl fused region_kl_loss supports one backward per forward (no retain_graph reuse)")
     ctx.consumed = True
-    (grad,) = ctx.saved_tensors
+    grad, factor = ctx.saved_tensors
     upstream = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
+    if factor.numel():
+        upstream = upstream * factor
     return grad.mul_(upstream.to(grad.dtype)), None, None, None, None, None
 
 
@@ -177,7 +224,7 @@ def _fused_region_kl(backend: str):
 def _fused_linear_region_kl(backend: str):
     def impl(hidden, weight, bias, target_probs, region_mask, reduction, chunk_rows):
         return linear_loss_common.apply("kl", backend, hidden, weight, bias, target_probs, region_mask, reduction,
-                                  chunk_rows)
+                                        chunk_rows)
 
     return impl
 

@@ -17,7 +17,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     """Eager attention. q ``[B, Lq, H, D]``, k/v ``[B, Lk, H, D]``, key_padding_mask bool ``[B, Lk]``
     (True = real key) -> ``[B, Lq, H, D]`` (and the probabilities ``[B, H, Lq, Lk]`` if asked).
 
-    Padded keys get the original's additive -10000; a query with no real key (all padded, or causal
+    Padded keys get the original's additive -10000 (and their key and value rows are zeroed first, so
+    a non-finite value in a padded slot stays out of the sample); a query with no real key (all padded, or causal
     with none before it) returns zeros, where the original would average every value.
     ``dropout_mask`` (bool ``[B, H, Lq, Lk]``, True = kept) replaces random dropout so a kernel's
     keep-mask can be replayed; kept probabilities are scaled by ``1 / (1 - dropout_p)``.
@@ -26,6 +27,9 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     out_dtype = q.dtype
     if upcast:
         q, k, v = q.double(), k.double(), v.double()
+    if key_padding_mask is not None:  # padded keys and values never reach the result (not even as 0 * inf)
+        padded = ~key_padding_mask[:, :, None, None]
+        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q_, k_, v_ = (t.permute(0, 2, 1, 3) for t in (q, k, v))  # [B, H, L, D]
     scores = torch.matmul(q_, k_.transpose(-1, -2)) * scale

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import errno
 import json
 import logging
 import os
@@ -22,8 +24,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvl.train.families import model_names  # noqa: PLC0415
-    from fastvl.train.presets import PRESETS  # noqa: PLC0415
+    from fastvl.train.families import model_names
+    from fastvl.train.presets import PRESETS
 
     parser.add_argument("--model", default="vilbert-tiny", choices=model_names(), help="model family and size")
     parser.add_argument("--data", required=True, help="dataset directory (fastvl data synth / convert), or for "
@@ -63,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if OUT/checkpoints has one")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="resume from checkpoint files that need "
+                        "full pickle (can run code: only for folders your own runs wrote); by default every file is "
+                        "loaded weights_only with DeepSpeed's few types allowed, and others are refused")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     parser.add_argument("--strict-data", action="store_true", help="fail on records that would be skipped")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -102,8 +107,8 @@ def load_config(args: argparse.Namespace, world_size: int) -> tuple[dict, str]:
 
 def init_distributed() -> None:
     """Joins the launcher's process group; a plain single process becomes rank 0 of 1."""
-    import deepspeed  # noqa: PLC0415
-    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -115,60 +120,115 @@ def init_distributed() -> None:
                                auto_mpi_discovery=False)
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    import deepspeed  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
+class UsageError(Exception):
+    """A run that cannot start or continue as asked (arguments, data, checkpoint, a busy or full output
+    folder): ``run`` prints the message and exits 2."""
 
-    from fastvl.data.format import VOCAB_FILE, DataError  # noqa: PLC0415
-    from fastvl.data.sampler import GlobalBatchSampler  # noqa: PLC0415
-    from fastvl.data.tokenizer import load_tokenizer, special_ids  # noqa: PLC0415
-    from fastvl.train import families, presets  # noqa: PLC0415
-    from fastvl.train.loop import Trainer, TrainingDiverged, nvtx_layer_ranges  # noqa: PLC0415
 
+@dataclasses.dataclass
+class Run:
+    """A built run: the trainer over its DeepSpeed engine, and what the start record reports."""
+
+    trainer: object  # fastvl.train.loop.Trainer
+    model_name: str
+    config: dict
+    precision: str
+    total_steps: int
+    records: int
+    skipped_records: dict
+    parameters: int
+    output_lock: object  # fastvl.train.locks.OutputLock on rank 0, else None
+
+    def log_start(self) -> None:
+        trainer, sampler = self.trainer, self.trainer.sampler
+        stage = self.config.get("zero_optimization", {}).get("stage", 0)
+        trainer.logger.event(
+            {"event": "start", "model": self.model_name, "parameters": self.parameters,
+             "world_size": trainer.world_size, "precision": self.precision, "zero_stage": stage,
+             "global_batch": sampler.global_batch, "micro_batch": sampler.micro_batch,
+             "grad_accum": sampler.grad_accum, "total_steps": self.total_steps, "start_step": trainer.start_step,
+             "records": self.records, "skipped_records": self.skipped_records, "config": self.config},
+            f"pretrain {self.model_name}: {self.parameters / 1e6:.1f}M parameters, {trainer.world_size} rank(s), "
+            f"{self.precision}, ZeRO {stage}, global batch {sampler.global_batch} = {sampler.micro_batch} x "
+            f"{sampler.grad_accum} x {trainer.world_size}, {self.records} records "
+            f"({sum(self.skipped_records.values())} skipped), steps {trainer.start_step} -> {self.total_steps}")
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def build(args: argparse.Namespace) -> Run:
+    """Everything before the first step: the output folder's lock, the process group, config, data,
+    collator, model, DeepSpeed engine and trainer. Raises :class:`UsageError` for what the user can fix."""
+    from fastvl.train.locks import OutputDirBusy, clear_stale_build_locks, lock_output_dir
+
+    output_lock = None
+    if _is_rank_zero():  # first, before the process group: a refused second run's other ranks write nothing
+        try:
+            output_lock = lock_output_dir(args.out)
+        except (OutputDirBusy, NotADirectoryError) as error:
+            raise UsageError(str(error)) from None
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from fastvl.convert.common import ConversionError
+    from fastvl.data.format import VOCAB_FILE, DataError
+    from fastvl.data.sampler import GlobalBatchSampler
+    from fastvl.data.tokenizer import load_tokenizer, special_ids
+    from fastvl.train import families, presets
+    from fastvl.profiling import nvtx_layer_ranges
+    from fastvl.train.loop import Trainer
+
+    clear_stale_build_locks()  # DeepSpeed builds / loads its CPU shared-memory op below
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     family, variant = families.resolve(args.model)
-    config, precision = load_config(args, world_size)
+    try:
+        config, precision = load_config(args, world_size)
+    except OSError as error:
+        raise UsageError(f"--deepspeed {args.ds_config}: {error.strerror or error}") from None
+    except ValueError as error:  # bad JSON or contradictory batch options
+        raise UsageError(f"--deepspeed {args.ds_config}: {error}") from None
     try:
         tokenizer = load_tokenizer(args.vocab or os.path.join(args.data, VOCAB_FILE))
         dataset = families.open_dataset(family, args.data, tokenizer, strict=args.strict_data,
                                         image_root=args.image_root, image_res=args.image_res, seed=args.seed)
     except DataError as error:
-        print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(f"data error: {error}") from None
     micro = config["train_micro_batch_size_per_gpu"]
-    sampler = GlobalBatchSampler(len(dataset), config["train_batch_size"], micro, world_size=world_size, rank=rank,
-                                 seed=args.seed)
+    try:
+        sampler = GlobalBatchSampler(len(dataset), config["train_batch_size"], micro, world_size=world_size,
+                                     rank=rank, seed=args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     total_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
     try:
         collator = family.make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(), seed=args.seed,
                                         packed=args.packed, max_text_len=args.max_text_len or family.max_text_len,
                                         max_regions=args.max_regions, objective=args.objective)
     except DataError as error:  # e.g. a model that reads pixels on a set without them
-        print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(f"data error: {error}") from None
     except ValueError as error:  # an option the family cannot honour (e.g. --packed for ALBEF)
-        print(f"fastvl pretrain: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     options = families.ModelOptions(vocab_size=tokenizer.get_vocab_size(), num_classes=dataset.num_classes,
                                     feature_dim=dataset.feature_dim, dropout=args.dropout,
                                     activation_checkpointing=args.activation_checkpointing,
                                     image_size=dataset.pixel_size, global_batch=sampler.global_batch,
                                     special=special_ids(tokenizer))
-    import torch  # noqa: PLC0415
-
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     try:
         model = family.make_model(variant, options)
     except ValueError as error:  # a dataset the model cannot read (e.g. non-square pixels for ALBEF)
-        print(f"fastvl pretrain: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     if args.init_text_from:
         if family.init_text is None:
-            raise ValueError(f"--init-text-from is not supported for {family.name}")
-        family.init_text(model, args.init_text_from)  # a resumed checkpoint overrides it below
+            raise UsageError(f"--init-text-from is not supported for {family.name}")
+        try:
+            family.init_text(model, args.init_text_from)  # a resumed checkpoint overrides it
+        except (ConversionError, FileNotFoundError) as error:
+            raise UsageError(f"--init-text-from {args.init_text_from}: {error}") from None
         if rank == 0:
             print(f"text stream initialised from {args.init_text_from}")
     preset = presets.PRESETS[args.preset or family.preset]
@@ -179,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         optimizer = presets.make_optimizer(model, preset, args.lr)
     if "scheduler" not in config:
         if optimizer is None:
-            raise ValueError("a config with an 'optimizer' section needs a 'scheduler' section too")
+            raise UsageError(f"--deepspeed {args.ds_config}: a config with an 'optimizer' section needs a "
+                             "'scheduler' section too")
         scheduler = presets.make_scheduler(optimizer, preset, total_steps, args.warmup_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                            model_parameters=None if optimizer else
@@ -191,25 +252,43 @@ def run(args: argparse.Namespace) -> int:
                       precision=precision, log_every=args.log_every, save_every=args.save_every,
                       keep_checkpoints=args.keep_checkpoints, num_workers=args.num_workers,
                       progress=not args.no_progress and sys.stderr.isatty(), stop_after=args.stop_after)
-    if not args.no_resume:
-        trainer.resume()
     parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    trainer.logger.event(
-        {"event": "start", "model": args.model, "parameters": parameters, "world_size": world_size,
-         "precision": precision, "zero_stage": config.get("zero_optimization", {}).get("stage", 0),
-         "global_batch": sampler.global_batch, "micro_batch": micro, "grad_accum": sampler.grad_accum,
-         "total_steps": total_steps, "start_step": trainer.start_step, "records": len(dataset),
-         "skipped_records": dataset.skipped, "config": config},
-        f"pretrain {args.model}: {parameters / 1e6:.1f}M parameters, {world_size} rank(s), {precision}, ZeRO "
-        f"{config.get('zero_optimization', {}).get('stage', 0)}, global batch {sampler.global_batch} = {micro} x "
-        f"{sampler.grad_accum} x {world_size}, {len(dataset)} records ({sum(dataset.skipped.values())} skipped), "
-        f"steps {trainer.start_step} -> {total_steps}")
-    if trainer.start_step >= total_steps:
-        print(f"nothing to do: the checkpoint in {args.out} is at step {trainer.start_step} of {total_steps}")
-        return 0
+    return Run(trainer, args.model, config, precision, total_steps, len(dataset), dataset.skipped, parameters,
+               output_lock)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastvl pretrain``: build, resume, train. Exit 0 done, 2 with a message for what the user can
+    fix (see :class:`UsageError`), 3 when the loss diverged."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from fastvl.data.format import DataError
+    from fastvl.train.checkpoint import CheckpointError
+    from fastvl.train.loop import TrainingDiverged
+
     try:
+        built = build(args)
+        trainer = built.trainer
+        if not args.no_resume:
+            trainer.resume(trust=args.trust_checkpoint)
+        built.log_start()
+        if trainer.start_step >= built.total_steps:
+            print(f"nothing to do: the checkpoint in {args.out} is at step {trainer.start_step} of {built.total_steps}")
+            return 0
         trainer.train()
+    except (UsageError, CheckpointError) as error:
+        print(f"fastvl pretrain: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:  # a shard found damaged while training reads it
+        print(f"fastvl pretrain: data error: {error}", file=sys.stderr)
+        return 2
     except TrainingDiverged as error:
         print(f"fastvl pretrain: {error}", file=sys.stderr)
         return 3
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"fastvl pretrain: no space left on device ({error.filename or args.out}); free space and run the "
+              "same command again to resume", file=sys.stderr)
+        return 2
     return 0

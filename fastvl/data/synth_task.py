@@ -1,0 +1,170 @@
+"""``fastvl data synth-task``: downstream task sets over the synthetic images (``fastvl data synth``),
+written in the original formats, so every reader and task runs end to end without real data.
+
+The images' regions carry their class (the detector distribution peaks on it), so questions and
+captions are derived from what each image holds:
+
+* ``vqa`` (VQA v2 questions + annotations JSON): per image "how many {class}s are there ?" (answer:
+  the count), "is there a {class} ?" for a present class (yes) and for an absent one (no); ten human
+  answers each, 90% right (a count written as a digit or, 30% of the time, as a word, which the
+  official normalisation merges), the others off by one or the opposite yes/no.
+* ``retrieval`` (a Karpathy-split ``dataset.json``): five captions per image, each naming the image's
+  classes with their counts in a random order and template, as the synthetic captions do.
+
+The last ``--test-images`` images form the test split, the ``--val-images`` before them val, the rest
+train; VQA's test split is val's questions without annotations (for the submission file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset
+from fastvl.data.synth import CLASS_NAMES, TEMPLATES, _phrase
+from fastvl.data.tasks import TASK_FILE
+from fastvl.data.tokenizer import load_tokenizer
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def image_contents(dataset: RegionDataset) -> list[dict[int, int]]:
+    """{class: count} of every image (each region's class = the argmax of its detector distribution)."""
+    out = []
+    for index in range(len(dataset)):
+        classes = np.asarray(dataset[index].cls_prob, dtype=np.float32).argmax(axis=1)
+        named, counts = np.unique(classes, return_counts=True)
+        out.append({int(c): int(n) for c, n in zip(named, counts)})
+    return out
+
+
+def _split_of(index: int, total: int, val: int, test: int) -> str:
+    if index >= total - test:
+        return "test"
+    return "val" if index >= total - test - val else "train"
+
+
+def _human_answers(right: str, wrong: list[str], rng: np.random.Generator, count: int | None) -> list[str]:
+    answers = []
+    for _ in range(10):
+        if rng.random() < 0.9:
+            spoken = count is not None and count < len(NUMBER_WORDS) and rng.random() < 0.3
+            answers.append(NUMBER_WORDS[count] if spoken else right)
+        else:
+            answers.append(wrong[int(rng.integers(len(wrong)))])
+    return answers
+
+
+def write_vqa(images_dir: str, out_dir: str, contents: list[dict[int, int]], image_ids: list[str], num_classes: int,
+              *, seed: int, val: int, test: int) -> dict:
+    rng = np.random.default_rng((seed, 0x7A))
+    splits: dict[str, dict[str, list]] = {s: {"questions": [], "annotations": []} for s in ("train", "val", "test")}
+    for index, (present, image_id) in enumerate(zip(contents, image_ids)):
+        split = splits[_split_of(index, len(contents), val, test)]
+        classes = sorted(present)
+        counted = classes[int(rng.integers(len(classes)))]
+        shown = classes[int(rng.integers(len(classes)))]
+        absent = [c for c in range(num_classes) if c not in present]
+        count = present[counted]
+        items = [(f"how many {CLASS_NAMES[counted]}s are there ?", str(count),
+                  [str(max(0, count - 1)), str(count + 1)], count, "number"),
+                 (f"is there a {CLASS_NAMES[shown]} ?", "yes", ["no"], None, "yes/no")]
+        if absent:
+            items.append((f"is there a {CLASS_NAMES[absent[int(rng.integers(len(absent)))]]} ?", "no", ["yes"], None,
+                          "yes/no"))
+        for k, (question, right, wrong, number, answer_type) in enumerate(items):
+            qid = index * 10 + k
+            split["questions"].append({"question_id": qid, "image_id": image_id, "question": question})
+            answers = _human_answers(right, wrong, rng, number)
+            split["annotations"].append({
+                "question_id": qid, "image_id": image_id, "answer_type": answer_type,
+                "question_type": question.split(" ")[0], "multiple_choice_answer": right,
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                            for j, a in enumerate(answers)]})
+    files = {}
+    for name in ("train", "val"):
+        questions, annotations = f"{name}_questions.json", f"{name}_annotations.json"
+        _write(out_dir, questions, {"task_type": "Open-Ended", "data_subtype": f"synth-{name}",
+                                    "questions": splits[name]["questions"]})
+        _write(out_dir, annotations, {"data_subtype": f"synth-{name}", "annotations": splits[name]["annotations"]})
+        files[name] = {"questions": questions, "annotations": annotations}
+    _write(out_dir, "test_questions.json", {"task_type": "Open-Ended", "data_subtype": "synth-test",
+                                            "questions": splits["test"]["questions"]})
+    files["test"] = {"questions": "test_questions.json"}
+    answers = sorted({str(n) for c in contents for n in range(max(c.values()) + 2)} | {"yes", "no"},
+                     key=lambda a: (not a.isalpha(), int(a) if a.isdigit() else 0, a))
+    _write(out_dir, "answers.json", answers)
+    return {"task": "vqa", "splits": files, "answers": "answers.json",
+            "counts": {s: len(splits[s]["questions"]) for s in splits}}
+
+
+def write_retrieval(out_dir: str, contents: list[dict[int, int]], image_ids: list[str], *, seed: int, val: int,
+                    test: int, captions_per_image: int = 5) -> dict:
+    rng = np.random.default_rng((seed, 0x2E7))
+    images, sentence_id = [], 0
+    for index, (present, image_id) in enumerate(zip(contents, image_ids)):
+        sentences = []
+        for _ in range(captions_per_image):
+            order = rng.permutation(sorted(present))
+            phrases = [_phrase(CLASS_NAMES[c], present[c]) for c in order]
+            fitting = [t for t in TEMPLATES if t.count("{") == len(phrases)] or ["{0} ."]
+            raw = fitting[int(rng.integers(len(fitting)))].format(*phrases) if len(phrases) <= 3 else " ".join(phrases)
+            sentences.append({"raw": raw, "tokens": raw.split(), "imgid": index, "sentid": sentence_id})
+            sentence_id += 1
+        images.append({"filename": f"{image_id}.jpg", "imgid": index, "split": _split_of(index, len(contents), val, test),
+                       "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
+    _write(out_dir, "dataset.json", {"dataset": "synth", "images": images})
+    splits = {name: {"karpathy": "dataset.json"} for name in ("train", "val", "test")}
+    return {"task": "retrieval", "splits": splits,
+            "counts": {s: sum(i["split"] == s for i in images) for s in ("train", "val", "test")}}
+
+
+def _write(out_dir: str, name: str, data) -> None:
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def make_task_set(task: str, images_dir: str, out_dir: str, *, seed: int = 0, val_images: int = 64,
+                  test_images: int = 64) -> dict:
+    """Writes ``task.json`` and the task's annotation files into ``out_dir`` for the synthetic images in
+    ``images_dir``; returns the manifest (with the split sizes under ``counts``)."""
+    dataset = RegionDataset(images_dir, load_tokenizer(os.path.join(images_dir, VOCAB_FILE)))
+    if val_images < 1 or test_images < 1 or len(dataset) <= val_images + test_images:
+        raise DataError(f"{images_dir}: {len(dataset)} images cannot make train, {val_images} val and {test_images} "
+                        "test images; lower --val-images / --test-images or synthesise more images")
+    num_classes = dataset.num_classes
+    if num_classes > len(CLASS_NAMES):
+        raise DataError(f"{images_dir}: {num_classes} classes; synthetic task sets name at most {len(CLASS_NAMES)}")
+    os.makedirs(out_dir, exist_ok=True)
+    contents = image_contents(dataset)
+    if task == "vqa":
+        manifest = write_vqa(images_dir, out_dir, contents, dataset.image_ids, num_classes, seed=seed,
+                             val=val_images, test=test_images)
+    elif task == "retrieval":
+        manifest = write_retrieval(out_dir, contents, dataset.image_ids, seed=seed, val=val_images, test=test_images)
+    else:
+        raise ValueError(f"--task must be 'vqa' or 'retrieval', got {task!r}")
+    manifest = {"task": manifest.pop("task"), "images": os.path.relpath(os.path.abspath(images_dir),
+                                                                         os.path.abspath(out_dir)), **manifest}
+    _write(out_dir, TASK_FILE, manifest)
+    return manifest
+
+
+def add_arguments(actions) -> None:
+    """``fastvl data synth-task`` (registered by :mod:`fastvl.data.cli`)."""
+    parser = actions.add_parser("synth-task", help="write a VQA or retrieval task set over `fastvl data synth` images")
+    parser.add_argument("--task", required=True, choices=("vqa", "retrieval"))
+    parser.add_argument("--images", required=True, help="the synthetic image set (fastvl data synth --out)")
+    parser.add_argument("--out", required=True, help="output directory (task.json and the annotation files)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-images", type=int, default=64)
+    parser.add_argument("--test-images", type=int, default=64)
+
+
+def run(args) -> int:
+    manifest = make_task_set(args.task, args.images, args.out, seed=args.seed, val_images=args.val_images,
+                             test_images=args.test_images)
+    print(f"wrote a {args.task} task set over {args.images} to {args.out}: {manifest['counts']}")
+    return 0

@@ -1,0 +1,69 @@
+"""``fastvl finetune`` (one process, or one per device under a launcher) and
+``deepspeed [--num_gpus N] --module fastvl.finetune ...`` (the same arguments).
+
+Fine-tunes a task model from a pretraining checkpoint (``--init``: a fastvl checkpoint file, or the
+DeepSpeed checkpoint directory of ``fastvl pretrain``) on a task directory (``--data``: ``task.json``
+with the annotation files and the image set; ``fastvl data synth-task`` writes one). The DeepSpeed
+config, precision, ZeRO stage and batch overrides are ``fastvl pretrain``'s; epochs, batch and
+learning-rate schedule default to the paper preset of the (family, task) (:mod:`fastvl.finetune.presets`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from fastvl.finetune.tasks import TASKS
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvl.train.families import model_names  # noqa: PLC0415
+
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--model", default="vilbert-tiny", choices=model_names(), help="model family and size")
+    parser.add_argument("--init", metavar="CKPT", help="pretrained weights: a fastvl checkpoint file or the DeepSpeed "
+                        "checkpoint directory of `fastvl pretrain` (loaded weights_only); without it the encoder "
+                        "starts from random weights")
+    parser.add_argument("--data", required=True, help="task directory (task.json; `fastvl data synth-task`)")
+    parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
+    parser.add_argument("--out", default="runs/finetune", help="log.jsonl, evaluations.jsonl, best.pt, checkpoints/")
+    parser.add_argument("--deepspeed", dest="ds_config", default=os.path.join(CONFIG_DIR, "zero2.json"),
+                        help="DeepSpeed JSON config (see fastvl/configs/)")
+    parser.add_argument("--global-batch", type=int, help="samples per optimizer step, all ranks (default: the preset's)")
+    parser.add_argument("--micro-batch", type=int, help="samples per forward per rank (default: global / ranks)")
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="override zero_optimization.stage")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override the config's precision")
+    parser.add_argument("--clip", type=float, help="override gradient_clipping")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    parser.add_argument("--warmup-steps", type=int, help="warm-up steps (default: the preset's)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="training length in epochs (default: the preset's)")
+    length.add_argument("--max-steps", type=int, help="training length in optimizer steps")
+    parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this global step")
+    parser.add_argument("--eval-every", type=int, help="evaluate on the validation split every N steps "
+                        "(default: every epoch) and at the end")
+    parser.add_argument("--eval-batch", type=int, default=64, help="examples per evaluation forward")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-text-len", type=int, help="text tokens (default: the preset's)")
+    parser.add_argument("--max-regions", type=int, default=36, help="real regions per image (plus IMG)")
+    parser.add_argument("--min-answer-count", type=int, default=9, help="VQA: answers that are the top answer of "
+                        "fewer training questions are left out of the answer list (without task.json 'answers')")
+    parser.add_argument("--k-test", type=int, help="ALBEF retrieval: ITM re-ranks each query's top k ITC candidates "
+                        "(default 128; ALBEF uses 256 on COCO)")
+    parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at every "
+                        "evaluation point)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--no-resume", action="store_true", help="start fresh even if OUT/checkpoints has one")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastvl.finetune.engine import finetune  # noqa: PLC0415
+
+    return finetune(args)

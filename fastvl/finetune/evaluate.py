@@ -1,0 +1,49 @@
+"""``fastvl evaluate``: a task's metrics on a split, printed and written as JSON with the environment.
+
+``--checkpoint`` is a fine-tuned fastvl task checkpoint (``best.pt``), or for zero-shot retrieval a
+pretraining checkpoint (a DeepSpeed directory of ``fastvl pretrain`` or a fastvl state dict; ``--model``
+names it). One process, or under a launcher (``deepspeed --num_gpus N --module fastvl.finetune.evaluate``
+or ``torchrun``): each rank scores its share and the metrics are those of one process. For VQA
+``--submission FILE`` writes the answers as the official evaluation server takes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastvl.finetune.tasks import TASKS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvl.train.families import model_names  # noqa: PLC0415
+
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--checkpoint", required=True, help="best.pt of `fastvl finetune`, or a pretraining "
+                        "checkpoint (zero-shot retrieval)")
+    parser.add_argument("--model", choices=model_names(), help="the model of a pretraining checkpoint (zero-shot)")
+    parser.add_argument("--data", required=True, help="task directory (task.json)")
+    parser.add_argument("--split", default="val", help="split to score (val, test, ...)")
+    parser.add_argument("--out", help="write the metrics JSON (with the environment) here")
+    parser.add_argument("--submission", help="VQA: write [{question_id, answer}] (the official result format)")
+    parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
+    parser.add_argument("--eval-batch", type=int, default=64, help="examples (or pairs) per forward")
+    parser.add_argument("--max-text-len", type=int, help="text tokens (default: the preset's)")
+    parser.add_argument("--max-regions", type=int, default=36)
+    parser.add_argument("--k-test", type=int, help="ALBEF retrieval: ITM re-ranks the top k ITC candidates")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1 ...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastvl.finetune.engine import evaluate  # noqa: PLC0415
+
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m fastvl.finetune.evaluate", description=__doc__)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,80 @@
+"""The task registry: a task is one module here with one :class:`Task` subclass.
+
+A task knows its annotation reader, how it builds the family's task model, how it collates a
+training micro-batch from ``(epoch, index)`` sample keys, the loss of a batch (its per-objective
+parts for the log), and how it scores a split (split over the ranks, gathered). The engine
+(:mod:`fastvl.finetune.engine`) does the rest: DeepSpeed, the data order, checkpoints, resumption,
+per-epoch evaluation and the best checkpoint by ``Task.metric``. A new task (issue 16: RefCOCO+,
+VCR, NLVR2, SNLI-VE ...) is a new module plus one line in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# task name -> "module:class"
+TASKS = {
+    "vqa": "fastvl.finetune.tasks.vqa:VQATask",
+    "retrieval": "fastvl.finetune.tasks.retrieval:RetrievalTask",
+}
+
+
+class Task:
+    """The interface every task implements (see the module docstring).
+
+    ``objectives``: names of the loss parts ``loss`` returns; ``metric``: the key of
+    :meth:`evaluate`'s result the best checkpoint is chosen by (higher is better); ``families``: the
+    model families the task supports; ``state``: what a checkpoint must carry to rebuild the task
+    (the VQA answer list).
+    """
+
+    name: str = ""
+    families: tuple[str, ...] = ()
+    objectives: tuple[str, ...] = ()
+    metric: str = ""
+    val_split: str = "val"  # what the engine validates on at each evaluation point
+    has_step_inputs: bool = False  # step_inputs adds per-step model inputs (ALBEF's place in the step)
+    supports_zero_shot: bool = False  # can score a pretraining checkpoint without fine-tuning
+
+    def __init__(self, task_dir, family: str, dataset, special, *, max_text_len: int, max_regions: int,
+                 seed: int = 0, state: dict | None = None, zero_shot: bool = False):
+        if family not in self.families:
+            raise ValueError(f"task {self.name!r} supports the families {list(self.families)}, not {family!r}")
+        if zero_shot and not self.supports_zero_shot:
+            raise ValueError(f"task {self.name!r} needs a fine-tuned checkpoint (its head is not pretrained); "
+                             "fine-tune with `fastvl finetune` first")
+        self.zero_shot = zero_shot
+        self.task_dir, self.family, self.dataset, self.special = task_dir, family, dataset, special
+        self.max_text_len, self.max_regions, self.seed = max_text_len, max_regions, seed
+
+    def make_model(self, config) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        return {}
+
+    def num_train(self) -> int:
+        raise NotImplementedError
+
+    def collate(self, keys) -> dict:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def step_inputs(self, micro, sampler) -> dict:
+        return {}
+
+    def evaluate(self, model: torch.nn.Module, split: str, ctx) -> tuple[dict, dict]:
+        """``(metrics, outputs)``: the split's metrics (identical on every rank) and task outputs (for
+        VQA the predicted answer per question, written as the submission file)."""
+        raise NotImplementedError
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ValueError(f"--task must be one of {sorted(TASKS)}, got {name!r}")
+    module, _, cls = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

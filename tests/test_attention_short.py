@@ -1,0 +1,136 @@
+"""The two Triton attention paths: the short-sequence kernels (every sequence <= 128 rows, one pass,
+five-GEMM backward) and the tiled FlashAttention-2 kernels. Both against the float64 reference under
+the parity rule, against each other (same dropout stream), the dispatch rule between them, and the
+number of compiled variants over ViLBERT's length range."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastvl
+from fastvl.ops import attention_launch
+from fastvl.ops.attention_common import pad_packed
+from fastvl.reference.attention import attention_ref
+from fastvl.reference.co_attention import co_attention_ref
+from fastvl.testing import check_op
+from varlen import prefix_mask
+
+pytestmark = pytest.mark.interpret
+PATHS = ("short", "tiled")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    if request.param == "tiled":
+        monkeypatch.setenv("FASTVL_ATTENTION_PATH", "tiled")
+    return request.param
+
+
+def randn(generator, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=generator).to(dtype)
+
+
+def test_dispatch_by_longest_sequence(monkeypatch):
+    assert attention_launch.attention_path(1) == "short"
+    assert attention_launch.attention_path(128) == "short"
+    assert attention_launch.attention_path(129) == "tiled"
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", "tiled")
+    assert attention_launch.attention_path(37) == "tiled"
+
+
+# (len_q, len_k, head dim, key lengths, causal, dtype): odd lengths, both key buckets (<= 64, 65-128),
+# a fully masked row, head dims that are not powers of two.
+ATTENTION_CASES = [
+    (23, 37, 64, [37, 0], False, torch.float32),
+    (37, 37, 40, [30, 37], True, torch.float16),
+    (101, 80, 32, [80, 41], False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("len_q,len_k,head_dim,lengths,causal,dtype", ATTENTION_CASES)
+def test_attention_parity(generator, path, len_q, len_k, head_dim, lengths, causal, dtype):
+    q = randn(generator, 2, len_q, 2, head_dim, dtype=dtype)
+    k, v = (randn(generator, 2, len_k, 2, head_dim, dtype=dtype) for _ in range(2))
+    mask = prefix_mask(lengths, len_k, "cpu")
+    check_op(lambda q, k, v, m: fastvl.ops.attention(q, k, v, m, causal=causal, backend="triton"),
+             lambda q, k, v, m: attention_ref(q, k, v, m, causal=causal), [q, k, v, mask],
+             name=f"attention[{path}] {len_q}x{len_k} d{head_dim}")
+
+
+CO_CASES = [
+    (37, 36, 128, [37, 20], [36, 0], torch.float32),  # ViLBERT-base: 36 boxes + image token, 36 tokens
+    (101, 23, 64, [101, 50], [23, 9], torch.float16),  # the 128-row key bucket
+]
+
+
+@pytest.mark.parametrize("len_v,len_t,head_dim,lengths_v,lengths_t,dtype", CO_CASES)
+def test_co_attention_parity(generator, path, len_v, len_t, head_dim, lengths_v, lengths_t, dtype):
+    fused_qkv_v = randn(generator, 2, len_v, 3, 2, head_dim, dtype=dtype)  # views of one projection
+    fused_qkv_t = randn(generator, 2, len_t, 3, 2, head_dim, dtype=dtype)
+    inputs = [*fused_qkv_v.unbind(2), prefix_mask(lengths_v, len_v, "cpu"), *fused_qkv_t.unbind(2),
+              prefix_mask(lengths_t, len_t, "cpu")]
+    check_op(lambda *x: fastvl.ops.co_attention(*x, backend="triton"), co_attention_ref, inputs,
+             name=f"co_attention[{path}] {len_v}x{len_t} d{head_dim}")
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_paths_agree_with_the_same_dropout_stream(generator, monkeypatch, dropout_p):
+    """Short and tiled draw the same keep-mask, so their outputs and gradients agree to rounding."""
+    inputs = [randn(generator, 2, n, 2, 32) for n in (37, 37, 37, 23, 23, 23)]
+    masks = prefix_mask([37, 30], 37, "cpu"), prefix_mask([23, 0], 23, "cpu")
+    results = []
+    for path in PATHS:
+        monkeypatch.setenv("FASTVL_ATTENTION_PATH", path)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        ctx_v, ctx_t = fastvl.ops.co_attention(*leaves[:3], masks[0], *leaves[3:], masks[1], dropout_p,
+                                               backend="triton", dropout_seed=11)
+        (ctx_v.square().sum() + ctx_t.sum()).backward()
+        results.append([ctx_v, ctx_t] + [t.grad for t in leaves])
+    for short, tiled in zip(*results):
+        torch.testing.assert_close(short, tiled, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_short_path_equals_padded(generator):
+    lengths = [23, 9]
+    cu = torch.tensor([0, 23, 32], dtype=torch.int32)
+    q, k, v = (randn(generator, 32, 2, 32) for _ in range(3))
+    packed = fastvl.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=23, max_seqlen_k=23,
+                                  backend="triton")
+    padded = [pad_packed(t, cu, 23)[0] for t in (q, k, v)]
+    out = fastvl.ops.attention(*padded, prefix_mask(lengths, 23, "cpu"), backend="triton")
+    torch.testing.assert_close(packed[:23], out[0, :23], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[23:], out[1, :9], rtol=1e-5, atol=1e-6)
+
+
+COUNT_VARIANTS = """
+import json, sys
+from fastvl import aot
+lengths = [(v, t) for v in range(10, 102, 13) for t in range(16, 81, 16)]
+print(json.dumps({k: len(v) for k, v in aot.variants(lengths, dtype=sys.argv[1], head_dim=int(sys.argv[2]),
+                                                        dropout=float(sys.argv[3])).items()}))
+"""
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_one_compiled_variant_per_bucket_over_vilbert_lengths(path):
+    """Triton's own binder (sm_90 backend, no GPU) over 10-101 regions x 16-80 tokens: lengths and
+    length-derived strides are not specialised, so only the key bucket (64 or 128) makes a variant
+    on the short path, and nothing does on the tiled one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTVL_ATTENTION_PATH"] = path
+    run = subprocess.run([sys.executable, "-c", COUNT_VARIANTS, "bf16", "128", "0.1"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    if path == "short":
+        assert set(counts) == {"attention_fwd_short_kernel", "attention_bwd_short_kernel",
+                               "co_attention_fwd_short_kernel", "co_attention_bwd_short_kernel"}
+        assert all(n == 2 for n in counts.values()), counts  # key buckets 64 and 128
+    else:
+        assert set(counts) == {"attention_fwd_kernel", "attention_bwd_kernel", "co_attention_fwd_kernel",
+                               "co_attention_bwd_kernel"}
+        assert all(n == 1 for n in counts.values()), counts

@@ -1,0 +1,186 @@
+"""fastvl finetune / evaluate end to end on synthetic task sets, under DeepSpeed on CPU: VQA for the
+three families, fine-tuned and zero-shot retrieval, per-epoch evaluation with the best checkpoint,
+evaluate == the run's own evaluation, the VQA submission file, --init errors, SIGKILL + resume ==
+the uninterrupted run, 2 ranks == 1 rank (training and evaluate)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+
+import pytest
+import torch
+
+from fastvl.data.synth import make_synthetic_dataset
+from fastvl.data.synth_task import make_task_set
+
+from test_train import _env, _free_port, _losses, _wait_for_step
+
+FT = ["--global-batch", "8", "--micro-batch", "4", "--lr", "1e-3", "--log-every", "1", "--no-progress", "--seed", "5",
+      "--eval-batch", "16"]
+
+
+def _run(module, args, ranks=None, timeout=300, check=True):
+    if ranks is None:
+        command = [sys.executable, "-m", module, *args]
+    else:
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+                   _free_port(), "--module", module, *args]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """Synthetic images (regions + 16 px pixels), a VQA and a retrieval task over them, and tiny
+    ViLBERT / ALBEF pretraining checkpoints (DeepSpeed directories of `fastvl pretrain`)."""
+    root = tmp_path_factory.mktemp("finetune")
+    images = str(root / "images")
+    make_synthetic_dataset(images, 72, feature_dim=32, num_classes=6, shard_size=40, image_size=16)
+    make_task_set("vqa", images, str(root / "vqa"), val_images=8, test_images=8)
+    make_task_set("retrieval", images, str(root / "ret"), val_images=6, test_images=6)
+    for model in ("vilbert-tiny", "albef-tiny"):
+        _run("fastvl.train", ["--model", model, "--data", images, "--out", str(root / model), "--global-batch", "8",
+                              "--micro-batch", "8", "--max-steps", "4", "--save-every", "0", "--no-progress"])
+    return {"root": root, "vqa": str(root / "vqa"), "ret": str(root / "ret"), "vilbert": str(root / "vilbert-tiny"),
+            "albef": str(root / "albef-tiny")}
+
+
+def _evaluations(out):
+    return [json.loads(line) for line in open(os.path.join(out, "evaluations.jsonl"))]
+
+
+def test_vqa_vilbert_best_checkpoint_evaluate_and_submission(sets, tmp_path):
+    out = str(tmp_path / "run")
+    done = _run("fastvl.finetune", ["--task", "vqa", "--model", "vilbert-tiny", "--init", sets["vilbert"], "--data",
+                                    sets["vqa"], "--out", out, "--epochs", "2", *FT])
+    assert "--init loaded" in done.stdout and "new" in done.stdout
+    evaluations = _evaluations(out)
+    steps_per_epoch = json.loads(open(os.path.join(out, "log.jsonl")).readline())["steps_per_epoch"]
+    assert [e["step"] for e in evaluations] == [steps_per_epoch, 2 * steps_per_epoch]
+    best = max(evaluations, key=lambda e: e["vqa_accuracy"])
+    checkpoint = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    assert checkpoint["format"] == "fastvl-finetune" and checkpoint["step"] == best["step"]
+    assert "yes" in checkpoint["task_state"]["answers"]
+    assert sorted(_losses(out)) == list(range(1, 2 * steps_per_epoch + 1))
+    # evaluate reproduces the run's own evaluation of the best checkpoint, and writes the metrics JSON
+    metrics_file, submission = str(tmp_path / "m.json"), str(tmp_path / "sub.json")
+    _run("fastvl.finetune.evaluate", ["--task", "vqa", "--checkpoint", os.path.join(out, "best.pt"), "--data",
+                                      sets["vqa"], "--split", "val", "--out", metrics_file])
+    report = json.load(open(metrics_file))
+    for key in ("vqa_accuracy", "soft_score", "constant_answer_accuracy"):
+        assert report["metrics"][key] == pytest.approx(best[key], abs=1e-9), key
+    assert report["environment"]["torch"] == torch.__version__ and report["split"] == "val"
+    _run("fastvl.finetune.evaluate", ["--task", "vqa", "--checkpoint", os.path.join(out, "best.pt"), "--data",
+                                      sets["vqa"], "--split", "test", "--submission", submission])
+    answers = json.load(open(submission))
+    test_questions = json.load(open(os.path.join(sets["vqa"], "test_questions.json")))["questions"]
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in test_questions]
+    assert all(isinstance(a["answer"], str) for a in answers)
+
+
+@pytest.mark.parametrize("model", ["vlbert-tiny", "albef-tiny"])
+def test_vqa_vlbert_and_albef_classifier(sets, tmp_path, model):
+    out = str(tmp_path / "run")
+    init = ["--init", sets["albef"]] if model.startswith("albef") else []  # VL-BERT: from scratch
+    _run("fastvl.finetune", ["--task", "vqa", "--model", model, *init, "--data", sets["vqa"], "--out", out,
+                             "--max-steps", "3", *FT])
+    record = _evaluations(out)[-1]
+    assert 0.0 <= record["vqa_accuracy"] <= 100.0 and record["questions"] == 24
+    losses = _losses(out)
+    assert all(torch.isfinite(torch.tensor(r["bce"])) for r in losses.values())
+
+
+def test_retrieval_zero_shot_and_fine_tuned(sets, tmp_path):
+    metrics_file = str(tmp_path / "zero.json")
+    _run("fastvl.finetune.evaluate", ["--task", "retrieval", "--checkpoint", sets["vilbert"], "--model",
+                                      "vilbert-tiny", "--data", sets["ret"], "--split", "test", "--out", metrics_file])
+    report = json.load(open(metrics_file))
+    metrics = report["metrics"]
+    assert report["zero_shot"] and metrics["head"] == "alignment (zero-shot)"
+    assert (metrics["images"], metrics["texts"], metrics["pairs_scored"]) == (6, 30, 180)
+    assert metrics["chance_r1"] == pytest.approx(100 / 6) and metrics["ms_per_query"] > 0
+    for model, init, objectives in (("vilbert-tiny", sets["vilbert"], ("ce",)), ("albef-tiny", sets["albef"],
+                                                                                  ("itc", "itm"))):
+        out = str(tmp_path / model)
+        _run("fastvl.finetune", ["--task", "retrieval", "--model", model, "--init", init, "--data", sets["ret"],
+                                 "--out", out, "--max-steps", "2", *FT])
+        record = _evaluations(out)[-1]
+        assert record["images"] == 6 and 0 <= record["r_mean"] <= 100
+        assert all(name in step for step in _losses(out).values() for name in objectives)
+    # ALBEF zero-shot: ITC rank + ITM re-rank of the pretraining checkpoint
+    done = _run("fastvl.finetune.evaluate", ["--task", "retrieval", "--checkpoint", sets["albef"], "--model",
+                                             "albef-tiny", "--data", sets["ret"], "--k-test", "4"])
+    assert "itc + itm top 4" in done.stdout
+
+
+def test_init_and_checkpoint_errors(sets, tmp_path):
+    done = _run("fastvl.finetune", ["--task", "vqa", "--model", "vilbert-tiny", "--init", sets["albef"], "--data",
+                                    sets["vqa"], "--out", str(tmp_path / "x"), "--max-steps", "1", *FT], check=False)
+    assert done.returncode == 2 and "not a vilbert checkpoint of this size" in done.stderr
+    assert "encoder parameters missing (e.g. ['bert." in done.stderr
+    done = _run("fastvl.finetune.evaluate", ["--task", "vqa", "--checkpoint", sets["vilbert"], "--model",
+                                             "vilbert-tiny", "--data", sets["vqa"]], check=False)
+    assert done.returncode == 2 and "needs a fine-tuned checkpoint" in done.stderr
+    done = _run("fastvl.finetune", ["--task", "retrieval", "--model", "vlbert-tiny", "--data", sets["ret"], "--out",
+                                    str(tmp_path / "y"), "--max-steps", "1", *FT], check=False)
+    assert done.returncode == 2 and "no 'retrieval' fine-tuning for 'vlbert'" in done.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_the_uninterrupted_run(sets, tmp_path):
+    args = ["--task", "vqa", "--model", "vilbert-tiny", "--init", sets["vilbert"], "--data", sets["vqa"],
+            "--epochs", "2", "--save-every", "2", *FT]
+    reference = str(tmp_path / "reference")
+    _run("fastvl.finetune", [*args, "--out", reference])
+    out = str(tmp_path / "killed")
+    process = subprocess.Popen([sys.executable, "-m", "fastvl.finetune", *args, "--out", out], env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for_step(process, out, 3), "the run ended before it was to be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _run("fastvl.finetune", [*args, "--out", out])
+    resumed, expected = _losses(out), _losses(reference)
+    assert sorted(resumed) == sorted(expected)
+    for step in expected:
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in _evaluations(reference)]
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in _evaluations(out)] == strip
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_match_one_rank_training_and_evaluate(sets, tmp_path):
+    args = ["--task", "vqa", "--model", "vilbert-tiny", "--init", sets["vilbert"], "--data", sets["vqa"],
+            "--max-steps", "4", "--eval-every", "2", "--save-every", "0", *FT]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run("fastvl.finetune", [*args, "--out", one])
+    _run("fastvl.finetune", [*args, "--out", two], ranks=2)
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=2e-4, abs=1e-5), step
+    for x, y in zip(_evaluations(one), _evaluations(two)):
+        assert y["vqa_accuracy"] == pytest.approx(x["vqa_accuracy"], abs=1e-9)
+    # evaluate on 2 ranks == 1 rank (each rank scores half the questions; retrieval: half the captions);
+    # VQA's one-rank result is the one-rank run's own evaluation of its best checkpoint
+    best = max(_evaluations(one), key=lambda e: e["vqa_accuracy"])
+    for task, data, checkpoint, extra in (("vqa", sets["vqa"], os.path.join(one, "best.pt"), []),
+                                          ("retrieval", sets["ret"], sets["vilbert"], ["--model", "vilbert-tiny"])):
+        common = ["--task", task, "--checkpoint", checkpoint, "--data", data, *extra]
+        if task == "vqa":
+            expected = best
+        else:
+            _run("fastvl.finetune.evaluate", [*common, "--out", str(tmp_path / "one.json")])
+            expected = json.load(open(tmp_path / "one.json"))["metrics"]
+        _run("fastvl.finetune.evaluate", [*common, "--out", str(tmp_path / "two.json")], ranks=2)
+        report = json.load(open(tmp_path / "two.json"))
+        assert report["world_size"] == 2
+        for key, value in report["metrics"].items():
+            if key not in ("seconds", "ms_per_query", "head"):
+                assert value == pytest.approx(expected[key], abs=1e-6), (task, key)
+
