@@ -311,7 +311,7 @@ class RetrievalTask(Task):
         out = model(batch["images"], ids, batch["text_mask"], ids, torch.full_like(ids, IGNORE),
                     alpha_scale=batch.get("alpha_scale", 1.0), first_micro_step=batch.get("first_micro_step", True),
                     last_micro_step=batch.get("last_micro_step", True))
-        return out["loss"], {"itc": out["loss_itc"], "itm": out["loss_itm"]}
+        return out.loss, {"itc": out.losses["itc"], "itm": out.losses["itm"]}
 
     # evaluation -------------------------------------------------------------------------------------
 
