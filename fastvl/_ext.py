@@ -36,6 +36,16 @@ def build_info() -> dict:
     return info
 
 
+def needs(symbol: str):
+    """A backend's availability check (``dispatch`` style: a list of reasons) for ``fastvl._C.<symbol>``."""
+
+    def available() -> list[str]:
+        reason = missing_reason(symbol)
+        return [reason] if reason else []
+
+    return available
+
+
 def missing_reason(symbol: str) -> str | None:
     """Why ``fastvl._C.<symbol>`` cannot be used here, or None if it can."""
     ext = load()
@@ -43,6 +53,7 @@ def missing_reason(symbol: str) -> str | None:
         return f"fastvl._C is not built ({FIX})"
     if not hasattr(ext, symbol):
         if symbol.endswith("_cuda"):
-            return f"fastvl._C was built without CUDA sources ({symbol}): they build only against a CUDA torch with nvcc"
+            return (f"fastvl._C was built without CUDA sources ({symbol}): they build only against a CUDA torch "
+                    "with nvcc")
         return f"fastvl._C was built without {symbol} (rebuild: {FIX})"
     return None

@@ -258,16 +258,21 @@ def backward_expected(*tensors: torch.Tensor | None) -> bool:
 TABLE_ENV = "FASTVL_DISPATCH_TABLE"
 TABLES_DIR = Path(__file__).parent / "configs"
 _TABLES: dict[str, dict] = {}
-_KINDS: dict[torch.device, str] = {}
+_KINDS: dict[int, str] = {}
 
 
 def device_kind(device: torch.device) -> str:
     """"cpu", or the CUDA device's name (a table measured on one GPU model holds for that model)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return device.type
-    if device not in _KINDS:
-        _KINDS[device] = torch.cuda.get_device_name(device)
-    return _KINDS[device]
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@torch.compiler.assume_constant_result
+def _cuda_name(index: int) -> str:
+    if index not in _KINDS:
+        _KINDS[index] = torch.cuda.get_device_name(index)
+    return _KINDS[index]
 
 
 def default_table_path(kind: str) -> Path:
@@ -303,18 +308,19 @@ def table_key(op: Op, features: dict) -> str:
 
 
 def table_entry(op: Op, device: torch.device, features: dict) -> dict | None:
-    """{"backend", "key", "source"} of the calibration table for these features, or None. Not read
-    while torch.compile traces unless already loaded."""
+    """{"backend", "key", "source"} of the calibration table for these features, or None. Under
+    torch.compile the lookup runs eagerly and its result is a constant of the graph."""
     if not op.table_key:
         return None
-    if torch.compiler.is_compiling() and not _TABLES:
-        return None
-    table = load_table(device_kind(device))
     key = table_key(op, features)
-    backend = table.get("entries", {}).get(op.name, {}).get(key)
-    if backend is None:
-        return None
-    return {"backend": backend, "key": key, "source": table.get("source", "calibration table")}
+    backend, source = _lookup(op.name, device_kind(device), key)
+    return {"backend": backend, "key": key, "source": source} if backend else None
+
+
+@torch.compiler.assume_constant_result
+def _lookup(op_name: str, kind: str, key: str) -> tuple[str, str]:
+    table = load_table(kind)
+    return table.get("entries", {}).get(op_name, {}).get(key, ""), table.get("source", "calibration table")
 
 
 def registered_ops() -> dict[str, Op]:

@@ -213,3 +213,40 @@ def test_a_failing_variant_is_reported_and_the_rest_still_measured(monkeypatch):
     assert len(failures) == 2 and all("planted failure" in f and "reference" in f for f in failures)
     variants = {row["variant"] for row in results.rows}
     assert "auto" in variants and "reference" not in variants
+
+
+@pytest.mark.slow
+def test_fastvl_bench_host_counts_launches_and_host_time(tmp_path):
+    """`fastvl bench host`: per op, host microseconds with Triton launches stubbed against the eager path,
+    launches counted (Triton kernels + non-view aten ops), and a training step's launches fused vs reference."""
+    from fastvl.cli import main
+
+    assert main(["bench", "host", "--quick", "--threads", "1", "--model", "vilbert-tiny", "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "host.json").read_text())
+    rows = {(r["name"], r["variant"], r["pass"], json.dumps(r["params"])): r for r in document["rows"]}
+    assert {r["op"] for r in document["rows"]} >= {"attention", "co_attention", "region_kl_loss", "layer_norm"}
+    co = [r for r in rows.values() if r["op"] == "co_attention" and r["variant"].startswith("triton")]
+    assert co and all(r["triton_launches"] == (1 if r["pass"] == "fwd" else 2) for r in co)  # one kernel each way
+    assert all(r["host_us"] > 0 for r in rows.values())
+    reference = {(r["name"], r["pass"], json.dumps(r["params"])): r["launches"] for r in rows.values()
+                 if r["variant"] == "reference"}
+    assert all(r["launches"] < reference[(r["name"], r["pass"], json.dumps(r["params"]))] for r in co)
+    step = document["step"]
+    assert step["fused"]["triton"] > 0 and step["reference"]["triton"] == 0
+    assert step["reference"]["launches"] > step["fused"]["launches"] and step["optimizer_launches"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_reference_baseline_times_the_reference_under_torch_compile():
+    from fastvl.bench import ops
+
+    case = next(c for c in ops.cases("tiny") if c.op == "bias_gelu")
+    torch.manual_seed(0)  # the upstream gradient is drawn from it
+    fn, grad_inputs = ops.prepare(case, ops.COMPILED_REFERENCE, "fwd+bwd", torch.device("cpu"), torch.float32)
+    fn()
+    compiled_grads = [t.grad.clone() for t in grad_inputs]
+    torch.manual_seed(0)
+    fn, grad_inputs = ops.prepare(case, "reference", "fwd+bwd", torch.device("cpu"), torch.float32)
+    fn()
+    for a, b in zip(compiled_grads, (t.grad for t in grad_inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

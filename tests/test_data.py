@@ -413,16 +413,16 @@ def test_worker_processes_collate_the_same_batches(dataset):
     """Shards are re-mapped in each DataLoader worker (never pickled with their data); same batches."""
     import pickle
 
-    from fastvl.train.loop import _Identity, _KeyBatches
+    from fastvl.train.loop import _Collate, _Identity, _MicroBatches
 
     assert len(pickle.dumps(dataset.shards[0])) < 2000
     sampler = GlobalBatchSampler(len(dataset), 8, 4, seed=5)
     collator = _collator(dataset, seed=5)
 
     def batches(workers):
-        loader = torch.utils.data.DataLoader(_Identity(), batch_sampler=_KeyBatches(sampler, 2, 5),
-                                             collate_fn=collator, num_workers=workers)
-        return list(loader)
+        loader = torch.utils.data.DataLoader(_Identity(), batch_sampler=_MicroBatches(sampler, 2, 5),
+                                             collate_fn=_Collate(collator), num_workers=workers)
+        return [batch for _, batch in loader]  # (MicroBatch, its collated batch), as the Trainer reads them
 
     for a, b in zip(batches(0), batches(2), strict=True):
         assert a["keys"] == b["keys"]

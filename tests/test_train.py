@@ -297,7 +297,7 @@ def record_nvtx(monkeypatch) -> list:
 
 def test_nvtx_ranges_per_layer_and_for_the_losses(monkeypatch):
     """One balanced NVTX range per layer forward, and one around the heads and losses."""
-    from fastvl.train.loop import nvtx_layer_ranges
+    from fastvl.profiling import nvtx_layer_ranges
 
     events = record_nvtx(monkeypatch)
     family, variant = families.resolve("vilbert-tiny")

@@ -8,6 +8,9 @@
     ``backend="reference"``, with the largest batch that fits (:mod:`fastvl.bench.model`).
 ``fastvl bench profile --model vilbert-base``
     torch.profiler over one fused training step; saves the top kernels by time.
+``fastvl bench host [--model vilbert-base]``
+    Host microseconds per op call (Triton launches stubbed) against the eager path, and device launches
+    per op and per training step, fused vs reference (:mod:`fastvl.bench.host`).
 ``fastvl bench calibrate [--from ops.json] [--install]``
     Every backend of the shape-aware ops per shape: the dispatch table ``auto`` reads
     (:mod:`fastvl.bench.calibrate`).
@@ -38,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = modes.add_parser("model", help="model-level training throughput, fused vs reference")
     profile = modes.add_parser("profile", help="torch.profiler of one fused training step: the top kernels")
     calibrate = modes.add_parser("calibrate", help="measure every backend per shape: the table auto reads")
+    host = modes.add_parser("host", help="host us per op call and launches per op and training step")
     retrieval = modes.add_parser("retrieval", help="retrieval evaluation pairs/s, fused vs reference, text cache")
-    for sub in (ops, model, profile, calibrate, retrieval):
+    for sub in (ops, model, profile, calibrate, host, retrieval):
         sub.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         sub.add_argument("--out", type=Path, default=None,
                          help="result folder (default: benchmarks/results/<date>-<device>/)")
@@ -53,13 +57,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops.add_argument("--only", nargs="*", default=(),
                      help="run only these ops / benchmark names (prefixes) / benchmarks/bench_<suite>.py suites")
     ops.add_argument("--builtin-only", action="store_true", help="skip the benchmarks/bench_*.py modules")
+    ops.add_argument("--compiled-reference", action="store_true",
+                     help="also time torch.compile(reference) per op (compiling every case takes minutes)")
 
     from fastvl.bench import calibrate as calibrate_bench
+    from fastvl.bench import host as host_bench
     from fastvl.bench import model as model_bench
 
     model_bench.add_arguments(model)
     model_bench.add_arguments(profile)
     calibrate_bench.add_arguments(calibrate)
+    host_bench.add_arguments(host)
     from fastvl.bench import retrieval as retrieval_bench
 
     retrieval_bench.add_arguments(retrieval)
@@ -77,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
             from fastvl.bench import calibrate
 
             return calibrate.run(args, device, out_dir)
+        if args.mode == "host":
+            from fastvl.bench import host
+
+            return host.run(args, device, out_dir)
         if args.mode == "retrieval":
             from fastvl.bench import retrieval as retrieval_bench
 
@@ -98,7 +110,7 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     results = harness.Results("ops", device, quick=args.quick, note=args.note)
     results.env["size"] = size
-    notes, results.failures = ops.run(results, size, dtype, only=args.only)
+    notes, results.failures = ops.run(results, size, dtype, only=args.only, compiled_reference=args.compiled_reference)
     _report(results, out_dir / "ops.json", ["reference"], notes + results.failures)
     if not args.no_plots:
         for path in ops.plot_speedups(results, out_dir):

@@ -28,13 +28,15 @@ from fastvl.bench import harness
 from fastvl.bench.workloads import WORKLOADS, Workload
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("fused", "reference")
+BACKENDS = ("fused", "reference", "compiled-reference")
+DEFAULT_BACKENDS = ("fused", "reference")
 
 
 @contextlib.contextmanager
 def backend_scope(backend: str):
-    """``fused``: fastvl's default dispatch (fastest backend per op); ``reference``: every op eager."""
-    if backend == "reference":
+    """``fused``: fastvl's default dispatch (fastest backend per op); ``reference``: every op eager;
+    ``compiled-reference``: every op eager, the model under ``torch.compile`` (a user's alternative)."""
+    if backend in ("reference", "compiled-reference"):
         with fastvl.use_backend("reference"):
             yield
     else:
@@ -48,6 +50,7 @@ class Trainer:
                  seed: int = 0):
         torch.manual_seed(seed)
         self.model = spec.build().to(device).train()
+        self.forward_model = torch.compile(self.model) if backend == "compiled-reference" else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.spec, self.seed, self.backend, self.device = spec, seed, backend, device
         self.autocast_dtype = PRECISIONS[precision]
@@ -69,7 +72,7 @@ class Trainer:
 
     def _forward(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.spec.loss(self.model(**self.batch))
+            return self.spec.loss(self.forward_model(**self.batch))
 
     def step(self) -> tuple[float, float, float]:
         with backend_scope(self.backend):
@@ -170,7 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="batch sizes to time (default: 64 on GPU, 8 on CPU, 2 with --quick)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(DEFAULT_BACKENDS),
+                        help="compiled-reference: the reference under torch.compile (slow to compile)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per point (default: 10 GPU, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--seed", type=int, default=0)

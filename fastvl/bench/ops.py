@@ -45,6 +45,8 @@ SIZES = {
 MASKED_FRACTION = 0.15  # BERT/ViLBERT masking rate for MLM and masked-region modelling
 PASSES = ("fwd", "fwd+bwd")
 INTERRUPTED = "interrupted"
+# What a user would write instead of a hand-made kernel: the reference under torch.compile (inductor).
+COMPILED_REFERENCE = "compiled reference"
 
 
 @dataclasses.dataclass
@@ -235,9 +237,14 @@ def prepare(case: Case, backend: str, kind: str, device: torch.device, dtype: to
     Runs the op once, so a backend that cannot take these inputs raises BackendUnavailableError here."""
     args, kwargs, grad_inputs = case.make(device, dtype, torch.Generator().manual_seed(seed))
     function = getattr(fastvl.ops, case.op)
+    if backend == COMPILED_REFERENCE:
+        compiled = torch.compile(lambda *a, **k: function(*a, **k, backend="reference"), dynamic=False)
 
-    def forward():
-        return function(*args, **kwargs, backend=backend)
+        def forward():
+            return compiled(*args, **kwargs)
+    else:
+        def forward():
+            return function(*args, **kwargs, backend=backend)
 
     outputs = _differentiable(forward())
     upstream = [torch.ones_like(t) if t.dim() == 0 else torch.randn_like(t) for t in outputs]
@@ -249,7 +256,7 @@ def prepare(case: Case, backend: str, kind: str, device: torch.device, dtype: to
 
 
 def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequence[str] = (),
-        passes: Sequence[str] = PASSES) -> tuple[list[str], list[str]]:
+        passes: Sequence[str] = PASSES, compiled_reference: bool = False) -> tuple[list[str], list[str]]:
     """Measures every case (whose op is, or whose name starts with, one of ``only``, if given) with every
     backend. Returns (notes on the variants that cannot run these inputs, failures: variants that raised
     anything else, e.g. a kernel that does not compile; the run goes on without them)."""
@@ -258,7 +265,8 @@ def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequen
     for op_name in dict.fromkeys(c.op for c in selected):
         notes += [f"{op_name}: {name} not benchmarked ({'; '.join(reasons)})"
                   for name, reasons in backend_notes(op_name, results.device).items() if reasons]
-    work = [(case, backend, kind) for case in selected for backend in backends_here(case.op, results.device)
+    extra = [COMPILED_REFERENCE] if compiled_reference else []
+    work = [(case, backend, kind) for case in selected for backend in backends_here(case.op, results.device) + extra
             for kind in passes]
     element = torch.empty((), dtype=dtype).element_size()
     try:

@@ -203,9 +203,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed)
     ctx.arguments = (max_q, max_k, dropout_p, scale, causal)
     ctx.inputs_count = len(inputs)
+    ctx.set_materialize_grads(False)  # lse and seed get no gradient: no zero-filled buffers (launches)
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+    if grad_out is None:
+        return (None,) * ctx.inputs_count
     q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
     grads = attention_bwd_op(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.arguments, seed)
     return *grads, *[None] * (ctx.inputs_count - len(grads))

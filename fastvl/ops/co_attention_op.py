@@ -200,10 +200,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, seed)
     ctx.arguments = (max_v, max_t, dropout_p, scale)
     ctx.inputs_count = len(inputs)
+    ctx.set_materialize_grads(False)  # the lse and seed outputs get no gradient: no zero-filled buffers
 
 
 def _backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, _grad_seed):
     *saved, seed = ctx.saved_tensors
+    if grad_v is None or grad_t is None:  # one direction's output unused: its upstream gradient is zero
+        ctx_v, ctx_t = saved[6], saved[7]
+        grad_v = torch.zeros_like(ctx_v) if grad_v is None else grad_v
+        grad_t = torch.zeros_like(ctx_t) if grad_t is None else grad_t
     grads = co_attention_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed)
     return *grads, *[None] * (ctx.inputs_count - len(grads))
 

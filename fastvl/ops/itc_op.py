@@ -14,9 +14,9 @@ import numbers
 
 import torch
 
-from fastvl import _checks
-from fastvl.dispatch import op
-from fastvl.ops.region_kl_op import REGION_KL, region_kl_rows
+from fastvl import _checks, _ext
+from fastvl.dispatch import needs_cpu_device, op, triton_available, triton_device
+from fastvl.ops.region_kl_op import FUSED_DTYPES, region_kl_rows
 from fastvl.reference.itc import itc_loss_ref, itc_queue_update_ref, itm_hard_negatives_ref
 
 ITC = op("itc_loss", probe=dict(queue=65536))
@@ -146,6 +146,7 @@ def _(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_fea
 
 def _itc_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zero-filled buffers
 
 
 def _itc_backward(ctx, grad_loss, *_grads_of_grads):
@@ -167,11 +168,20 @@ def _fused(backend: str):
     return impl
 
 
-for _backend in ("triton", "cpp"):
-    _row_backend = REGION_KL.backends[_backend]
-    ITC.register(_backend, available=_row_backend.available, auto_devices=_row_backend.auto_devices,
-                 supports=lambda device, dtype, _b=_row_backend, **_f: _b.supports(device=device, dtype=dtype,
-                                                                                  target_dtype=torch.float32))(
-        _fused(_backend))
+def _fused_supports(device_check):
+    """The row kernel's limits (the one ITC runs on its similarity rows), without faking a target dtype."""
 
+    def supports(device, dtype, **_features) -> list[str]:
+        reasons = device_check(device)
+        if dtype not in FUSED_DTYPES:
+            reasons.append(f"dtype {dtype} (fused kernels take float32, float16, bfloat16)")
+        return reasons
+
+    return supports
+
+
+ITC.register("triton", available=triton_available, supports=_fused_supports(triton_device), auto_devices=("cuda",))(
+    _fused("triton"))
+ITC.register("cpp", available=_ext.needs("region_kl_rows"), supports=_fused_supports(needs_cpu_device),
+             auto_devices=("cpu",))(_fused("cpp"))
 ITC.register("reference")(itc_loss_ref)

@@ -102,16 +102,11 @@ def _supports_fused(dtype: torch.dtype, **_features) -> list[str]:
     return [] if dtype in FUSED_DTYPES else [f"dtype {dtype} (fused kernels take float32, float16, bfloat16)"]
 
 
-def _cpp_available() -> list[str]:
-    reason = _ext.missing_reason("cross_entropy_rows")
-    return [reason] if reason else []
-
-
 LINEAR_CROSS_ENTROPY.register(
     "triton", available=triton_available, auto_devices=("cuda",),
     supports=lambda device, **f: triton_device(device) + _supports_fused(**f))(_fused("triton"))
 LINEAR_CROSS_ENTROPY.register(
-    "cpp", available=_cpp_available, auto_devices=("cpu",),
+    "cpp", available=_ext.needs("cross_entropy_rows"), auto_devices=("cpu",),
     supports=lambda device, **f: needs_cpu_device(device) + _supports_fused(**f))(_fused("cpp"))
 
 

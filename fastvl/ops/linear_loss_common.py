@@ -94,10 +94,11 @@ def _project_chunks(kind: str, backend: str, hidden: torch.Tensor, weight: torch
     return row_loss, grad_hidden, grad_weight, grad_bias
 
 
-def _mean_or_sum_scale(selected: torch.Tensor, reduction: str) -> torch.Tensor:
+def mean_scale(count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """fp32 [1]: the gradient factor of every scored row (1/count for 'mean', kept on the device)."""
     if reduction == "mean":
-        return (1.0 / selected.sum().clamp_min(1).float()).reshape(1)
-    return torch.ones(1, dtype=torch.float32, device=selected.device)
+        return (1.0 / count.clamp_min(1).float()).reshape(1)
+    return torch.ones(1, dtype=torch.float32, device=count.device)
 
 
 @torch.library.custom_op("fastvl::linear_loss_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -109,7 +110,7 @@ def _linear_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     with_grad = with_grad and reduction != "none"
     with torch.no_grad():
         row_loss, grad_hidden, grad_weight, grad_bias = _project_chunks(
-            kind, backend, hidden, weight, bias, target, selected, _mean_or_sum_scale(selected, reduction),
+            kind, backend, hidden, weight, bias, target, selected, mean_scale(selected.sum(), reduction),
             with_grad, chunk_rows)
         if reduction == "none":
             loss = row_loss.view(selected.shape).to(hidden.dtype)
@@ -157,6 +158,7 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(hidden, weight, bias, target, selected)
     else:
         ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zero-filled buffers
 
 
 def _backward(ctx, grad_loss, *_grads_of_grads):

@@ -146,13 +146,6 @@ def _rows_2d(t: torch.Tensor, classes: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _mean_scale(count: torch.Tensor, reduction: str) -> torch.Tensor:
-    """fp32 [1]: the gradient factor of every row (1/count for 'mean', on the device)."""
-    if reduction == "mean":
-        return (1.0 / count.clamp_min(1).float()).reshape(1)
-    return torch.ones(1, dtype=torch.float32, device=count.device)
-
-
 def reduce_rows(row_loss: torch.Tensor, count: torch.Tensor, reduction: str, shape, dtype) -> torch.Tensor:
     """Per-row fp32 losses (0 on unselected rows) -> the requested reduction, in ``dtype``."""
     if reduction == "none":
@@ -177,7 +170,8 @@ def _region_kl_fwd(logits: torch.Tensor, targets: torch.Tensor, region_mask: tor
                                          logits.dtype)
     else:
         count = selected.sum()
-        row_loss = region_kl_rows(backend, logits2d, targets2d, selected, _mean_scale(count, reduction), grad)
+        scale = linear_loss_common.mean_scale(count, reduction)
+        row_loss = region_kl_rows(backend, logits2d, targets2d, selected, scale, grad)
         loss = reduce_rows(row_loss, count, reduction, region_mask.shape, logits.dtype)
         factor = logits.new_empty(0, dtype=torch.float32)
     return loss, grad.view(logits.shape) if grad is not None else logits.new_empty(0), factor
@@ -258,20 +252,12 @@ def _cuda_supports(device: torch.device, **features) -> list[str]:
     return needs_cuda_device(device) + _supports_fused(**features)
 
 
-def _extension_has(symbol: str):
-    def available() -> list[str]:
-        reason = _ext.missing_reason(symbol)
-        return [reason] if reason else []
-
-    return available
-
-
 for _op, _make in ((REGION_KL, _fused_region_kl), (LINEAR_REGION_KL, _fused_linear_region_kl)):
     _op.register("triton", available=triton_available, supports=_triton_supports, auto_devices=("cuda",))(
         _make("triton"))
-    _op.register("cuda", available=_extension_has("region_kl_rows_cuda"), supports=_cuda_supports,
+    _op.register("cuda", available=_ext.needs("region_kl_rows_cuda"), supports=_cuda_supports,
                  auto_devices=("cuda",))(_make("cuda"))
-    _op.register("cpp", available=_extension_has("region_kl_rows"), supports=_cpp_supports,
+    _op.register("cpp", available=_ext.needs("region_kl_rows"), supports=_cpp_supports,
                  auto_devices=("cpu",))(_make("cpp"))
 
 REGION_KL.register("reference")(region_kl_loss_ref)
