@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,19 @@ def _pack(padded, lengths):
     return torch.cat([padded[i, :n] for i, n in enumerate(lengths.tolist())]).detach().requires_grad_()
 
 
+@contextlib.contextmanager
+def _tiled_path():
+    """The Triton backend on its tiled kernels at every length (the launchers' override)."""
+    saved = os.environ.get("FASTVL_ATTENTION_PATH")
+    os.environ["FASTVL_ATTENTION_PATH"] = "tiled"
+    try:
+        yield
+    finally:
+        os.environ.pop("FASTVL_ATTENTION_PATH")
+        if saved is not None:
+            os.environ["FASTVL_ATTENTION_PATH"] = saved
+
+
 class Bench:
     def __init__(self, device, dtype, quick, out):
         self.device, self.dtype, self.out = torch.device(device), dtype, Path(out)
@@ -87,6 +101,7 @@ class Bench:
         chosen = {"reference": ("reference", contextlib.nullcontext), "sdpa": ("sdpa", contextlib.nullcontext)}
         if self.gpu:
             chosen["triton"] = ("triton", contextlib.nullcontext)
+            chosen["triton-tiled"] = ("triton", _tiled_path)  # the tiled kernels at every length
             if extra_sdpa:
                 chosen.update({name: ("sdpa", factory) for name, factory in sdpa_backends().items()})
             for optional in ("xformers", "flash_attn"):
@@ -211,13 +226,15 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--quick", action="store_true", help="shorter timing budget")
+    parser.add_argument("--vilbert", action="store_true",
+                        help="only ViLBERT-base's shapes (the GPU suite's first look)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     bench = Bench(device, dtype, args.quick, args.out)
     try:
-        run_cases(bench, device)
+        run_cases(bench, device, args.vilbert)
     except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): save what was measured
         bench.results.failures.append(f"interrupted after {len(bench.results.rows)} measurements")
         print(f"interrupted: saving the {len(bench.results.rows)} measurements made", file=sys.stderr)
@@ -225,8 +242,12 @@ def main(argv=None):
     return 1 if bench.results.failures else 0
 
 
-def run_cases(bench: Bench, device: torch.device) -> None:
-    if device.type == "cuda":
+def run_cases(bench: Bench, device: torch.device, vilbert_only: bool = False) -> None:
+    if device.type == "cuda" and vilbert_only:
+        bench.co_attention(64, 37, 36, 8, 128)
+        bench.attention("attention vilbert text", 64, 36, 36, 12, 64)
+        bench.attention("attention vilbert visual", 64, 37, 37, 8, 128)
+    elif device.type == "cuda":
         for regions in (37, 101):
             for text in (36, 80):
                 bench.co_attention(64, regions, text, 8, 128)

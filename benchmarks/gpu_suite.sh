@@ -6,10 +6,14 @@
 #
 # On a CUDA machine that has this checkout, its own torch + triton and no network: installs the wheels
 # carried in .whl/ (DeepSpeed and what it needs; benchmarks/fetch_wheels.sh makes that folder) into
-# $FASTVL_SUITE_SITE, and fastvl from the checkout (--no-index --no-deps; fastvl._C gets its CUDA kernel
-# where nvcc is found, info.txt says whether it did). Then runs the steps below in order, each under its
-# own time cap and all within one budget (FASTVL_SUITE_BUDGET_S, default 560 s, counted from the start,
-# install included); a step that would get less than half its cap is recorded as skipped. Everything
+# $FASTVL_SUITE_SITE, and fastvl from the checkout (--no-index --no-deps) first without its C++/CUDA
+# extension, so that the first results come within minutes; step build-ext builds fastvl._C later (its
+# CUDA kernel where nvcc is found; info.txt says whether it did). Then runs the steps below in order,
+# most important first -- the compiled-kernel tests, the compile report as this GPU's JIT built it,
+# co-attention and attention at ViLBERT shapes against SDPA, one ViLBERT-base training step -- each
+# under its own time cap and all within one budget (FASTVL_SUITE_BUDGET_S, default 480 s = 8 minutes,
+# counted from the start, install included); a step that would get less than half its cap is recorded
+# as skipped, and a second call with --continue runs the rest. Everything
 # lands in DIR/<date>-<device>/ (DIR: --root, default benchmarks/results; or exactly --out DIR): a log
 # per step, install.log, info.txt and steps.tsv (step, exit code or "skipped", seconds).
 #   --continue    run only the steps that steps.tsv of that folder does not record as run (a second call
@@ -20,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-BUDGET=${FASTVL_SUITE_BUDGET_S:-560}
+BUDGET=${FASTVL_SUITE_BUDGET_S:-480}
 SITE=${FASTVL_SUITE_SITE:-/tmp/fastvl-site}
 ROOT=benchmarks/results
 OUT=""
@@ -79,28 +83,16 @@ if [[ $SMOKE == 0 ]]; then
   else
     echo "gpu_suite: no .whl/ folder: DeepSpeed runs will be skipped unless it is installed (benchmarks/README.md)"
   fi
-  # 2. fastvl from the checkout, unless a previous call on this machine already built it from these sources.
-  if "$PYTHON" - >>"$INSTALL_LOG" 2>&1 <<'PY'; then
-import glob, importlib.metadata, os, sys
-importlib.metadata.version("fastvl")
-import fastvl._C
-newest_source = max(os.path.getmtime(p) for p in glob.glob("csrc/*") + ["setup.py"])
-sys.exit(0 if os.path.getmtime(fastvl._C.__file__) >= newest_source else 1)
-PY
-    echo "gpu_suite: fastvl and fastvl._C already installed from these sources"
+  # 2. fastvl from the checkout without the extension (seconds), unless it is installed already; step
+  #    build-ext builds fastvl._C later, after the first results.
+  if "$PYTHON" -c "import importlib.metadata; importlib.metadata.version('fastvl'); import fastvl.kernels" \
+      >>"$INSTALL_LOG" 2>&1; then
+    echo "gpu_suite: fastvl already installed"
   else
-    NVCC=$(command -v nvcc || ls "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" 2>/dev/null || true)
-    echo "gpu_suite: installing fastvl (pip install --no-build-isolation --no-index --no-deps -e .;" \
-         "nvcc: ${NVCC:-not found, so fastvl._C builds without its CUDA kernel})"
-    # A failed extension build is a warning (setup.py): pip fails only on a pip-level error or the time cap.
-    MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout 240 "$PYTHON" -m pip install --no-build-isolation --no-index --no-deps \
-      -e . >>"$INSTALL_LOG" 2>&1
+    echo "gpu_suite: installing fastvl without fastvl._C (FASTVL_BUILD_EXT=0; step build-ext builds it)"
+    FASTVL_BUILD_EXT=0 timeout 120 "$PYTHON" -m pip install --no-build-isolation --no-index --no-deps -e . \
+      >>"$INSTALL_LOG" 2>&1
     INSTALL_RC=$?
-    if [[ $INSTALL_RC != 0 ]]; then
-      echo "gpu_suite: install failed (exit $INSTALL_RC); installing without fastvl._C (FASTVL_BUILD_EXT=0)"
-      FASTVL_BUILD_EXT=0 timeout 90 "$PYTHON" -m pip install --no-build-isolation --no-index --no-deps -e . \
-        >>"$INSTALL_LOG" 2>&1
-    fi
   fi
 else
   echo "cpu smoke run: using the installed fastvl and packages" >"$INSTALL_LOG"
@@ -167,8 +159,17 @@ set_step() {
   local name=$1
   if [[ $SMOKE == 0 ]]; then
     case "$name" in
+      kernel-tests) CAP=150; CMD=("$PYTHON" -m pytest -q -m gpu "${KERNEL_TESTS[@]}" -p no:cacheprovider
+                                  ${XDIST[@]+"${XDIST[@]}"} --durations=15 --junitxml="$OUT/kernel-tests.xml") ;;
+      jit-report) CAP=60; CMD=("$PYTHON" -m fastvl.aot --jit --json "$OUT/compile-report-jit.json") ;;
+      attention-vilbert) CAP=90; CMD=("$PYTHON" benchmarks/bench_attention.py --vilbert --quick --out "$OUT/vilbert") ;;
+      step-vilbert) CAP=90; CMD=("$PYTHON" -m fastvl bench model --model vilbert-base --batch 64 --no-max-batch
+                                 --out "$OUT/vilbert") ;;
+      build-ext) CAP=200; CMD=(env MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" -m pip install --no-build-isolation
+                               --no-index --no-deps -e .) ;;
       gpu-tests) CAP=210; CMD=("$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
-                               --continue-on-collection-errors --durations=25 --junitxml="$OUT/gpu-tests.xml") ;;
+                               "${KERNEL_TESTS_IGNORED[@]}" --continue-on-collection-errors --durations=25
+                               --junitxml="$OUT/gpu-tests.xml") ;;
       bench-ops) CAP=100; CMD=("$PYTHON" -m fastvl bench ops --builtin-only --out "$OUT") ;;
       bench-model) CAP=130; CMD=("$PYTHON" -m fastvl bench model --model vilbert-base --batch 32 64 --out "$OUT") ;;
       profile) CAP=45; CMD=("$PYTHON" -m fastvl bench profile --model vilbert-base --batch 64 --out "$OUT") ;;
@@ -185,7 +186,14 @@ set_step() {
     esac
   else
     case "$name" in
-      gpu-tests) CAP=120; CMD=("$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider
+      kernel-tests) CAP=60; CMD=("$PYTHON" -m pytest -q -m gpu "${KERNEL_TESTS[@]}" -p no:cacheprovider) ;;
+      jit-report) CAP=300; CMD=(env -u TRITON_INTERPRET "$PYTHON" -m fastvl.aot --ci --arch 90
+                                --json "$OUT/compile-report-ci.json") ;;
+      attention-vilbert) CAP=60; CMD=("$PYTHON" benchmarks/bench_attention.py --device cpu --quick --vilbert
+                                      --out "$OUT/vilbert") ;;
+      step-vilbert) CAP=120; CMD=("$PYTHON" -m fastvl bench model --model vilbert-tiny --quick --threads 1 --batch 2
+                                  --no-max-batch --out "$OUT/vilbert") ;;
+      gpu-tests) CAP=120; CMD=("$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider "${KERNEL_TESTS_IGNORED[@]}"
                                --continue-on-collection-errors --junitxml="$OUT/gpu-tests.xml") ;;
       bench-ops) CAP=120; CMD=("$PYTHON" -m fastvl bench ops --builtin-only --quick --threads 1
                                --only co_attention region_kl_loss --out "$OUT") ;;
@@ -201,11 +209,18 @@ set_step() {
   fi
 }
 
+# The kernels' own GPU tests (compiled Triton kernels), run first; gpu-tests runs the rest later.
+KERNEL_TESTS=(tests/test_attention.py tests/test_co_attention.py tests/test_region_kl.py tests/test_layer_norm.py
+              tests/test_bias_gelu.py tests/test_linear_losses.py tests/test_itc.py)
+KERNEL_TESTS_IGNORED=()
+for test in "${KERNEL_TESTS[@]}"; do KERNEL_TESTS_IGNORED+=(--ignore="$test"); done
+
 if [[ $SMOKE == 0 ]]; then  # in order of what the first GPU run must show; the last ones go first if time runs out
-  STEPS=(gpu-tests bench-ops bench-model profile parity-bf16 bench-attention bench-losses bench-vlbert bench-albef
-         parity-fp32)
+  STEPS=(kernel-tests jit-report attention-vilbert step-vilbert build-ext gpu-tests bench-ops bench-model profile
+         parity-bf16 bench-attention bench-losses bench-vlbert bench-albef parity-fp32)
 else
-  STEPS=(gpu-tests bench-ops bench-model profile parity-fp32 bench-attention bench-losses)
+  STEPS=(kernel-tests jit-report attention-vilbert step-vilbert gpu-tests bench-ops bench-model profile parity-fp32
+         bench-attention bench-losses)
 fi
 
 # steps already run in this folder (any exit code; "skipped" does not count)

@@ -29,7 +29,7 @@ def _cuda() -> bool:
 
 def nvtx_range(name: str):
     """A context manager marking ``name`` in the profile; nothing without CUDA or while torch.compile traces."""
-    if _cuda() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and _cuda():
         return torch.cuda.nvtx.range(name)
     return contextlib.nullcontext()
 

@@ -1,5 +1,6 @@
 """Triton kernels of fastvl (installed as ``fastvl.kernels``): device code only, no model knowledge.
 
-Each module defines its ``@triton.jit`` kernels and an ``AOT_SPECS`` list describing every launch
-configuration it can be compiled with, which ``python -m fastvl.aot`` builds for sm_80 and sm_90.
+Each module defines its ``@triton.jit`` kernels; ``python -m fastvl.aot`` compiles them for sm_80 and
+sm_90 as the JIT would launch them (the attention and region KL launches are captured from the real
+launchers; the other row kernels describe theirs in an ``AOT_SPECS`` list).
 """

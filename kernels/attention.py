@@ -446,13 +446,13 @@ def fwd_config(dtype: str, block_d: int, long: bool) -> BlockConfig:
     """Forward blocks; ``long``: at least LONG_SEQUENCE query rows (attention only; co-attention's
     ViLBERT-length streams always take the short configuration)."""
     if dtype == "fp32":  # exact fp32 dots unroll into FMA loops: small tiles keep the compile short
-        return BlockConfig(32, 16, 4, 2)
-    if long:
-        return BlockConfig(128, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
+        return BlockConfig(32, 16, 8 if block_d == 128 else 4, 2)
+    if long:  # 128-row query blocks: 8 warps (4 spill on sm_80 even at d=64)
+        return BlockConfig(128, 64, 8, 2 if block_d == 128 else 3)
     return BlockConfig(64, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
 
 
 def bwd_config(dtype: str, block_d: int) -> BlockConfig:
-    if dtype == "fp32":
-        return BlockConfig(16, 16, 4, 1)
+    if dtype == "fp32":  # d=128 on 8 warps: 4 spill 600-700 B
+        return BlockConfig(16, 16, 8 if block_d == 128 else 4, 1)
     return BlockConfig(64, 64, 8 if block_d == 128 else 4, 2)

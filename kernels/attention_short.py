@@ -1,5 +1,5 @@
-"""Short-sequence attention and co-attention (every sequence at most SHORT_MAX_LEN = 128 rows): the
-regime of ViLBERT, VL-BERT and ALBEF (10-101 regions, 16-80 tokens per head).
+"""Short-sequence attention and co-attention (every sequence at most 128 rows at head dims <= 64, 64
+rows at head dims 65-128): the regime of ViLBERT, VL-BERT and ALBEF (10-101 regions, 16-80 tokens).
 
 All keys of a sequence fit one block of BLOCK_N = 64 or 128 rows (the key bucket), so the forward
 is a single pass: one ``S = Q K^T``, one exact softmax, one ``P V`` -- no online rescaling, no
@@ -27,6 +27,9 @@ from fastvl.kernels.attention import CO_LENGTH_ARGS, LENGTH_ARGS, _dropout_keep,
 
 SHORT_MAX_LEN = 128
 KEY_BUCKETS = (64, 128)
+# Longest sequence the short path takes per BLOCK_D (head dim rounded up): at d=128 the 128-row bucket's
+# backward spills 1.7 KB on sm_80 and its forward spills too, so d=128 keeps it to the 64-row bucket.
+SHORT_MAX_LEN_BY_HEAD_BLOCK = {64: 128, 128: 64}
 BLOCK_M = 64  # query rows per forward program
 
 
@@ -38,10 +41,14 @@ def key_bucket(max_len: int) -> int:
 FWD_WARPS = 4
 
 
-def bwd_warps(block_n: int) -> int:
-    """Backward warps for key bucket ``block_n``, read off the compile report: at 64, 4 warps (no
-    spill, 2 CTAs/SM at d=128); at 128, 8 warps (4 spill 1.3-1.7 KB)."""
-    return 4 if block_n <= 64 else 8
+def bwd_warps(block_n: int, block_d: int, major: int) -> int:
+    """Backward warps, read off the compile report (bf16): key bucket 64 on sm_90, 4 warps (d=128:
+    255 registers, no spill, 2 CTAs/SM; 8 warps need 166 registers, 1 CTA/SM); on sm_80 (mma operands
+    in registers) d=128 takes 8 warps (4 spill 0.8-1.5 KB with dropout); bucket 128, 8 warps (4 spill
+    1.3-1.7 KB)."""
+    if block_n > 64 or (major < 9 and block_d > 64):
+        return 8
+    return 4
 
 
 @triton.jit
@@ -127,18 +134,19 @@ def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
                   mask=offs_m < seq_q, other=float("inf"))
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.where(_visible(key_ok, offs_m, offs_n, seq_q, seq_k, IS_CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+    if HAS_DROPOUT:  # the mask dies here: where p > 0, p_used > 0 says "kept" (and where p = 0, dS = 0)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
+        p_used = tl.where(keep, p * inv_keep, 0.0)
+    else:
+        p_used = p
     do = tl.load(_rows(DO, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=row_tile, other=0.0)
     o = tl.load(_rows(O, b, h, q_start, offs_m, offs_d, stride_ob, stride_ol, stride_oh), mask=row_tile, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     v = tl.load(_rows(V, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=key_tile, other=0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        p_used = tl.where(keep, p * inv_keep, 0.0)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
-    else:
-        p_used = p
+        dp = tl.where(p_used > 0.0, dp * inv_keep, 0.0)
     dv = tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
     in_seq = (offs_n < seq_k)[:, None] & d_ok[None, :]  # masked keys get their zero gradients written
     tl.store(_rows(DV, b, h, k_start, offs_n, offs_d, stride_dkb, stride_dkl, stride_dkh),

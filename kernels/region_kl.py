@@ -16,59 +16,91 @@ import triton.language as tl
 
 
 @triton.jit
-def region_kl_kernel(
-    logits_ptr, target_ptr, selected_ptr, scale_ptr, loss_ptr, grad_ptr,
-    n_classes, stride_logits_row, stride_target_row, stride_grad_row, stride_scale, write_grad,
-    BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr,
-):
-    # One program = one row: its loss (stored in loss_ptr's dtype) and, if write_grad, its gradient
-    # row times scale (1 without HAS_SCALE).
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_logits_row
-    target_row = target_ptr + row * stride_target_row
-    selected = tl.load(selected_ptr + row) != 0
-    # Unselected rows read nothing: their loop bound is 0.
-    row_end = tl.where(selected, n_classes, 0)
-    cols = tl.arange(0, BLOCK_C)
-
+def _row_sums(logits_row, target_row, cols, lead, load_end, row_end, BLOCK_C: tl.constexpr):
+    """Sweep 1 over one row read through a window: lanes [lead, lead + row_end) hold its classes, the
+    loads cover [0, load_end) (lanes outside the row are loaded but never used)."""
     # Shift for sum p (x - c): the first block's max, close to the row max, keeps |x - c| small so that
     # the loss does not cancel catastrophically for logits of size ~1e4.
-    first = tl.load(logits_row + cols, mask=(cols < row_end), other=float("-inf")).to(tl.float32)
-    shift = tl.max(first, axis=0)
-    shift = tl.where(selected, shift, 0.0)
+    in_row = (cols >= lead) & (cols < lead + row_end)
+    first = tl.load(logits_row + cols, mask=cols < load_end, other=float("-inf")).to(tl.float32)
+    shift = tl.max(tl.where(in_row, first, float("-inf")), axis=0)
+    shift = tl.where(row_end > 0, shift, 0.0)
     row_max = shift
     sum_exp = tl.zeros((), dtype=tl.float32)
     sum_p = tl.zeros((), dtype=tl.float32)
     sum_p_x = tl.zeros((), dtype=tl.float32)
     sum_p_log_p = tl.zeros((), dtype=tl.float32)
-    for start in range(0, row_end, BLOCK_C):
+    for start in range(0, load_end, BLOCK_C):
         offsets = start + cols
-        valid = offsets < row_end
-        x = tl.load(logits_row + offsets, mask=valid, other=float("-inf")).to(tl.float32)
-        p = tl.load(target_row + offsets, mask=valid, other=0.0).to(tl.float32)
+        loaded = offsets < load_end
+        valid = (offsets >= lead) & (offsets < lead + row_end)
+        x = tl.load(logits_row + offsets, mask=loaded, other=float("-inf")).to(tl.float32)
+        p = tl.load(target_row + offsets, mask=loaded, other=0.0).to(tl.float32)
+        x = tl.where(valid, x, float("-inf"))
+        p = tl.where(valid, p, 0.0)
         new_max = tl.maximum(row_max, tl.max(x, axis=0))
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         row_max = new_max
         sum_p += tl.sum(p, axis=0)
         sum_p_x += tl.sum(p * (tl.where(valid, x, shift) - shift), axis=0)
         sum_p_log_p += tl.sum(tl.where(p > 0.0, p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0), axis=0)
+    return shift, row_max, sum_exp, sum_p, sum_p_x, sum_p_log_p
 
+
+@triton.jit
+def _row_grad(logits_row, target_row, grad_row, cols, lead, load_end, row_end, n_classes, log_norm, sum_p, scale,
+              BLOCK_C: tl.constexpr):
+    """Sweep 2: the gradient of the row's classes (zeros on an unselected row's), same window."""
+    read_end = tl.where(row_end > 0, load_end, 0)  # an unselected row reads nothing, writes zeros
+    for start in range(0, load_end, BLOCK_C):
+        offsets = start + cols
+        valid = (offsets >= lead) & (offsets < lead + row_end)
+        x = tl.load(logits_row + offsets, mask=offsets < read_end, other=0.0).to(tl.float32)
+        p = tl.load(target_row + offsets, mask=offsets < read_end, other=0.0).to(tl.float32)
+        grad = tl.where(valid, (tl.exp(x - log_norm) * sum_p - p) * scale, 0.0)
+        tl.store(grad_row + offsets, grad.to(grad_row.dtype.element_ty),
+                 mask=(offsets >= lead) & (offsets < lead + n_classes))
+
+
+@triton.jit
+def region_kl_kernel(
+    logits_ptr, target_ptr, selected_ptr, scale_ptr, loss_ptr, grad_ptr,
+    n_rows, n_classes, stride_logits_row, stride_target_row, stride_grad_row, stride_scale, write_grad,
+    BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # One program = one row: its loss (stored in loss_ptr's dtype) and, if write_grad, its gradient
+    # row times scale (1 without HAS_SCALE). With ALIGN > 1 (logits, targets and gradient share one row
+    # stride) every row but the last is read through a window that starts and ends ALIGN-aligned (the
+    # neighbours' lanes are loaded, never used), so an odd class count (C = 1601) still gets vector
+    # loads; the last row, whose window could end past the tensor, reads exactly its own classes.
+    row = tl.program_id(0).to(tl.int64)
+    selected = tl.load(selected_ptr + row) != 0
+    row_end = tl.where(selected, n_classes, 0)  # unselected rows read nothing
+    cols = tl.arange(0, BLOCK_C)
+    lead = (row * stride_logits_row) % ALIGN
+    logits_row = logits_ptr + tl.multiple_of(row * stride_logits_row - lead, ALIGN)
+    target_row = target_ptr + tl.multiple_of(row * stride_target_row - lead, ALIGN)
+    grad_row = grad_ptr + tl.multiple_of(row * stride_grad_row - lead, ALIGN)
+    window_end = tl.multiple_of((lead + row_end + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    if row + 1 < n_rows:
+        shift, row_max, sum_exp, sum_p, sum_p_x, sum_p_log_p = _row_sums(logits_row, target_row, cols, lead,
+                                                                          window_end, row_end, BLOCK_C)
+    else:
+        shift, row_max, sum_exp, sum_p, sum_p_x, sum_p_log_p = _row_sums(logits_row, target_row, cols, lead,
+                                                                          lead + row_end, row_end, BLOCK_C)
     log_norm = row_max + tl.log(tl.where(selected, sum_exp, 1.0))
     loss = sum_p_log_p - sum_p_x + sum_p * (log_norm - shift)
     tl.store(loss_ptr + row, tl.where(selected, loss, 0.0).to(loss_ptr.dtype.element_ty))
 
     if write_grad != 0:
         scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32) if HAS_SCALE else 1.0
-        grad_row = grad_ptr + row * stride_grad_row
-        for start in range(0, n_classes, BLOCK_C):
-            offsets = start + cols
-            in_row = offsets < n_classes
-            valid = offsets < row_end
-            x = tl.load(logits_row + offsets, mask=valid, other=0.0).to(tl.float32)
-            p = tl.load(target_row + offsets, mask=valid, other=0.0).to(tl.float32)
-            grad = (tl.exp(x - log_norm) * sum_p - p) * scale
-            grad = tl.where(valid, grad, 0.0)
-            tl.store(grad_row + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        full_end = tl.multiple_of((lead + n_classes + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+        if row + 1 < n_rows:
+            _row_grad(logits_row, target_row, grad_row, cols, lead, full_end, row_end, n_classes, log_norm, sum_p,
+                      scale, BLOCK_C)
+        else:
+            _row_grad(logits_row, target_row, grad_row, cols, lead, lead + n_classes, row_end, n_classes, log_norm,
+                      sum_p, scale, BLOCK_C)
 
 
 @triton.jit
@@ -108,4 +140,5 @@ def num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8
 
 
+ALIGN = 8  # window alignment in elements: 16 bytes of fp16 / bf16, 32 of fp32
 REDUCE_BLOCK = 1024

@@ -25,8 +25,9 @@ PATHS = ("short", "tiled")
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    if request.param == "tiled":
-        monkeypatch.setenv("FASTVL_ATTENTION_PATH", "tiled")
+    """Both paths in every dtype (the rule sends fp32 to the tiled kernels; the override tests the
+    short kernels' arithmetic in fp32 too)."""
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", request.param)
     return request.param
 
 
@@ -34,12 +35,15 @@ def randn(generator, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=generator).to(dtype)
 
 
-def test_dispatch_by_longest_sequence(monkeypatch):
-    assert attention_launch.attention_path(1) == "short"
-    assert attention_launch.attention_path(128) == "short"
-    assert attention_launch.attention_path(129) == "tiled"
+def test_dispatch_by_longest_sequence_and_dtype(monkeypatch):
+    monkeypatch.delenv("FASTVL_ATTENTION_PATH", raising=False)
+    path = attention_launch.attention_path
+    assert path(1, torch.bfloat16, 64) == path(128, torch.float16, 40) == path(64, torch.bfloat16, 128) == "short"
+    assert path(129, torch.bfloat16, 64) == path(65, torch.bfloat16, 128) == path(37, torch.float32, 64) == "tiled"
     monkeypatch.setenv("FASTVL_ATTENTION_PATH", "tiled")
-    assert attention_launch.attention_path(37) == "tiled"
+    assert path(37, torch.bfloat16, 64) == "tiled"
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", "short")
+    assert path(37, torch.float32, 64) == "short" and path(129, torch.float16, 64) == "tiled"
 
 
 # (len_q, len_k, head dim, key lengths, causal, dtype): odd lengths, both key buckets (<= 64, 65-128),
@@ -115,22 +119,24 @@ print(json.dumps({k: len(v) for k, v in aot.variants(lengths, dtype=sys.argv[1],
 """
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_one_compiled_variant_per_bucket_over_vilbert_lengths(path):
-    """Triton's own binder (sm_90 backend, no GPU) over 10-101 regions x 16-80 tokens: lengths and
-    length-derived strides are not specialised, so only the key bucket (64 or 128) makes a variant
-    on the short path, and nothing does on the tiled one."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["FASTVL_ATTENTION_PATH"] = path
-    run = subprocess.run([sys.executable, "-c", COUNT_VARIANTS, "bf16", "128", "0.1"], env=env, capture_output=True,
-                         text=True, timeout=600)
+SHORT = {"attention_fwd_short_kernel", "attention_bwd_short_kernel", "co_attention_fwd_short_kernel",
+         "co_attention_bwd_short_kernel"}
+TILED = {"attention_fwd_kernel", "attention_bwd_kernel", "co_attention_fwd_kernel", "co_attention_bwd_kernel"}
+
+
+@pytest.mark.parametrize("path,head_dim,expected", [
+    ("auto", 64, {name: 2 for name in SHORT}),  # key buckets 64 and 128
+    ("auto", 128, {name: 1 for name in SHORT | TILED}),  # bucket 64 short, longer ones tiled
+    ("tiled", 128, {name: 1 for name in TILED}),
+])
+def test_one_compiled_variant_per_bucket_over_vilbert_lengths(path, head_dim, expected):
+    """Triton's own binder (sm_90 backend, no GPU) over 10-101 regions x 16-80 tokens, with dropout:
+    lengths and length-derived strides are not specialised, so only the key bucket makes a variant on
+    the short path, and nothing does on the tiled one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVL_ATTENTION_PATH")}
+    if path == "tiled":
+        env["FASTVL_ATTENTION_PATH"] = path
+    run = subprocess.run([sys.executable, "-c", COUNT_VARIANTS, "bf16", str(head_dim), "0.1"], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    counts = json.loads(run.stdout.strip().splitlines()[-1])
-    if path == "short":
-        assert set(counts) == {"attention_fwd_short_kernel", "attention_bwd_short_kernel",
-                               "co_attention_fwd_short_kernel", "co_attention_bwd_short_kernel"}
-        assert all(n == 2 for n in counts.values()), counts  # key buckets 64 and 128
-    else:
-        assert set(counts) == {"attention_fwd_kernel", "attention_bwd_kernel", "co_attention_fwd_kernel",
-                               "co_attention_bwd_kernel"}
-        assert all(n == 1 for n in counts.values()), counts
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == expected

@@ -65,8 +65,8 @@ def _weight_bytes(model) -> int:
 
 
 def run_vilbert(results: harness.Results, name: str, texts: int, images: int, batch: int, dtype, device) -> None:
-    from fastvl.finetune.tasks.retrieval import vilbert_pair_scores, vilbert_pair_scores_uncached  # noqa: PLC0415
-    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForTasks  # noqa: PLC0415
+    from fastvl.finetune.tasks.retrieval import vilbert_pair_scores, vilbert_pair_scores_uncached
+    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForTasks
 
     torch.manual_seed(0)
     config = ViLBERTConfig.named(name.removeprefix("vilbert-"))
@@ -95,9 +95,9 @@ def run_vilbert(results: harness.Results, name: str, texts: int, images: int, ba
 
 def run_albef(results: harness.Results, name: str, texts: int, images: int, batch: int, k: int, dtype,
               device) -> None:
-    from fastvl.dispatch import use_backend  # noqa: PLC0415
-    from fastvl.finetune.tasks.retrieval import albef_features, albef_rerank  # noqa: PLC0415
-    from fastvl.models.albef import ALBEF, ALBEFConfig  # noqa: PLC0415
+    from fastvl.dispatch import use_backend
+    from fastvl.finetune.tasks.retrieval import albef_features, albef_rerank
+    from fastvl.models.albef import ALBEF, ALBEFConfig
 
     torch.manual_seed(0)
     model = ALBEF(ALBEFConfig.named(name.removeprefix("albef-")), with_mlm_head=False).to(device, dtype).eval()

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--vocab", help="copy this vocab.txt (e.g. BERT's) next to the shards")
     convert.add_argument("--shard-size", type=int, default=1024, help="records per shard")
 
-    from fastvl.data.synth_task import add_arguments as add_synth_task  # noqa: PLC0415 - task sets (issue 14)
+    from fastvl.data.synth_task import add_arguments as add_synth_task
 
     add_synth_task(actions)
     inspect = actions.add_parser("inspect", help="open a dataset, tokenise its captions and report counts")
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{args.out}")
         return 0
     if args.action == "synth-task":
-        from fastvl.data.synth_task import run as run_synth_task  # noqa: PLC0415
+        from fastvl.data.synth_task import run as run_synth_task
 
         return run_synth_task(args)
     if args.action == "convert":

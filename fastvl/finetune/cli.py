@@ -19,13 +19,15 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvl.train.families import model_names  # noqa: PLC0415
+    from fastvl.train.families import model_names
 
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--model", default="vilbert-tiny", choices=model_names(), help="model family and size")
     parser.add_argument("--init", metavar="CKPT", help="pretrained weights: a fastvl checkpoint file or the DeepSpeed "
                         "checkpoint directory of `fastvl pretrain` (loaded weights_only); without it the encoder "
                         "starts from random weights")
+    parser.add_argument("--init-config", metavar="CONFIG", help="--init is an original release (ViLBERT / VL-BERT / "
+                        "ALBEF checkpoint) with this JSON or YAML config: converted on the fly (fastvl convert's rules)")
     parser.add_argument("--data", required=True, help="task directory (task.json; `fastvl data synth-task`)")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
     parser.add_argument("--out", default="runs/finetune", help="log.jsonl, evaluations.jsonl, best.pt, checkpoints/")
@@ -64,6 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastvl.finetune.engine import finetune  # noqa: PLC0415
+    from fastvl.finetune.engine import finetune
 
     return finetune(args)

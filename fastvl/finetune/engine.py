@@ -33,8 +33,8 @@ from fastvl.data.tokenizer import load_tokenizer, special_ids
 from fastvl.finetune.parallel import EvalContext
 from fastvl.finetune.presets import preset_for
 from fastvl.finetune.tasks import task_class
-from fastvl.finetune.tasks.common import (config_from_dict, config_to_dict, load_pretrained, model_config,
-                                          read_init_state)
+from fastvl.finetune.tasks.common import (config_from_dict, config_to_dict, convert_original, load_pretrained,
+                                          model_config, read_init_state)
 
 CHECKPOINT_FORMAT = "fastvl-finetune"
 BEST_FILE = "best.pt"
@@ -62,6 +62,7 @@ class TaskFamily:
 
     objectives: tuple[str, ...]
     step_inputs: object = None
+    name: str | None = None  # recorded in checkpoints: a resumed run must be the same family and task
 
     @staticmethod
     def model_inputs(batch: dict) -> dict:
@@ -73,7 +74,7 @@ class TaskFamily:
 
 
 def resolve_model(name: str) -> tuple[str, str]:
-    from fastvl.train.families import resolve  # noqa: PLC0415
+    from fastvl.train.families import resolve
 
     family, variant = resolve(name)
     return family.name, variant
@@ -100,12 +101,12 @@ def make_task(args, family: str, dataset, special, task_dir, preset, state: dict
 def full_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's parameters and buffers as float32 CPU tensors on rank 0 (None elsewhere); under ZeRO-3
     every rank takes part in gathering them."""
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     partitioned = any(hasattr(p, "ds_id") for p in net.parameters())
     rank = dist.get_rank() if dist.is_initialized() else 0
     if partitioned:
-        import deepspeed  # noqa: PLC0415
+        import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):
             state = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
@@ -161,13 +162,13 @@ def evaluation_points(total_steps: int, every: int) -> list[int]:
 def finetune(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    import deepspeed  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
+    import deepspeed
+    import torch.distributed as dist
 
-    from fastvl.data.sampler import GlobalBatchSampler  # noqa: PLC0415
-    from fastvl.train import presets  # noqa: PLC0415
-    from fastvl.train.cli import init_distributed, load_config  # noqa: PLC0415
-    from fastvl.train.loop import LOG_FILE, Logger, Trainer, TrainingDiverged  # noqa: PLC0415
+    from fastvl.data.sampler import GlobalBatchSampler
+    from fastvl.train import presets
+    from fastvl.train.cli import init_distributed, load_config
+    from fastvl.train.loop import LOG_FILE, Logger, Trainer, TrainingDiverged
 
     try:
         family, variant = resolve_model(args.model)
@@ -175,6 +176,17 @@ def finetune(args) -> int:
     except ValueError as error:
         print(f"fastvl finetune: {error}", file=sys.stderr)
         return 2
+    from fastvl.train.checkpoint import CheckpointError
+    from fastvl.train.locks import OutputDirBusy, clear_stale_build_locks, lock_output_dir
+
+    output_lock = None
+    if os.environ.get("RANK", "0") == "0":  # one run per --out, as fastvl pretrain
+        try:
+            output_lock = lock_output_dir(args.out)
+        except (OutputDirBusy, NotADirectoryError) as error:
+            print(f"fastvl finetune: {error}", file=sys.stderr)
+            return 2
+    clear_stale_build_locks()
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.global_batch is None:
@@ -199,8 +211,10 @@ def finetune(args) -> int:
     init_report = None
     if args.init:
         try:
-            init_report = load_pretrained(net, read_init_state(args.init), family, args.init)
-        except (ValueError, FileNotFoundError) as error:
+            state = (convert_original(family, args.init, args.init_config) if args.init_config else
+                     read_init_state(args.init))
+            init_report = load_pretrained(net, state, family, args.init)
+        except (ValueError, FileNotFoundError, OSError) as error:  # ConversionError is a ValueError
             print(f"fastvl finetune: {error}", file=sys.stderr)
             return 2
     module = TaskModule(task, net)
@@ -218,7 +232,9 @@ def finetune(args) -> int:
     if hasattr(net, "keep_momentum_fp32"):  # ALBEF's momentum encoders stay fp32 (fastvl.train.albef)
         net.keep_momentum_fp32()
     os.makedirs(args.out, exist_ok=True)
-    family_view = TaskFamily(task.objectives, task.step_inputs if task.has_step_inputs else None)
+    family_view = TaskFamily(task.objectives, task.step_inputs if task.has_step_inputs else None,
+                             name=f"{family}/{args.task}")
+    del output_lock  # held (by the open file) until the process ends
 
     def trainer(stop_after: int | None) -> Trainer:
         return Trainer(engine, family_view, sampler, task.collate, out_dir=args.out, total_steps=total_steps,
@@ -228,7 +244,11 @@ def finetune(args) -> int:
 
     first = trainer(None)
     if not args.no_resume:
-        first.resume()
+        try:
+            first.resume()
+        except CheckpointError as error:
+            print(f"fastvl finetune: {error}", file=sys.stderr)
+            return 2
     step = first.start_step
     logger = Logger(os.path.join(args.out, LOG_FILE), rank == 0)
     parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in net.parameters())
@@ -308,10 +328,10 @@ def finetune(args) -> int:
 
 def evaluate(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
-    from fastvl.bench.harness import environment  # noqa: PLC0415
-    from fastvl.train.cli import init_distributed  # noqa: PLC0415
+    from fastvl.bench.harness import environment
+    from fastvl.train.cli import init_distributed
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -347,8 +367,10 @@ def evaluate(args) -> int:
     else:
         net = task.make_model(model_config(family, variant, dataset, special))
         try:
-            load_pretrained(net, read_init_state(args.checkpoint), family, args.checkpoint)
-        except (ValueError, FileNotFoundError) as error:
+            state = (convert_original(family, args.checkpoint, args.checkpoint_config) if args.checkpoint_config
+                     else read_init_state(args.checkpoint))
+            load_pretrained(net, state, family, args.checkpoint)
+        except (ValueError, FileNotFoundError, OSError) as error:
             print(f"fastvl evaluate: {error}", file=sys.stderr)
             return 2
     device = torch.device(args.device)

@@ -16,12 +16,14 @@ from fastvl.finetune.tasks import TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvl.train.families import model_names  # noqa: PLC0415
+    from fastvl.train.families import model_names
 
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--checkpoint", required=True, help="best.pt of `fastvl finetune`, or a pretraining "
                         "checkpoint (zero-shot retrieval)")
     parser.add_argument("--model", choices=model_names(), help="the model of a pretraining checkpoint (zero-shot)")
+    parser.add_argument("--checkpoint-config", metavar="CONFIG", help="--checkpoint is an original release with this "
+                        "JSON or YAML config (e.g. ALBEF's mscoco.pth and its Retrieval_coco.yaml), converted on the fly")
     parser.add_argument("--data", required=True, help="task directory (task.json)")
     parser.add_argument("--split", default="val", help="split to score (val, test, ...)")
     parser.add_argument("--out", help="write the metrics JSON (with the environment) here")
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastvl.finetune.engine import evaluate  # noqa: PLC0415
+    from fastvl.finetune.engine import evaluate
 
     return evaluate(args)
 

@@ -42,7 +42,7 @@ def gather(values: list, ctx: EvalContext) -> list:
     """Concatenates every rank's list in rank order (itself on one rank)."""
     if ctx.world == 1:
         return list(values)
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     parts: list = [None] * ctx.world
     dist.all_gather_object(parts, list(values))

@@ -82,7 +82,7 @@ def _meta(k, dtype: torch.dtype, head_dim: int, config) -> dict:
 def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float, scale: float,
                       causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(output like q, log-sum-exp) of one attention; rows with no key get zeros and lse = inf."""
-    if attention_path(max(max_q, max_k)) == "short":
+    if attention_path(max(max_q, max_k), q.dtype, q.shape[-1]) == "short":
         return _short_attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed)
     kern = kernels()
     packed = cu_q is not None
@@ -109,7 +109,7 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout
 def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float,
                        scale: float, causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) from the forward's output and log-sum-exp; dropout regenerated from ``seed``."""
-    if attention_path(max(max_q, max_k)) == "short":
+    if attention_path(max(max_q, max_k), q.dtype, q.shape[-1]) == "short":
         return _short_attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, dropout_p,
                                          scale, causal, seed)
     kern = kernels()
@@ -142,7 +142,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
 def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v: int, len_t: int,
                          dropout_p: float, scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(ctx_v, ctx_t, lse_v, lse_t): image queries over text keys and text queries over image keys."""
-    if attention_path(max(len_v, len_t)) == "short":
+    if attention_path(max(len_v, len_t), q_v.dtype, q_v.shape[-1]) == "short":
         return _short_co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v, len_t,
                                            dropout_p, scale, seed)
     kern = kernels()
@@ -176,7 +176,7 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
                           cu_v, cu_t, len_v: int, len_t: int, dropout_p: float, scale: float,
                           seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch."""
-    if attention_path(max(len_v, len_t)) == "short":
+    if attention_path(max(len_v, len_t), q_v.dtype, q_v.shape[-1]) == "short":
         return _short_co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t,
                                             mask_v, mask_t, cu_v, cu_t, len_v, len_t, dropout_p, scale, seed)
     kern = kernels()
@@ -242,7 +242,7 @@ def _seed_pointer(dropout_p: float, seed: torch.Tensor):
     return seed if dropout_p > 0.0 else None
 
 
-# Short-sequence path (every sequence <= SHORT_MAX_LEN rows: fastvl.kernels.attention_short) ---------
+# Short-sequence path (short sequences, fp16 / bf16: fastvl.kernels.attention_short) ------------------
 
 
 def short_kernels():
@@ -251,13 +251,33 @@ def short_kernels():
     return attention_short
 
 
-def attention_path(max_len: int) -> str:
-    """``"short"`` when no sequence has more than ``SHORT_MAX_LEN`` rows (host-known lengths, no sync),
-    else ``"tiled"``; ``FASTVL_ATTENTION_PATH=tiled`` keeps every length on the tiled path (tests,
-    benchmarks)."""
-    if max_len > short_kernels().SHORT_MAX_LEN or os.environ.get("FASTVL_ATTENTION_PATH") == "tiled":
+def attention_path(max_len: int, dtype: torch.dtype, head_dim: int) -> str:
+    """``"short"`` for float16 / bfloat16 when no sequence is longer than the short kernels take at
+    this head dim (128 rows up to d=64, 64 rows up to d=128; host-known lengths, no sync), else
+    ``"tiled"`` (exact fp32 dots unroll on the CUDA cores and spill at these tiles: fp32 keeps the
+    tiled kernels). ``FASTVL_ATTENTION_PATH=tiled`` or ``=short`` overrides the dtype rule (tests,
+    benchmarks); the length limit always holds."""
+    forced = os.environ.get("FASTVL_ATTENTION_PATH")
+    short = short_kernels()
+    if max_len > short.SHORT_MAX_LEN_BY_HEAD_BLOCK[kernels().head_block(head_dim)] or forced == "tiled":
         return "tiled"
-    return "short"
+    if forced == "short" or dtype in (torch.float16, torch.bfloat16):
+        return "short"
+    return "tiled"
+
+
+TARGET_CAPABILITY: tuple[int, int] | None = None  # set by ``fastvl.aot`` to capture launches for an arch
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability the launch is for (torch caches the device query)."""
+    if TARGET_CAPABILITY is not None:
+        return TARGET_CAPABILITY
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+
+
+def _short_bwd_warps(block_n: int, block_d: int, device: torch.device) -> int:
+    return short_kernels().bwd_warps(block_n, block_d, _capability(device)[0])
 
 
 def _short_block_m():
@@ -312,7 +332,7 @@ def _short_attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max
         max_q, max_k, heads, head_dim, scale * tiled.LOG2E, scale, dropout_p,
         BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK=mask is not None, IS_VARLEN=packed,
         IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q.dtype]],
-        EVEN_D=head_dim == block_d, num_warps=short.bwd_warps(block_n), num_stages=1)
+        EVEN_D=head_dim == block_d, num_warps=_short_bwd_warps(block_n, block_d, q.device), num_stages=1)
     return dq, dk, dv
 
 
@@ -374,7 +394,7 @@ def _short_co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, c
         len_v, len_t, heads, head_dim, scale * tiled.LOG2E, scale, dropout_p,
         BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None,
         IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q_v.dtype]],
-        EVEN_D=head_dim == block_d, num_warps=short.bwd_warps(block_n), num_stages=1)
+        EVEN_D=head_dim == block_d, num_warps=_short_bwd_warps(block_n, block_d, q_v.device), num_stages=1)
     return (*grads_v, *grads_t)
 
 

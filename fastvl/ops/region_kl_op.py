@@ -108,18 +108,20 @@ def region_kl_rows(backend: str, logits: torch.Tensor, targets: torch.Tensor, se
 
 def _region_kl_triton_rows(logits, targets, selected, scale, grad, loss):
     """Launches the Triton row kernel: ``loss`` (any float dtype, ``[N]``) gets each row's loss;
-    ``scale`` None means 1."""
-    from fastvl.kernels.region_kl import block_size, num_warps, region_kl_kernel
+    ``scale`` None means 1. Aligned row windows (vector loads) when logits, targets and gradient share
+    their row stride."""
+    from fastvl.kernels.region_kl import ALIGN, block_size, num_warps, region_kl_kernel
 
     rows, classes = logits.shape
     grad_stride = grad.stride(0) if grad is not None else logits.stride(0)
+    align = ALIGN if logits.stride(0) == targets.stride(0) == grad_stride else 1
     if rows:
-        block = block_size(classes)
+        block = block_size(classes + align - 1)
         region_kl_kernel[(rows,)](
             logits, targets, selected.view(torch.uint8), scale, loss, grad if grad is not None else logits,
-            classes, logits.stride(0), targets.stride(0), grad_stride,
+            rows, classes, logits.stride(0), targets.stride(0), grad_stride,
             0 if scale is None or scale.numel() == 1 else 1, int(grad is not None),
-            BLOCK_C=block, HAS_SCALE=scale is not None, num_warps=num_warps(block))
+            BLOCK_C=block, HAS_SCALE=scale is not None, ALIGN=align, num_warps=num_warps(block))
 
 
 def _region_kl_triton(logits, targets, selected, reduction, grad, shape, dtype):

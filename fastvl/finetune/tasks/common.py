@@ -28,7 +28,7 @@ def model_config(family: str, variant: str, dataset, special, dropout: float | N
     """The family's named config with the dataset's vocabulary, feature width, classes and image size."""
     vocab = dataset.tokenizer.get_vocab_size()
     if family == "vilbert":
-        from fastvl.models.vilbert import ViLBERTConfig  # noqa: PLC0415
+        from fastvl.models.vilbert import ViLBERTConfig
 
         overrides = {"vocab_size": vocab, "v_target_size": dataset.num_classes, "v_feature_size": dataset.feature_dim}
         if dropout is not None:
@@ -36,7 +36,7 @@ def model_config(family: str, variant: str, dataset, special, dropout: float | N
                              v_hidden_dropout_prob=dropout, v_attention_probs_dropout_prob=dropout)
         return ViLBERTConfig.named(variant, **overrides)
     if family == "vlbert":
-        from fastvl.models.vlbert import VLBERTConfig  # noqa: PLC0415
+        from fastvl.models.vlbert import VLBERTConfig
 
         overrides = {"vocab_size": vocab, "visual_region_classes": dataset.num_classes,
                      "visual_feature_dim": dataset.feature_dim, "pad_token_id": special.pad}
@@ -44,7 +44,7 @@ def model_config(family: str, variant: str, dataset, special, dropout: float | N
             overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         return VLBERTConfig.named(variant, **overrides)
     if family == "albef":
-        from fastvl.models.albef import ALBEFConfig  # noqa: PLC0415
+        from fastvl.models.albef import ALBEFConfig
 
         height, width = dataset.require_pixels("ALBEF")
         if height != width:
@@ -58,9 +58,9 @@ def model_config(family: str, variant: str, dataset, special, dropout: float | N
 
 
 def config_class(family: str):
-    from fastvl.models.albef import ALBEFConfig  # noqa: PLC0415
-    from fastvl.models.vilbert import ViLBERTConfig  # noqa: PLC0415
-    from fastvl.models.vlbert import VLBERTConfig  # noqa: PLC0415
+    from fastvl.models.albef import ALBEFConfig
+    from fastvl.models.vilbert import ViLBERTConfig
+    from fastvl.models.vlbert import VLBERTConfig
 
     return {"vilbert": ViLBERTConfig, "vlbert": VLBERTConfig, "albef": ALBEFConfig}[family]
 
@@ -83,29 +83,51 @@ def read_init_state(path: str) -> dict[str, torch.Tensor]:
     or exported state dict; safetensors or torch, loaded weights_only), or a DeepSpeed checkpoint
     directory of ``fastvl pretrain`` (``OUT``, ``OUT/checkpoints`` or a ``step-N`` tag folder; ZeRO 0-2:
     its ``mp_rank_00_model_states.pt``; ZeRO-3 shards are consolidated by DeepSpeed's zero_to_fp32)."""
-    from fastvl.convert.common import load_state_dict_file, normalise_keys  # noqa: PLC0415
+    from fastvl.convert.common import load_state_dict_file, normalise_keys
 
     if os.path.isfile(path):
         return normalise_keys(load_state_dict_file(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--init {path!r}: no such file or directory")
+    from fastvl.train.checkpoint import load_weights_only, read_latest
+
     folder = path
     for candidate in (os.path.join(path, "checkpoints"), path):
-        latest = os.path.join(candidate, "latest")
-        if os.path.isfile(latest):
-            with open(latest, encoding="utf-8") as f:
-                folder = os.path.join(candidate, f.read().strip())
+        tag = read_latest(candidate)
+        if tag:
+            folder = os.path.join(candidate, tag)
             break
     states = os.path.join(folder, "mp_rank_00_model_states.pt")
     if not os.path.isfile(states):
         raise FileNotFoundError(f"--init {path!r}: no DeepSpeed checkpoint there (no {states})")
-    loaded = torch.load(states, map_location="cpu", weights_only=True)
+    loaded = load_weights_only(states, map_location="cpu")
     module = loaded.get("module") if isinstance(loaded, dict) else None
     if not module or any(v.numel() == 0 for v in module.values() if isinstance(v, torch.Tensor)):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         module = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), os.path.basename(folder))
     return normalise_keys({k: v for k, v in module.items() if isinstance(v, torch.Tensor)})
+
+
+def convert_original(family: str, path: str, config_path: str) -> dict[str, torch.Tensor]:
+    """An original release (ViLBERT / VL-BERT / ALBEF checkpoint, loaded weights_only, and its JSON or YAML
+    config) converted on the fly by :mod:`fastvl.convert` (strict: every key must map)."""
+    import importlib
+    import json
+
+    from fastvl.convert.cli import CONVERTERS
+    from fastvl.convert.common import load_state_dict_file
+
+    with open(config_path, encoding="utf-8") as f:
+        if config_path.endswith((".yaml", ".yml")):
+            import yaml
+
+            config = yaml.safe_load(f)
+        else:
+            config = json.load(f)
+    module, function = CONVERTERS[family]
+    model = getattr(importlib.import_module(module), function)(load_state_dict_file(path), config)
+    return model.state_dict()
 
 
 def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], family: str, source: str) -> dict:

@@ -52,9 +52,9 @@ IGNORE = -100
 
 
 def _scope(model):
-    import contextlib  # noqa: PLC0415
+    import contextlib
 
-    from fastvl.dispatch import use_backend  # noqa: PLC0415
+    from fastvl.dispatch import use_backend
 
     backend = getattr(model, "backend", None)
     return use_backend(backend) if backend is not None else contextlib.nullcontext()
@@ -92,7 +92,7 @@ def vilbert_fused(bert, text: torch.Tensor, text_mask: torch.Tensor, image: torc
                   region_mask: torch.Tensor) -> torch.Tensor:
     """The fused vector of pairs from their prefixes (:func:`vilbert_text_prefix`,
     :func:`vilbert_image_prefix`): the rest of ViLBERT's encoder in its order, then the poolers."""
-    from fastvl.models.vilbert import fuse  # noqa: PLC0415
+    from fastvl.models.vilbert import fuse
 
     c = bert.config
     with _scope(bert):
@@ -239,10 +239,10 @@ class RetrievalTask(Task):
 
     def make_model(self, config) -> torch.nn.Module:
         if self.family == "vilbert":
-            from fastvl.models.vilbert import ViLBERTForTasks  # noqa: PLC0415
+            from fastvl.models.vilbert import ViLBERTForTasks
 
             return ViLBERTForTasks(config, num_labels=2)
-        from fastvl.train.albef import ALBEFPretraining  # noqa: PLC0415
+        from fastvl.train.albef import ALBEFPretraining
 
         return ALBEFPretraining(config)
 

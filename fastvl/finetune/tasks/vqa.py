@@ -90,14 +90,14 @@ class VQATask(Task):
 
     def make_model(self, config) -> torch.nn.Module:
         if self.family == "vilbert":
-            from fastvl.models.vilbert import ViLBERTForTasks  # noqa: PLC0415
+            from fastvl.models.vilbert import ViLBERTForTasks
 
             return ViLBERTForTasks(config, num_labels=len(self.answers))
         if self.family == "vlbert":
-            from fastvl.models.vlbert import VLBERTForVQA  # noqa: PLC0415
+            from fastvl.models.vlbert import VLBERTForVQA
 
             return VLBERTForVQA(config, num_answers=len(self.answers))
-        from fastvl.models.albef import ALBEFClassifier  # noqa: PLC0415
+        from fastvl.models.albef import ALBEFClassifier
 
         return ALBEFClassifier(config, num_classes=len(self.answers))
 
