@@ -11,6 +11,7 @@ import triton.language as tl
 
 from fastvl.kernels.aot_spec import AotSpec
 
+
 @triton.jit
 def _load_tile(x_ptr, bias_ptr, stride_x, n_rows, n_cols, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):

@@ -208,7 +208,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
             interrupted = True
             results.failures.append(f"interrupted at {backend}, batch {batch_size}")
             break
-        except Exception as error:  # noqa: BLE001 - e.g. out of memory: the other points still count
+        except Exception as error:  # e.g. out of memory: the other points still count
             results.failures.append(f"{backend} at batch {batch_size}: FAILED {type(error).__name__}: "
                                     f"{str(error).splitlines()[0][:200]}")
             continue
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
             except KeyboardInterrupt:
                 results.failures.append(f"largest-batch search interrupted at {backend}")
                 break
-            except Exception as error:  # noqa: BLE001 - reported, the other backend's search still runs
+            except Exception as error:  # reported, the other backend's search still runs
                 results.failures.append(f"largest-batch search, {backend}: FAILED {type(error).__name__}: "
                                         f"{str(error).splitlines()[0][:200]}")
             finally:

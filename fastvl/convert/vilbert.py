@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from fastvl.convert.common import (ConversionError, ConversionReport, Rule, SourceState, load_converted,
-                                   original_names)
+from fastvl.convert.common import ConversionError, ConversionReport, Rule, SourceState, load_converted, original_names
 from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 
 KNOWN_UNUSED = ("bert.encoder.c_layer.*.biOutput.q_dense1.*", "bert.encoder.c_layer.*.biOutput.q_dense2.*",

@@ -14,6 +14,7 @@ import argparse
 
 from fastvl.finetune.tasks import TASKS
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvl.train.cli import add_deepspeed_arguments
     from fastvl.train.families import model_names

@@ -39,14 +39,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl.profiling import nvtx_range
 from fastvl.dispatch import use_backend
 from fastvl.models.bert_config import BertConfig, check_unknown_keys
 from fastvl.models.outputs import PretrainingOutput, total
-from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,
-                       init_bert_weights)
+from fastvl.nn import (
+    CoAttentionLayer,
+    LayerNorm,
+    LinearGELU,
+    RegionEmbeddings,
+    TextEmbeddings,
+    TransformerLayer,
+    init_bert_weights,
+)
 from fastvl.nn.common import bool_mask
 from fastvl.ops import linear_cross_entropy, linear_region_kl_loss
+from fastvl.profiling import nvtx_range
 
 # Keys of the original JSON configs that fastvl accepts but that do not change the model it builds.
 _IGNORED_ORIGINAL_KEYS = {

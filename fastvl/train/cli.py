@@ -182,8 +182,8 @@ def build(args: argparse.Namespace) -> Run:
     from fastvl.data.format import VOCAB_FILE, DataError
     from fastvl.data.sampler import GlobalBatchSampler
     from fastvl.data.tokenizer import load_tokenizer, special_ids
-    from fastvl.train import families, presets
     from fastvl.profiling import nvtx_layer_ranges
+    from fastvl.train import families, presets
     from fastvl.train.loop import Trainer
 
     clear_stale_build_locks()  # DeepSpeed builds / loads its CPU shared-memory op below
