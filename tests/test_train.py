@@ -26,13 +26,6 @@ RUN = ["--model", "vilbert-tiny", "--global-batch", "8", "--micro-batch", "4", "
        "--log-every", "1", "--no-progress", "--seed", "3"]
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    make_synthetic_dataset(str(out), 128, feature_dim=64, shard_size=64)
-    return str(out)
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
