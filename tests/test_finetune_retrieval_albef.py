@@ -8,8 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastvl.finetune.tasks.albef_retrieval import (NO_IMAGE, ALBEFRetrieval, itm_negatives_of_other_images,
-                                                   multi_positive_itc_loss, positive_targets)
+from fastvl.finetune.tasks.albef_retrieval import (
+    NO_IMAGE,
+    ALBEFRetrieval,
+    itm_negatives_of_other_images,
+    multi_positive_itc_loss,
+    positive_targets,
+)
 from fastvl.models.albef import ALBEF, ALBEFConfig
 from fastvl.ops import itc_loss
 from fastvl.train.albef import ALBEFPretraining
