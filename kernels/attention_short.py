@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from fastvl.kernels.attention import CO_LENGTH_ARGS, LENGTH_ARGS, _dropout_keep, _key_ok, _rows, _sequence
 
 SHORT_MAX_LEN = 128

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from fastvl.kernels.aot_spec import AotSpec
 
 

@@ -6,10 +6,10 @@ import contextlib
 
 import pytest
 import torch
-from fastvl.kernels import bias_gelu, layer_norm, region_kl
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvl
+from fastvl.kernels import bias_gelu, layer_norm, region_kl
 
 pytestmark = pytest.mark.interpret
 FREE_OPS = {"empty", "empty_strided", "view", "_reshape_alias", "reshape", "as_strided", "alias", "detach",
