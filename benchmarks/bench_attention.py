@@ -47,7 +47,7 @@ def nbytes(batch, heads, rows, head_dim, element, kind):
 
 def sdpa_backends():
     """(variant name, context manager factory) for each SDPA backend of this torch, GPU only."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     chosen = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
               "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
@@ -131,13 +131,13 @@ class Bench:
         except (BackendUnavailableError, RuntimeError) as error:  # e.g. an SDPA backend that takes no mask
             print(f"  skip {name} {variant} {kind}: {str(error).splitlines()[0][:150]}", file=sys.stderr)
             return None
-        except Exception as error:  # noqa: BLE001 - e.g. a kernel that does not compile: the others still run
+        except Exception as error:  # e.g. a kernel that does not compile: the others still run
             self.failed(name, params, variant, kind, error)
             return None
         try:
             return self.results.measure(fn, name=f"{name} {kind}", variant=variant, params=params, dtype=self.dtype,
                                         flops=work_flops, nbytes=work_bytes, grad_to_none=inputs)
-        except Exception as error:  # noqa: BLE001 - e.g. out of memory while timing
+        except Exception as error:  # e.g. out of memory while timing
             self.failed(name, params, variant, kind, error)
             return None
 

@@ -152,7 +152,7 @@ class Bench:
             if self.measuring_memory:
                 self.notes.append(f"{name} {variant}: {str(error).splitlines()[0]}")
             return
-        except Exception as error:  # noqa: BLE001 - e.g. a kernel that does not compile: the others still run
+        except Exception as error:  # e.g. a kernel that does not compile: the others still run
             message = (f"{name} {variant} {params} {dtype} ({'memory' if self.measuring_memory else 'timing'}): "
                        f"FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
             self.results.failures.append(message)
@@ -254,10 +254,10 @@ class Bench:
 
 def plot_ratios(results: harness.Results, path: Path) -> Path:
     """Bars: speed-up and peak-memory ratio of each fused loss against the eager reference (15% masked)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     entries = [r for r in results.ratios("reference") if r["params"].get("masked_pct", 15) == 15]
     labels = [f"{r['name']}\n{r['variant']} {r['dtype']}" for r in entries]
@@ -282,7 +282,7 @@ def plot_ratios(results: harness.Results, path: Path) -> Path:
 def _liger_linear_cross_entropy():
     if importlib.util.find_spec("liger_kernel") is None:
         return None
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: PLC0415
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-1)
     return lambda hidden, weight, bias, labels: loss(weight, hidden, labels, bias)

@@ -16,7 +16,7 @@ FIX = "reinstall with a C++ compiler present: pip install --no-build-isolation .
 def load():
     """Returns the extension module, or None (with one warning) when it cannot be imported."""
     try:
-        from fastvl import _C  # noqa: PLC0415
+        from fastvl import _C
     except ImportError as error:
         warnings.warn(f"fastvl._C is not available ({error}); cpp/cuda backends disabled. Fix: {FIX}",
                       stacklevel=2)

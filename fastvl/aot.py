@@ -211,8 +211,9 @@ class Launch:
 
 
 def _jit_kernels() -> list:
-    import fastvl.kernels as kernels_pkg
     from triton.runtime.jit import JITFunction
+
+    import fastvl.kernels as kernels_pkg
 
     found = []
     for module_info in pkgutil.iter_modules(kernels_pkg.__path__):
@@ -336,7 +337,7 @@ def measure(name: str, source, options: dict, arch: int, uses_dot: bool) -> dict
     start = time.perf_counter()
     try:
         compiled, log = _compile(source, options, arch)
-    except Exception as error:  # noqa: BLE001 - reported per kernel
+    except Exception as error:  # reported per kernel
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
         return row
     used, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)

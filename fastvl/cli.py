@@ -7,8 +7,8 @@ and are imported only when named, so ``fastvl info`` stays fast and works withou
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import importlib
+import importlib.util
 import sys
 
 # name -> (module, one-line help)

@@ -55,7 +55,7 @@ def _version(package: str) -> str | None:
 
 
 def collect() -> dict:
-    import fastvl.ops  # noqa: F401,PLC0415 - registers the ops
+    import fastvl.ops  # noqa: F401 - registers the ops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {

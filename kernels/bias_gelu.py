@@ -11,10 +11,11 @@ import triton.language as tl
 
 from fastvl.kernels.aot_spec import AotSpec
 
+
 @triton.jit
-def bias_gelu_fwd_kernel(x_ptr, bias_ptr, y_ptr, stride_x, stride_y, n_rows, n_cols,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program computes a BLOCK_M x BLOCK_N tile of y = h * Phi(h), h = x + bias (fp32 math).
+def _load_tile(x_ptr, bias_ptr, stride_x, n_rows, n_cols, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    # This program's tile: int64 row offsets, columns, the in-bounds mask and h = x + bias in fp32.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -22,6 +23,14 @@ def bias_gelu_fwd_kernel(x_ptr, bias_ptr, y_ptr, stride_x, stride_y, n_rows, n_c
     h = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
         h += tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+    return rows64, cols, inside, h
+
+
+@triton.jit
+def bias_gelu_fwd_kernel(x_ptr, bias_ptr, y_ptr, stride_x, stride_y, n_rows, n_cols,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program computes a BLOCK_M x BLOCK_N tile of y = h * Phi(h), h = x + bias (fp32 math).
+    rows64, cols, inside, h = _load_tile(x_ptr, bias_ptr, stride_x, n_rows, n_cols, HAS_BIAS, BLOCK_M, BLOCK_N)
     y = h * 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
     tl.store(y_ptr + rows64 * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
 
@@ -31,13 +40,7 @@ def bias_gelu_bwd_kernel(dy_ptr, x_ptr, bias_ptr, dx_ptr, dbias_ptr, stride_dy, 
                          n_rows, n_cols, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program computes a BLOCK_M x BLOCK_N tile of dx = dy * (Phi(h) + h * phi(h)) and writes that
     # tile's column sums of dx into row program_id(0) of the partial bias-gradient buffer.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    rows64 = rows.to(tl.int64)[:, None]
-    h = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        h += tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+    rows64, cols, inside, h = _load_tile(x_ptr, bias_ptr, stride_x, n_rows, n_cols, HAS_BIAS, BLOCK_M, BLOCK_N)
     dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
     pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327

@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A small synthetic region-feature set (128 pairs, 64-d features) for the training tests."""
+    from fastvl.data.synth import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic_dataset(str(out), 128, feature_dim=64, shard_size=64)
+    return str(out)

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from varlen import cu_seqlens, pack, prefix_mask
 
 import fastvl
 from fastvl.dispatch import BackendUnavailableError
 from fastvl.ops.attention_op import ATTENTION
 from fastvl.reference.attention import attention_ref, varlen_attention_ref
 from fastvl.testing import RELATIVE_FLOOR, assert_parity, check_op
-from varlen import cu_seqlens, pack, prefix_mask
 
 attention = fastvl.ops.attention
 

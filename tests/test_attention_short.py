@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from varlen import prefix_mask
 
 import fastvl
 from fastvl.ops import attention_launch
@@ -17,7 +18,6 @@ from fastvl.ops.attention_common import pad_packed
 from fastvl.reference.attention import attention_ref
 from fastvl.reference.co_attention import co_attention_ref
 from fastvl.testing import check_op
-from varlen import prefix_mask
 
 pytestmark = pytest.mark.interpret
 PATHS = ("short", "tiled")

@@ -116,6 +116,29 @@ def test_fastvl_bench_model_vilbert_tiny(tmp_path, capsys):
     assert "largest batch that fits" in capsys.readouterr().out
 
 
+def test_packed_workload_gives_the_padded_losses_and_bench_model_times_both(tmp_path):
+    from fastvl.bench.workloads import WORKLOADS
+    from fastvl.cli import main
+
+    spec = WORKLOADS["vilbert-tiny"]()
+    model = spec.build().eval()
+    padded = spec.make_batch(3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    packed = spec.packed().make_batch(3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert packed["input_ids"].shape[0] == int(padded["text_mask"].sum()) and "text_mask" not in packed
+    loss_padded, losses_padded = spec.losses(model(**padded))
+    loss_packed, losses_packed = spec.losses(model(**packed))
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-6)
+    assert losses_packed.keys() == losses_padded.keys()
+    with pytest.raises(ValueError, match="no packed batches"):
+        WORKLOADS["albef-tiny"]().packed()
+
+    assert main(["bench", "model", "--model", "vilbert-tiny", "--quick", "--threads", "1", "--batch", "2",
+                 "--steps", "1", "--warmup", "0", "--packed", "--no-max-batch", "--no-plots",
+                 "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "model-vilbert-tiny.json").read_text())
+    assert {row["variant"] for row in document["rows"]} == {"fused", "fused+packed", "reference", "reference+packed"}
+
+
 def test_fastvl_bench_profile_saves_top_ops(tmp_path):
     from fastvl.cli import main
 

@@ -3,12 +3,12 @@ float64 BertBiAttention reference under the parity rule; padded and packed forms
 
 import pytest
 import torch
+from varlen import cu_seqlens, pack, prefix_mask
 
 import fastvl
 from fastvl.ops.co_attention_op import CO_ATTENTION
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
 from fastvl.testing import assert_parity, check_op
-from varlen import cu_seqlens, pack, prefix_mask
 
 co_attention = fastvl.ops.co_attention
 

@@ -11,8 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from fastvl.cli import main as fastvl_main
-from fastvl.convert import (ConversionError, load_state_dict_file, text_stream_from_hf_bert, vilbert_from_original,
-                            vilbert_to_original)
+from fastvl.convert import (
+    ConversionError,
+    load_state_dict_file,
+    text_stream_from_hf_bert,
+    vilbert_from_original,
+    vilbert_to_original,
+)
 from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 
 CONFIG = {  # an original-style JSON config (tiny sizes, the original's keys)

@@ -9,14 +9,12 @@ import signal
 import subprocess
 import sys
 
-
 import pytest
 import torch
+from test_train import _env, _free_port, _losses, _wait_for_step
 
 from fastvl.data.synth import make_synthetic_dataset
 from fastvl.data.synth_task import make_task_set
-
-from test_train import _env, _free_port, _losses, _wait_for_step
 
 FT = ["--global-batch", "8", "--micro-batch", "4", "--lr", "1e-3", "--log-every", "1", "--no-progress", "--seed", "5",
       "--eval-batch", "16"]

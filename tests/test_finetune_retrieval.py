@@ -7,8 +7,13 @@ import copy
 import pytest
 import torch
 
-from fastvl.finetune.tasks.retrieval import (albef_features, albef_itm_scores, albef_rerank, vilbert_pair_scores,
-                                             vilbert_pair_scores_uncached)
+from fastvl.finetune.tasks.retrieval import (
+    albef_features,
+    albef_itm_scores,
+    albef_rerank,
+    vilbert_pair_scores,
+    vilbert_pair_scores_uncached,
+)
 from fastvl.models.albef import ALBEF, ALBEFConfig
 from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForTasks
 from fastvl.testing import assert_parity, random_padding_mask

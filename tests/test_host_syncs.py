@@ -12,6 +12,7 @@ import fastvl
 from fastvl import ops
 from fastvl.testing import HostSyncError, forbid_host_syncs
 
+
 def _t(*shape, grad=True):
     return torch.randn(*shape).requires_grad_(grad)
 

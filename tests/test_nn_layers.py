@@ -7,10 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fastvl.nn import (CoAttentionLayer, CrossAttentionLayer, RegionEmbeddings, TextEmbeddings, TransformerEncoder,
-                       TransformerLayer, init_bert_weights, set_gradient_checkpointing)
 from model_parity import check_model_parity
+
+from fastvl.nn import (
+    CoAttentionLayer,
+    CrossAttentionLayer,
+    RegionEmbeddings,
+    TextEmbeddings,
+    TransformerEncoder,
+    TransformerLayer,
+    init_bert_weights,
+    set_gradient_checkpointing,
+)
 
 TRITON_LAYERS = pytest.param({"layer_norm": "triton", "bias_gelu": "triton"}, marks=pytest.mark.interpret,
                               id="triton-interpreter")

@@ -120,7 +120,7 @@ def test_itc_matches_formula(generator):
     temp, alpha = 0.07, 0.4
     loss = ref.itc_loss_ref(img, txt, img_queue, txt_queue, temp, alpha, img_m, txt_m)
     expected = 0.0
-    for a, a_m, others, others_m, queue in ((img, img_m, txt, txt_m, txt_queue), (txt, txt_m, img, img_m, img_queue)):
+    for a, a_m, others_m, queue in ((img, img_m, txt_m, txt_queue), (txt, txt_m, img_m, img_queue)):
         bank = torch.cat([others_m, queue.T])  # momentum features of the batch, then the queue
         for i in range(4):
             target = alpha * torch.softmax(a_m[i] @ bank.T / temp, 0)

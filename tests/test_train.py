@@ -26,13 +26,6 @@ RUN = ["--model", "vilbert-tiny", "--global-batch", "8", "--micro-batch", "4", "
        "--log-every", "1", "--no-progress", "--seed", "3"]
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    make_synthetic_dataset(str(out), 128, feature_dim=64, shard_size=64)
-    return str(out)
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -380,3 +373,17 @@ def test_objective_2_trains_without_the_alignment_loss(synth):
         families.resolve("vlbert-tiny")[0].make_collator(dataset, special_ids(tokenizer), tokenizer.get_vocab_size(),
                                                         seed=0, packed=False, max_text_len=36, max_regions=36,
                                                         objective=1)
+
+
+@pytest.mark.slow
+def test_packed_pretraining_runs_give_the_padded_runs_losses(synth, tmp_path):
+    """`fastvl pretrain --packed` (ragged batches end to end, no padding) logs the padded run's losses."""
+    args = ["--data", synth, "--model", "vilbert-tiny", "--global-batch", "8", "--micro-batch", "4", "--max-steps",
+            "3", "--lr", "1e-3", "--log-every", "1", "--no-progress", "--seed", "3", "--dropout", "0"]
+    _train([*args, "--out", str(tmp_path / "padded")])
+    _train([*args, "--out", str(tmp_path / "packed"), "--packed"])
+    padded, packed = _losses(str(tmp_path / "padded")), _losses(str(tmp_path / "packed"))
+    assert sorted(padded) == sorted(packed) == [1, 2, 3]
+    for step in padded:
+        for name in ("loss", *OBJECTIVES):
+            assert packed[step][name] == pytest.approx(padded[step][name], rel=1e-4, abs=1e-5), (step, name)

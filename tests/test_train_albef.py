@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from test_train import _command, _env, _losses, _train, record_nvtx
 
 from fastvl.data.collate_albef import IMAGE_MEAN, IMAGE_STD, ALBEFCollator, albef_caption
 from fastvl.data.format import DataError, ImageRecord, RegionDataset, write_dataset
@@ -19,7 +20,6 @@ from fastvl.data.sampler import GlobalBatchSampler
 from fastvl.data.synth import make_synthetic_dataset
 from fastvl.data.tokenizer import load_tokenizer, special_ids
 from fastvl.train import families
-from test_train import _command, _env, _losses, _train, record_nvtx
 
 OBJECTIVES = ("itc", "itm", "mlm")
 # shared by the reference, resume and 2-rank runs: 16 pairs per step = 2 micro-batches of 8 on one rank

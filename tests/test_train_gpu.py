@@ -10,12 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+from test_train import OBJECTIVES, RUN, _losses, _train
 
 from fastvl.data.format import RegionDataset
 from fastvl.data.sampler import GlobalBatchSampler
 from fastvl.data.tokenizer import load_tokenizer
 from fastvl.train.cli import CONFIG_DIR
-from test_train import OBJECTIVES, RUN, _losses, _train, synth  # noqa: F401 - synth is a fixture used here
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,

@@ -6,13 +6,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fastvl import use_backend
-
-from fastvl.models.vilbert import (ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks, multiple_choice_loss,
-                                   region_loss, vqa_loss)
 from model_parity import check_model_parity
 from test_nn_layers import _bert_layer, _connection_layer, _ln
+
+from fastvl import use_backend
+from fastvl.models.vilbert import (
+    ViLBERTConfig,
+    ViLBERTForPretraining,
+    ViLBERTForTasks,
+    multiple_choice_loss,
+    region_loss,
+    vqa_loss,
+)
 
 SMALL = dict(vocab_size=50, v_feature_size=20, v_target_size=11, max_regions=40)
 TRITON_LAYERS = pytest.param({"layer_norm": "triton", "bias_gelu": "triton"}, marks=pytest.mark.interpret,

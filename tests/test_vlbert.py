@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from model_parity import check_model_parity
 
-from fastvl.models.vlbert import (VLBERTConfig, VLBERTForPretraining, VLBERTForRefCOCO, VLBERTForVCR,
-                                  VLBERTForVQA)
+from fastvl.models.vlbert import VLBERTConfig, VLBERTForPretraining, VLBERTForRefCOCO, VLBERTForVCR, VLBERTForVQA
 
 CONFIG = VLBERTConfig.named("tiny")
 

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
-    from fastvl.bench import ops  # noqa: PLC0415
+    from fastvl.bench import ops
 
     size = args.size or ("tiny" if args.quick else "paper" if device.type == "cuda" else "small")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -122,7 +122,7 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
         for module_path in sorted(BENCHMARKS_DIR.glob("bench_*.py")):
             try:
                 _run_module(module_path, args, device, out_dir, size, dtype)
-            except Exception:  # noqa: BLE001 - one broken module must not cost the others' numbers
+            except Exception:  # one broken module must not cost the others' numbers
                 traceback.print_exc()
                 failed.append(f"{module_path.name} (traceback above)")
     if failed:

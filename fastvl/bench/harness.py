@@ -81,7 +81,7 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup_ms: 
     """Times ``fn()`` on ``device``; ``grad_to_none`` tensors get ``.grad = None`` before each call."""
     device = torch.device(device)
     if device.type == "cuda":
-        import triton.testing  # noqa: PLC0415 - only where there is a GPU
+        import triton.testing  # only where there is a GPU
 
         median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                                    quantiles=[0.5, 0.2, 0.8])
@@ -306,7 +306,7 @@ def progress(iterable: Iterable, description: str, total: int | None = None):
     """A tqdm bar on stderr for sweeps (silent when stderr is not a terminal; none without tqdm, as on a
     GPU box where fastvl was installed with --no-deps)."""
     try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
+        from tqdm.auto import tqdm
     except ImportError:
         return iterable
 
@@ -457,13 +457,13 @@ def plot(rows: Sequence[dict], path: str | Path, *, x: str, y: str = "median_ms"
     ``variant``, or a param name). Rows may be result rows or ratio rows. Uses the Agg backend.
     Without matplotlib: a warning and None (the JSON holds every number)."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
     except ImportError:
         warnings.warn(f"matplotlib is not installed: {path} not drawn (the JSON has the numbers)", stacklevel=2)
         return None
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     lines: dict[str, list[tuple[float, float]]] = {}
     for row in rows:

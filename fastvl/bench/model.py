@@ -178,6 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per point (default: 10 GPU, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--packed", action="store_true", help="also run every backend on the same samples packed "
+                        "(cu_seqlens, no padding; variant BACKEND+packed; ViLBERT)")
     parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
     parser.add_argument("--memory-cap-gb", type=float, default=None,
                         help="memory a batch may use in the search (default: the GPU's memory, 4 on CPU)")
@@ -195,21 +197,22 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
     results.env.update(model=args.model, precision=precision, seed=args.seed)
     name = f"{args.model} train step"
     tokens = spec.tokens
-    points = [(b, k) for b in batches for k in args.backends]
+    layouts = {"": spec, "+packed": spec.packed()} if args.packed else {"": spec}
+    points = [(b, k, layout) for b in batches for k in args.backends for layout in layouts]
     interrupted = False
-    for batch_size, backend in harness.progress(points, args.model):
+    for batch_size, backend, layout in harness.progress(points, args.model):
         try:
-            trainer = Trainer(spec, backend, batch_size, device, precision, seed=args.seed)
+            trainer = Trainer(layouts[layout], backend, batch_size, device, precision, seed=args.seed)
             for _ in range(args.warmup):
                 trainer.step()
             phases = [trainer.step() for _ in range(steps)]
             peak_mb = trainer.peak_bytes() / 2**20
         except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): keep what was measured
             interrupted = True
-            results.failures.append(f"interrupted at {backend}, batch {batch_size}")
+            results.failures.append(f"interrupted at {backend}{layout}, batch {batch_size}")
             break
-        except Exception as error:  # noqa: BLE001 - e.g. out of memory: the other points still count
-            results.failures.append(f"{backend} at batch {batch_size}: FAILED {type(error).__name__}: "
+        except Exception as error:  # e.g. out of memory: the other points still count
+            results.failures.append(f"{backend}{layout} at batch {batch_size}: FAILED {type(error).__name__}: "
                                     f"{str(error).splitlines()[0][:200]}")
             continue
         finally:
@@ -217,7 +220,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
             _free(device)
         timing = harness.Timing.of([sum(p) for p in phases])
         median = timing.median_ms
-        results.add(timing, name=name, variant=backend, params={"batch": batch_size, **spec.shape,
+        results.add(timing, name=name, variant=backend + layout, params={"batch": batch_size, **spec.shape,
                                                         "precision": precision},
                     dtype=PRECISIONS[precision] or torch.float32,
                     forward_ms=statistics.median(p[0] for p in phases),
@@ -240,7 +243,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
             except KeyboardInterrupt:
                 results.failures.append(f"largest-batch search interrupted at {backend}")
                 break
-            except Exception as error:  # noqa: BLE001 - reported, the other backend's search still runs
+            except Exception as error:  # reported, the other backend's search still runs
                 results.failures.append(f"largest-batch search, {backend}: FAILED {type(error).__name__}: "
                                         f"{str(error).splitlines()[0][:200]}")
             finally:

@@ -280,7 +280,7 @@ def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequen
                                 sweep=case.sweep)
             except BackendUnavailableError as error:
                 notes.append(f"{label}: skipped, {reason(error, backend)}")
-            except Exception as error:  # noqa: BLE001 - one broken variant must not cost the other numbers
+            except Exception as error:  # one broken variant must not cost the other numbers
                 failures.append(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
     except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): keep what was measured
         failures.append(f"{INTERRUPTED} after {len(results.rows)} of {len(work)} measurements")

@@ -33,6 +33,7 @@ class Workload:
     losses: Callable[[object], tuple[torch.Tensor, dict]]
     batch_ok: Callable[[int], bool] = lambda batch_size: True
     deterministic: bool = True
+    pack: Callable[[dict], dict] | None = None  # padded batch -> the same samples packed (cu_seqlens)
 
     @property
     def tokens(self) -> int:
@@ -40,6 +41,13 @@ class Workload:
 
     def loss(self, output) -> torch.Tensor:
         return self.losses(output)[0]
+
+    def packed(self) -> Workload:
+        """The same samples as packed batches (every per-token tensor ``[total, ...]``, no padding)."""
+        if self.pack is None:
+            raise ValueError("this model has no packed batches here (ViLBERT has)")
+        make, pack = self.make_batch, self.pack
+        return dataclasses.replace(self, make_batch=lambda n, g, d: pack(make(n, g, d)))
 
 
 def _family_model(name: str, variant: str, options: families.ModelOptions) -> Callable[[], torch.nn.Module]:
@@ -60,7 +68,7 @@ def _vilbert(variant: str) -> Workload:
         return model
 
     return Workload(build, lambda n, g, d: _vilbert_batch(config, n, g, d, 36, 37), {"text": 36, "regions": 37},
-                    families.FAMILIES["vilbert"].losses)
+                    families.FAMILIES["vilbert"].losses, pack=_pack_vilbert)
 
 
 def _vlbert(variant: str) -> Workload:
@@ -178,3 +186,19 @@ def _vilbert_batch(config, batch: int, generator: torch.Generator, device: torch
         "is_next": torch.randint(0, 2, (batch,), generator=generator),
     }
     return {name: t.to(device) for name, t in tensors.items()}
+
+
+def _pack_vilbert(batch: dict) -> dict:
+    """A padded ViLBERT batch as ``ViLBERTForPretraining`` takes it packed: real tokens and regions only,
+    with int32 ``cu_seqlens_text`` / ``cu_seqlens_regions`` and the longest lengths."""
+    text_mask, region_mask = batch["text_mask"], batch["region_mask"]
+    packed = {"is_next": batch["is_next"]}
+    for name, mask in (("text", text_mask), ("regions", region_mask)):
+        lengths = mask.sum(1)
+        packed[f"cu_seqlens_{name}"] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        packed[f"max_seqlen_{name}"] = int(lengths.max())
+    for key in ("input_ids", "token_type_ids", "mlm_labels"):
+        packed[key] = batch[key][text_mask]
+    for key in ("region_feats", "region_loc", "region_targets", "region_labels"):
+        packed[key] = batch[key][region_mask]
+    return packed

@@ -5,8 +5,14 @@ unused key is reported by name (see :mod:`fastvl.convert.common`).
 """
 
 from fastvl.convert.albef import albef_from_original, albef_to_original
-from fastvl.convert.common import (ConversionError, ConversionReport, SourceState, load_converted,
-                                   load_state_dict_file, normalise_keys)
+from fastvl.convert.common import (
+                                   ConversionError,
+                                   ConversionReport,
+                                   SourceState,
+                                   load_converted,
+                                   load_state_dict_file,
+                                   normalise_keys,
+)
 from fastvl.convert.hf_bert import text_stream_from_hf_bert
 from fastvl.convert.vilbert import vilbert_from_original, vilbert_to_original
 from fastvl.convert.vlbert import vlbert_from_original, vlbert_to_original

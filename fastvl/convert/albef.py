@@ -22,8 +22,15 @@ from collections.abc import Mapping
 
 import torch
 
-from fastvl.convert.common import (ConversionError, Rule, SourceState, check_tied, convert_with_rules,
-                                   export_with_rules, load_converted)
+from fastvl.convert.common import (
+    ConversionError,
+    Rule,
+    SourceState,
+    check_tied,
+    convert_with_rules,
+    export_with_rules,
+    load_converted,
+)
 from fastvl.models.albef import ALBEF, ALBEFClassifier, ALBEFConfig
 from fastvl.nn.vision import resize_pos_embed
 

@@ -52,21 +52,6 @@ def _mlm_head_rules(fastvl_prefix: str) -> list[Rule]:
             (rf"^{f}\.{_NORM}", lambda m: [f"cls.predictions.transform.LayerNorm.{m[1]}"])]
 
 
-def _fusion_layer_rules(fastvl_prefix: str, first: int) -> list[Rule]:
-    """ALBEF's fusion layer i (self-attention + feed-forward) <- BERT layer ``first + i``."""
-    f = re.escape(fastvl_prefix)
-    layer = lambda m: f"encoder.layer.{first + int(m[1])}"  # noqa: E731
-    return [
-        (rf"^{f}\.(\d+)\.attention\.qkv\.(\w+)$",
-         lambda m: [f"{layer(m)}.attention.self.{p}.{m[2]}" for p in ("query", "key", "value")]),
-        (rf"^{f}\.(\d+)\.attention\.dense\.(\w+)$", lambda m: [f"{layer(m)}.attention.output.dense.{m[2]}"]),
-        (rf"^{f}\.(\d+)\.attention\.{_NORM}", lambda m: [f"{layer(m)}.attention.output.LayerNorm.{m[2]}"]),
-        (rf"^{f}\.(\d+)\.ffn\.intermediate\.(\w+)$", lambda m: [f"{layer(m)}.intermediate.dense.{m[2]}"]),
-        (rf"^{f}\.(\d+)\.ffn\.output\.(\w+)$", lambda m: [f"{layer(m)}.output.dense.{m[2]}"]),
-        (rf"^{f}\.(\d+)\.ffn\.{_NORM}", lambda m: [f"{layer(m)}.output.LayerNorm.{m[2]}"]),
-    ]
-
-
 def _family(model: torch.nn.Module) -> str:
     names = dict(model.named_modules())
     if "text_encoder" in names and "visual_encoder" in names:
@@ -84,7 +69,8 @@ def _rules(model: torch.nn.Module, with_mlm_head: bool) -> tuple[str, list[Rule]
         p = "text_encoder."
         table = [*text_embedding_rules(f"{p}embeddings", "embeddings"),
                  *transformer_layer_rules(f"{p}text_layers", "encoder.layer"),
-                 *_fusion_layer_rules(f"{p}fusion_layers", len(model.text_encoder.text_layers))]
+                 *transformer_layer_rules(f"{p}fusion_layers", "encoder.layer",
+                                          first=len(model.text_encoder.text_layers))]
         if with_mlm_head and f"{p}mlm_head" in names:
             table += _mlm_head_rules(f"{p}mlm_head")
         return p, table

@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from fastvl.convert.common import (ConversionError, ConversionReport, Rule, SourceState, load_converted,
-                                   original_names)
+from fastvl.convert.common import ConversionError, ConversionReport, Rule, SourceState, load_converted, original_names
 from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 
 KNOWN_UNUSED = ("bert.encoder.c_layer.*.biOutput.q_dense1.*", "bert.encoder.c_layer.*.biOutput.q_dense2.*",
@@ -35,18 +34,22 @@ TIED_DECODER = "cls.predictions.decoder.weight"
 _NORM = r"(?:norm)\.(weight|bias)$"
 
 
-def transformer_layer_rules(fastvl_prefix: str, original_prefix: str) -> list[Rule]:
+def transformer_layer_rules(fastvl_prefix: str, original_prefix: str, first: int = 0) -> list[Rule]:
     """Rules for a :class:`fastvl.nn.TransformerLayer` list at ``fastvl_prefix.{i}`` stored in BERT's
-    names at ``original_prefix.{i}`` (query / key / value concatenated into ``qkv``)."""
-    f, o = re.escape(fastvl_prefix), original_prefix
+    names at ``original_prefix.{first + i}`` (query / key / value concatenated into ``qkv``)."""
+    f = re.escape(fastvl_prefix)
+
+    def layer(m):
+        return f"{original_prefix}.{first + int(m[1])}"
+
     return [
         (rf"^{f}\.(\d+)\.attention\.qkv\.(\w+)$",
-         lambda m: [f"{o}.{m[1]}.attention.self.{p}.{m[2]}" for p in ("query", "key", "value")]),
-        (rf"^{f}\.(\d+)\.attention\.dense\.(\w+)$", lambda m: [f"{o}.{m[1]}.attention.output.dense.{m[2]}"]),
-        (rf"^{f}\.(\d+)\.attention\.{_NORM}", lambda m: [f"{o}.{m[1]}.attention.output.LayerNorm.{m[2]}"]),
-        (rf"^{f}\.(\d+)\.ffn\.intermediate\.(\w+)$", lambda m: [f"{o}.{m[1]}.intermediate.dense.{m[2]}"]),
-        (rf"^{f}\.(\d+)\.ffn\.output\.(\w+)$", lambda m: [f"{o}.{m[1]}.output.dense.{m[2]}"]),
-        (rf"^{f}\.(\d+)\.ffn\.{_NORM}", lambda m: [f"{o}.{m[1]}.output.LayerNorm.{m[2]}"]),
+         lambda m: [f"{layer(m)}.attention.self.{p}.{m[2]}" for p in ("query", "key", "value")]),
+        (rf"^{f}\.(\d+)\.attention\.dense\.(\w+)$", lambda m: [f"{layer(m)}.attention.output.dense.{m[2]}"]),
+        (rf"^{f}\.(\d+)\.attention\.{_NORM}", lambda m: [f"{layer(m)}.attention.output.LayerNorm.{m[2]}"]),
+        (rf"^{f}\.(\d+)\.ffn\.intermediate\.(\w+)$", lambda m: [f"{layer(m)}.intermediate.dense.{m[2]}"]),
+        (rf"^{f}\.(\d+)\.ffn\.output\.(\w+)$", lambda m: [f"{layer(m)}.output.dense.{m[2]}"]),
+        (rf"^{f}\.(\d+)\.ffn\.{_NORM}", lambda m: [f"{layer(m)}.output.LayerNorm.{m[2]}"]),
     ]
 
 

@@ -23,10 +23,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fastvl.convert.common import (ConversionError, Rule, SourceState, check_tied, convert_with_rules,
-                                   export_with_rules, load_converted)
-from fastvl.models.vlbert import (VLBERTConfig, VLBERTForPretraining, VLBERTForRefCOCO, VLBERTForVCR,
-                                  VLBERTForVQA)
+from fastvl.convert.common import (
+    ConversionError,
+    Rule,
+    SourceState,
+    check_tied,
+    convert_with_rules,
+    export_with_rules,
+    load_converted,
+)
+from fastvl.models.vlbert import VLBERTConfig, VLBERTForPretraining, VLBERTForRefCOCO, VLBERTForVCR, VLBERTForVQA
 
 TASKS = ("pretraining", "vqa", "vcr", "refcoco")
 

@@ -265,11 +265,11 @@ class _LMDBValues:
                                 "can execute code when loaded; nothing was unpickled. Convert it only if you trust "
                                 "its origin, with --trust-pickle (ViLBERT's downstream-task LMDBs are pickled; "
                                 "the pretraining ones are msgpack and need no flag)")
-            import pickle  # noqa: PLC0415, S403 - only behind --trust-pickle
+            import pickle  # only behind --trust-pickle
 
             try:
-                return pickle.loads(raw)  # noqa: S301
-            except Exception as error:  # noqa: BLE001 - any failure of a corrupt pickle
+                return pickle.loads(raw)
+            except Exception as error:  # any failure of a corrupt pickle
                 raise DataError(f"{where}: corrupt or truncated pickle ({type(error).__name__}: {error})") from error
         if self._msgpack is None:
             self._msgpack = _import_optional("msgpack")
@@ -278,7 +278,7 @@ class _LMDBValues:
                                          strict_map_key=False)
         except _Refused as error:
             raise DataError(f"{where}: {error}") from error
-        except Exception as error:  # noqa: BLE001 - msgpack raises ValueError subclasses and others
+        except Exception as error:  # msgpack raises ValueError subclasses and others
             hint = (" (it ends like a protocol-0/1 pickle, which is not detected: re-save it with protocol >= 2)"
                     if raw.endswith(b".") else "")
             raise DataError(f"{where}: not a valid msgpack value: corrupt or truncated row "

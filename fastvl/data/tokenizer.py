@@ -27,7 +27,7 @@ class SpecialIds:
 
 def load_tokenizer(vocab_file: str, lowercase: bool = True):
     """A BERT WordPiece tokenizer from a ``vocab.txt`` (one word piece per line)."""
-    from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415 - optional 'train' extra
+    from tokenizers import BertWordPieceTokenizer  # optional 'train' extra
 
     if not os.path.isfile(vocab_file):
         raise DataError(f"{vocab_file}: vocabulary file not found (pass BERT's vocab.txt with --vocab, or make a "
@@ -54,7 +54,7 @@ def train_vocab(texts: Iterable[str], out_file: str, vocab_size: int = 1000) -> 
     """Trains a WordPiece vocabulary on ``texts`` with the ``tokenizers`` trainer and writes ``out_file``
     as a BERT ``vocab.txt``: the special tokens first, then the learnt pieces sorted. The trainer breaks
     frequency ties differently between runs; use :func:`closed_vocab` where the file must be the same."""
-    from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415
+    from tokenizers import BertWordPieceTokenizer
 
     tokenizer = BertWordPieceTokenizer(lowercase=True)
     tokenizer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,

@@ -11,14 +11,12 @@ learning-rate schedule default to the paper preset of the (family, task) (:mod:`
 from __future__ import annotations
 
 import argparse
-import os
 
 from fastvl.finetune.tasks import TASKS
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvl.train.cli import add_deepspeed_arguments
     from fastvl.train.families import model_names
 
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -31,13 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="task directory (task.json; `fastvl data synth-task`)")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
     parser.add_argument("--out", default="runs/finetune", help="log.jsonl, evaluations.jsonl, best.pt, checkpoints/")
-    parser.add_argument("--deepspeed", dest="ds_config", default=os.path.join(CONFIG_DIR, "zero2.json"),
-                        help="DeepSpeed JSON config (see fastvl/configs/)")
+    add_deepspeed_arguments(parser)
     parser.add_argument("--global-batch", type=int, help="samples per optimizer step, all ranks (default: the preset's)")
     parser.add_argument("--micro-batch", type=int, help="samples per forward per rank (default: global / ranks)")
-    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="override zero_optimization.stage")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override the config's precision")
-    parser.add_argument("--clip", type=float, help="override gradient_clipping")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     parser.add_argument("--warmup-steps", type=int, help="warm-up steps (default: the preset's)")
     length = parser.add_mutually_exclusive_group()

@@ -33,8 +33,14 @@ from fastvl.data.tokenizer import load_tokenizer, special_ids
 from fastvl.finetune.parallel import EvalContext
 from fastvl.finetune.presets import preset_for
 from fastvl.finetune.tasks import task_class
-from fastvl.finetune.tasks.common import (config_from_dict, config_to_dict, convert_original, load_pretrained,
-                                          model_config, read_init_state)
+from fastvl.finetune.tasks.common import (
+    config_from_dict,
+    config_to_dict,
+    convert_original,
+    load_pretrained,
+    model_config,
+    read_init_state,
+)
 
 CHECKPOINT_FORMAT = "fastvl-finetune"
 BEST_FILE = "best.pt"
@@ -133,7 +139,7 @@ def load_task_checkpoint(path: str) -> dict | None:
         return None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not ours (e.g. a safetensors file): the caller reads it as weights
+    except Exception:  # not ours (e.g. a safetensors file): the caller reads it as weights
         return None
     if isinstance(loaded, dict) and loaded.get("format") == CHECKPOINT_FORMAT:
         return loaded

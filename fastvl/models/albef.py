@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl.profiling import nvtx_range
 from fastvl.models.bert_config import BertConfig, check_unknown_keys
 from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.models.vlbert import MaskedLMHead
@@ -38,6 +37,7 @@ from fastvl.nn import CrossAttentionLayer, TextEmbeddings, TransformerLayer, ini
 from fastvl.nn.common import on_backend, zero_one_mask
 from fastvl.nn.vision import VisionTransformer
 from fastvl.ops import itc_loss, itc_queue_update_, itm_hard_negatives
+from fastvl.profiling import nvtx_range
 
 _PRETRAIN_KEYS = {"image_res", "embed_dim", "queue_size", "momentum", "temp", "alpha", "mlm_probability",
                   "vision_width"}

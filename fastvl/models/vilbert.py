@@ -39,14 +39,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl.profiling import nvtx_range
 from fastvl.dispatch import use_backend
 from fastvl.models.bert_config import BertConfig, check_unknown_keys
 from fastvl.models.outputs import PretrainingOutput, total
-from fastvl.nn import (CoAttentionLayer, LayerNorm, LinearGELU, RegionEmbeddings, TextEmbeddings, TransformerLayer,
-                       init_bert_weights)
+from fastvl.nn import (
+    CoAttentionLayer,
+    LayerNorm,
+    LinearGELU,
+    RegionEmbeddings,
+    TextEmbeddings,
+    TransformerLayer,
+    init_bert_weights,
+)
 from fastvl.nn.common import bool_mask
 from fastvl.ops import linear_cross_entropy, linear_region_kl_loss
+from fastvl.profiling import nvtx_range
 
 # Keys of the original JSON configs that fastvl accepts but that do not change the model it builds.
 _IGNORED_ORIGINAL_KEYS = {
@@ -604,11 +611,14 @@ class ViLBERTForPretraining(nn.Module):
                                dtypes=(torch.int64, torch.int32))
                 _checks.same_shape("is_next", is_next, [batch], "[B]")
                 losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
-            output = ViLBERTPretrainingOutput(total(losses), losses, alignment_scores, encoder=encoded)
-            if return_scores:
-                output.prediction_scores_t = heads.predictions.decoder(hidden_t)
-                output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)
-            return output
+            return self._output(losses, alignment_scores, encoded, hidden_t, hidden_v, return_scores)
+
+    def _output(self, losses, alignment_scores, encoded, hidden_t, hidden_v, return_scores):
+        output = ViLBERTPretrainingOutput(total(losses), losses, alignment_scores, encoder=encoded)
+        if return_scores:
+            output.prediction_scores_t = self.cls.predictions.decoder(hidden_t)
+            output.prediction_scores_v = self.cls.image_predictions.decoder(hidden_v)
+        return output
 
     def _heads_packed(self, encoded, input_ids, region_feats, mlm_labels, region_targets, region_labels, is_next,
                       return_scores, packing):
@@ -638,11 +648,7 @@ class ViLBERTForPretraining(nn.Module):
             if is_next is not None:
                 _checks.same_shape("is_next", is_next, [packing.batch_size], "[B]")
                 losses["align"] = F.cross_entropy(alignment_scores, is_next.long())
-            output = ViLBERTPretrainingOutput(total(losses), losses, alignment_scores, encoder=encoded)
-            if return_scores:
-                output.prediction_scores_t = heads.predictions.decoder(hidden_t)
-                output.prediction_scores_v = heads.image_predictions.decoder(hidden_v)
-            return output
+            return self._output(losses, alignment_scores, encoded, hidden_t, hidden_v, return_scores)
 
 
 class MLPClassifier(nn.Module):

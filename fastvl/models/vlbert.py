@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import _checks
-from fastvl.profiling import nvtx_range
 from fastvl.models.bert_config import BertConfig, check_unknown_keys
 from fastvl.models.outputs import PretrainingOutput, total
 from fastvl.nn import LayerNorm, TransformerEncoder, init_bert_weights
 from fastvl.nn.common import on_backend, zero_one_mask
 from fastvl.nn.geometry import VisualFeatureEmbedding
 from fastvl.ops import bias_gelu, linear_cross_entropy
+from fastvl.profiling import nvtx_range
 
 # Keys of the original ``NETWORK.VLBERT`` config that describe training, not the network.
 _TRAINING_ONLY_KEYS = {"input_transform_type", "pos_embedding_frozen", "from_scratch", "initializer_range"}

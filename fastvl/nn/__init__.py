@@ -6,8 +6,14 @@ probabilities on request (``output_attentions=True``, computed through the refer
 """
 
 from fastvl.nn.attention import CrossAttention, SelfAttention
-from fastvl.nn.common import (Checkpointable, FeedForward, LayerNorm, LinearGELU, init_bert_weights,
-                              set_gradient_checkpointing)
+from fastvl.nn.common import (
+                              Checkpointable,
+                              FeedForward,
+                              LayerNorm,
+                              LinearGELU,
+                              init_bert_weights,
+                              set_gradient_checkpointing,
+)
 from fastvl.nn.embeddings import RegionEmbeddings, TextEmbeddings
 from fastvl.nn.geometry import VisualFeatureEmbedding, box_geometry_embedding
 from fastvl.nn.layers import CoAttentionLayer, CrossAttentionLayer, TransformerEncoder, TransformerLayer

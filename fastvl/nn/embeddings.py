@@ -35,7 +35,7 @@ class TextEmbeddings(nn.Module):
                 insert_after_first: torch.Tensor | None = None) -> torch.Tensor:
         _checks.tensor("input_ids", input_ids, shape="[B, L] int64", ndim=2, dtypes=(torch.int64, torch.int32))
         length = input_ids.shape[1]
-        if length > self.position_embeddings.num_embeddings:
+        if position_ids is None and length > self.position_embeddings.num_embeddings:  # (packed rows pass positions)
             raise ValueError(f"input_ids has {length} tokens, more than max_position_embeddings "
                              f"({self.position_embeddings.num_embeddings})")
         if token_type_ids is not None:

@@ -68,12 +68,20 @@ def draw_seed(dropout_p: float, seed: torch.Tensor | None, device: torch.device)
     return torch.empty(1, dtype=torch.int64, device=device)
 
 
-def _meta(k, dtype: torch.dtype, head_dim: int, config) -> dict:
-    """The constexprs and launch options every attention kernel shares."""
+def _meta(dtype: torch.dtype, head_dim: int, *, block_n: int, num_warps: int, num_stages: int,
+          block_m: int | None = None) -> dict:
+    """The constexprs and launch options every attention kernel shares (``block_m``: the kernels with
+    query blocks)."""
+    k = kernels()
     block_d = k.head_block(head_dim)
-    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, EVEN_D=head_dim == block_d,
-                PRECISION=k.PRECISION[DTYPE_NAMES[dtype]], num_warps=config.num_warps,
-                num_stages=config.num_stages)
+    meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=head_dim == block_d, PRECISION=k.PRECISION[DTYPE_NAMES[dtype]],
+                num_warps=num_warps, num_stages=num_stages)
+    return meta if block_m is None else {**meta, "BLOCK_M": block_m}
+
+
+def _tiled_meta(dtype: torch.dtype, head_dim: int, config) -> dict:
+    return _meta(dtype, head_dim, block_m=config.block_m, block_n=config.block_n, num_warps=config.num_warps,
+                 num_stages=config.num_stages)
 
 
 # Attention (one direction) ---------------------------------------------------------------------------
@@ -82,8 +90,6 @@ def _meta(k, dtype: torch.dtype, head_dim: int, config) -> dict:
 def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float, scale: float,
                       causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(output like q, log-sum-exp) of one attention; rows with no key get zeros and lse = inf."""
-    if attention_path(max(max_q, max_k), q.dtype, q.shape[-1]) == "short":
-        return _short_attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed)
     kern = kernels()
     packed = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -93,25 +99,29 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _, o_strides = shared_strides(out)
     lse, lse_stride = new_lse(q, batch, packed)
-    config, _ = block_configs(q.dtype, head_dim, max_q >= kern.LONG_SEQUENCE)
-    grid = (cdiv(max_q, config.block_m), batch * heads)
+    if attention_path(max(max_q, max_k), q.dtype, head_dim) == "short":
+        short = short_kernels()
+        kernel, block_m = short.attention_fwd_short_kernel, _short_block_m()
+        meta = _meta(q.dtype, head_dim, block_m=block_m, block_n=short.key_bucket(max(max_q, max_k)),
+                     num_warps=short.FWD_WARPS, num_stages=1)
+    else:
+        config, _ = block_configs(q.dtype, head_dim, max_q >= kern.LONG_SEQUENCE)
+        kernel, block_m, meta = kern.attention_fwd_kernel, config.block_m, _tiled_meta(q.dtype, head_dim, config)
+    grid = (cdiv(max_q, block_m), batch * heads)
     if q.numel() == 0 or grid[0] * grid[1] == 0:
         return out.zero_(), lse.fill_(math.inf)
     mask_u8, mask_stride = _mask_pointer(mask)
-    kern.attention_fwd_kernel[grid](
+    kernel[grid](
         q, k, v, out, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed),
         *q_strides, *kv_strides, *o_strides, *lse_stride, mask_stride, max_q, max_k, heads, head_dim,
         scale * kern.LOG2E, dropout_p, HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal,
-        HAS_DROPOUT=dropout_p > 0.0, **_meta(kern, q.dtype, head_dim, config))
+        HAS_DROPOUT=dropout_p > 0.0, **meta)
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float,
                        scale: float, causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) from the forward's output and log-sum-exp; dropout regenerated from ``seed``."""
-    if attention_path(max(max_q, max_k), q.dtype, q.shape[-1]) == "short":
-        return _short_attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, dropout_p,
-                                         scale, causal, seed)
     kern = kernels()
     packed = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -124,15 +134,23 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
     _, dkv_strides = shared_strides(dk, dv)
     if q.numel() == 0 or k.numel() == 0 or batch * heads == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    _, config = block_configs(q.dtype, head_dim, False)
-    grid = (cdiv(max_k, config.block_n) + cdiv(max_q, config.block_m), batch * heads)
+    if attention_path(max(max_q, max_k), q.dtype, head_dim) == "short":
+        # one program per (batch, head): all of its queries and keys in one block
+        short = short_kernels()
+        block_n = short.key_bucket(max(max_q, max_k))
+        kernel, grid = short.attention_bwd_short_kernel, (batch * heads,)
+        meta = _meta(q.dtype, head_dim, block_m=block_n, block_n=block_n,
+                     num_warps=_short_bwd_warps(block_n, kern.head_block(head_dim), q.device), num_stages=1)
+    else:
+        _, config = block_configs(q.dtype, head_dim, False)
+        kernel, meta = kern.attention_bwd_kernel, _tiled_meta(q.dtype, head_dim, config)
+        grid = (cdiv(max_k, config.block_n) + cdiv(max_q, config.block_m), batch * heads)
     mask_u8, mask_stride = _mask_pointer(mask)
-    kern.attention_bwd_kernel[grid](
+    kernel[grid](
         q, k, v, out, grad_out, dq, dk, dv, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed),
         *q_strides, *kv_strides, *o_strides, *dq_strides, *dkv_strides, *lse_strides(lse, packed), mask_stride,
         max_q, max_k, heads, head_dim, scale * kern.LOG2E, scale, dropout_p,
-        HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0,
-        **_meta(kern, q.dtype, head_dim, config))
+        HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, **meta)
     return dq, dk, dv
 
 
@@ -142,9 +160,6 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
 def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v: int, len_t: int,
                          dropout_p: float, scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(ctx_v, ctx_t, lse_v, lse_t): image queries over text keys and text queries over image keys."""
-    if attention_path(max(len_v, len_t), q_v.dtype, q_v.shape[-1]) == "short":
-        return _short_co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v, len_t,
-                                           dropout_p, scale, seed)
     kern = kernels()
     packed = cu_v is not None
     heads, head_dim = q_v.shape[-2:]
@@ -157,18 +172,26 @@ def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_
     _, ot_strides = shared_strides(ctx_t)
     lse_v, stride_lse_v = new_lse(q_v, batch, packed)
     lse_t, stride_lse_t = new_lse(q_t, batch, packed)
-    config, _ = block_configs(q_v.dtype, head_dim, False)
-    grid = (cdiv(len_v, config.block_m) + cdiv(len_t, config.block_m), batch * heads)
+    if attention_path(max(len_v, len_t), q_v.dtype, head_dim) == "short":
+        short = short_kernels()
+        kernel, block_m = short.co_attention_fwd_short_kernel, _short_block_m()
+        meta = _meta(q_v.dtype, head_dim, block_m=block_m, block_n=short.key_bucket(max(len_v, len_t)),
+                     num_warps=short.FWD_WARPS, num_stages=1)
+    else:
+        config, _ = block_configs(q_v.dtype, head_dim, False)
+        kernel, block_m = kern.co_attention_fwd_kernel, config.block_m
+        meta = _tiled_meta(q_v.dtype, head_dim, config)
+    grid = (cdiv(len_v, block_m) + cdiv(len_t, block_m), batch * heads)
     if grid[0] * grid[1] == 0:
         return ctx_v.zero_(), ctx_t.zero_(), lse_v.fill_(math.inf), lse_t.fill_(math.inf)
     mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
     mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
-    kern.co_attention_fwd_kernel[grid](
+    kernel[grid](
         q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t,
         _seed_pointer(dropout_p, seed), *v_strides, *t_strides, *ov_strides, *ot_strides, *stride_lse_v,
         *stride_lse_t, mask_v_stride, mask_t_stride, len_v, len_t, heads, head_dim, scale * kern.LOG2E, dropout_p,
         HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed,
-        HAS_DROPOUT=dropout_p > 0.0, **_meta(kern, q_v.dtype, head_dim, config))
+        HAS_DROPOUT=dropout_p > 0.0, **meta)
     return ctx_v, ctx_t, lse_v, lse_t
 
 
@@ -176,9 +199,6 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
                           cu_v, cu_t, len_v: int, len_t: int, dropout_p: float, scale: float,
                           seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch."""
-    if attention_path(max(len_v, len_t), q_v.dtype, q_v.shape[-1]) == "short":
-        return _short_co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t,
-                                            mask_v, mask_t, cu_v, cu_t, len_v, len_t, dropout_p, scale, seed)
     kern = kernels()
     packed = cu_v is not None
     heads, head_dim = q_v.shape[-2:]
@@ -192,18 +212,27 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
     _, gt_strides = shared_strides(*grads_t)
     if batch * heads == 0 or len_v + len_t == 0:
         return tuple(g.zero_() for g in (*grads_v, *grads_t))
-    _, config = block_configs(q_v.dtype, head_dim, False)
-    blocks = sum(cdiv(n, config.block_n) + cdiv(n, config.block_m) for n in (len_v, len_t))
+    if attention_path(max(len_v, len_t), q_v.dtype, head_dim) == "short":
+        # one program per (direction, batch, head)
+        short = short_kernels()
+        block_n = short.key_bucket(max(len_v, len_t))
+        kernel, grid = short.co_attention_bwd_short_kernel, (2, batch * heads)
+        meta = _meta(q_v.dtype, head_dim, block_n=block_n, num_stages=1,
+                     num_warps=_short_bwd_warps(block_n, kern.head_block(head_dim), q_v.device))
+    else:
+        _, config = block_configs(q_v.dtype, head_dim, False)
+        kernel, meta = kern.co_attention_bwd_kernel, _tiled_meta(q_v.dtype, head_dim, config)
+        grid = (sum(cdiv(n, config.block_n) + cdiv(n, config.block_m) for n in (len_v, len_t)), batch * heads)
     mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
     mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
-    kern.co_attention_bwd_kernel[(blocks, batch * heads)](
+    kernel[grid](
         q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, *grads_v, *grads_t,
         lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t, _seed_pointer(dropout_p, seed),
         *v_strides, *t_strides, *ov_strides, *ot_strides, *gv_strides, *gt_strides,
         *lse_strides(lse_v, packed), *lse_strides(lse_t, packed), mask_v_stride, mask_t_stride,
         len_v, len_t, heads, head_dim, scale * kern.LOG2E, scale, dropout_p,
         HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed,
-        HAS_DROPOUT=dropout_p > 0.0, **_meta(kern, q_v.dtype, head_dim, config))
+        HAS_DROPOUT=dropout_p > 0.0, **meta)
     return (*grads_v, *grads_t)
 
 
@@ -283,119 +312,6 @@ def _short_bwd_warps(block_n: int, block_d: int, device: torch.device) -> int:
 def _short_block_m():
     """Forward query rows per program (16 under the interpreter, so CPU tests cover several blocks)."""
     return 16 if triton_interpreting() else short_kernels().BLOCK_M
-
-
-def _short_attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed):
-    short, tiled = short_kernels(), kernels()
-    packed = cu_q is not None
-    heads, head_dim = q.shape[-2], q.shape[-1]
-    batch = cu_q.shape[0] - 1 if packed else q.shape[0]
-    (q,), q_strides = shared_strides(q)
-    (k, v), kv_strides = shared_strides(k, v)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _, o_strides = shared_strides(out)
-    lse, lse_stride = new_lse(q, batch, packed)
-    block_n, block_d, block_m = short.key_bucket(max(max_q, max_k)), tiled.head_block(head_dim), _short_block_m()
-    grid = (-(-max_q // block_m), batch * heads)
-    if q.numel() == 0 or grid[0] * grid[1] == 0:
-        return out.zero_(), lse.fill_(math.inf)
-    mask_u8, mask_stride = _mask_pointer(mask)
-    short.attention_fwd_short_kernel[grid](
-        q, k, v, out, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed), *q_strides, *kv_strides, *o_strides,
-        *lse_stride, mask_stride,
-        max_q, max_k, heads, head_dim, scale * tiled.LOG2E, dropout_p,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK=mask is not None, IS_VARLEN=packed,
-        IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q.dtype]],
-        EVEN_D=head_dim == block_d, num_warps=short.FWD_WARPS, num_stages=1)
-    return out, lse
-
-
-def _short_attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal,
-                             seed):
-    short, tiled = short_kernels(), kernels()
-    packed = cu_q is not None
-    heads, head_dim = q.shape[-2], q.shape[-1]
-    batch = cu_q.shape[0] - 1 if packed else q.shape[0]
-    (q,), q_strides = shared_strides(q)
-    (k, v), kv_strides = shared_strides(k, v)
-    (out, grad_out), o_strides = shared_strides(out, grad_out)
-    dq, dk, dv = _gradients(q, k, k)
-    _, dq_strides = shared_strides(dq)
-    _, dkv_strides = shared_strides(dk, dv)
-    if q.numel() == 0 or k.numel() == 0 or batch * heads == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    block_n, block_d = short.key_bucket(max(max_q, max_k)), tiled.head_block(head_dim)
-    mask_u8, mask_stride = _mask_pointer(mask)
-    short.attention_bwd_short_kernel[(batch * heads,)](
-        q, k, v, out, grad_out, dq, dk, dv, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed),
-        *q_strides, *kv_strides, *o_strides, *dq_strides, *dkv_strides, *lse_strides(lse, packed), mask_stride,
-        max_q, max_k, heads, head_dim, scale * tiled.LOG2E, scale, dropout_p,
-        BLOCK_M=block_n, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK=mask is not None, IS_VARLEN=packed,
-        IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q.dtype]],
-        EVEN_D=head_dim == block_d, num_warps=_short_bwd_warps(block_n, block_d, q.device), num_stages=1)
-    return dq, dk, dv
-
-
-def _short_co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v, len_t, dropout_p,
-                               scale, seed):
-    short, tiled = short_kernels(), kernels()
-    packed = cu_v is not None
-    heads, head_dim = q_v.shape[-2:]
-    batch = cu_v.shape[0] - 1 if packed else q_v.shape[0]
-    (q_v, k_v, v_v), v_strides = shared_strides(q_v, k_v, v_v)
-    (q_t, k_t, v_t), t_strides = shared_strides(q_t, k_t, v_t)
-    ctx_v = torch.empty(q_v.shape, dtype=q_v.dtype, device=q_v.device)
-    ctx_t = torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)
-    _, ov_strides = shared_strides(ctx_v)
-    _, ot_strides = shared_strides(ctx_t)
-    lse_v, lse_v_stride = new_lse(q_v, batch, packed)
-    lse_t, lse_t_stride = new_lse(q_t, batch, packed)
-    block_n, block_d, block_m = short.key_bucket(max(len_v, len_t)), tiled.head_block(head_dim), _short_block_m()
-    grid = (-(-len_v // block_m) + -(-len_t // block_m), batch * heads)
-    if grid[0] * grid[1] == 0:
-        return ctx_v.zero_(), ctx_t.zero_(), lse_v.fill_(math.inf), lse_t.fill_(math.inf)
-    mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
-    mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
-    short.co_attention_fwd_short_kernel[grid](
-        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t,
-        _seed_pointer(dropout_p, seed),
-        *v_strides, *t_strides, *ov_strides, *ot_strides, *lse_v_stride, *lse_t_stride, mask_v_stride, mask_t_stride,
-        len_v, len_t, heads, head_dim, scale * tiled.LOG2E, dropout_p,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK_V=mask_v is not None,
-        HAS_MASK_T=mask_t is not None, IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0,
-        PRECISION=tiled.PRECISION[DTYPE_NAMES[q_v.dtype]], EVEN_D=head_dim == block_d,
-        num_warps=short.FWD_WARPS, num_stages=1)
-    return ctx_v, ctx_t, lse_v, lse_t
-
-
-def _short_co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v,
-                                mask_t, cu_v, cu_t, len_v, len_t, dropout_p, scale, seed):
-    short, tiled = short_kernels(), kernels()
-    packed = cu_v is not None
-    heads, head_dim = q_v.shape[-2:]
-    batch = cu_v.shape[0] - 1 if packed else q_v.shape[0]
-    (q_v, k_v, v_v), v_strides = shared_strides(q_v, k_v, v_v)
-    (q_t, k_t, v_t), t_strides = shared_strides(q_t, k_t, v_t)
-    (ctx_v, grad_v), ov_strides = shared_strides(ctx_v, grad_v)
-    (ctx_t, grad_t), ot_strides = shared_strides(ctx_t, grad_t)
-    grads_v, grads_t = _gradients(q_v, q_v, q_v), _gradients(q_t, q_t, q_t)
-    _, gv_strides = shared_strides(*grads_v)
-    _, gt_strides = shared_strides(*grads_t)
-    if batch * heads == 0 or len_v + len_t == 0:
-        return tuple(g.zero_() for g in (*grads_v, *grads_t))
-    block_n, block_d = short.key_bucket(max(len_v, len_t)), tiled.head_block(head_dim)
-    mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
-    mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
-    short.co_attention_bwd_short_kernel[(2, batch * heads)](
-        q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, *grads_v, *grads_t,
-        lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t, _seed_pointer(dropout_p, seed),
-        *v_strides, *t_strides, *ov_strides, *ot_strides, *gv_strides, *gt_strides,
-        *lse_strides(lse_v, packed), *lse_strides(lse_t, packed), mask_v_stride, mask_t_stride,
-        len_v, len_t, heads, head_dim, scale * tiled.LOG2E, scale, dropout_p,
-        BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None,
-        IS_VARLEN=packed, HAS_DROPOUT=dropout_p > 0.0, PRECISION=tiled.PRECISION[DTYPE_NAMES[q_v.dtype]],
-        EVEN_D=head_dim == block_d, num_warps=_short_bwd_warps(block_n, block_d, q_v.device), num_stages=1)
-    return (*grads_v, *grads_t)
 
 
 # Debug helper ---------------------------------------------------------------------------------------

@@ -22,13 +22,24 @@ import torch
 import torch.utils._pytree as pytree
 
 from fastvl import _checks
-from fastvl.dispatch import (backward_expected, length_bucket, needs_cuda_device, needs_module, op,
-                             triton_available)
+from fastvl.dispatch import backward_expected, length_bucket, needs_cuda_device, needs_module, op, triton_available
 from fastvl.ops import attention_launch as launch
-from fastvl.ops.attention_common import (SEEDED_ONLY_ON_TRITON, TRITON_DTYPES, attention_rule, check_cu_seqlens,
-                                         max_seqlen, reference_supports, sdpa_packed, sdpa_padded, seed_tensor,
-                                         softmax_scale, torch_supports, triton_supports)
+from fastvl.ops.attention_common import (
+    SEEDED_ONLY_ON_TRITON,
+    TRITON_DTYPES,
+    attention_rule,
+    check_cu_seqlens,
+    max_seqlen,
+    reference_supports,
+    sdpa_packed,
+    sdpa_padded,
+    seed_tensor,
+    softmax_scale,
+    torch_supports,
+    triton_supports,
+)
 from fastvl.reference.attention import attention_ref, varlen_attention_ref
+
 
 def _rule(device, dtype, len_q=None, len_k=None, packed=False, seeded=False, deterministic=False, **_features):
     return attention_rule(device, dtype, (len_q, len_k), packed, seeded, deterministic)

@@ -35,9 +35,9 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str
 
 
 def _launch(kernel_name: str, x2: torch.Tensor, bias: torch.Tensor | None):
-    import triton  # noqa: PLC0415
+    import triton
 
-    from fastvl.kernels import bias_gelu as kernels  # noqa: PLC0415
+    from fastvl.kernels import bias_gelu as kernels
 
     rows, cols = x2.shape
     grid = (triton.cdiv(rows, kernels.BLOCK_M), triton.cdiv(cols, kernels.BLOCK_N))

@@ -20,9 +20,18 @@ import torch.utils._pytree as pytree
 from fastvl import _checks
 from fastvl.dispatch import backward_expected, length_bucket, op, triton_available
 from fastvl.ops import attention_launch as launch
-from fastvl.ops.attention_common import (attention_rule, check_cu_seqlens, max_seqlen, reference_supports,
-                                         sdpa_packed, sdpa_padded, seed_tensor, softmax_scale, torch_supports,
-                                         triton_supports)
+from fastvl.ops.attention_common import (
+    attention_rule,
+    check_cu_seqlens,
+    max_seqlen,
+    reference_supports,
+    sdpa_packed,
+    sdpa_padded,
+    seed_tensor,
+    softmax_scale,
+    torch_supports,
+    triton_supports,
+)
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
 
 

@@ -45,8 +45,12 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
     _checks.same_device("img_feat", img_feat, txt_feat=txt_feat, img_queue=img_queue, txt_queue=txt_queue,
                         img_feat_m=img_feat_m, txt_feat_m=txt_feat_m)
     if not torch.is_autocast_enabled(img_feat.device.type):  # autocast casts the matmuls' operands itself
-        _checks.same_dtype("img_feat", img_feat, txt_feat=txt_feat, img_queue=img_queue, txt_queue=txt_queue,
-                           img_feat_m=img_feat_m, txt_feat_m=txt_feat_m)
+        _checks.same_dtype("img_feat", img_feat, txt_feat=txt_feat, img_feat_m=img_feat_m, txt_feat_m=txt_feat_m)
+        for name, queue in (("img_queue", img_queue), ("txt_queue", txt_queue)):
+            # a 16-bit model keeps its queues in float32 (ALBEF under DeepSpeed bf16/fp16): read in img_feat's dtype
+            if queue.dtype not in (img_feat.dtype, torch.float32):
+                raise TypeError(f"{name} has dtype {queue.dtype} but img_feat has {img_feat.dtype}; a queue must be "
+                                f"{img_feat.dtype} or torch.float32")
     if batch == 0:
         raise ValueError("itc_loss needs a batch B >= 1 (a contrastive loss over no pairs is undefined), got "
                          f"img_feat of shape {list(img_feat.shape)}")

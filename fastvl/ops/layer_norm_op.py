@@ -56,9 +56,9 @@ def _reference_impl(x, weight, bias, residual, dropout_p, eps):
 
 
 def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps):
-    from fastvl.kernels.layer_norm import block_rows, layer_norm_fwd_kernel, num_warps_for  # noqa: PLC0415
+    import triton
 
-    import triton  # noqa: PLC0415
+    from fastvl.kernels.layer_norm import block_rows, layer_norm_fwd_kernel, num_warps_for
 
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden).contiguous()
@@ -105,9 +105,9 @@ def _(x, residual, weight, bias, seed, dropout_p, eps):
 
 
 def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
-    from fastvl.kernels.layer_norm import block_rows, layer_norm_bwd_kernel, num_warps_for  # noqa: PLC0415
+    import triton
 
-    import triton  # noqa: PLC0415
+    from fastvl.kernels.layer_norm import block_rows, layer_norm_bwd_kernel, num_warps_for
 
     hidden = dy.shape[-1]
     dy2 = dy.reshape(-1, hidden).contiguous()
@@ -191,7 +191,7 @@ def _triton_supports(device, dtype, hidden, **_features) -> list[str]:
 
 
 def _apex_impl(x, weight, bias, residual, dropout_p, eps):
-    from apex.normalization.fused_layer_norm import fused_layer_norm_affine  # noqa: PLC0415
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
 
     hidden = torch.nn.functional.dropout(x, dropout_p) if dropout_p > 0.0 else x
     if residual is not None:

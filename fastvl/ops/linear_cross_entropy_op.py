@@ -68,8 +68,8 @@ def cross_entropy_rows(backend: str, logits: torch.Tensor, labels: torch.Tensor,
     (``[N, C]``, may be ``logits``) unless None; ``scale`` fp32 ``[1]`` or ``[N]``. Returns fp32 ``[N]``."""
     if backend == "cpp":
         return _ext.load().cross_entropy_rows(logits, labels, ignore_index, scale, grad)
-    from fastvl.kernels.cross_entropy import cross_entropy_kernel  # noqa: PLC0415
-    from fastvl.kernels.region_kl import block_size, num_warps  # noqa: PLC0415
+    from fastvl.kernels.cross_entropy import cross_entropy_kernel
+    from fastvl.kernels.region_kl import block_size, num_warps
 
     rows, classes = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)

@@ -10,8 +10,8 @@ from fastvl.reference.attention import attention_ref, varlen_attention_ref
 from fastvl.reference.bias_gelu import bias_gelu_ref
 from fastvl.reference.co_attention import co_attention_ref
 from fastvl.reference.cross_entropy import linear_cross_entropy_ref, soft_cross_entropy_ref
-from fastvl.reference.layer_norm import layer_norm_ref
 from fastvl.reference.itc import itc_loss_ref, itc_queue_update_ref, itm_hard_negatives_ref
+from fastvl.reference.layer_norm import layer_norm_ref
 from fastvl.reference.region_kl import linear_region_kl_loss_ref, region_kl_loss_ref
 
 __all__ = [

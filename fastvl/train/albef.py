@@ -108,7 +108,7 @@ class ALBEFPretraining(ALBEF):
         if not _partitioned(online + moving):
             super().momentum_update()
             return
-        import deepspeed  # noqa: PLC0415 - only under ZeRO-3
+        import deepspeed  # only under ZeRO-3
 
         with deepspeed.zero.GatheredParameters(online), deepspeed.zero.GatheredParameters(moving, modifier_rank=0):
             torch._foreach_mul_(moving, self.config.momentum)

@@ -23,6 +23,15 @@ import sys
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The DeepSpeed options `fastvl pretrain` and `fastvl finetune` share (read by :func:`load_config`)."""
+    parser.add_argument("--deepspeed", dest="ds_config", default=os.path.join(CONFIG_DIR, "zero2.json"),
+                        help="DeepSpeed JSON config (see fastvl/configs/)")
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="override zero_optimization.stage")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override the config's precision")
+    parser.add_argument("--clip", type=float, help="override gradient_clipping")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvl.train.families import model_names
     from fastvl.train.presets import PRESETS
@@ -34,13 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-res", type=int, help="ALBEF image files: training resolution (default 256)")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: DATA/vocab.txt)")
     parser.add_argument("--out", default="runs/pretrain", help="log.jsonl and checkpoints/ go here")
-    parser.add_argument("--deepspeed", dest="ds_config", default=os.path.join(CONFIG_DIR, "zero2.json"),
-                        help="DeepSpeed JSON config (see fastvl/configs/)")
+    add_deepspeed_arguments(parser)
     parser.add_argument("--global-batch", type=int, help="override train_batch_size (all ranks, all micro-steps)")
     parser.add_argument("--micro-batch", type=int, help="override train_micro_batch_size_per_gpu")
-    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="override zero_optimization.stage")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override the config's precision")
-    parser.add_argument("--clip", type=float, help="override gradient_clipping")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="optimizer/schedule preset (default: the family's)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     parser.add_argument("--warmup-steps", type=int, help="warm-up steps (default: the preset's)")
@@ -177,8 +182,8 @@ def build(args: argparse.Namespace) -> Run:
     from fastvl.data.format import VOCAB_FILE, DataError
     from fastvl.data.sampler import GlobalBatchSampler
     from fastvl.data.tokenizer import load_tokenizer, special_ids
-    from fastvl.train import families, presets
     from fastvl.profiling import nvtx_layer_ranges
+    from fastvl.train import families, presets
     from fastvl.train.loop import Trainer
 
     clear_stale_build_locks()  # DeepSpeed builds / loads its CPU shared-memory op below

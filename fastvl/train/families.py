@@ -64,8 +64,8 @@ class Family:
 
 
 def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
-    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining  # noqa: PLC0415
-    from fastvl.nn import set_gradient_checkpointing  # noqa: PLC0415
+    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining
+    from fastvl.nn import set_gradient_checkpointing
 
     overrides = {"vocab_size": options.vocab_size, "v_target_size": options.num_classes,
                  "v_feature_size": options.feature_dim}
@@ -79,8 +79,8 @@ def _vilbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
 def _text_stream_from_bert(model: torch.nn.Module, path: str):
     """Loads a Hugging Face BERT checkpoint (safetensors, or torch weights_only) into the model's BERT
     part (ViLBERT's text stream, VL-BERT's stack, ALBEF's text + fusion encoders: convert/hf_bert.py)."""
-    from fastvl.convert.common import load_state_dict_file  # noqa: PLC0415
-    from fastvl.convert.hf_bert import text_stream_from_hf_bert  # noqa: PLC0415
+    from fastvl.convert.common import load_state_dict_file
+    from fastvl.convert.hf_bert import text_stream_from_hf_bert
 
     return text_stream_from_hf_bert(model, load_state_dict_file(path))
 
@@ -104,8 +104,8 @@ def _vilbert_inputs(batch: dict) -> dict:
 
 
 def _vlbert_model(variant: str, options: ModelOptions) -> torch.nn.Module:
-    from fastvl.models.vlbert import VLBERTConfig, VLBERTForPretraining  # noqa: PLC0415
-    from fastvl.nn import set_gradient_checkpointing  # noqa: PLC0415
+    from fastvl.models.vlbert import VLBERTConfig, VLBERTForPretraining
+    from fastvl.nn import set_gradient_checkpointing
 
     overrides = {"vocab_size": options.vocab_size, "visual_region_classes": options.num_classes,
                  **({"pad_token_id": options.special.pad} if options.special else {}),
@@ -135,9 +135,9 @@ def _vlbert_inputs(batch: dict) -> dict:
 
 
 def _albef_model(variant: str, options: ModelOptions) -> torch.nn.Module:
-    from fastvl.models.albef import ALBEFConfig  # noqa: PLC0415
-    from fastvl.nn import set_gradient_checkpointing  # noqa: PLC0415
-    from fastvl.train.albef import ALBEFPretraining  # noqa: PLC0415
+    from fastvl.models.albef import ALBEFConfig
+    from fastvl.nn import set_gradient_checkpointing
+    from fastvl.train.albef import ALBEFPretraining
 
     overrides: dict = {"vocab_size": options.vocab_size}
     if options.special is not None:

@@ -101,11 +101,11 @@ class Logger:
 
     def __init__(self, path: str | None, enabled: bool):
         self.enabled = enabled
-        self.file = open(path, "a", encoding="utf-8") if enabled and path else None  # noqa: SIM115
+        self.file = open(path, "a", encoding="utf-8") if enabled and path else None
         self.tensorboard = None
         if enabled and path:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - needs the tensorboard package
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
             except ImportError:
                 pass
             else:

@@ -19,7 +19,7 @@ from fastvl.data.collate import IMG_LOCATION, region_locations
 from fastvl.data.collate_albef import albef_caption, normalise_images
 from fastvl.data.format import DataError
 
-QUEUE_BUFFERS = ("image_queue", "text_queue", "queue_ptr")
+QUEUE_BUFFERS = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
 # parameter prefixes every one of which --init must provide (the pretrained encoder)
 ENCODER_PREFIXES = {"vilbert": ("bert.",), "vlbert": ("vlbert.",), "albef": ("visual_encoder.", "text_encoder.")}
 

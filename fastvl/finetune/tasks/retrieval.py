@@ -23,10 +23,10 @@ query), with the pool size and the time per query.
   first. Hard negatives are drawn from the 20 training images nearest to the image by cosine similarity
   of the mean region feature (the original reads a pool mined with a trained model from a file; this
   proxy is fastvl's).
-* ALBEF: ITC + ITM with in-batch hard negatives (ALBEF's pretraining objectives without MLM, momentum
-  distillation and queues included). Not done: ALBEF's retrieval model treats every caption of the same
-  image as a positive (``idx`` targets) in ITC and never samples them as ITM negatives; here the only
-  positive is the pair itself.
+* ALBEF: ITC + ITM with in-batch hard negatives, momentum distillation and queues, as ALBEF's retrieval
+  model (:class:`fastvl.finetune.tasks.albef_retrieval.ALBEFRetrieval`): each sample carries its image's
+  index, every caption of the same image (in the micro-batch and in the queue) is an ITC positive, with
+  the targets spread evenly over them, and never an ITM hard negative.
 """
 
 from __future__ import annotations
@@ -242,9 +242,9 @@ class RetrievalTask(Task):
             from fastvl.models.vilbert import ViLBERTForTasks
 
             return ViLBERTForTasks(config, num_labels=2)
-        from fastvl.train.albef import ALBEFPretraining
+        from fastvl.finetune.tasks.albef_retrieval import ALBEFRetrieval
 
-        return ALBEFPretraining(config)
+        return ALBEFRetrieval(config)
 
     def num_train(self) -> int:
         return len(self.split("train")[0].texts)
@@ -270,6 +270,7 @@ class RetrievalTask(Task):
             texts = [int(index) for _, index in keys]
             batch = text_batch([pieces[t] for t in texts], self.special, self.family, self.max_text_len)
             batch.update(image_batch(self.family, self.dataset, [images[pool.text_image[t]] for t in texts], 0))
+            batch["image_ids"] = torch.tensor([pool.text_image[t] for t in texts], dtype=torch.long)
             batch["num_tokens"] = num_tokens(batch)
             return batch
         by_image: dict[int, list[int]] = {}
@@ -307,8 +308,7 @@ class RetrievalTask(Task):
             loss = F.cross_entropy(scores.float(), torch.zeros(scores.shape[0], dtype=torch.long,
                                                                device=scores.device))
             return loss, {"ce": loss}
-        ids = batch["input_ids"]
-        out = model(batch["images"], ids, batch["text_mask"], ids, torch.full_like(ids, IGNORE),
+        out = model(batch["images"], batch["input_ids"], batch["text_mask"], batch["image_ids"],
                     alpha_scale=batch.get("alpha_scale", 1.0), first_micro_step=batch.get("first_micro_step", True),
                     last_micro_step=batch.get("last_micro_step", True))
         return out.loss, {"itc": out.losses["itc"], "itm": out.losses["itm"]}
