@@ -167,16 +167,20 @@ def test_pretrain_command_help(capsys):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def assert_losses_match(log: dict, reference: dict, objectives) -> None:
+    """Every logged step of ``log`` has ``reference``'s losses (within reduction-order rounding)."""
+    assert sorted(log) == sorted(reference)
+    for step, record in log.items():
+        for name in (*objectives, "loss"):
+            assert record[name] == pytest.approx(reference[step][name], rel=2e-4, abs=1e-5), (step, name)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_match_one_rank(synth, reference, tmp_path, stage):
     """deepspeed --num_gpus 2 on CPU (gloo): the same global batch of 8 as 2 ranks x 1 micro-step."""
     out = str(tmp_path)
     _train([*RUN, "--data", synth, "--out", out, "--zero-stage", str(stage), "--save-every", "0"], ranks=2)
-    log = _losses(out)
-    assert sorted(log) == sorted(reference)
-    for step, record in log.items():
-        for name in (*OBJECTIVES, "loss"):
-            assert record[name] == pytest.approx(reference[step][name], rel=2e-4, abs=1e-5), (step, name)
+    assert_losses_match(_losses(out), reference, OBJECTIVES)
     start = json.loads(open(os.path.join(out, "log.jsonl")).readline())
     assert start["world_size"] == 2 and start["grad_accum"] == 1 and start["zero_stage"] == stage
 

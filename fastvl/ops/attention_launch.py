@@ -84,6 +84,18 @@ def _tiled_meta(dtype: torch.dtype, head_dim: int, config) -> dict:
                  num_stages=config.num_stages)
 
 
+def _forward_kernel(name: str, dtype: torch.dtype, head_dim: int, max_len: int, long: bool = False):
+    """(kernel, query rows per program, meta) of a forward: ``{name}_short_kernel`` where the short path
+    takes ``max_len``, else the tiled ``{name}_kernel`` (``long``: its long-sequence query blocks)."""
+    if attention_path(max_len, dtype, head_dim) == "short":
+        short, block_m = short_kernels(), _short_block_m()
+        meta = _meta(dtype, head_dim, block_m=block_m, block_n=short.key_bucket(max_len), num_warps=short.FWD_WARPS,
+                     num_stages=1)
+        return getattr(short, f"{name}_short_kernel"), block_m, meta
+    config, _ = block_configs(dtype, head_dim, long)
+    return getattr(kernels(), f"{name}_kernel"), config.block_m, _tiled_meta(dtype, head_dim, config)
+
+
 # Attention (one direction) ---------------------------------------------------------------------------
 
 
@@ -99,14 +111,8 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _, o_strides = shared_strides(out)
     lse, lse_stride = new_lse(q, batch, packed)
-    if attention_path(max(max_q, max_k), q.dtype, head_dim) == "short":
-        short = short_kernels()
-        kernel, block_m = short.attention_fwd_short_kernel, _short_block_m()
-        meta = _meta(q.dtype, head_dim, block_m=block_m, block_n=short.key_bucket(max(max_q, max_k)),
-                     num_warps=short.FWD_WARPS, num_stages=1)
-    else:
-        config, _ = block_configs(q.dtype, head_dim, max_q >= kern.LONG_SEQUENCE)
-        kernel, block_m, meta = kern.attention_fwd_kernel, config.block_m, _tiled_meta(q.dtype, head_dim, config)
+    kernel, block_m, meta = _forward_kernel("attention_fwd", q.dtype, head_dim, max(max_q, max_k),
+                                            long=max_q >= kern.LONG_SEQUENCE)
     grid = (cdiv(max_q, block_m), batch * heads)
     if q.numel() == 0 or grid[0] * grid[1] == 0:
         return out.zero_(), lse.fill_(math.inf)
@@ -172,15 +178,7 @@ def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_
     _, ot_strides = shared_strides(ctx_t)
     lse_v, stride_lse_v = new_lse(q_v, batch, packed)
     lse_t, stride_lse_t = new_lse(q_t, batch, packed)
-    if attention_path(max(len_v, len_t), q_v.dtype, head_dim) == "short":
-        short = short_kernels()
-        kernel, block_m = short.co_attention_fwd_short_kernel, _short_block_m()
-        meta = _meta(q_v.dtype, head_dim, block_m=block_m, block_n=short.key_bucket(max(len_v, len_t)),
-                     num_warps=short.FWD_WARPS, num_stages=1)
-    else:
-        config, _ = block_configs(q_v.dtype, head_dim, False)
-        kernel, block_m = kern.co_attention_fwd_kernel, config.block_m
-        meta = _tiled_meta(q_v.dtype, head_dim, config)
+    kernel, block_m, meta = _forward_kernel("co_attention_fwd", q_v.dtype, head_dim, max(len_v, len_t))
     grid = (cdiv(len_v, block_m) + cdiv(len_t, block_m), batch * heads)
     if grid[0] * grid[1] == 0:
         return ctx_v.zero_(), ctx_t.zero_(), lse_v.fill_(math.inf), lse_t.fill_(math.inf)
