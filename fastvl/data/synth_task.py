@@ -17,6 +17,7 @@ train; VQA's test split is val's questions without annotations (for the submissi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -40,6 +41,30 @@ def image_contents(dataset: RegionDataset) -> list[dict[int, int]]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class SynthImages:
+    """What every task writer gets: the image set, what each image holds and the split sizes."""
+
+    images_dir: str
+    out_dir: str
+    dataset: RegionDataset
+    contents: list[dict[int, int]]  # per image {class: count}
+    seed: int
+    val: int
+    test: int
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self.dataset.image_ids
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def split_of(self, index: int) -> str:
+        return _split_of(index, len(self.contents), self.val, self.test)
+
+
 def _split_of(index: int, total: int, val: int, test: int) -> str:
     if index >= total - test:
         return "test"
@@ -57,12 +82,12 @@ def _human_answers(right: str, wrong: list[str], rng: np.random.Generator, count
     return answers
 
 
-def write_vqa(images_dir: str, out_dir: str, contents: list[dict[int, int]], image_ids: list[str], num_classes: int,
-              *, seed: int, val: int, test: int) -> dict:
-    rng = np.random.default_rng((seed, 0x7A))
+def write_vqa(images: SynthImages) -> dict:
+    out_dir, contents, image_ids, num_classes = images.out_dir, images.contents, images.image_ids, images.num_classes
+    rng = np.random.default_rng((images.seed, 0x7A))
     splits: dict[str, dict[str, list]] = {s: {"questions": [], "annotations": []} for s in ("train", "val", "test")}
     for index, (present, image_id) in enumerate(zip(contents, image_ids)):
-        split = splits[_split_of(index, len(contents), val, test)]
+        split = splits[images.split_of(index)]
         classes = sorted(present)
         counted = classes[int(rng.integers(len(classes)))]
         shown = classes[int(rng.integers(len(classes)))]
@@ -100,11 +125,10 @@ def write_vqa(images_dir: str, out_dir: str, contents: list[dict[int, int]], ima
             "counts": {s: len(splits[s]["questions"]) for s in splits}}
 
 
-def write_retrieval(out_dir: str, contents: list[dict[int, int]], image_ids: list[str], *, seed: int, val: int,
-                    test: int, captions_per_image: int = 5) -> dict:
-    rng = np.random.default_rng((seed, 0x2E7))
-    images, sentence_id = [], 0
-    for index, (present, image_id) in enumerate(zip(contents, image_ids)):
+def write_retrieval(images: SynthImages, captions_per_image: int = 5) -> dict:
+    rng = np.random.default_rng((images.seed, 0x2E7))
+    records, sentence_id = [], 0
+    for index, (present, image_id) in enumerate(zip(images.contents, images.image_ids)):
         sentences = []
         for _ in range(captions_per_image):
             order = rng.permutation(sorted(present))
@@ -113,12 +137,16 @@ def write_retrieval(out_dir: str, contents: list[dict[int, int]], image_ids: lis
             raw = fitting[int(rng.integers(len(fitting)))].format(*phrases) if len(phrases) <= 3 else " ".join(phrases)
             sentences.append({"raw": raw, "tokens": raw.split(), "imgid": index, "sentid": sentence_id})
             sentence_id += 1
-        images.append({"filename": f"{image_id}.jpg", "imgid": index, "split": _split_of(index, len(contents), val, test),
-                       "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
-    _write(out_dir, "dataset.json", {"dataset": "synth", "images": images})
+        records.append({"filename": f"{image_id}.jpg", "imgid": index, "split": images.split_of(index),
+                        "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
+    _write(images.out_dir, "dataset.json", {"dataset": "synth", "images": records})
     splits = {name: {"karpathy": "dataset.json"} for name in ("train", "val", "test")}
     return {"task": "retrieval", "splits": splits,
-            "counts": {s: sum(i["split"] == s for i in images) for s in ("train", "val", "test")}}
+            "counts": {s: sum(i["split"] == s for i in records) for s in ("train", "val", "test")}}
+
+
+# --task name -> writer(SynthImages) -> manifest (without "images"); a new task set is one line here
+WRITERS = {"vqa": write_vqa, "retrieval": write_retrieval}
 
 
 def _write(out_dir: str, name: str, data) -> None:
@@ -137,15 +165,11 @@ def make_task_set(task: str, images_dir: str, out_dir: str, *, seed: int = 0, va
     num_classes = dataset.num_classes
     if num_classes > len(CLASS_NAMES):
         raise DataError(f"{images_dir}: {num_classes} classes; synthetic task sets name at most {len(CLASS_NAMES)}")
+    if task not in WRITERS:
+        raise ValueError(f"--task must be one of {sorted(WRITERS)}, got {task!r}")
     os.makedirs(out_dir, exist_ok=True)
-    contents = image_contents(dataset)
-    if task == "vqa":
-        manifest = write_vqa(images_dir, out_dir, contents, dataset.image_ids, num_classes, seed=seed,
-                             val=val_images, test=test_images)
-    elif task == "retrieval":
-        manifest = write_retrieval(out_dir, contents, dataset.image_ids, seed=seed, val=val_images, test=test_images)
-    else:
-        raise ValueError(f"--task must be 'vqa' or 'retrieval', got {task!r}")
+    manifest = WRITERS[task](SynthImages(images_dir, out_dir, dataset, image_contents(dataset), seed, val_images,
+                                         test_images))
     manifest = {"task": manifest.pop("task"), "images": os.path.relpath(os.path.abspath(images_dir),
                                                                          os.path.abspath(out_dir)), **manifest}
     _write(out_dir, TASK_FILE, manifest)
@@ -154,8 +178,8 @@ def make_task_set(task: str, images_dir: str, out_dir: str, *, seed: int = 0, va
 
 def add_arguments(actions) -> None:
     """``fastvl data synth-task`` (registered by :mod:`fastvl.data.cli`)."""
-    parser = actions.add_parser("synth-task", help="write a VQA or retrieval task set over `fastvl data synth` images")
-    parser.add_argument("--task", required=True, choices=("vqa", "retrieval"))
+    parser = actions.add_parser("synth-task", help="write a downstream task set over `fastvl data synth` images")
+    parser.add_argument("--task", required=True, choices=sorted(WRITERS))
     parser.add_argument("--images", required=True, help="the synthetic image set (fastvl data synth --out)")
     parser.add_argument("--out", required=True, help="output directory (task.json and the annotation files)")
     parser.add_argument("--seed", type=int, default=0)
