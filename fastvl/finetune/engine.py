@@ -246,7 +246,8 @@ def finetune(args) -> int:
         return Trainer(engine, family_view, sampler, task.collate, out_dir=args.out, total_steps=total_steps,
                        seed=args.seed, precision=precision, log_every=args.log_every, save_every=args.save_every,
                        keep_checkpoints=args.keep_checkpoints, num_workers=args.num_workers,
-                       progress=not args.no_progress and sys.stderr.isatty(), stop_after=stop_after)
+                       progress=not args.no_progress and sys.stderr.isatty(), stop_after=stop_after,
+                       label=f"finetune {args.task}")
 
     first = trainer(None)
     if not args.no_resume:

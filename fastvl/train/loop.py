@@ -230,7 +230,8 @@ class Trainer:
 
     def __init__(self, engine, family, sampler, collator, *, out_dir: str, total_steps: int, seed: int,
                  precision: str, log_every: int = 10, save_every: int = 0, keep_checkpoints: int = 2,
-                 num_workers: int = 0, progress: bool = True, stop_after: int | None = None):
+                 num_workers: int = 0, progress: bool = True, stop_after: int | None = None,
+                 label: str = "pretrain"):
         import torch.distributed as dist
 
         self.engine = engine
@@ -251,6 +252,7 @@ class Trainer:
         self.world_size = dist.get_world_size()
         self.logger = Logger(os.path.join(out_dir, LOG_FILE), self.rank == 0)
         self.progress = progress and self.rank == 0
+        self.label = label  # the progress bar's description
         self.start_step = 0
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
@@ -404,7 +406,7 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc="pretrain", unit="step",
+            self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.label, unit="step",
                              dynamic_ncols=True)
         self.last = {}
         self.engine.train()
