@@ -3,6 +3,7 @@
 covers the pool (and fastvl.models' ALBEF.retrieval_scores)."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -116,3 +117,86 @@ def test_retrieval_benchmark_rows(tmp_path):
     cache = [r for r in document["ratios"] if r["variant"] == "fused+cache" and r["baseline"] == "fused"]
     assert len(cache) == 1 and cache[0]["speedup"] > 0
     assert "pairs/s" in done.stdout
+
+
+def _retrieval_task(tmp_path, hard_negatives=None, trust_pickle=False):
+    import json
+
+    from fastvl.data.synth import make_synthetic_dataset
+    from fastvl.data.synth_task import make_task_set
+    from fastvl.data.tasks import read_task_dir
+    from fastvl.finetune.engine import open_images
+    from fastvl.finetune.tasks.retrieval import RetrievalTask
+
+    images, ret = str(tmp_path / "images"), str(tmp_path / "ret")
+    if not (tmp_path / "ret").exists():
+        make_synthetic_dataset(images, 14, feature_dim=8, num_classes=3, shard_size=16)
+        make_task_set("retrieval", images, ret, val_images=2, test_images=2)
+    manifest = json.load(open(tmp_path / "ret" / "task.json"))
+    manifest["splits"]["train"].pop("hard_negatives", None)
+    if hard_negatives is not None:
+        manifest["splits"]["train"]["hard_negatives"] = hard_negatives
+    json.dump(manifest, open(tmp_path / "ret" / "task.json", "w"))
+    task_dir = read_task_dir(ret, "retrieval")
+    dataset, special = open_images(task_dir, None)
+    return RetrievalTask(task_dir, "vilbert", dataset, special, max_text_len=16, max_regions=8,
+                         trust_pickle=trust_pickle)
+
+
+def test_hard_negatives_file_as_the_original_mines_them(tmp_path):
+    """A train split's `hard_negatives` file (vilbert-multi-task's hard_negative.pkl layout: the training
+    image ids and a pool of indices per image, column 0 the image itself) replaces the feature proxy:
+    JSON and .npz read safely, .pkl only trusted, every option 4 of the 4-way batch is a caption of one of
+    the image's listed negatives, and bad files are clear errors naming the file."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    from fastvl.data.format import DataError
+
+    task = _retrieval_task(tmp_path)
+    pool, _, _ = task.split("train")
+    keys = list(pool.images)  # 10 training images
+    assert task.hard_pool().shape == (10, 9)  # the proxy: every other training image, nearest first
+    # the file lists the images in another order (ints, as the original's Flickr30k ids are not ours)
+    listed = keys[::-1]
+    hard = [[i, (i + 1) % 10, (i + 3) % 10] for i in range(10)]  # column 0: the image itself
+    record = {"train_image_list": listed, "train_hard_pool": hard}
+    expected = {listed[i]: {listed[(i + 1) % 10], listed[(i + 3) % 10]} for i in range(10)}
+    json.dump(record, open(tmp_path / "hard.json", "w"))
+    np.savez(tmp_path / "hard.npz", train_image_list=np.array(listed), train_hard_pool=np.array(hard))
+    pickle.dump(record, open(tmp_path / "hard.pkl", "wb"))
+    for name, trust in (("hard.json", False), ("hard.npz", False), ("hard.pkl", True)):
+        task = _retrieval_task(tmp_path, os.path.join("..", name), trust_pickle=trust)
+        mined = task.hard_pool()
+        assert mined.shape == (10, 2), name
+        for image, row in enumerate(mined):
+            assert {keys[j] for j in row} == expected[keys[image]], name
+        batch_text_images = []
+        for text in range(len(pool.texts)):
+            rng_keys = [(0, text)]
+            batch = task.collate(rng_keys)
+            hard_caption = batch["input_ids"][3]
+            batch_text_images.append(hard_caption)
+        # option 4 (index 3) is a caption of one of the image's listed hard negatives
+        by_caption = {}
+        for t, pieces in enumerate(task.split("train")[2]):
+            by_caption.setdefault(tuple(pieces.tolist()), set()).add(keys[pool.text_image[t]])
+        for text, ids in enumerate(batch_text_images):
+            words = tuple(ids[1: int((ids != task.special.pad).sum()) - 1].tolist())
+            assert by_caption[words] & expected[keys[pool.text_image[text]]], text
+    with pytest.raises(DataError, match="hard.pkl: a pickle file can run code"):
+        _retrieval_task(tmp_path, "../hard.pkl").hard_pool()
+    bad = {"missing key": {"train_image_list": listed},
+           "no hard-negative row": {"train_image_list": listed[1:], "train_hard_pool": [[0, 1]] * 9},
+           "indices must be in": {"train_image_list": listed, "train_hard_pool": [[0, 10]] * 10},
+           "the image itself": {"train_image_list": listed, "train_hard_pool": [[i, i] for i in range(10)]},
+           "must be .len": {"train_image_list": listed, "train_hard_pool": [[0, 1]] * 3}}
+    for message, content in bad.items():
+        json.dump(content, open(tmp_path / "bad.json", "w"))
+        with pytest.raises(DataError, match="bad.json: " if message == "missing key" else message):
+            _retrieval_task(tmp_path, "../bad.json").hard_pool()
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="bad.npz: not a readable .npz"):
+        _retrieval_task(tmp_path, "../bad.npz").hard_pool()

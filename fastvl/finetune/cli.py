@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-test", type=int, help="ALBEF retrieval: ITM re-ranks each query's top k ITC candidates "
                         "(default 128; ALBEF uses 256 on COCO)")
     parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
+    parser.add_argument("--trust-pickle", action="store_true", help="ViLBERT retrieval: read a .pkl hard_negatives "
+                        "file (the original's hard_negative.pkl; unpickling can run code: only files you trust)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at every "
                         "evaluation point)")

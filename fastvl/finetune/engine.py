@@ -98,6 +98,7 @@ def make_task(args, family: str, dataset, special, task_dir, preset, state: dict
         kwargs["min_answer_count"] = getattr(args, "min_answer_count", 9)
     if args.task == "retrieval":
         kwargs["k_test"] = getattr(args, "k_test", None) or preset.k_test
+        kwargs["trust_pickle"] = getattr(args, "trust_pickle", False)
     return task_class(args.task)(task_dir, family, dataset, special, **kwargs)
 
 

@@ -20,9 +20,12 @@ query), with the pool size and the time per query.
 * ViLBERT: 4-way multiple choice per caption, as vilbert-multi-task's retrieval dataset: (caption,
   image), (caption, a random other image), (a random other image's caption, image), (the caption of a
   hard-negative image, image); softmax cross-entropy over the four ``vil_logit`` scores, the right one
-  first. Hard negatives are drawn from the 20 training images nearest to the image by cosine similarity
-  of the mean region feature (the original reads a pool mined with a trained model from a file; this
-  proxy is fastvl's).
+  first. The hard-negative image is drawn from the image's row of a hard pool: by default the 20
+  training images nearest to it by cosine similarity of the mean region feature (a proxy, fastvl's);
+  with a ``hard_negatives`` file in the train split of ``task.json``, the pool the original reads
+  (vilbert-multi-task's ``hard_negative.pkl``, mined with a trained model: ``train_image_list``, the
+  training image ids, and ``train_hard_pool [images, K]``, indices into that list, column 0 the image
+  itself and never drawn), see :func:`read_hard_negatives`.
 * ALBEF: ITC + ITM with in-batch hard negatives, momentum distillation and queues, as ALBEF's retrieval
   model (:class:`fastvl.finetune.tasks.albef_retrieval.ALBEFRetrieval`): each sample carries its image's
   index, every caption of the same image (in the micro-batch and in the queue) is an ITC positive, with
@@ -46,6 +49,71 @@ from fastvl.finetune.tasks.common import image_batch, num_tokens, region_batch, 
 
 HARD_POOL = 20
 IGNORE = -100
+HARD_NEGATIVE_KEYS = ("train_image_list", "train_hard_pool")
+
+
+def read_hard_negatives(path: str, train_images: list[str], *, trust_pickle: bool = False) -> np.ndarray:
+    """A mined hard-negative pool as ``[len(train_images), K - 1]`` indices into ``train_images`` (the
+    keys of the training split's images, in its order): column 0 of the file's pool (the image itself in
+    the original's files) is dropped, as the original never draws it.
+
+    ``path``: ``.json`` (``{"train_image_list": [ids], "train_hard_pool": [[index, ...], ...]}``), ``.npz``
+    (the two arrays, read with ``allow_pickle=False``) or the original's ``.pkl`` (the same dict; full
+    unpickling, only with ``trust_pickle``). Ids match the split's image keys as strings (Flickr30k's
+    ints, ``1000092795`` = ``1000092795.jpg``); every training image must have a row, every index must
+    be in range and no row may name the image itself after column 0."""
+    from fastvl.data.format import DataError
+
+    if path.endswith(".json"):
+        from fastvl.data.tasks import read_json
+
+        data = read_json(path)
+    elif path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as loaded:
+                data = {k: loaded[k] for k in loaded.files}
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: not a readable .npz of plain arrays ({error})") from error
+    elif path.endswith(".pkl"):
+        if not trust_pickle:
+            raise DataError(f"{path}: a pickle file can run code when loaded; convert it to .json / .npz "
+                            "(train_image_list, train_hard_pool), or pass --trust-pickle if you trust it")
+        import pickle
+
+        try:
+            with open(path, "rb") as f:
+                data = pickle.load(f)
+        except Exception as error:  # a damaged pickle raises anything
+            raise DataError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from error
+    else:
+        raise DataError(f"{path}: hard negatives must be .json, .npz or (with --trust-pickle) .pkl")
+    if not isinstance(data, dict) or any(k not in data for k in HARD_NEGATIVE_KEYS):
+        raise DataError(f"{path}: expected {{{', '.join(HARD_NEGATIVE_KEYS)}}} (vilbert-multi-task's "
+                        f"hard_negative layout), got {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+    ids = [str(i) for i in np.asarray(data["train_image_list"]).reshape(-1).tolist()]
+    try:
+        pool = np.asarray(data["train_hard_pool"], dtype=np.int64)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{path}: train_hard_pool must be an integer matrix [images, K] ({error})") from error
+    if pool.ndim != 2 or pool.shape[0] != len(ids) or pool.shape[1] < 2:
+        raise DataError(f"{path}: train_hard_pool must be [len(train_image_list) = {len(ids)}, K >= 2], "
+                        f"got {list(pool.shape)}")
+    if pool.size and (pool.min() < 0 or pool.max() >= len(ids)):
+        raise DataError(f"{path}: train_hard_pool indices must be in [0, {len(ids)}), got {pool.min()} .. {pool.max()}")
+    row_of = {image_id: row for row, image_id in enumerate(ids)}
+    missing = [key for key in train_images if key not in row_of]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} training images have no hard-negative row, e.g. {missing[0]!r}")
+    position = {key: index for index, key in enumerate(train_images)}
+    out = np.empty((len(train_images), pool.shape[1] - 1), dtype=np.int64)
+    for index, key in enumerate(train_images):
+        named = [ids[j] for j in pool[row_of[key], 1:]]
+        if key in named or any(n not in position for n in named):
+            bad = key if key in named else next(n for n in named if n not in position)
+            raise DataError(f"{path}: the hard negatives of image {key!r} name "
+                            + ("the image itself" if bad == key else f"{bad!r}, which is not a training image"))
+        out[index] = [position[n] for n in named]
+    return out
 
 
 # ViLBERT pair scoring ------------------------------------------------------------------------------
@@ -216,8 +284,10 @@ class RetrievalTask(Task):
     metric = "r_mean"
     supports_zero_shot = True
 
-    def __init__(self, task_dir, family, dataset, special, *, state=None, k_test: int = 128, **kwargs):
+    def __init__(self, task_dir, family, dataset, special, *, state=None, k_test: int = 128,
+                 trust_pickle: bool = False, **kwargs):
         super().__init__(task_dir, family, dataset, special, **kwargs)
+        self.trust_pickle = trust_pickle
         self.objectives = ("ce",) if family == "vilbert" else ("itc", "itm")
         self.has_step_inputs = family == "albef"
         self.k_test = k_test
@@ -252,10 +322,15 @@ class RetrievalTask(Task):
     # training ---------------------------------------------------------------------------------------
 
     def hard_pool(self) -> np.ndarray:
-        """``[train images, HARD_POOL]``: each training image's nearest training images (cosine of the
-        mean region feature), itself excluded."""
+        """``[train images, K]``: each training image's hard negatives (indices into the split's images):
+        the train split's ``hard_negatives`` file (:func:`read_hard_negatives`), else its ``HARD_POOL``
+        nearest training images (cosine of the mean region feature), itself excluded."""
         if self._hard_pool is None:
-            _, images, _ = self.split("train")
+            pool, images, _ = self.split("train")
+            mined = self.task_dir.split("train").get("hard_negatives")
+            if mined is not None:
+                self._hard_pool = read_hard_negatives(mined, list(pool.images), trust_pickle=self.trust_pickle)
+                return self._hard_pool
             means = np.stack([np.asarray(self.dataset[i].features, np.float32).mean(axis=0) for i in images])
             means /= np.linalg.norm(means, axis=1, keepdims=True).clip(min=1e-12)
             similarity = means @ means.T
