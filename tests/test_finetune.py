@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from test_train import _env, _free_port, _losses, _wait_for_step
+from test_train import _env, _free_port, _losses, _wait_for_step, assert_losses_match
 
 from fastvl.data.synth import make_synthetic_dataset
 from fastvl.data.synth_task import make_task_set
@@ -215,6 +215,25 @@ def test_two_ranks_match_one_rank_training_and_evaluate(sets, tmp_path):
             if key not in ("seconds", "ms_per_query", "head"):
                 assert value == pytest.approx(expected[key], abs=1e-6), (task, key)
 
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_albef_retrieval_two_ranks_match_one_rank_accumulating(sets, tmp_path):
+    """ALBEF retrieval fine-tuning (multi-positive ITC with the queue and its image ids, ITM hard negatives
+    drawn in-batch, momentum encoders): 2 ranks x 1 micro-batch of 4 == 1 rank x 2 micro-batches of 4, and
+    the end-of-run evaluation (ITC rank, ITM re-rank) is the same."""
+    args = ["--task", "retrieval", "--model", "albef-tiny", "--init", sets["albef"], "--data", sets["ret"],
+            "--max-steps", "3", "--save-every", "0", "--k-test", "4", *FT]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run("fastvl.finetune", [*args, "--out", one])
+    _run("fastvl.finetune", [*args, "--out", two], ranks=2)
+    assert_losses_match(_losses(two), _losses(one), ("itc", "itm"))
+    assert sorted(_losses(one)) == [1, 2, 3]
+    starts = [json.loads(open(os.path.join(out, "log.jsonl")).readline()) for out in (one, two)]
+    assert [(s["world_size"], s["grad_accum"]) for s in starts] == [(1, 2), (2, 1)]
+    for x, y in zip(_evaluations(one), _evaluations(two), strict=True):
+        assert y["r_mean"] == pytest.approx(x["r_mean"], abs=1e-9)
 
 
 @pytest.mark.slow

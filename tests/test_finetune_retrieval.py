@@ -200,3 +200,25 @@ def test_hard_negatives_file_as_the_original_mines_them(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="bad.npz: not a readable .npz"):
         _retrieval_task(tmp_path, "../bad.npz").hard_pool()
+
+
+def test_vil_logit_starts_as_the_zero_shot_alignment_score(generator):
+    """From a pretraining checkpoint (no vil_logit) the fine-tuning head starts equal to the zero-shot
+    score; a checkpoint with its own vil_logit (fine-tuned) keeps it."""
+    torch.manual_seed(0)
+    model = ViLBERTForTasks(ViLBERTConfig.named("tiny", vocab_size=50, v_feature_size=24, v_target_size=7),
+                            num_labels=3).eval()
+    from types import SimpleNamespace
+
+    from fastvl.finetune.tasks.retrieval import RetrievalTask
+
+    task = SimpleNamespace(family="vilbert", after_init=lambda *a: RetrievalTask.after_init(task, *a))
+    text, image = _pool(generator)
+    pairs = [(t, i) for t in range(5) for i in range(4)]
+    pretraining = {k: v for k, v in model.state_dict().items() if not k.startswith("vil_logit.")}
+    before = model.vil_logit.weight.clone()
+    task.after_init(model, {**pretraining, "vil_logit.weight": before})
+    assert torch.equal(model.vil_logit.weight, before)
+    task.after_init(model, pretraining)
+    zero_shot = vilbert_pair_scores(model, text, image, pairs, True)
+    assert torch.allclose(vilbert_pair_scores(model, text, image, pairs, False), zero_shot, rtol=1e-5, atol=1e-5)

@@ -221,6 +221,8 @@ def finetune(args) -> int:
             state = (convert_original(family, args.init, args.init_config) if args.init_config else
                      read_init_state(args.init))
             init_report = load_pretrained(net, state, family, args.init)
+            if hasattr(task, "after_init"):  # task heads derived from the loaded weights
+                task.after_init(net, state)
         except (ValueError, FileNotFoundError, OSError) as error:  # ConversionError is a ValueError
             print(f"fastvl finetune: {error}", file=sys.stderr)
             return 2

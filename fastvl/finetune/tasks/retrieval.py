@@ -319,6 +319,18 @@ class RetrievalTask(Task):
     def num_train(self) -> int:
         return len(self.split("train")[0].texts)
 
+    @torch.no_grad()
+    def after_init(self, model, state: dict) -> None:
+        """ViLBERT from a pretraining checkpoint: ``vil_logit`` starts as the zero-shot score, the
+        alignment head's ``logit[aligned] - logit[not aligned]`` (so fine-tuning starts from the zero-shot
+        ranking instead of a random head; vilbert-multi-task starts it random). A checkpoint that has a
+        ``vil_logit`` (a fine-tuned one) keeps it."""
+        if self.family != "vilbert" or "vil_logit.weight" in state or "cls.bi_seq_relationship.weight" not in state:
+            return
+        alignment = model.cls.bi_seq_relationship
+        model.vil_logit.weight.copy_(alignment.weight[:1] - alignment.weight[1:])
+        model.vil_logit.bias.copy_(alignment.bias[:1] - alignment.bias[1:])
+
     # training ---------------------------------------------------------------------------------------
 
     def hard_pool(self) -> np.ndarray:
