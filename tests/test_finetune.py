@@ -224,12 +224,12 @@ def test_albef_retrieval_two_ranks_match_one_rank_accumulating(sets, tmp_path):
     drawn in-batch, momentum encoders): 2 ranks x 1 micro-batch of 4 == 1 rank x 2 micro-batches of 4, and
     the end-of-run evaluation (ITC rank, ITM re-rank) is the same."""
     args = ["--task", "retrieval", "--model", "albef-tiny", "--init", sets["albef"], "--data", sets["ret"],
-            "--max-steps", "3", "--save-every", "0", "--k-test", "4", *FT]
+            "--max-steps", "2", "--save-every", "0", "--k-test", "4", *FT]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _run("fastvl.finetune", [*args, "--out", one])
     _run("fastvl.finetune", [*args, "--out", two], ranks=2)
     assert_losses_match(_losses(two), _losses(one), ("itc", "itm"))
-    assert sorted(_losses(one)) == [1, 2, 3]
+    assert sorted(_losses(one)) == [1, 2]  # step 2 reads the queue step 1 filled
     starts = [json.loads(open(os.path.join(out, "log.jsonl")).readline()) for out in (one, two)]
     assert [(s["world_size"], s["grad_accum"]) for s in starts] == [(1, 2), (2, 1)]
     for x, y in zip(_evaluations(one), _evaluations(two), strict=True):
@@ -292,8 +292,8 @@ def test_vqa_tiny_vilbert_uses_the_image_beating_the_text_only_prior(tmp_path):
     dataset, special = open_images(task_dir, None)
     task = VQATask(task_dir, "vilbert", dataset, special, max_text_len=23, max_regions=36, seed=0)
     torch.manual_seed(0)
-    model = task.make_model(model_config("vilbert", "tiny", dataset, special, dropout=0.0))
-    model.dropout = 0.0  # the task heads' dropout
+    model = task.make_model(model_config("vilbert", "tiny", dataset, special, dropout=0.0))  # --dropout 0
+    assert model.dropout == 0.0  # the heads' too
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.permutation(task.num_train()) for _ in range(20)])

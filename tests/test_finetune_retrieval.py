@@ -159,7 +159,7 @@ def test_hard_negatives_file_as_the_original_mines_them(tmp_path):
     pool, _, _ = task.split("train")
     keys = list(pool.images)  # 10 training images
     assert task.hard_pool().shape == (10, 9)  # the proxy: every other training image, nearest first
-    # the file lists the images in another order (ints, as the original's Flickr30k ids are not ours)
+    # the file lists the images in another order than the split
     listed = keys[::-1]
     hard = [[i, (i + 1) % 10, (i + 3) % 10] for i in range(10)]  # column 0: the image itself
     record = {"train_image_list": listed, "train_hard_pool": hard}
@@ -173,19 +173,14 @@ def test_hard_negatives_file_as_the_original_mines_them(tmp_path):
         assert mined.shape == (10, 2), name
         for image, row in enumerate(mined):
             assert {keys[j] for j in row} == expected[keys[image]], name
-        batch_text_images = []
-        for text in range(len(pool.texts)):
-            rng_keys = [(0, text)]
-            batch = task.collate(rng_keys)
-            hard_caption = batch["input_ids"][3]
-            batch_text_images.append(hard_caption)
-        # option 4 (index 3) is a caption of one of the image's listed hard negatives
-        by_caption = {}
+        # option 4 of every caption's 4-way batch is a caption of one of its image's listed negatives
+        images_of_caption = {}  # two images may share a caption's words
         for t, pieces in enumerate(task.split("train")[2]):
-            by_caption.setdefault(tuple(pieces.tolist()), set()).add(keys[pool.text_image[t]])
-        for text, ids in enumerate(batch_text_images):
+            images_of_caption.setdefault(tuple(pieces.tolist()), set()).add(keys[pool.text_image[t]])
+        for text in range(len(pool.texts)):
+            ids = task.collate([(0, text)])["input_ids"][3]
             words = tuple(ids[1: int((ids != task.special.pad).sum()) - 1].tolist())
-            assert by_caption[words] & expected[keys[pool.text_image[text]]], text
+            assert images_of_caption[words] & expected[keys[pool.text_image[text]]], (name, text)
     with pytest.raises(DataError, match="hard.pkl: a pickle file can run code"):
         _retrieval_task(tmp_path, "../hard.pkl").hard_pool()
     bad = {"missing key": {"train_image_list": listed},
@@ -205,13 +200,13 @@ def test_hard_negatives_file_as_the_original_mines_them(tmp_path):
 def test_vil_logit_starts_as_the_zero_shot_alignment_score(generator):
     """From a pretraining checkpoint (no vil_logit) the fine-tuning head starts equal to the zero-shot
     score; a checkpoint with its own vil_logit (fine-tuned) keeps it."""
-    torch.manual_seed(0)
-    model = ViLBERTForTasks(ViLBERTConfig.named("tiny", vocab_size=50, v_feature_size=24, v_target_size=7),
-                            num_labels=3).eval()
     from types import SimpleNamespace
 
     from fastvl.finetune.tasks.retrieval import RetrievalTask
 
+    torch.manual_seed(0)
+    model = ViLBERTForTasks(ViLBERTConfig.named("tiny", vocab_size=50, v_feature_size=24, v_target_size=7),
+                            num_labels=3).eval()
     task = SimpleNamespace(family="vilbert", after_init=lambda *a: RetrievalTask.after_init(task, *a))
     text, image = _pool(generator)
     pairs = [(t, i) for t in range(5) for i in range(4)]

@@ -25,7 +25,9 @@ query), with the pool size and the time per query.
   with a ``hard_negatives`` file in the train split of ``task.json``, the pool the original reads
   (vilbert-multi-task's ``hard_negative.pkl``, mined with a trained model: ``train_image_list``, the
   training image ids, and ``train_hard_pool [images, K]``, indices into that list, column 0 the image
-  itself and never drawn), see :func:`read_hard_negatives`.
+  itself and never drawn), see :func:`read_hard_negatives`. From a pretraining checkpoint
+  ``vil_logit`` starts as the zero-shot score (:meth:`RetrievalTask.after_init`; the original starts
+  it random), so fine-tuning starts from the zero-shot ranking.
 * ALBEF: ITC + ITM with in-batch hard negatives, momentum distillation and queues, as ALBEF's retrieval
   model (:class:`fastvl.finetune.tasks.albef_retrieval.ALBEFRetrieval`): each sample carries its image's
   index, every caption of the same image (in the micro-batch and in the queue) is an ITC positive, with
@@ -311,7 +313,7 @@ class RetrievalTask(Task):
         if self.family == "vilbert":
             from fastvl.models.vilbert import ViLBERTForTasks
 
-            return ViLBERTForTasks(config, num_labels=2)
+            return ViLBERTForTasks(config, num_labels=2, dropout=config.hidden_dropout_prob)
         from fastvl.finetune.tasks.albef_retrieval import ALBEFRetrieval
 
         return ALBEFRetrieval(config)

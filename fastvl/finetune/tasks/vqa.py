@@ -92,7 +92,7 @@ class VQATask(Task):
         if self.family == "vilbert":
             from fastvl.models.vilbert import ViLBERTForTasks
 
-            return ViLBERTForTasks(config, num_labels=len(self.answers))
+            return ViLBERTForTasks(config, num_labels=len(self.answers), dropout=config.hidden_dropout_prob)
         if self.family == "vlbert":
             from fastvl.models.vlbert import VLBERTForVQA
 
