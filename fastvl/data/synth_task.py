@@ -25,6 +25,7 @@ import numpy as np
 
 from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset
 from fastvl.data.synth import CLASS_NAMES, TEMPLATES, _phrase
+from fastvl.data.synth_refer import write_grounding, write_refcoco
 from fastvl.data.tasks import TASK_FILE
 from fastvl.data.tokenizer import load_tokenizer
 
@@ -146,7 +147,7 @@ def write_retrieval(images: SynthImages, captions_per_image: int = 5) -> dict:
 
 
 # --task name -> writer(SynthImages) -> manifest (without "images"); a new task set is one line here
-WRITERS = {"vqa": write_vqa, "retrieval": write_retrieval}
+WRITERS = {"vqa": write_vqa, "retrieval": write_retrieval, "refcoco": write_refcoco, "grounding": write_grounding}
 
 
 def _write(out_dir: str, name: str, data) -> None:

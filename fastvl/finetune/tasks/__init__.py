@@ -18,6 +18,8 @@ import torch
 TASKS = {
     "vqa": "fastvl.finetune.tasks.vqa:VQATask",
     "retrieval": "fastvl.finetune.tasks.retrieval:RetrievalTask",
+    "refcoco": "fastvl.finetune.tasks.refcoco:RefCOCOTask",
+    "grounding": "fastvl.finetune.tasks.grounding:GroundingTask",
 }
 
 
