@@ -249,9 +249,10 @@ def _train(task, steps, lr=1e-3, batch=16):
 
 @pytest.mark.slow
 def test_tiny_vilbert_learns_synthetic_referring_expressions_above_chance(refcoco_set):
-    """Measured: 54.3% after 400 steps vs 32.6% for the best text-free rule (the largest region) and
-    21.8% for a random region, on 92 validation expressions; asserted: >= 12 points above the best rule."""
-    metrics_ = _train(_task(refcoco_set["ref"], "vilbert", "gt"), 400)
+    """Measured: 52.2% after 250 steps of 16 at lr 2e-3 vs 32.6% for the best text-free rule (the
+    largest region) and 21.8% for a random region, on 92 validation expressions (about 20 s); asserted:
+    >= 12 points above the best rule."""
+    metrics_ = _train(_task(refcoco_set["ref"], "vilbert", "gt"), 250, lr=2e-3)
     assert metrics_["upper_bound"] == 100.0
     assert metrics_["accuracy"] >= metrics_["best_trivial_accuracy"] + 12.0, metrics_
 
@@ -262,18 +263,16 @@ def test_refcoco_finetune_and_evaluate_end_to_end(refcoco_set, tmp_path):
 
     out = str(tmp_path / "run")
     _run("fastvl.finetune", ["--task", "refcoco", "--model", "vlbert-tiny", "--data", refcoco_set["ref"], "--out", out,
-                             "--max-steps", "2", "--eval-every", "2", *FT])
+                             "--boxes", "gt", "--max-steps", "2", "--eval-every", "2", *FT])
     record = json.loads(open(os.path.join(out, "evaluations.jsonl")).readline())
-    assert record["step"] == 2 and 0.0 <= record["accuracy"] <= record["upper_bound"]
+    assert record["step"] == 2 and 0.0 <= record["accuracy"] <= record["upper_bound"] == 100.0
     checkpoint = torch.load(os.path.join(out, "best.pt"), weights_only=True)
-    assert checkpoint["task_state"] == {"boxes": "detected"}
+    assert checkpoint["task_state"] == {"boxes": "gt"}
+    # evaluate takes the checkpoint's box mode and reproduces the run's own evaluation
     report = str(tmp_path / "m.json")
     _run("fastvl.finetune.evaluate", ["--task", "refcoco", "--checkpoint", os.path.join(out, "best.pt"), "--data",
                                       refcoco_set["ref"], "--split", "val", "--out", report])
     assert json.load(open(report))["metrics"]["accuracy"] == pytest.approx(record["accuracy"])
-    done = _run("fastvl.finetune.evaluate", ["--task", "refcoco", "--checkpoint", os.path.join(out, "best.pt"),
-                                             "--data", refcoco_set["ref"], "--boxes", "gt", "--split", "test"])
-    assert json.loads(done.stdout[done.stdout.index("{"):])["upper_bound"] == 100.0
 
 
 def test_a_task_dir_with_the_pickle_needs_the_flag(refcoco_set, tmp_path):
