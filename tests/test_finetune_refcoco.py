@@ -260,6 +260,7 @@ def test_tiny_vilbert_learns_synthetic_referring_expressions_above_chance(refcoc
 @pytest.mark.slow
 def test_refcoco_finetune_and_evaluate_end_to_end(refcoco_set, tmp_path):
     from test_finetune import FT, _run
+    from test_grounding import _evaluate_in_process
 
     out = str(tmp_path / "run")
     _run("fastvl.finetune", ["--task", "refcoco", "--model", "vlbert-tiny", "--data", refcoco_set["ref"], "--out", out,
@@ -270,8 +271,8 @@ def test_refcoco_finetune_and_evaluate_end_to_end(refcoco_set, tmp_path):
     assert checkpoint["task_state"] == {"boxes": "gt"}
     # evaluate takes the checkpoint's box mode and reproduces the run's own evaluation
     report = str(tmp_path / "m.json")
-    _run("fastvl.finetune.evaluate", ["--task", "refcoco", "--checkpoint", os.path.join(out, "best.pt"), "--data",
-                                      refcoco_set["ref"], "--split", "val", "--out", report])
+    assert _evaluate_in_process(["--task", "refcoco", "--checkpoint", os.path.join(out, "best.pt"), "--data",
+                                 refcoco_set["ref"], "--split", "val", "--out", report]) == 0
     assert json.load(open(report))["metrics"]["accuracy"] == pytest.approx(record["accuracy"])
 
 

@@ -163,8 +163,50 @@ def test_grounding_finetune_and_evaluate_end_to_end(grounding_set, tmp_path):
     record = json.loads(open(os.path.join(out, "evaluations.jsonl")).readline())
     assert record["step"] == 2 and record["gradcam_block"] == 3
     maps, report = str(tmp_path / "maps"), str(tmp_path / "m.json")
-    _run("fastvl.finetune.evaluate", ["--task", "grounding", "--checkpoint", os.path.join(out, "best.pt"), "--data",
-                                      grounding_set, "--split", "val", "--attention-maps", maps, "--num-maps", "2",
-                                      "--out", report])
+    assert _evaluate_in_process(["--task", "grounding", "--checkpoint", os.path.join(out, "best.pt"), "--data",
+                                 grounding_set, "--split", "val", "--attention-maps", maps, "--num-maps", "2",
+                                 "--out", report]) == 0
     assert json.load(open(report))["metrics"]["accuracy"] == pytest.approx(record["accuracy"])
     assert len(os.listdir(maps)) == 2
+
+
+def _evaluate_in_process(argv):
+    import argparse
+
+    from fastvl.finetune.engine import evaluate
+    from fastvl.finetune.evaluate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return evaluate(parser.parse_args(argv))
+
+def test_zero_shot_grounding_from_a_pretraining_state_dict_through_fastvl_evaluate(grounding_set, tmp_path):
+    """`fastvl evaluate --task grounding` on an ALBEF pretraining state dict (no fine-tuning: the
+    pretrained ITM head), in this process, with the Grad-CAM block and the maps from the command line."""
+    import argparse
+
+    from fastvl.data.format import RegionDataset
+    from fastvl.data.tokenizer import load_tokenizer, special_ids
+    from fastvl.finetune.engine import evaluate
+    from fastvl.finetune.evaluate import add_arguments
+    from fastvl.finetune.tasks.common import model_config
+    from fastvl.train.albef import ALBEFPretraining
+
+    images = os.path.join(grounding_set, json.load(open(os.path.join(grounding_set, "task.json")))["images"])
+    dataset = RegionDataset(images, load_tokenizer(os.path.join(images, "vocab.txt")))
+    torch.manual_seed(0)
+    pretrained = ALBEFPretraining(model_config("albef", "tiny", dataset, special_ids(dataset.tokenizer)))
+    checkpoint = str(tmp_path / "albef.pt")
+    torch.save(pretrained.state_dict(), checkpoint)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    maps, report = str(tmp_path / "maps"), str(tmp_path / "m.json")
+    args = parser.parse_args(["--task", "grounding", "--checkpoint", checkpoint, "--model", "albef-tiny", "--data",
+                              grounding_set, "--split", "val", "--gradcam-block", "2", "--attention-maps", maps,
+                              "--num-maps", "2", "--out", report])
+    assert evaluate(args) == 0
+    result = json.load(open(report))
+    assert result["zero_shot"] and result["metrics"]["gradcam_block"] == 2 and len(os.listdir(maps)) == 2
+    args.gradcam_block = 1
+    with pytest.raises(ValueError, match=r"--gradcam-block must be a fusion layer .* got 1"):
+        evaluate(args)  # raised when the model is built, before anything is scored

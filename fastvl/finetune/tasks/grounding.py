@@ -1,6 +1,7 @@
 """ALBEF's weakly supervised visual grounding on RefCOCO+ (no box supervision), as ``Grounding.py``.
 
-**Training**: the expressions as captions of their images, ITC + ITM with ALBEF's retrieval objective
+**Training** (or none: ``fastvl evaluate`` takes a pretraining checkpoint too, zero-shot, with its
+pretrained ITM head): the expressions as captions of their images, ITC + ITM with ALBEF's retrieval objective
 (:class:`~fastvl.finetune.tasks.albef_retrieval.ALBEFRetrieval`; every expression of an image is a
 positive of it), as ALBEF fine-tunes its grounding model. No box is read.
 
@@ -121,6 +122,7 @@ class GroundingTask(Task):
     objectives = ("itc", "itm")
     metric = "accuracy"
     has_step_inputs = True
+    supports_zero_shot = True  # ALBEF's pretrained ITM head grounds without fine-tuning
     options = ("trust_pickle", "gradcam_block", "attention_maps", "num_maps")
 
     def __init__(self, task_dir, family, dataset, special, *, state=None, trust_pickle: bool = False,
