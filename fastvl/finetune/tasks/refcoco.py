@@ -139,7 +139,7 @@ class RefCOCOTask(Task):
         ``x1, y1, x2, y2``, float64 numpy ``[B, Lv, 4]``)."""
         expressions, images, _ = self.split(split)
         sets = {"detected": self.dataset, "gt": self.gt}
-        feats, boxes = [], []
+        feats, boxes, sizes = [], [], []
         for i in indices:
             parts_f, parts_b = [], []
             left = self.max_regions
@@ -150,8 +150,9 @@ class RefCOCOTask(Task):
                 parts_b.append(np.asarray(example.boxes[:n], np.float64))
                 left -= n
             f, b = np.concatenate(parts_f), np.concatenate(parts_b)
-            e = expressions[i]
-            whole = np.array([[0.0, 0.0, e.image_w, e.image_h]])
+            first = sets[self.sources(split)[0]][images[self.sources(split)[0]][i]]
+            sizes.append((first.image_h, first.image_w))  # the feature sets' pixel frame (normally the COCO one)
+            whole = np.array([[0.0, 0.0, first.image_w, first.image_h]])
             feats.append(np.concatenate([parts_f[0].mean(axis=0, keepdims=True), f]))
             boxes.append(np.concatenate([whole, b]))
         length = max(len(f) for f in feats)
@@ -159,11 +160,11 @@ class RefCOCOTask(Task):
         out_l = np.zeros((len(feats), length, 5), np.float32)
         out_b = np.zeros((len(feats), length, 4), np.float64)
         ious = np.zeros((len(feats), length), np.float32)
-        for row, (i, f, b) in enumerate(zip(indices, feats, boxes)):
+        for row, (i, f, b, (height, width)) in enumerate(zip(indices, feats, boxes, sizes)):
             e = expressions[i]
             out_f[row, : len(f)], out_b[row, : len(b)] = f, b
             out_l[row, 0] = IMG_LOCATION
-            out_l[row, 1: len(b)] = region_locations(b[1:].astype(np.float32), e.image_h, e.image_w)
+            out_l[row, 1: len(b)] = region_locations(b[1:].astype(np.float32), height, width)
             ious[row, : len(b)] = metrics.box_iou(b, metrics.xywh_to_xyxy(e.box)[None])[:, 0]
         mask = np.arange(length)[None, :] < np.array([len(f) for f in feats])[:, None]
         return {"region_feats": torch.from_numpy(out_f), "region_loc": torch.from_numpy(out_l).clamp_(0, 1),
