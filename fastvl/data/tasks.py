@@ -13,9 +13,9 @@ with per split, for VQA ``{"questions": FILE, "annotations": FILE}`` (the VQA v2
 ``dataset_flickr30k.json`` / ``dataset_coco.json``; the split's images are the entries with that
 ``split``, ``restval`` counting as train) or ``{"albef": FILE}`` (ALBEF's released
 ``flickr30k_train.json`` / ``coco_test.json`` ...: ``{image, caption, image_id}`` records, a caption
-list per image in val / test); for VCR ``{"jsonl": FILE}`` (``train.jsonl`` ...; :mod:`fastvl.data.vcr`). Images are matched to the feature set by the file name's stem
-(``1000092795.jpg`` -> ``1000092795``), then by the number in it (``COCO_val2014_000000391895.jpg``
--> ``391895``). Bad or inconsistent files raise :class:`~fastvl.data.format.DataError` naming the file
+list per image in val / test); for VCR ``{"jsonl": FILE}`` (``train.jsonl`` ...; :mod:`fastvl.data.vcr`).
+Images are matched to the feature set by the file name's stem (``1000092795.jpg`` -> ``1000092795``), then
+by the number in it (``COCO_val2014_000000391895.jpg`` -> ``391895``). Bad or inconsistent files raise :class:`~fastvl.data.format.DataError` naming the file
 and the record.
 """
 
