@@ -36,6 +36,7 @@ from fastvl.finetune.tasks import Task
 from fastvl.finetune.tasks.common import pad_ids, region_batch, repeat_rows
 
 NO_OBJECT = -1
+SEPARATOR = ("[SEP]", NO_OBJECT)  # between the question and the given answer (QA->R)
 
 
 class VCRTask(Task):
@@ -59,16 +60,17 @@ class VCRTask(Task):
     # inputs -----------------------------------------------------------------------------------------
 
     def _encode(self, words: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
-        """Word pieces and the object of each (``NO_OBJECT`` for plain words)."""
-        new = sorted({w for w, _ in words if w not in self._pieces})
+        """Word pieces and the object of each (``NO_OBJECT`` for plain words); :data:`SEPARATOR` is
+        the ``[SEP]`` token."""
+        new = sorted({w for w, o in words if (w, o) != SEPARATOR and w not in self._pieces})
         if new:
             for word, encoding in zip(new, self.dataset.tokenizer.encode_batch(new, add_special_tokens=False)):
                 self._pieces[word] = np.asarray(encoding.ids, dtype=np.int64)
         ids: list[int] = []
         tags: list[int] = []
         for word, obj in words:
-            pieces = self._pieces[word]
-            ids += pieces.tolist()
+            pieces = [self.special.sep] if (word, obj) == SEPARATOR else self._pieces[word].tolist()
+            ids += pieces
             tags += [obj] * len(pieces)
         return ids, tags
 
@@ -81,10 +83,10 @@ class VCRTask(Task):
             if q.answer_label is None:
                 raise DataError(f"{q.where}: QA->R gives the model the right answer, but the line has no "
                                 "answer_label (score Q->A on it instead)")
-            first = first + [("[SEP]", NO_OBJECT)] + resolve(q.answer_choices[q.answer_label], names)
+            first = first + [SEPARATOR] + resolve(q.answer_choices[q.answer_label], names)
             options = q.rationale_choices
         s = self.special
-        first_ids, first_tags = self._encode_with_sep(first)
+        first_ids, first_tags = self._encode(first)
         out = []
         budget = self.max_text_len - 3
         for option in options:
@@ -102,20 +104,6 @@ class VCRTask(Task):
             tags = [NO_OBJECT, *a_tags, NO_OBJECT, *b_tags, NO_OBJECT]
             out.append((ids, types, tags))
         return out
-
-    def _encode_with_sep(self, words: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
-        """:meth:`_encode` with ``[SEP]`` words as the separator token."""
-        ids: list[int] = []
-        tags: list[int] = []
-        for word, obj in words:
-            if word == "[SEP]":
-                ids.append(self.special.sep)
-                tags.append(NO_OBJECT)
-            else:
-                more_ids, more_tags = self._encode([(word, obj)])
-                ids += more_ids
-                tags += more_tags
-        return ids, tags
 
     def split(self, name: str):
         """``(questions, image index per question, option texts per question)`` (read once)."""
