@@ -78,7 +78,7 @@ class Task:
     def joint(self, other, outputs: dict, source: str) -> dict:
         """Metrics of this evaluation's ``outputs`` combined with another evaluation's outputs ``other``
         (read from ``source``; ``fastvl evaluate --joint``; VCR: Q->A with QA->R gives Q->AR)."""
-        raise ValueError(f"--joint: the {self.name} task combines no predictions")
+        raise ValueError(f"the {self.name} task combines no predictions (VCR: vcr_q2a with vcr_qa2r)")
 
 
 def task_class(name: str) -> type[Task]:
