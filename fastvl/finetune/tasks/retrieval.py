@@ -285,6 +285,7 @@ class RetrievalTask(Task):
     families = ("vilbert", "albef")
     metric = "r_mean"
     supports_zero_shot = True
+    options = ("trust_pickle",)  # task options the command line passes through
 
     def __init__(self, task_dir, family, dataset, special, *, state=None, k_test: int = 128,
                  trust_pickle: bool = False, **kwargs):
