@@ -240,10 +240,10 @@ def test_albef_retrieval_two_ranks_match_one_rank_accumulating(sets, tmp_path):
 def test_acceptance_tiny_pretraining_then_zero_shot_and_fine_tuned_retrieval_beat_chance(tmp_path):
     """A tiny ViLBERT pretrained for 600 steps on 512 synthetic images: zero-shot retrieval (alignment
     head) and one epoch of 4-way retrieval fine-tuning both beat chance on the 32-image test pool by the
-    margins the README states (measured here, vil_logit started as the zero-shot score: zero-shot IR / TR
-    R@1 14.4 / 12.5 vs chance 3.1, IR mean of R@1/5/10 55.0 vs 16.7, mean of the six recalls 41.0;
-    fine-tuned IR mean 59.4, mean of six 43.8 -- but 42.9 / 35.0 in the same run outside pytest: on this
-    32-image pool fine-tuned vs zero-shot is within run-to-run noise, so it is not asserted)."""
+    margins the README states, and fine-tuning (vil_logit started as the zero-shot score) is not worse than
+    zero-shot (measured here: zero-shot IR / TR R@1 14.4 / 12.5 vs chance 3.1, IR mean of R@1/5/10 55.0 vs
+    16.7, mean of the six recalls 41.0; fine-tuned IR mean 59.4, mean of six 43.8; with a random vil_logit
+    as before, 42.9 / 35.0)."""
     images, ret = str(tmp_path / "images"), str(tmp_path / "ret")
     make_synthetic_dataset(images, 512, feature_dim=64, num_classes=8, shard_size=256)
     make_task_set("retrieval", images, ret, val_images=16, test_images=32)
@@ -269,6 +269,7 @@ def test_acceptance_tiny_pretraining_then_zero_shot_and_fine_tuned_retrieval_bea
     fine = json.load(open(tuned))["metrics"]
     print("fine-tuned", fine)
     assert fine["ir_mean"] >= chance_mean + 10
+    assert fine["r_mean"] >= metrics["r_mean"] - 2  # not worse than zero-shot (2: rounding on other CPUs)
 
 
 @pytest.mark.slow
