@@ -219,3 +219,21 @@ def test_multitask_sigkill_then_resume_matches_the_uninterrupted_run(multitask_r
              for e in _evaluations(multitask_run["out"])]
     assert [{k: v for k, v in e.items() if "seconds" not in k and "ms_per_query" not in k}
             for e in _evaluations(out)] == strip
+
+
+def test_init_from_a_pretraining_checkpoint_without_task_tokens():
+    """12-in-1 starts from a pretrained ViLBERT that has no task tokens: the token table is the one new
+    encoder parameter, every other encoder parameter must still be there."""
+    from fastvl.finetune.tasks.common import load_pretrained
+    from fastvl.models.vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
+
+    config = ViLBERTConfig.named("tiny", vocab_size=50, v_feature_size=12, v_target_size=5)
+    state = ViLBERTForPretraining(config).state_dict()
+    model = ViLBERTForTasks(ViLBERTConfig.named("tiny", vocab_size=50, v_feature_size=12, v_target_size=5,
+                                                task_specific_tokens=True), num_labels=7)
+    report = load_pretrained(model, state, "vilbert", "pretrained")
+    assert "bert.task_embeddings.weight" in report["new"]
+    assert not [k for k in report["new"] if k.startswith("bert.") and k != "bert.task_embeddings.weight"]
+    state.pop("bert.embeddings.word_embeddings.weight")
+    with pytest.raises(ValueError, match="1 encoder parameters missing"):
+        load_pretrained(model, state, "vilbert", "pretrained")

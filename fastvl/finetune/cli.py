@@ -6,6 +6,8 @@ DeepSpeed checkpoint directory of ``fastvl pretrain``) on a task directory (``--
 with the annotation files and the image set; ``fastvl data synth-task`` writes one). The DeepSpeed
 config, precision, ZeRO stage and batch overrides are ``fastvl pretrain``'s; epochs, batch and
 learning-rate schedule default to the paper preset of the (family, task) (:mod:`fastvl.finetune.presets`).
+``--tasks vqa=DIR_A,retrieval=DIR_B`` trains one ViLBERT on several tasks with task tokens, 12-in-1 style
+(:mod:`fastvl.finetune.multitask`; ``--task-sampling`` picks each step's task).
 """
 
 from __future__ import annotations

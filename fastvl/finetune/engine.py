@@ -9,7 +9,8 @@ logs and a progress bar. The run is cut at every evaluation point (the end of ea
 validation split (split over the ranks) and the result is appended to ``OUT/evaluations.jsonl``;
 a better score by the task's metric replaces ``OUT/best.pt``. A run resumed at an evaluation point whose
 evaluation is missing (killed in between) evaluates it first, so evaluations and the best checkpoint
-are as the uninterrupted run's.
+are as the uninterrupted run's. Multi-task training (``--tasks``) is one composite task
+(:class:`fastvl.finetune.multitask.MultiTask`) with its own sampler; the engine runs it as any other.
 
 ``best.pt`` is a fastvl task checkpoint (loadable with ``torch.load(weights_only=True)``): ``format``
 ``"fastvl-finetune"``, ``task``, ``model`` (``vilbert-tiny`` ...), ``config`` (the model config as a

@@ -46,7 +46,7 @@ NAME = "multitask"
 SAMPLING = ("round-robin", "proportional")
 # the 12-in-1 release's task ids (vilbert_tasks.yml TASK<n>: VQA 1, VCR Q-A 5 / QA-R 6, RetrievalFlickr30k 8,
 # refcoco+ 10, NLVR2 12, VisualEntailment 13); tasks it does not have take the free ids from 16 on
-TASK_TOKEN_IDS = {"vqa": 1, "vcr_qa": 5, "vcr_qar": 6, "retrieval": 8, "refcoco": 10, "nlvr2": 12, "snli_ve": 13}
+TASK_TOKEN_IDS = {"vqa": 1, "vcr_q2a": 5, "vcr_qa2r": 6, "retrieval": 8, "refcoco": 10, "nlvr2": 12, "snli_ve": 13}
 PROPORTIONAL_BLOCK = 4096
 
 
@@ -281,12 +281,13 @@ def open_multitask(args, family: str):
     from fastvl.data.tasks import read_task_dir
     from fastvl.finetune.engine import make_task, open_images
     from fastvl.finetune.presets import preset_for
+    from fastvl.finetune.tasks import task_class
 
     members, first = [], None
     for name, path in parse_tasks(args.tasks):
         if not os.path.isdir(path):
             raise DataError(f"--tasks {name}={path}: no such directory")
-        task_dir = read_task_dir(path, name)
+        task_dir = read_task_dir(path, getattr(task_class(name), "data_task", None) or name)  # VCR: one "vcr" dir
         dataset, special = open_images(task_dir, args.vocab)
         shape = (dataset.tokenizer.get_vocab_size(), dataset.feature_dim, dataset.num_classes)
         if first is None:
