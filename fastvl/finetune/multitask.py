@@ -287,7 +287,7 @@ def open_multitask(args, family: str):
     for name, path in parse_tasks(args.tasks):
         if not os.path.isdir(path):
             raise DataError(f"--tasks {name}={path}: no such directory")
-        task_dir = read_task_dir(path, getattr(task_class(name), "data_task", None) or name)  # VCR: one "vcr" dir
+        task_dir = read_task_dir(path, task_class(name).data_task or name)  # VCR: one "vcr" dir
         dataset, special = open_images(task_dir, args.vocab)
         shape = (dataset.tokenizer.get_vocab_size(), dataset.feature_dim, dataset.num_classes)
         if first is None:
