@@ -10,8 +10,8 @@ filled with the task's id in the 12-in-1 release's numbering (:data:`TASK_TOKEN_
 one task: every optimizer step is one task's (all its micro-batches, on every rank), chosen by
 :class:`MultiTaskSampler` from ``(seed, step)`` alone:
 
-* ``round-robin`` (12-in-1's order: its every iteration visits the tasks in turn): step ``s`` is task
-  ``s mod K``;
+* ``round-robin`` (12-in-1's order: its loop trains the tasks' batches in turn, an optimizer step after
+  each): step ``s`` is task ``s mod K``;
 * ``proportional``: step ``s`` is task ``k`` with probability ``N_k / sum N`` (``N_k`` training examples),
   drawn from ``default_rng((seed, s // 4096))`` per block of 4096 steps.
 
