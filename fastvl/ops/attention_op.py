@@ -4,9 +4,12 @@ defined as zeros.
 
 Backends (auto order): ``triton`` (fused FlashAttention-2 style kernels of ``fastvl.kernels.attention``;
 CUDA, or CPU under ``TRITON_INTERPRET=1`` when asked for by name), ``xformers`` and ``flash_attn``
-(when installed, plain cases), ``sdpa`` (torch's ``scaled_dot_product_attention``), ``reference``
-(eager, mirrors BERT's self-attention). The public :func:`attention` validates once and hands every
-backend one frozen :class:`AttentionInputs`.
+(when installed, plain cases), ``sdpa`` (torch's ``scaled_dot_product_attention``), ``eager`` (SDPA's
+math step by step, for ``return_probs=True`` only), ``reference`` (eager, mirrors BERT's
+self-attention). The public :func:`attention` validates once and hands every backend one frozen
+:class:`AttentionInputs`. ``return_probs=True`` (what ``output_attentions`` needs) runs on the backends
+that materialise the probabilities, ``eager`` and ``reference``; asking another for them raises
+:class:`fastvl.dispatch.BackendUnavailableError` naming why.
 
 The triton backend is three layers: the custom ops ``fastvl::attention_fwd`` / ``attention_bwd``
 (with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them) over the
@@ -25,10 +28,14 @@ from fastvl import _checks
 from fastvl.dispatch import backward_expected, length_bucket, needs_cuda_device, needs_module, op, triton_available
 from fastvl.ops import attention_launch as launch
 from fastvl.ops.attention_common import (
+    NO_PROBS,
     SEEDED_ONLY_ON_TRITON,
     TRITON_DTYPES,
     attention_rule,
     check_cu_seqlens,
+    check_return_probs,
+    eager_padded,
+    eager_supports,
     max_seqlen,
     reference_supports,
     sdpa_packed,
@@ -57,7 +64,7 @@ class AttentionInputs:
     ``key_padding_mask`` is normalised to bool ``[B, Lk]`` (True = real key) or None; the packed
     form has ``cu_seqlens_q/k`` and no mask. ``max_seqlen_q/k`` are what the caller passed (None:
     read from ``cu_seqlens`` when a backend needs them, see :meth:`lengths`). ``scale`` as given
-    (None = ``1/sqrt(D)``).
+    (None = ``1/sqrt(D)``). ``return_probs``: the backend returns ``(output, probabilities)``.
     """
 
     q: torch.Tensor
@@ -73,6 +80,7 @@ class AttentionInputs:
     max_seqlen_k: int | None = None
     dropout_seed: int | torch.Tensor | None = None
     deterministic: bool = False
+    return_probs: bool = False
 
     @property
     def packed(self) -> bool:
@@ -91,7 +99,8 @@ class AttentionInputs:
         return dict(dtype=self.q.dtype, head_dim=self.q.shape[-1], dropout=self.dropout_p > 0.0, packed=self.packed,
                     has_mask=self.key_padding_mask is not None, seeded=self.dropout_seed is not None,
                     deterministic=self.deterministic, causal=self.causal, len_q=length_bucket(len_q),
-                    len_k=length_bucket(len_k), grad=backward_expected(self.q, self.k, self.v))
+                    len_k=length_bucket(len_k), grad=backward_expected(self.q, self.k, self.v),
+                    probs=self.return_probs)
 
 
 # A pytree node, so recorders (fastvl parity) see and recast the tensors inside.
@@ -103,7 +112,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
               dropout_seed: int | torch.Tensor | None = None, deterministic: bool = False,
-              backend: str | None = None) -> torch.Tensor:
+              return_probs: bool = False,
+              backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Multi-head attention ``softmax(q k^T * scale + mask) v``.
 
     Padded form: q ``[B, Lq, H, D]``, k/v ``[B, Lk, H, D]`` (any strides: a fused QKV projection's
@@ -124,12 +134,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     if given (same seed, same mask; :func:`fastvl.ops.dropout_keep_mask` returns it), else one drawn
     from torch's generator on q's device without a host sync (so ``torch.manual_seed`` reproduces it).
     ``deterministic=True`` asks for a bitwise repeatable backward (the triton backend always is).
+
+    ``return_probs=True`` (padded form only) returns ``(output, probs)`` with the probabilities
+    ``[B, H, Lq, Lk]`` the values were averaged with (after dropout, as BERT's ``output_attentions``;
+    masked keys 0, rows with no real key zeros), differentiable like the output (Grad-CAM keeps their
+    gradient). Only the ``eager`` and ``reference`` backends materialise them (``auto`` picks
+    ``eager``); the fused ones raise :class:`fastvl.dispatch.BackendUnavailableError` when asked by name.
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     mask, max_seqlen_q, max_seqlen_k = _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q,
                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_return_probs(return_probs, packed, "cu_seqlens_q / cu_seqlens_k")
     inputs = AttentionInputs(q, k, v, mask, dropout_p, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, dropout_seed, deterministic)
+                             max_seqlen_k, dropout_seed, deterministic, return_probs)
     return ATTENTION.select(backend, q.device, **inputs.features()).impl(inputs)
 
 
@@ -249,19 +266,27 @@ def _sdpa_impl(inputs: AttentionInputs) -> torch.Tensor:
     return sdpa_padded(a.q, a.k, a.v, a.key_padding_mask, a.dropout_p, a.scale, a.causal)
 
 
-def _reference_impl(inputs: AttentionInputs) -> torch.Tensor:
+def _eager_impl(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    a = inputs
+    return eager_padded(a.q, a.k, a.v, a.key_padding_mask, a.dropout_p, a.scale, a.causal)
+
+
+def _reference_impl(inputs: AttentionInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     a = inputs
     if a.packed:
         return varlen_attention_ref(a.q, a.k, a.v, a.cu_seqlens_q, a.cu_seqlens_k, a.dropout_p, a.scale, a.causal)
-    return attention_ref(a.q, a.k, a.v, a.key_padding_mask, a.dropout_p, a.scale, a.causal)
+    return attention_ref(a.q, a.k, a.v, a.key_padding_mask, a.dropout_p, a.scale, a.causal,
+                         return_probs=a.return_probs)
 
 
 # Other backends ---------------------------------------------------------------------------------------
 
 
-def _plain_features(dtype, head_dim, device, packed, seeded=False, **_features):
+def _plain_features(dtype, head_dim, device, packed, seeded=False, probs=False, **_features):
     """Reasons shared by the thin xformers / flash_attn wrappers: dense, unmasked, on CUDA."""
     reasons = needs_cuda_device(device)
+    if probs:
+        reasons.append(NO_PROBS)
     if packed:
         reasons.append("packed (cu_seqlens) batches are not wired for this backend")
     if seeded:
@@ -320,4 +345,5 @@ ATTENTION.register("xformers", available=needs_module("xformers"), supports=_xfo
 ATTENTION.register("flash_attn", available=needs_module("flash_attn"), supports=_flash_attn_supports,
                    auto_devices=("cuda",))(_flash_attn_impl)
 ATTENTION.register("sdpa", supports=torch_supports)(_sdpa_impl)
+ATTENTION.register("eager", supports=eager_supports)(_eager_impl)
 ATTENTION.register("reference", supports=reference_supports)(_reference_impl)

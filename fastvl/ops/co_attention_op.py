@@ -3,8 +3,8 @@ values, text queries over image keys and values) as one op, a sibling of :mod:`f
 
 Backends (auto order): ``triton`` (both directions in one forward launch and a fused backward, see
 ``fastvl.kernels.attention`` and the launchers of :mod:`fastvl.ops.attention_launch`; CUDA, or CPU
-under ``TRITON_INTERPRET=1`` when asked for by name), ``sdpa`` (two torch SDPA calls), ``reference``
-(mirrors ``BertBiAttention``). The public :func:`co_attention` validates once and hands every backend
+under ``TRITON_INTERPRET=1`` when asked for by name), ``sdpa`` (two torch SDPA calls), ``eager`` (two
+step-by-step math calls, for ``return_probs=True`` only), ``reference`` (mirrors ``BertBiAttention``). The public :func:`co_attention` validates once and hands every backend
 one frozen :class:`CoAttentionInputs`. Layers of the triton backend: the custom ops
 ``fastvl::co_attention_fwd`` / ``co_attention_bwd`` with fake implementations, the autograd glue, and
 the backend function.
@@ -23,6 +23,9 @@ from fastvl.ops import attention_launch as launch
 from fastvl.ops.attention_common import (
     attention_rule,
     check_cu_seqlens,
+    check_return_probs,
+    eager_padded,
+    eager_supports,
     max_seqlen,
     reference_supports,
     sdpa_packed,
@@ -32,6 +35,7 @@ from fastvl.ops.attention_common import (
     torch_supports,
     triton_supports,
 )
+from fastvl.reference.attention import attention_ref
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
 
 
@@ -49,7 +53,8 @@ CO_ATTENTION = op("co_attention",
 class CoAttentionInputs:
     """One validated co-attention call, as every backend receives it: the image stream (``*_v``) and
     the text stream (``*_t``); masks normalised to bool ``[B, L]`` or None; packed batches carry
-    ``cu_seqlens_v/t`` and the caller's ``max_seqlen_v/t`` (None: read when needed, see :meth:`lengths`)."""
+    ``cu_seqlens_v/t`` and the caller's ``max_seqlen_v/t`` (None: read when needed, see :meth:`lengths`);
+    ``return_probs``: the backend returns ``(ctx_v, ctx_t, (probs_v, probs_t))``."""
 
     q_v: torch.Tensor
     k_v: torch.Tensor
@@ -67,6 +72,7 @@ class CoAttentionInputs:
     max_seqlen_t: int | None = None
     dropout_seed: int | torch.Tensor | None = None
     deterministic: bool = False
+    return_probs: bool = False
 
     @property
     def packed(self) -> bool:
@@ -86,7 +92,8 @@ class CoAttentionInputs:
                     packed=self.packed, has_mask=self.mask_v is not None or self.mask_t is not None,
                     seeded=self.dropout_seed is not None, deterministic=self.deterministic,
                     len_v=length_bucket(len_v), len_t=length_bucket(len_t),
-                    grad=backward_expected(self.q_v, self.k_v, self.v_v, self.q_t, self.k_t, self.v_t))
+                    grad=backward_expected(self.q_v, self.k_v, self.v_v, self.q_t, self.k_t, self.v_t),
+                    probs=self.return_probs)
 
 
 # A pytree node, so recorders (fastvl parity) see and recast the tensors inside.
@@ -99,7 +106,7 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
                  cu_seqlens_v: torch.Tensor | None = None, cu_seqlens_t: torch.Tensor | None = None,
                  max_seqlen_v: int | None = None, max_seqlen_t: int | None = None,
                  dropout_seed: int | torch.Tensor | None = None, deterministic: bool = False,
-                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 return_probs: bool = False, backend: str | None = None) -> tuple:
     """Bidirectional co-attention (ViLBERT's Co-TRM attention).
 
     Padded form. Image stream: q_v, k_v, v_v ``[B, Lv, H, D]``, mask_v ``[B, Lv]`` (True = real
@@ -116,6 +123,10 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
     mask_v. Rows with no real key are zeros with zero gradient. All six projections share H, D and one
     dtype. Dropout and ``dropout_seed`` / ``deterministic`` as in :func:`fastvl.ops.attention`; the
     triton backend's direction 1 (text queries) draws with ``seed + 1``.
+
+    ``return_probs=True`` (padded form only) returns ``(ctx_v, ctx_t, (probs_v [B, H, Lv, Lt], probs_t
+    [B, H, Lt, Lv]))``, differentiable, on the ``eager`` or ``reference`` backend, as
+    :func:`fastvl.ops.attention` does.
     """
     packed = cu_seqlens_v is not None or cu_seqlens_t is not None
     rank = 3 if packed else 4
@@ -136,6 +147,7 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
                         cu_seqlens_v=cu_seqlens_v, cu_seqlens_t=cu_seqlens_t)
     _checks.same_dtype("q_v", q_v, k_v=k_v, v_v=v_v, q_t=q_t, k_t=k_t, v_t=v_t)
     _checks.probability("dropout_p", dropout_p)
+    check_return_probs(return_probs, packed, "cu_seqlens_v / cu_seqlens_t")
     if head_dim == 0:
         raise ValueError(f"the projections must have a head dim D >= 1, got q_v of shape {list(q_v.shape)}")
     if packed:
@@ -153,7 +165,7 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
         mask_v = _checks.key_padding_mask("mask_v", mask_v, batch, len_v, q_v.device)
         mask_t = _checks.key_padding_mask("mask_t", mask_t, batch, len_t, q_v.device)
     inputs = CoAttentionInputs(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, dropout_p, scale, cu_seqlens_v,
-                               cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_seed, deterministic)
+                               cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_seed, deterministic, return_probs)
     return CO_ATTENTION.select(backend, q_v.device, **inputs.features()).impl(inputs)
 
 
@@ -250,8 +262,19 @@ def _sdpa_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
             sdpa_padded(a.q_t, a.k_v, a.v_v, a.mask_v, a.dropout_p, a.scale, False))
 
 
-def _reference_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def _eager_impl(inputs: CoAttentionInputs) -> tuple:
     a = inputs
+    ctx_v, probs_v = eager_padded(a.q_v, a.k_t, a.v_t, a.mask_t, a.dropout_p, a.scale, False)
+    ctx_t, probs_t = eager_padded(a.q_t, a.k_v, a.v_v, a.mask_v, a.dropout_p, a.scale, False)
+    return ctx_v, ctx_t, (probs_v, probs_t)
+
+
+def _reference_impl(inputs: CoAttentionInputs) -> tuple:
+    a = inputs
+    if a.return_probs:  # co_attention_ref's two directions, keeping their probabilities
+        ctx_v, probs_v = attention_ref(a.q_v, a.k_t, a.v_t, a.mask_t, a.dropout_p, a.scale, return_probs=True)
+        ctx_t, probs_t = attention_ref(a.q_t, a.k_v, a.v_v, a.mask_v, a.dropout_p, a.scale, return_probs=True)
+        return ctx_v, ctx_t, (probs_v, probs_t)
     if a.packed:
         return varlen_co_attention_ref(a.q_v, a.k_v, a.v_v, a.cu_seqlens_v, a.q_t, a.k_t, a.v_t, a.cu_seqlens_t,
                                        a.dropout_p, a.scale)
@@ -261,4 +284,5 @@ def _reference_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tens
 CO_ATTENTION.register("triton", available=triton_available, supports=triton_supports, auto_devices=("cuda",))(
     _triton_impl)
 CO_ATTENTION.register("sdpa", supports=torch_supports)(_sdpa_impl)
+CO_ATTENTION.register("eager", supports=eager_supports)(_eager_impl)
 CO_ATTENTION.register("reference", supports=reference_supports)(_reference_impl)
