@@ -357,6 +357,41 @@ def dropout_keep_kernel(KEEP, SEED, stride_keep_b, stride_keep_h, stride_keep_m,
 # output gradient (ov, ot), its three input gradients (gv, gt).
 
 
+@triton.jit
+def _co_fwd_program(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
+                    stride_ovb, stride_ovl, stride_ovh, stride_otb, stride_otl, stride_oth,
+                    stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
+                    stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale, dropout_p,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                    QUERY_BLOCK: tl.constexpr):
+    """Program (i, b * H + h) of a co-attention forward (the tiled one here, the short-sequence one in
+    ``attention_short``): for i < v_blocks = cdiv(len_v, BLOCK_M), ``QUERY_BLOCK`` (the path's
+    one-direction forward of a query block) runs image-query block i over the text keys/values
+    (ctx_v); otherwise text-query block i - v_blocks over the image keys/values (ctx_t, seed + 1);
+    head h, sequence b."""
+    pid = tl.program_id(0)
+    v_blocks = tl.cdiv(len_v, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    if pid < v_blocks:
+        QUERY_BLOCK(pid, b, h, QV, KT, VT, OV, LSE_V, MASK_T, CU_V, CU_T, seed,
+                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                    stride_ovh, stride_lse_vb, stride_lse_vh, stride_mask_tb, len_v, len_t, n_heads, head_dim,
+                    qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
+                    PRECISION, EVEN_D)
+    else:
+        QUERY_BLOCK(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
+                    stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
+                    stride_oth, stride_lse_tb, stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim,
+                    qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
+                    PRECISION, EVEN_D)
+
+
 @triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
                             stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
@@ -366,27 +401,13 @@ def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
                             HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
-    """Program (i, b * H + h): for i < v_blocks = cdiv(len_v, BLOCK_M), image-query block i over the
-    text keys/values (ctx_v); otherwise text-query block i - v_blocks over the image keys/values
-    (ctx_t); head h, sequence b."""
-    pid = tl.program_id(0)
-    v_blocks = tl.cdiv(len_v, BLOCK_M)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    seed = tl.load(SEED) if HAS_DROPOUT else 0
-    if pid < v_blocks:
-        _fwd_block(pid, b, h, QV, KT, VT, OV, LSE_V, MASK_T, CU_V, CU_T, seed,
-                   stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
-                   stride_ovh, stride_lse_vb, stride_lse_vh, stride_mask_tb, len_v, len_t, n_heads, head_dim,
-                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
-                   PRECISION, EVEN_D)
-    else:
-        _fwd_block(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
-                   stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
-                   stride_oth, stride_lse_tb, stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim,
-                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
-                   PRECISION, EVEN_D)
+    """Program (i, b * H + h): query block i of either direction (see ``_co_fwd_program``), tiled."""
+    _co_fwd_program(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                    stride_ovh, stride_otb, stride_otl, stride_oth, stride_lse_vb, stride_lse_vh, stride_lse_tb,
+                    stride_lse_th, stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale,
+                    dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, HAS_MASK_T, IS_VARLEN, HAS_DROPOUT,
+                    PRECISION, EVEN_D, _fwd_block)
 
 
 @triton.jit(do_not_specialize=CO_LENGTH_ARGS)
