@@ -14,7 +14,11 @@ that materialise the probabilities, ``eager`` and ``reference``; asking another 
 The triton backend is three layers: the custom ops ``fastvl::attention_fwd`` / ``attention_bwd``
 (with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them) over the
 launchers of :mod:`fastvl.ops.attention_launch`, the autograd glue registered on the forward op, and
-the backend function.
+the backend function. When q, k, v are the head groups of one fused projection (``[..., 3, H, D]``,
+as fastvl's layers build them) the backend calls ``fastvl::attention_qkv_fwd`` / ``attention_qkv_bwd``
+on that tensor instead: the backward writes dq, dk, dv into one buffer in the projection's layout, so
+autograd hands the projection its gradient without concatenating three (``retain_grad`` on the q, k,
+v views then sees no gradient: they are not in the graph of the output).
 """
 
 from __future__ import annotations
@@ -245,13 +249,78 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The same op when q, k, v are the three head groups of one fused projection ``qkv [..., 3, H, D]``
+# (self-attention's fused QKV): autograd sees qkv, and the backward writes dq, dk, dv into one buffer of
+# that layout, the fused projection's gradient as it is (no concatenation of three).
+
+
+@torch.library.custom_op("fastvl::attention_qkv_fwd", mutates_args=())
+def attention_qkv_fwd_op(qkv: torch.Tensor, key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                         max_seqlen: int, dropout_p: float, scale: float, causal: bool,
+                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp, seed used) of ``attention(*qkv.unbind(-3))``."""
+    seed = launch.draw_seed(dropout_p, seed, qkv.device)
+    out, lse = launch.attention_forward(*qkv.unbind(-3), key_padding_mask, cu_seqlens, cu_seqlens, max_seqlen,
+                                        max_seqlen, dropout_p, scale, causal, seed)
+    return out, lse, seed
+
+
+@attention_qkv_fwd_op.register_fake
+def _(qkv, key_padding_mask, cu_seqlens, *_rest):
+    q = qkv.select(-3, 0)
+    return (q.new_empty(q.shape), q.new_empty(launch.lse_shape(q, cu_seqlens is not None), dtype=torch.float32),
+            q.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastvl::attention_qkv_bwd", mutates_args=())
+def attention_qkv_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
+                         dropout_p: float, scale: float, causal: bool, seed: torch.Tensor) -> torch.Tensor:
+    """d qkv ``[..., 3, H, D]``: dq, dk, dv written by the backward kernel as its three views."""
+    grad = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    launch.attention_backward(grad_out, *qkv.unbind(-3), out, lse, key_padding_mask, cu_seqlens, cu_seqlens,
+                              max_seqlen, max_seqlen, dropout_p, scale, causal, seed, into=grad)
+    return grad
+
+
+@attention_qkv_bwd_op.register_fake
+def _(grad_out, qkv, *_rest):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_qkv_context(ctx, inputs, output):
+    qkv, mask, cu, max_len, dropout_p, scale, causal, _ = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(qkv, out, lse, mask, cu, seed)
+    ctx.arguments = (max_len, dropout_p, scale, causal)
+    ctx.inputs_count = len(inputs)
+    ctx.set_materialize_grads(False)
+
+
+def _qkv_backward(ctx, grad_out, _grad_lse, _grad_seed):
+    if grad_out is None:
+        return (None,) * ctx.inputs_count
+    qkv, out, lse, mask, cu, seed = ctx.saved_tensors
+    grad = attention_qkv_bwd_op(grad_out, qkv, out, lse, mask, cu, *ctx.arguments, seed)
+    return grad, *[None] * (ctx.inputs_count - 1)
+
+
+attention_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_setup_qkv_context)
+
+
 def _triton_impl(inputs: AttentionInputs) -> torch.Tensor:
     max_q, max_k = inputs.lengths()
     q = inputs.q
+    scale, seed = softmax_scale(q.shape[-1], inputs.scale), seed_tensor(inputs.dropout_seed, q.device)
+    one_packing = inputs.cu_seqlens_q is inputs.cu_seqlens_k
+    qkv = launch.fused_projection(q, inputs.k, inputs.v) if one_packing else None
+    if qkv is not None:  # one fused projection: one gradient buffer in its layout
+        out, _, _ = attention_qkv_fwd_op(qkv, inputs.key_padding_mask, inputs.cu_seqlens_q, max_q,
+                                         float(inputs.dropout_p), scale, inputs.causal, seed)
+        return out
     out, _, _ = attention_fwd_op(q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.cu_seqlens_q,
-                                 inputs.cu_seqlens_k, max_q, max_k, float(inputs.dropout_p),
-                                 softmax_scale(q.shape[-1], inputs.scale), inputs.causal,
-                                 seed_tensor(inputs.dropout_seed, q.device))
+                                 inputs.cu_seqlens_k, max_q, max_k, float(inputs.dropout_p), scale, inputs.causal,
+                                 seed)
     return out
 
 

@@ -7,7 +7,8 @@ under ``TRITON_INTERPRET=1`` when asked for by name), ``sdpa`` (two torch SDPA c
 step-by-step math calls, for ``return_probs=True`` only), ``reference`` (mirrors ``BertBiAttention``). The public :func:`co_attention` validates once and hands every backend
 one frozen :class:`CoAttentionInputs`. Layers of the triton backend: the custom ops
 ``fastvl::co_attention_fwd`` / ``co_attention_bwd`` with fake implementations, the autograd glue, and
-the backend function.
+the backend function; ``fastvl::co_attention_qkv_fwd`` / ``co_attention_qkv_bwd`` when each stream's
+q, k, v are the head groups of one fused projection (one gradient buffer per stream, in its layout).
 """
 
 from __future__ import annotations
@@ -237,16 +238,88 @@ def _backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, _grad_seed):
 co_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The same op when each stream's q, k, v are the head groups of one fused projection ``[..., 3, H, D]``
+# (ViLBERT's v_qkv / t_qkv): autograd sees the two fused tensors, and the backward writes each stream's
+# three gradients into one buffer of that layout (no concatenation of three per stream).
+
+
+@torch.library.custom_op("fastvl::co_attention_qkv_fwd", mutates_args=())
+def co_attention_qkv_fwd_op(qkv_v: torch.Tensor, qkv_t: torch.Tensor, mask_v: torch.Tensor | None,
+                            mask_t: torch.Tensor | None, cu_seqlens_v: torch.Tensor | None,
+                            cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int, max_seqlen_t: int,
+                            dropout_p: float, scale: float, seed: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ctx_v, ctx_t, lse_v, lse_t, seed used) of ``co_attention`` on ``qkv_v.unbind(-3)``, ``qkv_t.unbind(-3)``."""
+    seed = launch.draw_seed(dropout_p, seed, qkv_v.device)
+    outputs = launch.co_attention_forward(*qkv_v.unbind(-3), mask_v, *qkv_t.unbind(-3), mask_t, cu_seqlens_v,
+                                          cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p, scale, seed)
+    return (*outputs, seed)
+
+
+@co_attention_qkv_fwd_op.register_fake
+def _(qkv_v, qkv_t, mask_v, mask_t, cu_seqlens_v, *_rest):
+    packed, q_v, q_t = cu_seqlens_v is not None, qkv_v.select(-3, 0), qkv_t.select(-3, 0)
+    return (q_v.new_empty(q_v.shape), q_t.new_empty(q_t.shape),
+            q_v.new_empty(launch.lse_shape(q_v, packed), dtype=torch.float32),
+            q_t.new_empty(launch.lse_shape(q_t, packed), dtype=torch.float32), q_v.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastvl::co_attention_qkv_bwd", mutates_args=())
+def co_attention_qkv_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, qkv_v: torch.Tensor, qkv_t: torch.Tensor,
+                            ctx_v: torch.Tensor, ctx_t: torch.Tensor, lse_v: torch.Tensor, lse_t: torch.Tensor,
+                            mask_v: torch.Tensor | None, mask_t: torch.Tensor | None,
+                            cu_seqlens_v: torch.Tensor | None, cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int,
+                            max_seqlen_t: int, dropout_p: float, scale: float,
+                            seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d qkv_v, d qkv_t), each stream's three gradients written by the one backward launch as views."""
+    into = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (qkv_v, qkv_t))
+    launch.co_attention_backward(grad_v, grad_t, *qkv_v.unbind(-3), *qkv_t.unbind(-3), ctx_v, ctx_t, lse_v, lse_t,
+                                 mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p,
+                                 scale, seed, into=into)
+    return into
+
+
+@co_attention_qkv_bwd_op.register_fake
+def _(grad_v, grad_t, qkv_v, qkv_t, *_rest):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (qkv_v, qkv_t))
+
+
+def _setup_qkv_context(ctx, inputs, output):
+    qkv_v, qkv_t, mask_v, mask_t, cu_v, cu_t, max_v, max_t, dropout_p, scale, _ = inputs
+    ctx_v, ctx_t, lse_v, lse_t, seed = output
+    ctx.save_for_backward(qkv_v, qkv_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, seed)
+    ctx.arguments = (max_v, max_t, dropout_p, scale)
+    ctx.inputs_count = len(inputs)
+    ctx.set_materialize_grads(False)
+
+
+def _qkv_backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, _grad_seed):
+    *saved, seed = ctx.saved_tensors
+    if grad_v is None or grad_t is None:  # one direction's output unused: its upstream gradient is zero
+        grad_v = torch.zeros_like(saved[2]) if grad_v is None else grad_v
+        grad_t = torch.zeros_like(saved[3]) if grad_t is None else grad_t
+    grads = co_attention_qkv_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed)
+    return *grads, *[None] * (ctx.inputs_count - len(grads))
+
+
+co_attention_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_setup_qkv_context)
+
+
 # Backends ----------------------------------------------------------------------------------------------
 
 
 def _triton_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
     a = inputs
     max_v, max_t = a.lengths()
+    scale, seed = softmax_scale(a.q_v.shape[-1], a.scale), seed_tensor(a.dropout_seed, a.q_v.device)
+    qkv_v, qkv_t = launch.fused_projection(a.q_v, a.k_v, a.v_v), launch.fused_projection(a.q_t, a.k_t, a.v_t)
+    if qkv_v is not None and qkv_t is not None:  # one fused projection per stream: one gradient buffer each
+        ctx_v, ctx_t, *_ = co_attention_qkv_fwd_op(qkv_v, qkv_t, a.mask_v, a.mask_t, a.cu_seqlens_v, a.cu_seqlens_t,
+                                                   max_v, max_t, float(a.dropout_p), scale, seed)
+        return ctx_v, ctx_t
     ctx_v, ctx_t, *_ = co_attention_fwd_op(a.q_v, a.k_v, a.v_v, a.q_t, a.k_t, a.v_t, a.mask_v, a.mask_t,
-                                           a.cu_seqlens_v, a.cu_seqlens_t, max_v, max_t, float(a.dropout_p),
-                                           softmax_scale(a.q_v.shape[-1], a.scale),
-                                           seed_tensor(a.dropout_seed, a.q_v.device))
+                                           a.cu_seqlens_v, a.cu_seqlens_t, max_v, max_t, float(a.dropout_p), scale,
+                                           seed)
     return ctx_v, ctx_t
 
 
