@@ -107,6 +107,22 @@ def test_parity_shapes_and_masks(generator, device, dtype, len_q, len_k, mask_na
              name=f"attention {len_q}x{len_k} {mask_name} causal={causal}", floor=floor)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_tiled_backward_delta_reading_per_arch(generator, monkeypatch, capability):
+    """The causal tiled backward reads rowsum(O * dO) as the target's ``delta_chunk`` says (d=64 on
+    sm_80: from the dO tile in registers; sm_90: in one 64-column chunk): both within the parity rule."""
+    from fastvl.ops import attention_launch
+
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", "tiled")
+    monkeypatch.setattr(attention_launch, "TARGET_CAPABILITY", capability)
+    assert attention_launch.kernels().delta_chunk("fp16", 64, capability[0], True) == (64 if capability[0] >= 9 else 0)
+    q, k, v = qkv(generator, 2, 37, 23, 2, 64, torch.float16, "cpu")
+    mask = dense_mask("prefix", 2, 23, "cpu")
+    check_op(triton(causal=True), lambda q, k, v, m: attention_ref(q, k, v, m, causal=True), [q, k, v, mask],
+             name=f"causal tiled backward sm_{capability[0]}{capability[1]}")
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_fully_masked_rows_are_zero_with_zero_gradient(generator, device, dtype):
     q, k, v = (t.requires_grad_() for t in qkv(generator, 2, 5, 19, 2, 32, dtype, device))

@@ -84,6 +84,12 @@ def _tiled_meta(dtype: torch.dtype, head_dim: int, config) -> dict:
                  num_stages=config.num_stages)
 
 
+def _tiled_bwd_meta(dtype: torch.dtype, head_dim: int, config, device: torch.device, causal: bool) -> dict:
+    k = kernels()
+    chunk = k.delta_chunk(DTYPE_NAMES[dtype], k.head_block(head_dim), _capability(device)[0], causal)
+    return {**_tiled_meta(dtype, head_dim, config), "DELTA_CHUNK": chunk}
+
+
 def _forward_kernel(name: str, dtype: torch.dtype, head_dim: int, max_len: int, long: bool = False):
     """(kernel, query rows per program, meta) of a forward: ``{name}_short_kernel`` where the short path
     takes ``max_len``, else the tiled ``{name}_kernel`` (``long``: its long-sequence query blocks)."""
@@ -152,7 +158,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
                      num_warps=_short_bwd_warps(block_n, kern.head_block(head_dim), q.device), num_stages=1)
     else:
         _, config = block_configs(q.dtype, head_dim, False)
-        kernel, meta = kern.attention_bwd_kernel, _tiled_meta(q.dtype, head_dim, config)
+        kernel, meta = kern.attention_bwd_kernel, _tiled_bwd_meta(q.dtype, head_dim, config, q.device, causal)
         grid = (cdiv(max_k, config.block_n) + cdiv(max_q, config.block_m), batch * heads)
     mask_u8, mask_stride = _mask_pointer(mask)
     kernel[grid](
@@ -227,7 +233,7 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
                      num_warps=_short_bwd_warps(block_n, kern.head_block(head_dim), q_v.device))
     else:
         _, config = block_configs(q_v.dtype, head_dim, False)
-        kernel, meta = kern.co_attention_bwd_kernel, _tiled_meta(q_v.dtype, head_dim, config)
+        kernel, meta = kern.co_attention_bwd_kernel, _tiled_bwd_meta(q_v.dtype, head_dim, config, q_v.device, False)
         grid = (sum(cdiv(n, config.block_n) + cdiv(n, config.block_m) for n in (len_v, len_t)), batch * heads)
     mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
     mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
