@@ -193,7 +193,11 @@ def test_attention_probabilities_go_through_dispatch_and_keep_their_gradient(gen
         return out, probs, probs.grad, cross.query.weight.grad.clone()
 
     seen = []
-    with dispatch.listen(lambda event, impl: seen.append((event.op, event.backend)) if "attention" in event.op else None):
+    def attention_calls(event, impl):
+        if "attention" in event.op:
+            seen.append((event.op, event.backend))
+
+    with dispatch.listen(attention_calls):
         auto = grad_cam(None)
         image_out, text_out, _ = _init(CoAttentionLayer(32, 24, 16, 2, 48, 40))(image, image_mask, text, None,
                                                                              output_attentions=True)

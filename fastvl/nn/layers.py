@@ -4,8 +4,8 @@ cross-attention to the image, feed-forward) and ViLBERT's co-attention layer (``
 Every layer takes padding masks (bool ``[B, L]``, True = real; the original additive 0 / -10000 form
 is accepted too), supports activation checkpointing (``layer.gradient_checkpointing = True``), and
 returns attention probabilities when called with ``output_attentions=True`` (the attention ops'
-``return_probs=True``, dispatched to a backend that materialises them). Every layer also takes packed ``[total, hidden]`` rows with
-``cu_seqlens`` (the co-attention layer one per stream).
+``return_probs=True``, dispatched to a backend that materialises them). Every layer also takes
+packed ``[total, hidden]`` rows with ``cu_seqlens`` (the co-attention layer one per stream).
 """
 
 from __future__ import annotations

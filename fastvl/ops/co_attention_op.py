@@ -4,8 +4,9 @@ values, text queries over image keys and values) as one op, a sibling of :mod:`f
 Backends (auto order): ``triton`` (both directions in one forward launch and a fused backward, see
 ``fastvl.kernels.attention`` and the launchers of :mod:`fastvl.ops.attention_launch`; CUDA, or CPU
 under ``TRITON_INTERPRET=1`` when asked for by name), ``sdpa`` (two torch SDPA calls), ``eager`` (two
-step-by-step math calls, for ``return_probs=True`` only), ``reference`` (mirrors ``BertBiAttention``). The public :func:`co_attention` validates once and hands every backend
-one frozen :class:`CoAttentionInputs`. Layers of the triton backend: the custom ops
+step-by-step math calls, for ``return_probs=True`` only), ``reference`` (mirrors ``BertBiAttention``).
+The public :func:`co_attention` validates once and hands every backend one frozen
+:class:`CoAttentionInputs`. Layers of the triton backend: the custom ops
 ``fastvl::co_attention_fwd`` / ``co_attention_bwd`` with fake implementations, the autograd glue, and
 the backend function; ``fastvl::co_attention_qkv_fwd`` / ``co_attention_qkv_bwd`` when each stream's
 q, k, v are the head groups of one fused projection (one gradient buffer per stream, in its layout).
