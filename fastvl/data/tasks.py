@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from fastvl.data.format import DataError
 
 TASK_FILE = "task.json"
-TASKS = ("vqa", "retrieval")
+TASKS = ("vqa", "retrieval", "nlvr2", "nlvr2_ta", "snli_ve")
 
 
 def read_json(path: str):

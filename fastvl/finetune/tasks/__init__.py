@@ -18,6 +18,9 @@ import torch
 TASKS = {
     "vqa": "fastvl.finetune.tasks.vqa:VQATask",
     "retrieval": "fastvl.finetune.tasks.retrieval:RetrievalTask",
+    "nlvr2": "fastvl.finetune.tasks.nlvr2:NLVR2Task",
+    "nlvr2_ta": "fastvl.finetune.tasks.nlvr2:TextAssignmentTask",
+    "snli_ve": "fastvl.finetune.tasks.snli_ve:SNLIVETask",
 }
 
 
@@ -54,6 +57,11 @@ class Task:
 
     def state(self) -> dict:
         return {}
+
+    def init_state(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``--init``'s weights renamed for this task's model, where its layout differs (ALBEF's NLVR2
+        replicates the fusion layers for two images); by default as they are."""
+        return state
 
     def num_train(self) -> int:
         raise NotImplementedError
