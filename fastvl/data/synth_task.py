@@ -10,6 +10,12 @@ captions are derived from what each image holds:
   official normalisation merges), the others off by one or the opposite yes/no.
 * ``retrieval`` (a Karpathy-split ``dataset.json``): five captions per image, each naming the image's
   classes with their counts in a random order and template, as the synthetic captions do.
+* ``nlvr2`` (ALBEF's NLVR2 JSON): image pairs of a split with a statement true or false of them (half
+  each), about which image holds a class: "the left image has a dog .", "both images have a cat .",
+  "there are more cars in the right image ." (:func:`nlvr2_statement`).
+* ``snli_ve`` (SNLI-VE JSON lines): per image one entailed ("there is a C ."), one neutral ("the C is
+  old .") and one contradicted hypothesis (either wording about a class the image lacks).
+* ``nlvr2_ta`` (ALBEF's pretraining JSON): the images' own captions, for ALBEF's text assignment.
 
 The last ``--test-images`` images form the test split, the ``--val-images`` before them val, the rest
 train; VQA's test split is val's questions without annotations (for the submission file).
