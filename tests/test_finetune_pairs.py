@@ -247,6 +247,7 @@ def test_tiny_vilbert_learns_snli_ve_beyond_the_text_prior_then_nlvr2_from_it(se
 # the CLI ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_text_assignment_then_nlvr2_from_its_best_checkpoint_then_evaluate(sets, tmp_path):
     """ALBEF's recipe end to end: nlvr2_ta fine-tuning, its best.pt as NLVR2's --init (ta_head unused,
     cls_head new), and `fastvl evaluate` reproducing the run's evaluation and writing the predictions."""
@@ -266,8 +267,15 @@ def test_cli_text_assignment_then_nlvr2_from_its_best_checkpoint_then_evaluate(s
                                                    "cls_head.2.weight"], done.stdout
     best = max(_evaluations(nlvr2), key=lambda e: e["accuracy"])
     metrics_file, predictions = str(tmp_path / "m.json"), str(tmp_path / "p.json")
-    _run("fastvl.finetune.evaluate", ["--task", "nlvr2", "--checkpoint", os.path.join(nlvr2, "best.pt"), "--data",
-                                      sets["nlvr2"], "--split", "val", "--out", metrics_file, "--submission", predictions])
+    import argparse
+
+    from fastvl.finetune import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    assert evaluate.run(parser.parse_args(["--task", "nlvr2", "--checkpoint", os.path.join(nlvr2, "best.pt"), "--data",
+                                           sets["nlvr2"], "--split", "val", "--out", metrics_file, "--submission",
+                                           predictions])) == 0
     assert json.load(open(metrics_file))["metrics"]["accuracy"] == pytest.approx(best["accuracy"], abs=1e-9)
     written = json.load(open(predictions))
     assert [r["id"] for r in written] == [e.identifier for e in read_nlvr2(os.path.join(sets["nlvr2"], "nlvr_val.json"))]
