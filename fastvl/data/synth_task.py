@@ -10,6 +10,9 @@ captions are derived from what each image holds:
   official normalisation merges), the others off by one or the opposite yes/no.
 * ``retrieval`` (a Karpathy-split ``dataset.json``): five captions per image, each naming the image's
   classes with their counts in a random order and template, as the synthetic captions do.
+* ``vcr`` (VCR ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl``): "a photo of [object] and" with 4-way
+  answers (a class the image holds vs three it lacks) and rationales (the answer's class with its true count vs three wrong
+  counts), referring to the image's regions as VCR's objects (:func:`write_vcr`).
 * ``nlvr2`` (ALBEF's NLVR2 JSON): image pairs of a split with a statement true or false of them (half
   each), about which image holds a class: "the left image has a dog .", "both images have a cat .",
   "there are more cars in the right image ." (:func:`nlvr2_statement`).
@@ -151,6 +154,59 @@ def write_retrieval(images: SynthImages, captions_per_image: int = 5) -> dict:
             "counts": {s: sum(i["split"] == s for i in records) for s in ("train", "val", "test")}}
 
 
+def write_vcr(images: SynthImages, questions_per_image: int = 3) -> dict:
+    """VCR jsonl files: each image's regions are its objects (named by their class); up to
+    ``questions_per_image`` questions "a photo of [i] and" about a random object ``i`` (the synthetic
+    vocabulary's words): the right answer "a {class} ." names another class the image holds, the three
+    wrong ones classes it lacks (an image of one class is asked "a photo of"); the rationales
+    "N {class}s near [i] ." name the right answer's class with its true count (right) or three wrong
+    counts. Test lines have no labels (as VCR's test.jsonl)."""
+    rng = np.random.default_rng((images.seed, 0x7C2))
+    lines: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    counts = (1, 2, 3, 4, 5)  # _phrase: a / two / three / four / many
+    for index, image_id in enumerate(images.image_ids):
+        split = images.split_of(index)
+        classes = np.asarray(images.dataset[index].cls_prob, dtype=np.float32).argmax(axis=1).tolist()
+        present = images.contents[index]
+        absent = [c for c in range(images.num_classes) if c not in present]
+        if len(absent) < 3:
+            continue
+        objects = [CLASS_NAMES[c] for c in classes]
+        for k in range(questions_per_image):
+            ref = int(rng.integers(len(classes)))
+            others = sorted(c for c in present if c != classes[ref])
+            if others:
+                question = ["a", "photo", "of", [ref], "and"]
+                right = others[int(rng.integers(len(others)))]
+            else:
+                question = ["a", "photo", "of"]
+                right = classes[ref]
+            wrong = rng.choice(absent, 3, replace=False).tolist()
+            answer_order = rng.permutation(4)
+            answers = [[right, *wrong][j] for j in answer_order]
+            true = min(present[right], 5)
+            options = [true, *rng.choice([n for n in counts if n != true], 3, replace=False).tolist()]
+            rationale_order = rng.permutation(4)
+            rationales = [[*_phrase(CLASS_NAMES[right], options[j]).split(), "near", [ref], "."]
+                          for j in rationale_order]
+            line = {"annot_id": f"{split}-{index * questions_per_image + k}", "img_id": f"{split}-{index}",
+                    "img_fn": f"synth/{image_id}.jpg", "metadata_fn": f"synth/{image_id}.json", "objects": objects,
+                    "question": question, "answer_choices": [["a", CLASS_NAMES[c], "."] for c in answers],
+                    "rationale_choices": rationales}
+            if split != "test":
+                line["answer_label"] = int(np.argmax(answer_order == 0))
+                line["rationale_label"] = int(np.argmax(rationale_order == 0))
+            lines[split].append(line)
+    for name, rows in lines.items():
+        if not rows:
+            raise DataError(f"{images.images_dir}: no {name} image has 3 classes it lacks; the VCR set needs more "
+                            "classes than an image holds")
+        with open(os.path.join(images.out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return {"task": "vcr", "splits": {name: {"jsonl": f"{name}.jsonl"} for name in lines},
+            "counts": {name: len(rows) for name, rows in lines.items()}}
+
+
 def _split_indices(images: SynthImages) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for index in range(len(images.contents)):
@@ -255,8 +311,8 @@ def write_nlvr2_ta(images: SynthImages) -> dict:
 
 
 # --task name -> writer(SynthImages) -> manifest (without "images"); a new task set is one line here
-WRITERS = {"vqa": write_vqa, "retrieval": write_retrieval, "nlvr2": write_nlvr2, "snli_ve": write_snli_ve,
-           "nlvr2_ta": write_nlvr2_ta}
+WRITERS = {"vqa": write_vqa, "retrieval": write_retrieval, "vcr": write_vcr, "nlvr2": write_nlvr2,
+           "snli_ve": write_snli_ve, "nlvr2_ta": write_nlvr2_ta}
 
 
 def _write(out_dir: str, name: str, data) -> None:

@@ -4,7 +4,8 @@
 pretraining checkpoint (a DeepSpeed directory of ``fastvl pretrain`` or a fastvl state dict; ``--model``
 names it). One process, or under a launcher (``deepspeed --num_gpus N --module fastvl.finetune.evaluate``
 or ``torchrun``): each rank scores its share and the metrics are those of one process. For VQA
-``--submission FILE`` writes the answers as the official evaluation server takes them.
+``--submission FILE`` writes the answers as the official evaluation server takes them; for VCR it writes
+the predictions per question, and ``--joint FILE`` combines a Q->A and a QA->R model's into Q->AR.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="task directory (task.json)")
     parser.add_argument("--split", default="val", help="split to score (val, test, ...)")
     parser.add_argument("--out", help="write the metrics JSON (with the environment) here")
-    parser.add_argument("--submission", help="VQA: write [{question_id, answer}] (the official result format)")
+    parser.add_argument("--submission", help="write the task's predictions (VQA: [{question_id, answer}], the "
+                        "official result format; VCR: a record per question)")
+    parser.add_argument("--joint", metavar="PREDICTIONS", help="VCR: the other sub-task's --submission file on the "
+                        "same split; adds the joint Q->AR accuracy (answer and rationale both right)")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
     parser.add_argument("--eval-batch", type=int, default=64, help="examples (or pairs) per forward")
     parser.add_argument("--max-text-len", type=int, help="text tokens (default: the preset's)")

@@ -197,3 +197,30 @@ def retrieval_metrics(scores_i2t: torch.Tensor | np.ndarray, text_image: Sequenc
     out["r_mean"] = (out["tr_mean"] + out["ir_mean"]) / 2
     out.update(images=num_images, texts=num_texts)
     return out
+
+
+def multiple_choice_accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Percent of questions whose predicted option is the labelled one."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    if not labels:
+        raise ValueError("no questions to score")
+    return 100.0 * sum(int(p) == int(t) for p, t in zip(predictions, labels)) / len(labels)
+
+
+def vcr_joint_metrics(answers: Mapping[str, tuple[int, int]], rationales: Mapping[str, tuple[int, int]]) -> dict:
+    """VCR's Q->AR: ``{annot_id: (predicted, label)}`` of a Q->A and a QA->R evaluation of the same
+    questions; a question counts only if both its answer and its rationale are right (the VCR
+    paper's holistic setting; the QA->R model was given the right answer)."""
+    if set(answers) != set(rationales):
+        only = sorted(set(answers) ^ set(rationales))
+        raise ValueError(f"the Q->A and QA->R predictions cover different questions ({len(only)} in one only, "
+                         f"e.g. {only[0]!r}); evaluate both on the same split")
+    if any(label is None for _, label in [*answers.values(), *rationales.values()]):
+        raise ValueError("Q->AR needs labelled questions (a split with answer_label and rationale_label)")
+    ids = sorted(answers)
+    a_right = [answers[i][0] == answers[i][1] for i in ids]
+    r_right = [rationales[i][0] == rationales[i][1] for i in ids]
+    return {"q2a_accuracy": 100.0 * float(np.mean(a_right)), "qa2r_accuracy": 100.0 * float(np.mean(r_right)),
+            "q2ar_accuracy": 100.0 * float(np.mean([a and r for a, r in zip(a_right, r_right)])),
+            "joint_questions": len(ids), "q2ar_chance_accuracy": 100.0 / 16}

@@ -18,6 +18,13 @@ not state the same way or that fastvl's schedule shapes approximate):
 * ALBEF retrieval (``configs/Retrieval_flickr.yaml`` / ``Retrieval_coco.yaml``): lr 1e-5, 10 epochs (COCO 5),
   32 x 8 = 256, cosine to 1e-6, warm-up lr 1e-5 (i.e. none), k_test 128 (COCO 256). ALBEF fine-tunes at
   384 px; fastvl's ALBEF reads the image set at its stored size (no position-embedding interpolation).
+* ViLBERT VCR Q->A / QA->R: lr 2e-5, batch 64, 20 epochs (the paper; the multi-task release's
+  ``vilbert_tasks.yml`` VCR_Q-A / VCR_QA-R say 10 epochs, the same lr and batch), 60 / 80 text tokens
+  (``max_seq_length`` there); the schedule is ViLBERT's preset (assumption, as for VQA).
+* VL-BERT VCR: 20 epochs, 256 (question, option set) triplets per step (the paper). VL-BERT fine-tunes
+  with SGD (momentum 0.9, weight decay 1e-4, 1,000 warm-up steps, lr x 0.1 at epochs 14 and 18); fastvl
+  has no SGD preset, so (assumption) VL-BERT's AdamW preset at lr 5e-5 with the paper's 1,000 warm-up
+  steps, linear decay and clipping 1.0; text lengths as ViLBERT's (assumption).
 * ViLBERT NLVR2 (``vilbert_tasks.yml`` TASK12): lr 2e-5, batch 64, 20 epochs, 40 tokens (101 regions per
   image in the original; ``--max-regions``). SNLI-VE (TASK13): lr 2e-5, batch 256, 20 epochs, 56 tokens.
   Schedule as ViLBERT VQA above (assumption).
@@ -57,6 +64,10 @@ TASK_PRESETS = {
     ("vilbert", "retrieval"): TaskPreset(20, 128, _with("vilbert", lr=2e-5), 30),
     ("vlbert", "vqa"): TaskPreset(5, 128, _with("vlbert", lr=8e-5, warmup=500, gradient_clipping=1.0), 23),
     ("albef", "vqa"): TaskPreset(8, 256, _with("albef", lr=2e-5, warmup=400, min_lr=1e-6), 25),
+    ("vilbert", "vcr_q2a"): TaskPreset(20, 64, _with("vilbert", lr=2e-5), 60),
+    ("vilbert", "vcr_qa2r"): TaskPreset(20, 64, _with("vilbert", lr=2e-5), 80),
+    ("vlbert", "vcr_q2a"): TaskPreset(20, 256, _with("vlbert", lr=5e-5, warmup=1000, gradient_clipping=1.0), 60),
+    ("vlbert", "vcr_qa2r"): TaskPreset(20, 256, _with("vlbert", lr=5e-5, warmup=1000, gradient_clipping=1.0), 80),
     ("albef", "retrieval"): TaskPreset(10, 256, _with("albef", lr=1e-5, warmup=100, min_lr=1e-6), 30),
     ("vilbert", "nlvr2"): TaskPreset(20, 64, _with("vilbert", lr=2e-5), 40),
     ("vilbert", "snli_ve"): TaskPreset(20, 256, _with("vilbert", lr=2e-5), 56),
