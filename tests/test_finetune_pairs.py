@@ -77,6 +77,38 @@ def test_identifier_and_image_errors(tmp_path):
         read_nlvr2(str(empty))
 
 
+def test_release_layout_task_directory_resolves_the_img0_img1_features(tmp_path):
+    """An NLVR2 release file over a feature set keyed like NLVR2's images, through the task: every
+    statement's rows are its left then right image (by exact id), and an image missing from the set
+    is an error naming the file and the statement."""
+    import dataclasses
+    import shutil
+
+    from fastvl.data.format import write_dataset
+    from fastvl.data.synth import synth_records
+    from fastvl.data.tokenizer import closed_vocab
+
+    keys = ["dev-850-0-img0", "dev-850-0-img1", "dev-12-3-img1", "dev-12-3-img0"]
+    records = [dataclasses.replace(r, image_id=k) for r, k in zip(synth_records(4, feature_dim=8, num_classes=3), keys)]
+    write_dataset(str(tmp_path / "feats"), records, feature_dim=8, num_classes=3)
+    closed_vocab([e.sentence for e in read_nlvr2(fixture("nlvr2_dev.jsonl"))], str(tmp_path / "feats" / "vocab.txt"))
+    shutil.copy(fixture("nlvr2_dev.jsonl"), tmp_path / "dev.json")
+    (tmp_path / "task.json").write_text(json.dumps({"task": "nlvr2", "images": "feats",
+                                                    "splits": {"val": {"nlvr2": "dev.json"}}}))
+    task_dir = read_task_dir(str(tmp_path), "nlvr2")
+    dataset, special = open_images(task_dir, None)
+    task = task_class("nlvr2")(task_dir, "vilbert", dataset, special, max_text_len=40, max_regions=8)
+    assert task.split("val")[1] == [(0, 1), (0, 1), (3, 2)]
+    batch = task.batch([task.example("val", i) for i in range(3)])
+    assert batch["region_feats"].shape[0] == 6
+    assert torch.allclose(batch["region_feats"][5, 1], torch.tensor(dataset[2].features[0].tolist()))
+    with open(tmp_path / "dev.json", "a") as f:
+        f.write(json.dumps({"identifier": "dev-99-1-0", "sentence": "A cup.", "label": "True"}) + "\n")
+    task = task_class("nlvr2")(task_dir, "vilbert", dataset, special, max_text_len=40, max_regions=8)
+    with pytest.raises(DataError, match=r"dev.json: dev-99-1-0: image 'dev-99-1-img0' is not in the feature set"):
+        task.split("val")
+
+
 # synthetic sets -------------------------------------------------------------------------------------
 
 
