@@ -34,6 +34,7 @@ import numpy as np
 
 from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset
 from fastvl.data.synth import CLASS_NAMES, TEMPLATES, _phrase
+from fastvl.data.synth_refer import write_grounding, write_refcoco
 from fastvl.data.tasks import TASK_FILE
 from fastvl.data.tokenizer import load_tokenizer
 
@@ -311,8 +312,8 @@ def write_nlvr2_ta(images: SynthImages) -> dict:
 
 
 # --task name -> writer(SynthImages) -> manifest (without "images"); a new task set is one line here
-WRITERS = {"vqa": write_vqa, "retrieval": write_retrieval, "vcr": write_vcr, "nlvr2": write_nlvr2,
-           "snli_ve": write_snli_ve, "nlvr2_ta": write_nlvr2_ta}
+WRITERS = {"vqa": write_vqa, "retrieval": write_retrieval, "vcr": write_vcr, "refcoco": write_refcoco,
+           "grounding": write_grounding, "nlvr2": write_nlvr2, "snli_ve": write_snli_ve, "nlvr2_ta": write_nlvr2_ta}
 
 
 def _write(out_dir: str, name: str, data) -> None:

@@ -2,7 +2,7 @@
 
 A task directory holds ``task.json``::
 
-    {"task": "vqa" | "retrieval" | "vcr" | "nlvr2" | "nlvr2_ta" | "snli_ve",
+    {"task": "vqa" | "retrieval" | "vcr" | "refcoco" | "grounding" | "nlvr2" | "nlvr2_ta" | "snli_ve",
      "images": "PATH",              # a fastvl dataset (region features; pixels for ALBEF), relative to DIR
      "answers": "answers.json",     # VQA only, optional: the answer vocabulary (a JSON list, or an
                                     # {answer: label} dict as trainval_ans2label); default: built from train
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from fastvl.data.format import DataError
 
 TASK_FILE = "task.json"
-TASKS = ("vqa", "retrieval", "vcr", "nlvr2", "nlvr2_ta", "snli_ve")
+TASKS = ("vqa", "retrieval", "vcr", "refcoco", "grounding", "nlvr2", "nlvr2_ta", "snli_ve")
 
 
 def read_json(path: str):

@@ -18,6 +18,8 @@ import torch
 TASKS = {
     "vqa": "fastvl.finetune.tasks.vqa:VQATask",
     "retrieval": "fastvl.finetune.tasks.retrieval:RetrievalTask",
+    "refcoco": "fastvl.finetune.tasks.refcoco:RefCOCOTask",
+    "grounding": "fastvl.finetune.tasks.grounding:GroundingTask",
     "vcr_q2a": "fastvl.finetune.tasks.vcr:VCRAnswerTask",
     "vcr_qa2r": "fastvl.finetune.tasks.vcr:VCRRationaleTask",
     "nlvr2": "fastvl.finetune.tasks.nlvr2:NLVR2Task",
