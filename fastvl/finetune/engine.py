@@ -98,6 +98,9 @@ def make_task(args, family: str, dataset, special, task_dir, preset, state: dict
         kwargs["min_answer_count"] = getattr(args, "min_answer_count", 9)
     if args.task == "retrieval":
         kwargs["k_test"] = getattr(args, "k_test", None) or preset.k_test
+    for name in getattr(task_class(args.task), "options", ()):  # the task's own command-line options
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
     return task_class(args.task)(task_dir, family, dataset, special, **kwargs)
 
 
@@ -219,7 +222,7 @@ def finetune(args) -> int:
         try:
             state = (convert_original(family, args.init, args.init_config) if args.init_config else
                      read_init_state(args.init))
-            init_report = load_pretrained(net, state, family, args.init)
+            init_report = load_pretrained(net, task.init_state(state, net), family, args.init)
         except (ValueError, FileNotFoundError, OSError) as error:  # ConversionError is a ValueError
             print(f"fastvl finetune: {error}", file=sys.stderr)
             return 2

@@ -37,6 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-text-len", type=int, help="text tokens (default: the preset's)")
     parser.add_argument("--max-regions", type=int, default=36)
     parser.add_argument("--k-test", type=int, help="ALBEF retrieval: ITM re-ranks the top k ITC candidates")
+    parser.add_argument("--boxes", choices=("detected", "gt"), help="refcoco: regions of the detected proposals "
+                        "(default; training adds task.json's gt_images) or of the ground-truth boxes")
+    parser.add_argument("--trust-pickle", action="store_true", help="refcoco / grounding: read REFER's refs(unc).p "
+                        "(a pickle: only for a file you trust; or convert it to JSON with python -m fastvl.data.refer)")
+    parser.add_argument("--gradcam-block", type=int, help="grounding: the text-encoder layer whose cross-attention "
+                        "Grad-CAM reads (ALBEF: 8; default min(8, last layer))")
+    parser.add_argument("--attention-maps", metavar="DIR", help="grounding: write the Grad-CAM maps of the first "
+                        "--num-maps examples as PNG images here")
+    parser.add_argument("--num-maps", type=int, default=8, help="grounding: how many examples --attention-maps draws")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1 ...)")
     parser.add_argument("--seed", type=int, default=0)
