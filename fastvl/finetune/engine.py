@@ -241,7 +241,7 @@ def finetune(args) -> int:
         try:
             state = (convert_original(family, args.init, args.init_config) if args.init_config else
                      read_init_state(args.init))
-            init_report = load_pretrained(net, state, family, args.init)
+            init_report = load_pretrained(net, task.init_state(state, net), family, args.init)
         except (ValueError, FileNotFoundError, OSError) as error:  # ConversionError is a ValueError
             print(f"fastvl finetune: {error}", file=sys.stderr)
             return 2

@@ -22,6 +22,9 @@ TASKS = {
     "grounding": "fastvl.finetune.tasks.grounding:GroundingTask",
     "vcr_q2a": "fastvl.finetune.tasks.vcr:VCRAnswerTask",
     "vcr_qa2r": "fastvl.finetune.tasks.vcr:VCRRationaleTask",
+    "nlvr2": "fastvl.finetune.tasks.nlvr2:NLVR2Task",
+    "nlvr2_ta": "fastvl.finetune.tasks.nlvr2:TextAssignmentTask",
+    "snli_ve": "fastvl.finetune.tasks.snli_ve:SNLIVETask",
 }
 
 
@@ -59,6 +62,11 @@ class Task:
 
     def state(self) -> dict:
         return {}
+
+    def init_state(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``--init``'s weights renamed for this task's model, where its layout differs (ALBEF's NLVR2
+        replicates the fusion layers for two images); by default as they are."""
+        return state
 
     def num_train(self) -> int:
         raise NotImplementedError
