@@ -16,6 +16,7 @@ import torch
 
 from fastvl import _checks, _ext
 from fastvl.dispatch import needs_cpu_device, op, triton_available, triton_device
+from fastvl.ops import eager_path
 from fastvl.ops.region_kl_op import FUSED_DTYPES, region_kl_rows
 from fastvl.reference.itc import itc_loss_ref, itc_queue_update_ref, itm_hard_negatives_ref
 
@@ -99,10 +100,9 @@ def itm_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
 # Fused backends --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvl::itc_fwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
-             temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
-             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _itc_compute(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
+                 temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
+                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d/d img_feat, d/d txt_feat, d/d temp) for an upstream gradient of 1 (grads empty without
     ``with_grad``)."""
     batch = img_feat.shape[0]
@@ -141,6 +141,14 @@ def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
     return loss.to(img_feat.dtype), grads[0], grads[1], grad_temp.to(temp.dtype).reshape(temp.shape)
 
 
+@torch.library.custom_op("fastvl::itc_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
+             temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
+             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _itc_compute(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m, backend,
+                        with_grad)
+
+
 @_itc_fwd.register_fake
 def _(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m, backend, with_grad):
     if not with_grad:
@@ -159,6 +167,7 @@ def _itc_backward(ctx, grad_loss, *_grads_of_grads):
 
 
 _itc_fwd.register_autograd(_itc_backward, setup_context=_itc_setup)
+_EagerItc = eager_path.eager_function("_EagerItc", _itc_compute, _itc_setup, _itc_backward, outputs=4)
 
 
 def _fused(backend: str):
@@ -166,8 +175,8 @@ def _fused(backend: str):
         if not isinstance(temp, torch.Tensor):
             temp = torch.tensor(float(temp), dtype=torch.float32, device=img_feat.device)
         with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img_feat, txt_feat, temp))
-        return _itc_fwd(img_feat, txt_feat, img_queue, txt_queue, temp.reshape(()), float(alpha),
-                        img_feat_m.detach(), txt_feat_m.detach(), backend, with_grad)[0]
+        return eager_path.call(_itc_fwd, _EagerItc, img_feat, txt_feat, img_queue, txt_queue, temp.reshape(()),
+                               float(alpha), img_feat_m.detach(), txt_feat_m.detach(), backend, with_grad)
 
     return impl
 
