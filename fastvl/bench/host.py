@@ -164,7 +164,7 @@ def step_counts(model_name: str, batch_size: int) -> dict:
         with scope, stubbed_triton(counter), counter:
             spec.loss(model(**batch)).backward()
         out[side] = {"launches": counter.total, "triton": counter.triton, "aten": counter.aten,
-                     "top_aten": dict(sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:12])}
+                     "top_aten": dict(sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:40])}
     counter = LaunchCounter()
     with counter:
         optimizer.step()
