@@ -12,7 +12,9 @@ launch count rather than by the kernels. This benchmark measures both without a 
   the ops inside fastvl's custom ops included.
   Counted for one op call, and for one ViLBERT training step (forward + backward; the optimizer
   counted apart, the same for both), fused (``use_backend("triton")``, launches stubbed) against
-  ``use_backend("reference")``.
+  ``use_backend("reference")``, both under ``fastvl.testing.forbid_host_syncs`` (the path a GPU takes:
+  no value read back, the linear losses projecting every row), with the launches per fastvl source
+  file (``by_source``) and per aten op.
 
 Triton runs under ``TRITON_INTERPRET=1`` here only as far as the launch: the stub returns before the
 interpreter runs the kernel, so the outputs are garbage and only the counts and host times mean
@@ -26,6 +28,7 @@ import contextlib
 import gc
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +40,7 @@ import fastvl
 from fastvl.bench import harness, ops
 from fastvl.bench.workloads import WORKLOADS
 from fastvl.dispatch import BackendUnavailableError, registered_ops
+from fastvl.testing import forbid_host_syncs
 
 STUBBED = "triton (launches stubbed)"
 
@@ -45,11 +49,15 @@ class LaunchCounter(TorchDispatchMode):
     """Counts the aten ops that would launch a device kernel: every op but views (outputs aliasing an
     input without writing) and ``empty*`` allocations."""
 
-    def __init__(self):
+    def __init__(self, attribute: bool = False):
         super().__init__()
         self.aten = 0
         self.triton = 0
         self.by_op: dict[str, int] = {}
+        # with ``attribute``: launches per fastvl source file that issued them (the innermost fastvl frame;
+        # "torch (autograd, views)" when none: autograd's gradient sums, backward of torch ops)
+        self.attribute = attribute
+        self.by_source: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "fastvl":  # count what a fastvl custom op runs inside (its own ops and launches)
@@ -60,7 +68,20 @@ class LaunchCounter(TorchDispatchMode):
             self.aten += 1
             name = func.overloadpacket.__name__
             self.by_op[name] = self.by_op.get(name, 0) + 1
+            self.count_source()
         return out
+
+    def count_source(self) -> None:
+        if not self.attribute:
+            return
+        frame, source = sys._getframe(1), "torch (autograd, torch ops' backward)"
+        while frame is not None:
+            path = frame.f_code.co_filename.replace(os.sep, "/")
+            if "/fastvl/" in path and "/fastvl/bench/" not in path:
+                source = path.rsplit("/fastvl/", 1)[1]
+                break
+            frame = frame.f_back
+        self.by_source[source] = self.by_source.get(source, 0) + 1
 
     @property
     def total(self) -> int:
@@ -96,6 +117,7 @@ def stubbed_triton(counter: LaunchCounter | None = None) -> Iterator[None]:
     def run(self, *args, grid=None, warmup=False, **kwargs):
         if counter is not None and not warmup:
             counter.triton += 1
+            counter.count_source()
 
     for cls in saved:
         cls.run = run
@@ -160,11 +182,12 @@ def step_counts(model_name: str, batch_size: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     out = {}
     for side, scope in (("fused", fastvl.use_backend("triton")), ("reference", fastvl.use_backend("reference"))):
-        counter = LaunchCounter()
-        with scope, stubbed_triton(counter), counter:
+        counter = LaunchCounter(attribute=True)
+        with scope, stubbed_triton(counter), counter, forbid_host_syncs():  # the path a GPU takes
             spec.loss(model(**batch)).backward()
         out[side] = {"launches": counter.total, "triton": counter.triton, "aten": counter.aten,
-                     "top_aten": dict(sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:40])}
+                     "top_aten": dict(sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:16]),
+                     "by_source": dict(sorted(counter.by_source.items(), key=lambda kv: -kv[1]))}
     counter = LaunchCounter()
     with counter:
         optimizer.step()

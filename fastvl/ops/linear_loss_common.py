@@ -77,11 +77,10 @@ def _project_chunks(kind: str, backend: str, hidden: torch.Tensor, weight: torch
     row_loss_fn = ROW_LOSSES[kind]
     in_place = not gather and count <= chunk  # one chunk over every row: its results are the outputs
     row_loss = None if in_place else torch.zeros(total_rows, dtype=torch.float32, device=hidden.device)
+    # grad_weight / grad_bias (fp32) are the first chunk's products, the later chunks' added in place
     grad_hidden = grad_weight = grad_bias = None
-    if with_grad:
-        grad_hidden = None if in_place else torch.zeros_like(hidden2d)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = torch.zeros(classes, dtype=torch.float32, device=weight.device) if bias is not None else None
+    if with_grad and not in_place:
+        grad_hidden = torch.zeros_like(hidden2d)
     for start in range(0, count, chunk):
         if gather:
             ids = rows[start:start + chunk]
@@ -109,15 +108,21 @@ def _project_chunks(kind: str, backend: str, hidden: torch.Tensor, weight: torch
             grad_hidden.index_copy_(0, ids, grad_logits @ weight)
         else:
             torch.mm(grad_logits, weight, out=grad_hidden[part])
-        if grad_weight.dtype == grad_logits.dtype:
+        if grad_weight is None:
+            grad_weight = (grad_logits.t() @ h).float()
+        elif grad_weight.dtype == grad_logits.dtype:
             grad_weight.addmm_(grad_logits.t(), h)
         else:
             grad_weight += (grad_logits.t() @ h).float()
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        if bias is not None:
+            bias_part = grad_logits.sum(0, dtype=torch.float32)
+            grad_bias = bias_part if grad_bias is None else grad_bias.add_(bias_part)
     if row_loss is None:  # no rows at all
         row_loss = torch.zeros(total_rows, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden2d) if with_grad else None
+    if with_grad and grad_weight is None:  # no row selected (CPU)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(classes, dtype=torch.float32, device=weight.device) if bias is not None else None
     if with_grad:
         grad_hidden = grad_hidden.view(hidden.shape)
         grad_weight = grad_weight.to(weight.dtype)
@@ -139,16 +144,15 @@ def _linear_loss_compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     without ``with_grad`` or for reduction 'none' (its backward recomputes)."""
     with_grad = with_grad and reduction != "none"
     with torch.no_grad():
-        count = selected.sum()
+        scale = mean_scale(selected.sum() if reduction == "mean" else selected, reduction)
         row_loss, grad_hidden, grad_weight, grad_bias = _project_chunks(
-            kind, backend, hidden, weight, bias, target, selected, mean_scale(count, reduction), with_grad,
-            chunk_rows)
+            kind, backend, hidden, weight, bias, target, selected, scale, with_grad, chunk_rows)
         if reduction == "none":
             loss = row_loss.view(selected.shape).to(hidden.dtype)
         else:
             loss = row_loss.sum()
             if reduction == "mean":
-                loss = loss / count.clamp_min(1).float()
+                loss = (loss * scale).reshape(())  # 1 / count, kept on the device
             loss = loss.to(hidden.dtype)
     return tuple(t if t is not None else hidden.new_empty(0) for t in (loss, grad_hidden, grad_weight, grad_bias))
 
