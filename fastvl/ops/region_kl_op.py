@@ -149,13 +149,14 @@ def _rows_2d(t: torch.Tensor, classes: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def reduce_rows(row_loss: torch.Tensor, count: torch.Tensor, reduction: str, shape, dtype) -> torch.Tensor:
-    """Per-row fp32 losses (0 on unselected rows) -> the requested reduction, in ``dtype``."""
+def reduce_rows(row_loss: torch.Tensor, scale: torch.Tensor, reduction: str, shape, dtype) -> torch.Tensor:
+    """Per-row fp32 losses (0 on unselected rows) -> the requested reduction, in ``dtype``; ``scale``:
+    :func:`~fastvl.ops.linear_loss_common.mean_scale`'s 1 / count for 'mean'."""
     if reduction == "none":
         return row_loss.reshape(shape).to(dtype)
     total = row_loss.sum()
     if reduction == "mean":
-        total = total / count.clamp_min(1).to(total.dtype)
+        total = (total * scale).reshape(())
     return total.to(dtype)
 
 
@@ -171,10 +172,9 @@ def _region_kl_compute(logits: torch.Tensor, targets: torch.Tensor, region_mask:
         loss, factor = _region_kl_triton(logits2d, targets2d, selected, reduction, grad, region_mask.shape,
                                          logits.dtype)
     else:
-        count = selected.sum()
-        scale = linear_loss_common.mean_scale(count, reduction)
+        scale = linear_loss_common.mean_scale(selected.sum() if reduction == "mean" else selected, reduction)
         row_loss = region_kl_rows(backend, logits2d, targets2d, selected, scale, grad)
-        loss = reduce_rows(row_loss, count, reduction, region_mask.shape, logits.dtype)
+        loss = reduce_rows(row_loss, scale, reduction, region_mask.shape, logits.dtype)
         factor = logits.new_empty(0, dtype=torch.float32)
     return loss, grad.view(logits.shape) if grad is not None else logits.new_empty(0), factor
 
