@@ -109,8 +109,8 @@ def _itc_compute(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torc
     inv_temp = 1.0 / temp.float().reshape(())
     half_mean = torch.full((1,), 0.5 / batch, dtype=torch.float32, device=img_feat.device)
     every_row = torch.ones(batch, dtype=torch.bool, device=img_feat.device)
-    loss = torch.zeros((), dtype=torch.float32, device=img_feat.device)
-    grads, grad_temp = [], torch.zeros((), dtype=torch.float32, device=img_feat.device)
+    # per direction: the loss's sum and sum(dL/dsim * sim) for temp's gradient, combined at the end
+    loss_terms, temp_terms, grads = [], [], []
     with torch.no_grad():
         # Similarities against [batch momentum features | queue], computed as two GEMMs so the [E, B + Q]
         # bank is never concatenated (ALBEF's cat copies both queues every step).
@@ -128,17 +128,20 @@ def _itc_compute(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torc
             grad = torch.empty_like(sim) if with_grad else None
             kl_rows = region_kl_rows(backend, sim, targets, every_row, half_mean, grad)
             # soft cross-entropy = KL(t || softmax) - sum t log t
-            loss += (kl_rows - torch.xlogy(targets, targets).sum(dim=1)).sum() * (0.5 / batch)
+            loss_terms.append(kl_rows.sum() - torch.xlogy(targets, targets).sum())
             if with_grad:
-                grad_temp -= (grad.float() * sim.float()).sum() * inv_temp
+                temp_terms.append(torch.dot(grad.view(-1), sim.view(-1)) if grad.dtype == torch.float32
+                                  else (grad.float() * sim.float()).sum())
                 del targets, sim
                 grad_feat = grad[:, :batch] @ other_m
                 grad_feat.addmm_(grad[:, batch:], other_queue.t())
                 grads.append(grad_feat.mul_(inv_temp.to(grad_feat.dtype)))
-    empty = [img_feat.new_empty(0) for _ in range(3)]
-    if not with_grad:
-        return loss.to(img_feat.dtype), *empty
-    return loss.to(img_feat.dtype), grads[0], grads[1], grad_temp.to(temp.dtype).reshape(temp.shape)
+        loss = ((loss_terms[0] + loss_terms[1]) * (0.5 / batch)).to(img_feat.dtype)
+        if not with_grad:
+            return loss, *(img_feat.new_empty(0) for _ in range(3))
+        # d loss / d temp = -sum(dL/dsim * sim) / temp over both directions
+        grad_temp = (temp_terms[0] + temp_terms[1]).mul_(inv_temp).neg_()
+    return loss, grads[0], grads[1], grad_temp.to(temp.dtype).reshape(temp.shape)
 
 
 @torch.library.custom_op("fastvl::itc_fwd", mutates_args=(), device_types=("cuda", "cpu"))

@@ -149,7 +149,8 @@ def _(x, residual, weight, bias, seed, dropout_p, eps):
     store_sum = seed is not None or residual is not None
     keep_shape = (rows, x.shape[-1]) if seed is not None else (0,)
     out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=out_dtype) if store_sum else x.new_empty(0),
+    stored = x.new_empty(x.shape, dtype=out_dtype) if store_sum else x.new_empty(0)
+    return (x.new_empty(x.shape, dtype=out_dtype), stored,
             x.new_empty(keep_shape, dtype=torch.int8), x.new_empty(rows, dtype=torch.float32),
             x.new_empty(rows, dtype=torch.float32))
 
