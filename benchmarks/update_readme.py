@@ -90,7 +90,7 @@ def op_table(docs: dict) -> list[str]:
             continue
         groups: dict[tuple, dict[str, dict]] = {}
         for row in document["rows"]:
-            if row["params"].get("pass", "fwd+bwd") == "fwd+bwd" and not row["name"].endswith(" fwd"):
+            if "median_ms" in row and row["params"].get("pass", "fwd+bwd") == "fwd+bwd" and not row["name"].endswith(" fwd"):
                 key = (row["name"].removesuffix(" fwd+bwd"), json.dumps(row["params"], sort_keys=True))
                 groups.setdefault(key, {})[row["variant"]] = row
         for (name, _), variants in groups.items():
@@ -126,7 +126,12 @@ def parity_lines(docs: dict) -> list[str]:
     return lines
 
 
+def _has_timings(run: dict) -> bool:
+    return any(any("median_ms" in row for row in document.get("rows", ())) for document in run["docs"].values())
+
+
 def section(runs: list[dict], readme_dir: Path = REPO) -> str:
+    runs = [run for run in runs if _has_timings(run)]  # not e.g. a host/launch-count-only folder
     gpu = [run for run in runs if run["env"].get("device_type") == "cuda"]
     cpu = [run for run in runs if run["env"].get("device_type") == "cpu"]
     lines = [START, ""]
