@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fewer training questions are left out of the answer list (without task.json 'answers')")
     parser.add_argument("--k-test", type=int, help="ALBEF retrieval: ITM re-ranks each query's top k ITC candidates "
                         "(default 128; ALBEF uses 256 on COCO)")
+    parser.add_argument("--boxes", choices=("detected", "gt"), help="refcoco: regions of the detected proposals "
+                        "(default; training adds task.json's gt_images) or of the ground-truth boxes")
+    parser.add_argument("--trust-pickle", action="store_true", help="refcoco / grounding: read REFER's refs(unc).p "
+                        "(a pickle: only for a file you trust; or convert it to JSON with python -m fastvl.data.refer)")
+    parser.add_argument("--gradcam-block", type=int, help="grounding: the text-encoder layer whose cross-attention "
+                        "Grad-CAM reads (ALBEF: 8; default min(8, last layer))")
     parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at every "

@@ -28,7 +28,7 @@ import time
 import torch
 
 from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset
-from fastvl.data.tasks import read_task_dir
+from fastvl.data.tasks import read_json, read_task_dir
 from fastvl.data.tokenizer import load_tokenizer, special_ids
 from fastvl.finetune.parallel import EvalContext
 from fastvl.finetune.presets import preset_for
@@ -98,6 +98,9 @@ def make_task(args, family: str, dataset, special, task_dir, preset, state: dict
         kwargs["min_answer_count"] = getattr(args, "min_answer_count", 9)
     if args.task == "retrieval":
         kwargs["k_test"] = getattr(args, "k_test", None) or preset.k_test
+    for name in getattr(task_class(args.task), "options", ()):  # the task's own command-line options
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
     return task_class(args.task)(task_dir, family, dataset, special, **kwargs)
 
 
@@ -201,7 +204,7 @@ def finetune(args) -> int:
         args.micro_batch = max(1, args.global_batch // world)
     config, precision = load_config(args, world)
     try:
-        task_dir = read_task_dir(args.data, args.task)
+        task_dir = read_task_dir(args.data, task_class(args.task).data_task or args.task)
         dataset, special = open_images(task_dir, args.vocab)
         task = make_task(args, family, dataset, special, task_dir, preset)
         num_train = task.num_train()
@@ -219,7 +222,7 @@ def finetune(args) -> int:
         try:
             state = (convert_original(family, args.init, args.init_config) if args.init_config else
                      read_init_state(args.init))
-            init_report = load_pretrained(net, state, family, args.init)
+            init_report = load_pretrained(net, task.init_state(state, net), family, args.init)
         except (ValueError, FileNotFoundError, OSError) as error:  # ConversionError is a ValueError
             print(f"fastvl finetune: {error}", file=sys.stderr)
             return 2
@@ -359,7 +362,7 @@ def evaluate(args) -> int:
     try:
         family, variant = resolve_model(model_name)
         preset = preset_for(family, args.task)
-        task_dir = read_task_dir(args.data, args.task)
+        task_dir = read_task_dir(args.data, task_class(args.task).data_task or args.task)
         dataset, special = open_images(task_dir, args.vocab)
         task = make_task(args, family, dataset, special, task_dir, preset,
                          state=checkpoint["task_state"] if checkpoint else None,
@@ -389,6 +392,12 @@ def evaluate(args) -> int:
     except DataError as error:
         print(f"fastvl evaluate: data error: {error}", file=sys.stderr)
         return 2
+    if getattr(args, "joint", None):
+        try:
+            metrics.update(task.joint(read_json(args.joint), outputs, args.joint))
+        except (DataError, ValueError) as error:
+            print(f"fastvl evaluate: --joint {args.joint}: {error}", file=sys.stderr)
+            return 2
     seconds = time.perf_counter() - started
     if rank == 0:
         report = {"task": args.task, "split": args.split, "model": model_name, "checkpoint": args.checkpoint,

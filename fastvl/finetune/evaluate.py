@@ -4,7 +4,8 @@
 pretraining checkpoint (a DeepSpeed directory of ``fastvl pretrain`` or a fastvl state dict; ``--model``
 names it). One process, or under a launcher (``deepspeed --num_gpus N --module fastvl.finetune.evaluate``
 or ``torchrun``): each rank scores its share and the metrics are those of one process. For VQA
-``--submission FILE`` writes the answers as the official evaluation server takes them.
+``--submission FILE`` writes the answers as the official evaluation server takes them; for VCR it writes
+the predictions per question, and ``--joint FILE`` combines a Q->A and a QA->R model's into Q->AR.
 """
 
 from __future__ import annotations
@@ -27,12 +28,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="task directory (task.json)")
     parser.add_argument("--split", default="val", help="split to score (val, test, ...)")
     parser.add_argument("--out", help="write the metrics JSON (with the environment) here")
-    parser.add_argument("--submission", help="VQA: write [{question_id, answer}] (the official result format)")
+    parser.add_argument("--submission", help="write the task's predictions (VQA: [{question_id, answer}], the "
+                        "official result format; VCR: a record per question)")
+    parser.add_argument("--joint", metavar="PREDICTIONS", help="VCR: the other sub-task's --submission file on the "
+                        "same split; adds the joint Q->AR accuracy (answer and rationale both right)")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
     parser.add_argument("--eval-batch", type=int, default=64, help="examples (or pairs) per forward")
     parser.add_argument("--max-text-len", type=int, help="text tokens (default: the preset's)")
     parser.add_argument("--max-regions", type=int, default=36)
     parser.add_argument("--k-test", type=int, help="ALBEF retrieval: ITM re-ranks the top k ITC candidates")
+    parser.add_argument("--boxes", choices=("detected", "gt"), help="refcoco: regions of the detected proposals "
+                        "(default; training adds task.json's gt_images) or of the ground-truth boxes")
+    parser.add_argument("--trust-pickle", action="store_true", help="refcoco / grounding: read REFER's refs(unc).p "
+                        "(a pickle: only for a file you trust; or convert it to JSON with python -m fastvl.data.refer)")
+    parser.add_argument("--gradcam-block", type=int, help="grounding: the text-encoder layer whose cross-attention "
+                        "Grad-CAM reads (ALBEF: 8; default min(8, last layer))")
+    parser.add_argument("--attention-maps", metavar="DIR", help="grounding: write the Grad-CAM maps of the first "
+                        "--num-maps examples as PNG images here")
+    parser.add_argument("--num-maps", type=int, default=8, help="grounding: how many examples --attention-maps draws")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1 ...)")
     parser.add_argument("--seed", type=int, default=0)

@@ -197,3 +197,123 @@ def retrieval_metrics(scores_i2t: torch.Tensor | np.ndarray, text_image: Sequenc
     out["r_mean"] = (out["tr_mean"] + out["ir_mean"]) / 2
     out.update(images=num_images, texts=num_texts)
     return out
+
+
+def multiple_choice_accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Percent of questions whose predicted option is the labelled one."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    if not labels:
+        raise ValueError("no questions to score")
+    return 100.0 * sum(int(p) == int(t) for p, t in zip(predictions, labels)) / len(labels)
+
+
+def vcr_joint_metrics(answers: Mapping[str, tuple[int, int]], rationales: Mapping[str, tuple[int, int]]) -> dict:
+    """VCR's Q->AR: ``{annot_id: (predicted, label)}`` of a Q->A and a QA->R evaluation of the same
+    questions; a question counts only if both its answer and its rationale are right (the VCR
+    paper's holistic setting; the QA->R model was given the right answer)."""
+    if set(answers) != set(rationales):
+        only = sorted(set(answers) ^ set(rationales))
+        raise ValueError(f"the Q->A and QA->R predictions cover different questions ({len(only)} in one only, "
+                         f"e.g. {only[0]!r}); evaluate both on the same split")
+    if any(label is None for _, label in [*answers.values(), *rationales.values()]):
+        raise ValueError("Q->AR needs labelled questions (a split with answer_label and rationale_label)")
+    ids = sorted(answers)
+    a_right = [answers[i][0] == answers[i][1] for i in ids]
+    r_right = [rationales[i][0] == rationales[i][1] for i in ids]
+    return {"q2a_accuracy": 100.0 * float(np.mean(a_right)), "qa2r_accuracy": 100.0 * float(np.mean(r_right)),
+            "q2ar_accuracy": 100.0 * float(np.mean([a and r for a, r in zip(a_right, r_right)])),
+            "joint_questions": len(ids), "q2ar_chance_accuracy": 100.0 / 16}
+
+
+# referring expressions and grounding: boxes and IoU ---------------------------------------------------
+#
+# Formats: COCO / RefCOCO annotations and ALBEF's detections are ``[x, y, w, h]`` (top-left corner and
+# size, pixels); region features and proposals inside ViLBERT and VL-BERT are ``[x1, y1, x2, y2]``.
+# The originals convert a COCO box as ``[x, y, x + w, y + h]`` and then measure IoU in the inclusive
+# pixel convention (width ``x2 - x1 + 1``; vilbert-multi-task's ``iou``, VL-BERT's
+# ``bbox_iou_py_vectorized`` and its test accuracy): :func:`box_iou` with ``plus_one=True``. Their
+# consequence: two boxes that touch along an edge share one pixel row or column (IoU > 0), and a box
+# with ``x1 == x2`` is one pixel wide. ``plus_one=False`` is the continuous area. ALBEF scores
+# grounding with the REFER toolkit's ``computeIoU`` on ``[x, y, w, h]``: :func:`refer_iou`.
+
+
+def xywh_to_xyxy(boxes) -> np.ndarray:
+    """``[..., 4]`` ``[x, y, w, h]`` -> ``[x, y, x + w, y + h]`` (as the originals convert COCO boxes)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(f"boxes must be [..., 4] (x, y, w, h), got shape {list(boxes.shape)}")
+    return np.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
+
+
+def clip_boxes(boxes, image_h: float, image_w: float) -> np.ndarray:
+    """``[..., 4]`` ``x1, y1, x2, y2`` clamped to the image, ``[0, w - 1] x [0, h - 1]`` (VL-BERT's
+    clamp before it labels its boxes); a box wholly outside becomes a degenerate one on the border."""
+    boxes = np.array(boxes, dtype=np.float64)
+    boxes[..., [0, 2]] = boxes[..., [0, 2]].clip(0, image_w - 1)
+    boxes[..., [1, 3]] = boxes[..., [1, 3]].clip(0, image_h - 1)
+    return boxes
+
+
+def box_iou(boxes, query_boxes, *, plus_one: bool = True) -> np.ndarray:
+    """Pairwise IoU ``[N, K]`` of ``x1, y1, x2, y2`` boxes ``[N, 4]`` and ``[K, 4]`` (float64).
+
+    ``plus_one``: the inclusive pixel convention of ViLBERT and VL-BERT (widths ``x2 - x1 + 1``);
+    else the continuous area. A negative width or height counts as 0 (no area); a pair whose union
+    is empty (two zero-area boxes) has IoU 0."""
+    a, b = (np.asarray(x, dtype=np.float64).reshape(-1, 4) for x in (boxes, query_boxes))
+    one = 1.0 if plus_one else 0.0
+
+    def side(low, high):
+        return np.maximum(high - low + one, 0.0)
+
+    area_a = side(a[:, 0], a[:, 2]) * side(a[:, 1], a[:, 3])
+    area_b = side(b[:, 0], b[:, 2]) * side(b[:, 1], b[:, 3])
+    inter = (side(np.maximum(a[:, None, 0], b[None, :, 0]), np.minimum(a[:, None, 2], b[None, :, 2]))
+             * side(np.maximum(a[:, None, 1], b[None, :, 1]), np.minimum(a[:, None, 3], b[None, :, 3])))
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def refer_iou(box, other) -> float:
+    """IoU of two ``[x, y, w, h]`` boxes as the REFER toolkit's ``computeIoU`` (ALBEF's grounding
+    score): the intersection spans ``max(x) .. min(x + w - 1)`` inclusive and counts only when that
+    span is more than one pixel each way (strictly ``x1 < x2``; so touching boxes, and boxes sharing a
+    single pixel column, give 0); the union is ``w * h + w' * h' - intersection``; 0 for an empty union."""
+    x1, y1 = max(box[0], other[0]), max(box[1], other[1])
+    x2 = min(box[0] + box[2] - 1, other[0] + other[2] - 1)
+    y2 = min(box[1] + box[3] - 1, other[1] + other[3] - 1)
+    inter = (x2 - x1 + 1) * (y2 - y1 + 1) if x1 < x2 and y1 < y2 else 0.0
+    union = box[2] * box[3] + other[2] * other[3] - inter
+    return float(inter) / union if union > 0 else 0.0
+
+
+def top_region_accuracy(scores, ious, mask=None, threshold: float = 0.5) -> dict:
+    """Referring-expression accuracy from region scores ``[B, R]`` and each region's IoU with the
+    referred box ``[B, R]``: the percentage of rows whose top-scored real region (``mask [B, R]``,
+    default all) has IoU ``>= threshold``; ties go to the first region. Also ``upper_bound``: rows
+    where some real region reaches the threshold (what a perfect ranker gets), and ``count``."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    ious = torch.as_tensor(ious, dtype=torch.float64)
+    if scores.ndim != 2 or ious.shape != scores.shape:
+        raise ValueError(f"scores and ious must both be [B, R], got {list(scores.shape)} and {list(ious.shape)}")
+    mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    if mask.shape != scores.shape:
+        raise ValueError(f"mask must be [B, R] like scores, got {list(mask.shape)}")
+    if scores.shape[0] == 0:
+        raise ValueError("no referring expressions to score")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError(f"row {int((~mask.any(dim=1)).nonzero()[0])} has no real region")
+    top = scores.masked_fill(~mask, float("-inf")).argmax(dim=1)
+    hit = ious.gather(1, top[:, None])[:, 0] >= threshold
+    reachable = ((ious >= threshold) & mask).any(dim=1)
+    return {"accuracy": 100.0 * float(hit.double().mean()), "upper_bound": 100.0 * float(reachable.double().mean()),
+            "count": int(scores.shape[0])}
+
+
+def accuracy_at_iou(ious, threshold: float = 0.5) -> float:
+    """Percentage of predictions whose IoU with the ground truth is ``>= threshold``."""
+    ious = np.asarray(ious, dtype=np.float64).reshape(-1)
+    if ious.size == 0:
+        raise ValueError("no predictions to score")
+    return 100.0 * float((ious >= threshold).mean())

@@ -18,6 +18,13 @@ import torch
 TASKS = {
     "vqa": "fastvl.finetune.tasks.vqa:VQATask",
     "retrieval": "fastvl.finetune.tasks.retrieval:RetrievalTask",
+    "refcoco": "fastvl.finetune.tasks.refcoco:RefCOCOTask",
+    "grounding": "fastvl.finetune.tasks.grounding:GroundingTask",
+    "vcr_q2a": "fastvl.finetune.tasks.vcr:VCRAnswerTask",
+    "vcr_qa2r": "fastvl.finetune.tasks.vcr:VCRRationaleTask",
+    "nlvr2": "fastvl.finetune.tasks.nlvr2:NLVR2Task",
+    "nlvr2_ta": "fastvl.finetune.tasks.nlvr2:TextAssignmentTask",
+    "snli_ve": "fastvl.finetune.tasks.snli_ve:SNLIVETask",
 }
 
 
@@ -37,6 +44,7 @@ class Task:
     val_split: str = "val"  # what the engine validates on at each evaluation point
     has_step_inputs: bool = False  # step_inputs adds per-step model inputs (ALBEF's place in the step)
     supports_zero_shot: bool = False  # can score a pretraining checkpoint without fine-tuning
+    data_task: str = ""  # the "task" of the task.json it reads, when not its name (VCR's sub-tasks: "vcr")
 
     def __init__(self, task_dir, family: str, dataset, special, *, max_text_len: int, max_regions: int,
                  seed: int = 0, state: dict | None = None, zero_shot: bool = False):
@@ -55,6 +63,11 @@ class Task:
     def state(self) -> dict:
         return {}
 
+    def init_state(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``--init``'s weights renamed for this task's model, where its layout differs (ALBEF's NLVR2
+        replicates the fusion layers for two images); by default as they are."""
+        return state
+
     def num_train(self) -> int:
         raise NotImplementedError
 
@@ -71,6 +84,11 @@ class Task:
         """``(metrics, outputs)``: the split's metrics (identical on every rank) and task outputs (for
         VQA the predicted answer per question, written as the submission file)."""
         raise NotImplementedError
+
+    def joint(self, other, outputs: dict, source: str) -> dict:
+        """Metrics of this evaluation's ``outputs`` combined with another evaluation's outputs ``other``
+        (read from ``source``; ``fastvl evaluate --joint``; VCR: Q->A with QA->R gives Q->AR)."""
+        raise ValueError(f"the {self.name} task combines no predictions (VCR: vcr_q2a with vcr_qa2r)")
 
 
 def task_class(name: str) -> type[Task]:
