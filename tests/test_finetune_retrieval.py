@@ -207,13 +207,12 @@ def test_vil_logit_starts_as_the_zero_shot_alignment_score(generator):
     torch.manual_seed(0)
     model = ViLBERTForTasks(ViLBERTConfig.named("tiny", vocab_size=50, v_feature_size=24, v_target_size=7),
                             num_labels=3).eval()
-    task = SimpleNamespace(family="vilbert", after_init=lambda *a: RetrievalTask.after_init(task, *a))
+    task = SimpleNamespace(family="vilbert")
     text, image = _pool(generator)
     pairs = [(t, i) for t in range(5) for i in range(4)]
     pretraining = {k: v for k, v in model.state_dict().items() if not k.startswith("vil_logit.")}
-    before = model.vil_logit.weight.clone()
-    task.after_init(model, {**pretraining, "vil_logit.weight": before})
-    assert torch.equal(model.vil_logit.weight, before)
-    task.after_init(model, pretraining)
+    fine_tuned = {**pretraining, "vil_logit.weight": model.vil_logit.weight.clone()}
+    assert RetrievalTask.init_state(task, fine_tuned, model) is fine_tuned
+    model.load_state_dict(RetrievalTask.init_state(task, pretraining, model))
     zero_shot = vilbert_pair_scores(model, text, image, pairs, True)
     assert torch.allclose(vilbert_pair_scores(model, text, image, pairs, False), zero_shot, rtol=1e-5, atol=1e-5)
