@@ -110,6 +110,68 @@ def test_packed_short_path_equals_padded(generator):
     torch.testing.assert_close(packed[23:], out[1, :9], rtol=1e-5, atol=1e-6)
 
 
+
+# Stored dropout keep-mask: written bit-packed by the short forward, read by the short backward.
+
+
+def _launch_attention(q, k, v, mask, lens, dropout_p, seed, keep, keep_all_in_backward=False):
+    out, lse = attention_launch.attention_forward(q, k, v, mask, None, None, *lens, dropout_p, 0.3, False, seed,
+                                                  keep=keep)
+    if keep_all_in_backward:  # the backward reads the stored mask, it does not redraw it
+        keep.fill_(-1)
+    grad_out = torch.ones_like(out).mul_(0.5) + out
+    return out, attention_launch.attention_backward(grad_out, q, k, v, out, lse, mask, None, None, *lens, dropout_p,
+                                                    0.3, False, seed, keep=keep)
+
+
+@pytest.mark.parametrize("len_q,len_k", [(23, 37), (37, 70)])
+def test_stored_keep_mask_equals_the_drawn_one_and_gives_the_same_gradients(generator, monkeypatch, len_q, len_k):
+    """The packed mask unpacks to ``dropout_keep_mask`` (zero bits past the keys) and the backward
+    reading it gives the regenerating backward's gradients bit for bit (fp16, key bucket 64 and 128)."""
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", "short")
+    q = randn(generator, 2, len_q, 2, 32, dtype=torch.float16)
+    k, v = (randn(generator, 2, len_k, 2, 32, dtype=torch.float16) for _ in range(2))
+    mask = prefix_mask([len_k, len_k - 9], len_k, "cpu")
+    seed = torch.tensor([7], dtype=torch.int64)
+    assert attention_launch.stores_keep_mask(len_k, torch.float16, 32, 0.25)
+    keep = attention_launch.new_keep_mask(2, 2, len_q, len_k, q.device).fill_(-1)
+    stored = _launch_attention(q, k, v, mask, (len_q, len_k), 0.25, seed, keep)
+    drawn = attention_launch.dropout_keep_mask(seed, 2, 2, len_q, len_k, 0.25)
+    assert torch.equal(attention_launch.unpack_keep_mask(keep, len_k), drawn)
+    assert not attention_launch.unpack_keep_mask(keep, keep.shape[-1] * 32)[..., len_k:].any()
+    regenerated = _launch_attention(q, k, v, mask, (len_q, len_k), 0.25, seed, None)
+    assert torch.equal(stored[0], regenerated[0])
+    for a, b in zip(stored[1], regenerated[1]):
+        assert torch.equal(a, b)
+    _, kept_all = _launch_attention(q, k, v, mask, (len_q, len_k), 0.25, seed, keep, keep_all_in_backward=True)
+    assert not torch.equal(kept_all[0], regenerated[1][0])
+
+
+def test_co_attention_stored_keep_masks(generator, monkeypatch):
+    """Both directions' packed masks (direction 1 with seed + 1) and bit-identical gradients."""
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", "short")
+    (q_v, k_v, v_v), (q_t, k_t, v_t) = ([randn(generator, 2, n, 2, 32, dtype=torch.float16) for _ in range(3)]
+                                        for n in (37, 23))
+    mask_v, mask_t = prefix_mask([37, 30], 37, "cpu"), prefix_mask([23, 11], 23, "cpu")
+    seed = torch.tensor([5], dtype=torch.int64)
+
+    def run(keep):
+        ctx_v, ctx_t, lse_v, lse_t = attention_launch.co_attention_forward(
+            q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, None, None, 37, 23, 0.3, 0.2, seed, keep=keep)
+        grads = attention_launch.co_attention_backward(
+            ctx_v + 1, ctx_t - 1, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, None,
+            None, 37, 23, 0.3, 0.2, seed, keep=keep)
+        return ctx_v, ctx_t, *grads
+
+    keep = attention_launch.new_co_keep_masks(2, 2, 37, 23, q_v.device)
+    stored = run(keep)
+    for packed, (len_q, len_k, offset) in zip(keep, [(37, 23, 0), (23, 37, 1)]):
+        drawn = attention_launch.dropout_keep_mask(seed, 2, 2, len_q, len_k, 0.3, seed_offset=offset)
+        assert torch.equal(attention_launch.unpack_keep_mask(packed, len_k), drawn)
+    for a, b in zip(stored, run(None)):
+        assert torch.equal(a, b)
+
+
 COUNT_VARIANTS = """
 import json, sys
 from fastvl import aot
