@@ -15,6 +15,7 @@ from varlen import prefix_mask
 import fastvl
 from fastvl.ops import attention_launch
 from fastvl.ops.attention_common import pad_packed
+from fastvl.ops.attention_op import attention_fwd_op
 from fastvl.reference.attention import attention_ref
 from fastvl.reference.co_attention import co_attention_ref
 from fastvl.testing import check_op
@@ -170,6 +171,34 @@ def test_co_attention_stored_keep_masks(generator, monkeypatch):
         assert torch.equal(attention_launch.unpack_keep_mask(packed, len_k), drawn)
     for a, b in zip(stored, run(None)):
         assert torch.equal(a, b)
+
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_ops_store_the_keep_mask_and_match_regeneration(generator, monkeypatch, fused_qkv):
+    """co_attention / attention (training, dropout, short path) store the mask by the launcher rule;
+    turning the rule off (the backward redraws it) changes no bit of the outputs or gradients (fp16)."""
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", "short")
+    shapes = [(2, 37, 3, 2, 32), (2, 23, 3, 2, 32)] if fused_qkv else [(2, n, 2, 32) for n in (37,) * 3 + (23,) * 3]
+    inputs = [randn(generator, *shape, dtype=torch.float16) for shape in shapes]
+    masks = prefix_mask([37, 30], 37, "cpu"), prefix_mask([23, 11], 23, "cpu")
+    seed = torch.tensor([4], dtype=torch.int64)
+    *_, keep = attention_fwd_op(*(inputs[1].unbind(-3) if fused_qkv else inputs[3:]), masks[1], None, None, 23, 23,
+                                0.2, 0.3, False, seed)
+    assert torch.equal(attention_launch.unpack_keep_mask(keep, 23),
+                       attention_launch.dropout_keep_mask(seed, 2, 2, 23, 23, 0.2))
+    results = []
+    for rule in (attention_launch.stores_keep_mask, lambda *args: False):
+        monkeypatch.setattr(attention_launch, "stores_keep_mask", rule)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        streams = [t.unbind(-3) for t in leaves] if fused_qkv else [leaves[:3], leaves[3:]]
+        ctx_v, ctx_t = fastvl.ops.co_attention(*streams[0], masks[0], *streams[1], masks[1], 0.2, backend="triton",
+                                               dropout_seed=3)
+        text = fastvl.ops.attention(*streams[1], masks[1], dropout_p=0.2, backend="triton", dropout_seed=4)
+        (ctx_v.square().sum() + ctx_t.sum() + text.cos().sum()).backward()
+        results.append([ctx_v, ctx_t, text] + [t.grad for t in leaves])
+    for stored, regenerated in zip(*results):
+        assert torch.equal(stored, regenerated)
 
 
 COUNT_VARIANTS = """

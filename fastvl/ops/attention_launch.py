@@ -369,6 +369,20 @@ def new_keep_mask(batch: int, heads: int, len_q: int, len_k: int, device: torch.
     return torch.empty((batch, heads, len_q, short_kernels().keep_words(len_k)), dtype=torch.int32, device=device)
 
 
+def forward_keep_mask(batch: int, heads: int, head_dim: int, dtype: torch.dtype, len_q: int, len_k: int,
+                      dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The buffer a forward op stores its keep-mask in: ``new_keep_mask`` where ``stores_keep_mask``
+    says so, else an empty int32 tensor (none stored; ``stored_keep`` maps it to None)."""
+    if stores_keep_mask(max(len_q, len_k), dtype, head_dim, dropout_p):
+        return new_keep_mask(batch, heads, len_q, len_k, device)
+    return torch.empty((0,), dtype=torch.int32, device=device)
+
+
+def stored_keep(keep: torch.Tensor) -> torch.Tensor | None:
+    """A forward op's keep-mask output as the launchers take it (None: the backward regenerates it)."""
+    return keep if keep.numel() else None
+
+
 def new_co_keep_masks(batch: int, heads: int, len_v: int, len_t: int,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Co-attention's two packed keep-masks: image queries over text keys, text queries over image keys."""
