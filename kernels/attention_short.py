@@ -5,7 +5,8 @@ All keys of a sequence fit one block of BLOCK_N = 64 or 128 rows (the key bucket
 is a single pass: one ``S = Q K^T``, one exact softmax, one ``P V`` -- no online rescaling, no
 software pipeline (num_stages=1). The backward program owns one (sequence, head, direction) whole:
 it loads Q, K, V, O and dO once and computes dV, dK and dQ with five GEMMs (S, dP, dV, dK, dQ) and the
-dropout mask drawn once; every gradient element is written by exactly one program (no atomics,
+dropout mask drawn once, or read from the forward's bit-packed copy (STORED_KEEP: one bit per score,
+[B, H, Lq, ceil(Lk / 32)] int32, bit n % 32 of word n // 32); every gradient element is written by exactly one program (no atomics,
 bitwise repeatable). K and V loads are predicated on the keys that may be attended (bounds and key
 mask): a masked key's values never meet an arithmetic operation, so NaN or Inf there cannot leak.
 
@@ -82,11 +83,15 @@ def _store_keep(KEEP, keep, b, h, n_heads, offs_m, offs_n, seq_q, seq_k, len_q, 
 
 
 @triton.jit
-def _load_keep(KEEP, b, h, n_heads, offs_m, offs_n, seq_q, seq_k, len_q, len_k):
-    """[BLOCK_M, BLOCK_N] keep tile unpacked from KEEP (False outside the sequence)."""
-    words = tl.load(KEEP + _keep_rows(b, h, n_heads, offs_m, len_q, len_k)[:, None] + (offs_n // 32)[None, :],
-                    mask=(offs_m < seq_q)[:, None] & (offs_n < seq_k)[None, :], other=0)
-    return ((words >> (offs_n % 32)[None, :]) & 1) != 0
+def _load_keep(KEEP, b, h, n_heads, offs_m, seq_q, seq_k, len_q, len_k, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] keep tile unpacked from KEEP (False outside the sequence): BLOCK_N // 32 words
+    per row loaded, each spread into its 32 bits."""
+    offs_w = tl.arange(0, BLOCK_N // 32)
+    words = tl.load(KEEP + _keep_rows(b, h, n_heads, offs_m, len_q, len_k)[:, None] + offs_w[None, :],
+                    mask=(offs_m < seq_q)[:, None] & (offs_w < (seq_k + 31) // 32)[None, :], other=0)
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
 
 
 @triton.jit
@@ -178,7 +183,7 @@ def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed, KE
     if HAS_DROPOUT:  # the mask dies here: where p > 0, p_used > 0 says "kept" (and where p = 0, dS = 0)
         inv_keep = 1.0 / (1.0 - dropout_p)
         if STORED_KEEP:
-            keep = _load_keep(KEEP, b, h, n_heads, offs_m, offs_n, seq_q, seq_k, len_q, len_k)
+            keep = _load_keep(KEEP, b, h, n_heads, offs_m, seq_q, seq_k, len_q, len_k, BLOCK_M, BLOCK_N)
         else:
             keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
         p_used = tl.where(keep, p * inv_keep, 0.0)

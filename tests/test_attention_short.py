@@ -174,6 +174,20 @@ def test_co_attention_stored_keep_masks(generator, monkeypatch):
 
 
 
+def test_keep_mask_rule(monkeypatch):
+    """Stored on the short path with dropout at head dims <= 64; d=128 (its backward would spill) and
+    the tiled path regenerate; the environment overrides the head-dim part only."""
+    monkeypatch.delenv("FASTVL_ATTENTION_PATH", raising=False)
+    monkeypatch.delenv("FASTVL_DROPOUT_MASK", raising=False)
+    rule = attention_launch.stores_keep_mask
+    assert rule(37, torch.bfloat16, 64, 0.1) and rule(101, torch.float16, 40, 0.1)
+    assert not (rule(37, torch.bfloat16, 64, 0.0) or rule(37, torch.bfloat16, 128, 0.1) or
+                rule(129, torch.bfloat16, 64, 0.1) or rule(37, torch.float32, 64, 0.1))
+    monkeypatch.setenv("FASTVL_DROPOUT_MASK", "store")
+    assert rule(37, torch.bfloat16, 128, 0.1) and not rule(129, torch.bfloat16, 64, 0.1)
+    monkeypatch.setenv("FASTVL_DROPOUT_MASK", "regenerate")
+    assert not rule(37, torch.bfloat16, 64, 0.1)
+
 @pytest.mark.parametrize("fused_qkv", [False, True])
 def test_ops_store_the_keep_mask_and_match_regeneration(generator, monkeypatch, fused_qkv):
     """co_attention / attention (training, dropout, short path) store the mask by the launcher rule;

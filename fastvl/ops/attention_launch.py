@@ -357,10 +357,15 @@ def _short_bwd_warps(block_n: int, block_d: int, device: torch.device) -> int:
 
 def stores_keep_mask(max_len: int, dtype: torch.dtype, head_dim: int, dropout_p: float) -> bool:
     """Whether the forward stores the dropout keep-mask bit-packed for the backward to read: on the
-    short path with dropout. There the backward's Philox draw costs ~2,800 instructions per thread
-    and 46 registers (bf16 d=64 on sm_90: 3 -> 2 CTAs/SM); the mask is 1 bit per score, 0.5-1% of the
-    op's bytes at ViLBERT shapes (README, Performance). The tiled kernels regenerate it."""
-    return dropout_p > 0.0 and attention_path(max_len, dtype, head_dim) == "short"
+    short path with dropout at head dims <= 64. There the Philox draw is ~2,600 of the backward's
+    ~4,100 PTX instructions per thread (bf16 d=64) and the mask ~1% of the op's bytes at ViLBERT
+    shapes; at d=128 the reading backward spills 68 B on sm_90 (none regenerating), so d=128 and the
+    tiled kernels regenerate it (README, Performance). ``FASTVL_DROPOUT_MASK=regenerate`` / ``=store``
+    override the head-dim rule (GPU A/B runs, benchmarks/bench_dropout_mask.py)."""
+    if dropout_p <= 0.0 or attention_path(max_len, dtype, head_dim) != "short":
+        return False
+    forced = os.environ.get("FASTVL_DROPOUT_MASK")
+    return forced == "store" if forced in ("store", "regenerate") else kernels().head_block(head_dim) <= 64
 
 
 def new_keep_mask(batch: int, heads: int, len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
