@@ -170,10 +170,11 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, se
                   len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                   IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                  PRECISION: tl.constexpr, EVEN_D: tl.constexpr, DELTA_CHUNK: tl.constexpr):
     """dK and dV of key rows [pid_n * BLOCK_N, +BLOCK_N) of head h of sequence b (loop over queries;
-    each query block's delta = rowsum(O * dO) is recomputed from O and dO, in column chunks). Stride sets: q;
-    k and v; o and do; dk and dv."""
+    each query block's delta = rowsum(O * dO) is recomputed from O and dO: in DELTA_CHUNK-column chunks
+    on their own loads, or with DELTA_CHUNK = 0 from a full O tile and the dO dot operand, whichever
+    spills less on the target, see ``delta_chunk``). Stride sets: q; k and v; o and do; dk and dv."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
@@ -201,12 +202,12 @@ def _bwd_kv_block(pid_n, b, h, Q, K, V, O, DO, DK, DV, LSE, MASK, CU_Q, CU_K, se
             tile = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_ql, mask=tile, other=0.0)
             do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_ol, mask=tile, other=0.0)
-            if PRECISION == "ieee":  # exact fp32 dots run on CUDA cores with dO in registers: reuse it
+            if DELTA_CHUNK == 0:  # reuse the dO tile already in registers
                 o = tl.load(o_base + offs_m[:, None].to(tl.int64) * stride_ol, mask=tile, other=0.0)
                 delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             else:
                 delta = _row_dot(O, DO, o_head + offs_m.to(tl.int64) * stride_ol, row_ok, head_dim, BLOCK_D,
-                                 16 if BLOCK_D == 128 else 32, EVEN_D)
+                                 DELTA_CHUNK, EVEN_D)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             allowed = key_ok[None, :]
@@ -311,7 +312,8 @@ def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED
                          len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                         DELTA_CHUNK: tl.constexpr):
     """Program (i, b * H + h): for i < cdiv(len_k, BLOCK_N), dK/dV of key block i; otherwise dQ of
     query block i - cdiv(len_k, BLOCK_N); of head h of sequence b."""
     pid = tl.program_id(0)
@@ -325,7 +327,7 @@ def attention_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED
                       stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol,
                       stride_oh, stride_dkb, stride_dkl, stride_dkh, stride_lse_b, stride_lse_h, stride_mask_b,
                       len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
-                      HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D)
+                      HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D, DELTA_CHUNK)
     else:
         _bwd_q_block(pid - kv_blocks, b, h, Q, K, V, O, DO, DQ, LSE, MASK, CU_Q, CU_K, seed,
                      stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol,
@@ -357,6 +359,41 @@ def dropout_keep_kernel(KEEP, SEED, stride_keep_b, stride_keep_h, stride_keep_m,
 # output gradient (ov, ot), its three input gradients (gv, gt).
 
 
+@triton.jit
+def _co_fwd_program(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
+                    stride_ovb, stride_ovl, stride_ovh, stride_otb, stride_otl, stride_oth,
+                    stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
+                    stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale, dropout_p,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                    QUERY_BLOCK: tl.constexpr):
+    """Program (i, b * H + h) of a co-attention forward (the tiled one here, the short-sequence one in
+    ``attention_short``): for i < v_blocks = cdiv(len_v, BLOCK_M), ``QUERY_BLOCK`` (the path's
+    one-direction forward of a query block) runs image-query block i over the text keys/values
+    (ctx_v); otherwise text-query block i - v_blocks over the image keys/values (ctx_t, seed + 1);
+    head h, sequence b."""
+    pid = tl.program_id(0)
+    v_blocks = tl.cdiv(len_v, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    if pid < v_blocks:
+        QUERY_BLOCK(pid, b, h, QV, KT, VT, OV, LSE_V, MASK_T, CU_V, CU_T, seed,
+                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                    stride_ovh, stride_lse_vb, stride_lse_vh, stride_mask_tb, len_v, len_t, n_heads, head_dim,
+                    qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
+                    PRECISION, EVEN_D)
+    else:
+        QUERY_BLOCK(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
+                    stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
+                    stride_oth, stride_lse_tb, stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim,
+                    qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
+                    PRECISION, EVEN_D)
+
+
 @triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
                             stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
@@ -366,27 +403,13 @@ def co_attention_fwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
                             HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
-    """Program (i, b * H + h): for i < v_blocks = cdiv(len_v, BLOCK_M), image-query block i over the
-    text keys/values (ctx_v); otherwise text-query block i - v_blocks over the image keys/values
-    (ctx_t); head h, sequence b."""
-    pid = tl.program_id(0)
-    v_blocks = tl.cdiv(len_v, BLOCK_M)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    seed = tl.load(SEED) if HAS_DROPOUT else 0
-    if pid < v_blocks:
-        _fwd_block(pid, b, h, QV, KT, VT, OV, LSE_V, MASK_T, CU_V, CU_T, seed,
-                   stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
-                   stride_ovh, stride_lse_vb, stride_lse_vh, stride_mask_tb, len_v, len_t, n_heads, head_dim,
-                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
-                   PRECISION, EVEN_D)
-    else:
-        _fwd_block(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
-                   stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
-                   stride_oth, stride_lse_tb, stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim,
-                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
-                   PRECISION, EVEN_D)
+    """Program (i, b * H + h): query block i of either direction (see ``_co_fwd_program``), tiled."""
+    _co_fwd_program(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                    stride_ovh, stride_otb, stride_otl, stride_oth, stride_lse_vb, stride_lse_vh, stride_lse_tb,
+                    stride_lse_th, stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale,
+                    dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, HAS_MASK_T, IS_VARLEN, HAS_DROPOUT,
+                    PRECISION, EVEN_D, _fwd_block)
 
 
 @triton.jit(do_not_specialize=CO_LENGTH_ARGS)
@@ -399,7 +422,8 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
                             stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale, scale,
                             dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
-                            HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                            HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                            DELTA_CHUNK: tl.constexpr):
     """Program (i, b * H + h) of head h, sequence b; by i, in this order: an image key block (dK_v,
     dV_v, from the text queries), a text key block (dK_t, dV_t, from the image queries), an
     image-query block (dQ_v), a text-query block (dQ_t). Key blocks have BLOCK_N rows, query blocks
@@ -417,13 +441,13 @@ def co_attention_bwd_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, 
                       stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
                       stride_oth, stride_gvb, stride_gvl, stride_gvh, stride_lse_tb, stride_lse_th, stride_mask_vb,
                       len_t, len_v, n_heads, head_dim, qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
-                      HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT, PRECISION, EVEN_D)
+                      HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT, PRECISION, EVEN_D, DELTA_CHUNK)
     elif pid < kv_v_blocks + kv_t_blocks:  # text keys/values serve direction 0 (image queries)
         _bwd_kv_block(pid - kv_v_blocks, b, h, QV, KT, VT, OV, DOV, DKT, DVT, LSE_V, MASK_T, CU_V, CU_T, seed,
                       stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
                       stride_ovh, stride_gtb, stride_gtl, stride_gth, stride_lse_vb, stride_lse_vh, stride_mask_tb,
                       len_v, len_t, n_heads, head_dim, qk_scale, scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
-                      HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT, PRECISION, EVEN_D)
+                      HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT, PRECISION, EVEN_D, DELTA_CHUNK)
     elif pid < kv_v_blocks + kv_t_blocks + v_blocks:
         _bwd_q_block(pid - kv_v_blocks - kv_t_blocks, b, h, QV, KT, VT, OV, DOV, DQV, LSE_V, MASK_T, CU_V, CU_T,
                      seed, stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
@@ -471,6 +495,21 @@ def fwd_config(dtype: str, block_d: int, long: bool) -> BlockConfig:
     if long:  # 128-row query blocks: 8 warps (4 spill on sm_80 even at d=64)
         return BlockConfig(128, 64, 8, 2 if block_d == 128 else 3)
     return BlockConfig(64, 64, 8 if block_d == 128 else 4, 2 if block_d == 128 else 3)
+
+
+def delta_chunk(dtype: str, block_d: int, major: int, causal: bool) -> int:
+    """DELTA_CHUNK of the tiled backward, read off the compile report (bf16): exact fp32 dots keep dO
+    in registers (0: reuse it); d=128 reads 16-column chunks (-170 to -290 B spill on sm_90); d=64
+    reads 32-column chunks, except causal attention: it reuses dO on sm_80 (0 B spill; chunks 8 B)
+    and reads one 64-column chunk on sm_90 (36 B; 32 columns 44 B, reusing dO 60 B). The same choices
+    for non-causal d=64 spill more (sm_80 24 B against 8, sm_90 72 B against 28)."""
+    if dtype == "fp32":
+        return 0
+    if block_d == 128:
+        return 16
+    if causal:
+        return 64 if major >= 9 else 0
+    return 32
 
 
 def bwd_config(dtype: str, block_d: int) -> BlockConfig:

@@ -23,7 +23,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastvl.kernels.attention import CO_LENGTH_ARGS, LENGTH_ARGS, _dropout_keep, _key_ok, _rows, _sequence
+from fastvl.kernels.attention import (
+    CO_LENGTH_ARGS,
+    LENGTH_ARGS,
+    _co_fwd_program,
+    _dropout_keep,
+    _key_ok,
+    _rows,
+    _sequence,
+)
 
 SHORT_MAX_LEN = 128
 KEY_BUCKETS = (64, 128)
@@ -213,27 +221,14 @@ def co_attention_fwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, 
                                   dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                   HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
                                   HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
-    """Program (i, b * H + h): for i < cdiv(len_v, BLOCK_M), image-query block i over the text keys
-    (ctx_v); otherwise text-query block i - that over the image keys (ctx_t). One stride set per stream
-    (its q, k, v) and per output."""
-    pid = tl.program_id(0)
-    v_blocks = tl.cdiv(len_v, BLOCK_M)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    seed = tl.load(SEED) if HAS_DROPOUT else 0
-    if pid < v_blocks:
-        _fwd_short(pid, b, h, QV, KT, VT, OV, LSE_V, MASK_T, CU_V, CU_T, seed,
-                   stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
-                   stride_ovh, stride_lse_vb, stride_lse_vh, stride_mask_tb, len_v, len_t, n_heads, head_dim,
-                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
-                   PRECISION, EVEN_D)
-    else:
-        _fwd_short(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
-                   stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
-                   stride_oth, stride_lse_tb, stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim,
-                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
-                   PRECISION, EVEN_D)
+    """Program (i, b * H + h): query block i of either direction (see ``attention._co_fwd_program``),
+    single pass. One stride set per stream (its q, k, v) and per output."""
+    _co_fwd_program(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                    stride_ovh, stride_otb, stride_otl, stride_oth, stride_lse_vb, stride_lse_vh, stride_lse_tb,
+                    stride_lse_th, stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale,
+                    dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, HAS_MASK_T, IS_VARLEN, HAS_DROPOUT,
+                    PRECISION, EVEN_D, _fwd_short)
 
 
 @triton.jit(do_not_specialize=CO_LENGTH_ARGS)

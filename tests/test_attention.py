@@ -107,6 +107,22 @@ def test_parity_shapes_and_masks(generator, device, dtype, len_q, len_k, mask_na
              name=f"attention {len_q}x{len_k} {mask_name} causal={causal}", floor=floor)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_tiled_backward_delta_reading_per_arch(generator, monkeypatch, capability):
+    """The causal tiled backward reads rowsum(O * dO) as the target's ``delta_chunk`` says (d=64 on
+    sm_80: from the dO tile in registers; sm_90: in one 64-column chunk): both within the parity rule."""
+    from fastvl.ops import attention_launch
+
+    monkeypatch.setenv("FASTVL_ATTENTION_PATH", "tiled")
+    monkeypatch.setattr(attention_launch, "TARGET_CAPABILITY", capability)
+    assert attention_launch.kernels().delta_chunk("fp16", 64, capability[0], True) == (64 if capability[0] >= 9 else 0)
+    q, k, v = qkv(generator, 2, 37, 23, 2, 64, torch.float16, "cpu")
+    mask = dense_mask("prefix", 2, 23, "cpu")
+    check_op(triton(causal=True), lambda q, k, v, m: attention_ref(q, k, v, m, causal=True), [q, k, v, mask],
+             name=f"causal tiled backward sm_{capability[0]}{capability[1]}")
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_fully_masked_rows_are_zero_with_zero_gradient(generator, device, dtype):
     q, k, v = (t.requires_grad_() for t in qkv(generator, 2, 5, 19, 2, 32, dtype, device))
@@ -196,6 +212,62 @@ def test_fused_qkv_views_need_no_copy(generator, device):
     views = attention(q, k, v, backend="triton")
     torch.testing.assert_close(views, attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="triton"))
     check_op(triton(), attention_ref, [q, k, v], name="strided views")
+
+
+class AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the aten ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_projection_gets_its_gradient_in_one_buffer(generator, device, packed):
+    """q, k, v as head groups of one fused projection: the backward writes the projection's gradient in
+    its own layout (no concatenation of dq, dk, dv), equal to the gradient through separate tensors."""
+    lengths = [23, 17]
+    proj = randn(generator, sum(lengths) if packed else 2, *([] if packed else [23]), 3 * 2 * 32,
+                 device=device).requires_grad_()
+    grad = randn(generator, *proj.shape[:-1], 2, 32, device=device)
+    extra = dict(cu_seqlens_q=cu_seqlens(lengths, device), max_seqlen_q=23) if packed else {}
+    extra = {**extra, "cu_seqlens_k": extra["cu_seqlens_q"], "max_seqlen_k": 23} if packed else extra
+    mask = None if packed else dense_mask("prefix", 2, 23, device)
+
+    def gradient(separate):
+        proj.grad = None
+        q, k, v = (proj * 1.0).unflatten(-1, (3 * 2, 32)).chunk(3, dim=-2)
+        if separate:
+            q, k, v = q.clone(), k.clone(), v.clone()
+        out = attention(q, k, v, mask, backend="triton", **extra)
+        with AtenOps() as ops:
+            torch.autograd.backward(out, grad)
+        return proj.grad, ops.names
+
+    fused, fused_ops = gradient(False)
+    separate, separate_ops = gradient(True)
+    assert "cat" in separate_ops and "cat" not in fused_ops and "stack" not in fused_ops
+    assert torch.equal(fused, separate)
+
+
+def test_fused_projection_is_recognised_only_when_exact(generator):
+    from fastvl.ops.attention_launch import fused_projection
+
+    proj = randn(generator, 2, 5, 3, 2, 4).requires_grad_()
+    q, k, v = proj.unbind(2)
+    assert fused_projection(q, k, v)._base is proj and fused_projection(q, k, v).shape == proj.shape
+    flat = (proj * 1.0).flatten(-3)
+    q, k, v = flat.unflatten(-1, (6, 4)).chunk(3, dim=-2)
+    assert fused_projection(q, k, v).shape == (2, 5, 3, 2, 4)
+    assert fused_projection(k, q, v) is None  # not in the projection's order
+    assert fused_projection(q, k, k) is None
+    assert fused_projection(*flat.unflatten(-1, (8, 3))[..., :6, :].chunk(3, dim=-2)) is None  # part of it
+    assert fused_projection(*(t.clone() for t in (q, k, v))) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -181,6 +181,33 @@ def test_fused_projection_views_and_bitwise_backward(generator, device):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_projections_get_their_gradients_in_one_buffer_each(generator, device):
+    """Each stream's q, k, v as head groups of its fused projection (ViLBERT's v_qkv / t_qkv): the one
+    backward launch writes each projection's gradient in its layout, equal to separate tensors'."""
+    from test_attention import AtenOps
+
+    image = torch.randn(2, 37, 3 * 2 * 32, generator=generator).to(device).requires_grad_()
+    text = torch.randn(2, 23, 3 * 2 * 32, generator=generator).to(device).requires_grad_()
+    mask_v, mask_t = prefix_mask([37, 30], 37, device), prefix_mask([9, 23], 23, device)
+    upstream = [torch.randn(2, n, 2, 32, generator=generator).to(device) for n in (37, 23)]
+
+    def gradients(separate):
+        image.grad = text.grad = None
+        views = [t.unflatten(-1, (6, 32)).chunk(3, dim=-2) for t in (image * 1.0, text * 1.0)]
+        if separate:
+            views = [[t.clone() for t in stream] for stream in views]
+        out = co_attention(*views[0], mask_v, *views[1], mask_t, backend="triton")
+        with AtenOps() as ops:
+            torch.autograd.backward(out, upstream)
+        return image.grad, text.grad, ops.names
+
+    *fused_grads, fused_ops = gradients(False)
+    *separate_grads, separate_ops = gradients(True)
+    assert separate_ops.count("cat") == 2 and "cat" not in fused_ops
+    assert all(torch.equal(a, b) for a, b in zip(fused_grads, separate_grads))
+
+
 @pytest.mark.slow  # the first torch.compile of a process pays for dynamo's start-up
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(generator, device):

@@ -174,6 +174,42 @@ def test_attention_probabilities_on_request(generator):
                 max_seqlen=9, output_attentions=True)
 
 
+def test_attention_probabilities_go_through_dispatch_and_keep_their_gradient(generator):
+    from fastvl import dispatch, use_backend
+    from fastvl.dispatch import BackendUnavailableError
+    from fastvl.nn import CrossAttention
+    from fastvl.nn.vision import ViTAttention
+
+    cross = _init(CrossAttention(32, 4, encoder_hidden_size=24))
+    text, image = torch.randn(2, 9, 32, generator=generator), torch.randn(2, 7, 24, generator=generator)
+    image_mask = _mask(2, 7, generator)
+
+    def grad_cam(backend):  # ALBEF's Grad-CAM: keep the cross-attention map's gradient, back-propagate a score
+        cross.zero_grad()
+        with use_backend(attention=backend or "auto"):
+            out, probs = cross(text, image, image_mask, output_attentions=True)
+        probs.retain_grad()
+        out[:, 0].sum().backward()
+        return out, probs, probs.grad, cross.query.weight.grad.clone()
+
+    seen = []
+    def attention_calls(event, impl):
+        if "attention" in event.op:
+            seen.append((event.op, event.backend))
+
+    with dispatch.listen(attention_calls):
+        auto = grad_cam(None)
+        image_out, text_out, _ = _init(CoAttentionLayer(32, 24, 16, 2, 48, 40))(image, image_mask, text, None,
+                                                                             output_attentions=True)
+        _init(ViTAttention(24, 4))(image, return_probs=True)
+    assert seen == [("attention", "eager"), ("co_attention", "eager"), ("attention", "eager")]
+    for mine, reference in zip(auto, grad_cam("reference")):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+    assert auto[2].abs().sum() > 0
+    with use_backend(attention="sdpa"), pytest.raises(BackendUnavailableError, match="returns no attention probab"):
+        cross(text, image, image_mask, output_attentions=True)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(generator):
     layer = _init(CoAttentionLayer(32, 24, 16, 2, 48, 40)).train()
     image, text = torch.randn(2, 5, 24, generator=generator), torch.randn(2, 9, 32, generator=generator)

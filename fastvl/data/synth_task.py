@@ -13,6 +13,12 @@ captions are derived from what each image holds:
 * ``vcr`` (VCR ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl``): "a photo of [object] and" with 4-way
   answers (a class the image holds vs three it lacks) and rationales (the answer's class with its true count vs three wrong
   counts), referring to the image's regions as VCR's objects (:func:`write_vcr`).
+* ``nlvr2`` (ALBEF's NLVR2 JSON): image pairs of a split with a statement true or false of them (half
+  each), about which image holds a class: "the left image has a dog .", "both images have a cat .",
+  "there are more cars in the right image ." (:func:`nlvr2_statement`).
+* ``snli_ve`` (SNLI-VE JSON lines): per image one entailed ("there is a C ."), one neutral ("the C is
+  old .") and one contradicted hypothesis (either wording about a class the image lacks).
+* ``nlvr2_ta`` (ALBEF's pretraining JSON): the images' own captions, for ALBEF's text assignment.
 
 The last ``--test-images`` images form the test split, the ``--val-images`` before them val, the rest
 train; VQA's test split is val's questions without annotations (for the submission file).
@@ -202,9 +208,112 @@ def write_vcr(images: SynthImages, questions_per_image: int = 3) -> dict:
             "counts": {name: len(rows) for name, rows in lines.items()}}
 
 
+def _split_indices(images: SynthImages) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for index in range(len(images.contents)):
+        out[images.split_of(index)].append(index)
+    return out
+
+
+def nlvr2_statement(left: dict[int, int], right: dict[int, int], label: bool, rng: np.random.Generator,
+                    num_classes: int) -> str | None:
+    """A statement about the image pair (``{class: count}`` each) that is ``label``, or None if this
+    pair has none of the drawn kind: "the left / right image has a C ." (C in / not in that image),
+    "both images have a C ." (C in both / in exactly one), "there are more Cs in the left / right image ."
+    (C in that image only / in the other only)."""
+    kind = int(rng.integers(4))
+    side = int(rng.integers(2))
+    names = ("left", "right")
+    images = (left, right)
+
+    def pick(classes):
+        classes = sorted(classes)
+        return CLASS_NAMES[classes[int(rng.integers(len(classes)))]] if classes else None
+
+    if kind < 2:
+        shown = images[side]
+        name = pick(shown) if label else pick(set(range(num_classes)) - set(shown))
+        return None if name is None else f"the {names[side]} image has a {name} ."
+    if kind == 2:
+        name = pick(set(left) & set(right)) if label else pick(set(left) ^ set(right))
+        return None if name is None else f"both images have a {name} ."
+    mine, other = images[side], images[1 - side]
+    name = pick(set(mine) - set(other)) if label else pick(set(other) - set(mine))
+    return None if name is None else f"there are more {name}s in the {names[side]} image ."
+
+
+def write_nlvr2(images: SynthImages, statements_per_image: int = 2) -> dict:
+    """ALBEF's NLVR2 layout (``nlvr_{split}.json``: ``[{"images": [left, right], "sentence", "label"}]``):
+    each image of a split is the left image of ``statements_per_image`` pairs with another image of the
+    split, half of the statements true (:func:`nlvr2_statement`)."""
+    rng = np.random.default_rng((images.seed, 0x2B2))
+    files, counts = {}, {}
+    for split, members in _split_indices(images).items():
+        records = []
+        for left in members:
+            for k in range(statements_per_image):
+                label = bool(rng.random() < 0.5)
+                for _ in range(100):  # another partner or kind until the pair has such a statement
+                    right = members[int(rng.integers(len(members)))]
+                    sentence = None if right == left else nlvr2_statement(
+                        images.contents[left], images.contents[right], label, rng, images.num_classes)
+                    if sentence is not None:
+                        break
+                else:
+                    raise DataError(f"{images.images_dir}: no {label} NLVR2 statement found for image {left}")
+                records.append({"identifier": f"{split}-{left}-{k}", "sentence": sentence, "label": str(label),
+                                "images": [f"{images.image_ids[left]}.png", f"{images.image_ids[right]}.png"]})
+        name = f"nlvr_{split}.json"
+        _write(images.out_dir, name, records)
+        files[split], counts[split] = {"nlvr2": name}, len(records)
+    return {"task": "nlvr2", "splits": files, "counts": counts}
+
+
+def write_snli_ve(images: SynthImages) -> dict:
+    """SNLI-VE JSON lines (``snli_ve_{split}.jsonl``), three hypotheses per image, one of each label:
+    entailment "there is a C ." (C in the image), neutral "the C is old ." (C in the image: its age is
+    not shown) and contradiction, either "there is a C ." or "the C is old ." with C not in the image.
+    The wording alone tells neutral from entailment, not contradiction from either (text-only ceiling
+    66.7%; chance 33.3%)."""
+    rng = np.random.default_rng((images.seed, 0x5E))
+    files, counts = {}, {}
+    for split, members in _split_indices(images).items():
+        lines = []
+        for index in members:
+            present = sorted(images.contents[index])
+            absent = [c for c in range(images.num_classes) if c not in images.contents[index]]
+            shown = CLASS_NAMES[present[int(rng.integers(len(present)))]]
+            old = CLASS_NAMES[present[int(rng.integers(len(present)))]]
+            hypotheses = [(f"there is a {shown} .", "entailment"), (f"the {old} is old .", "neutral")]
+            if absent:
+                missing = CLASS_NAMES[absent[int(rng.integers(len(absent)))]]
+                template = "there is a {} ." if rng.random() < 0.5 else "the {} is old ."
+                hypotheses.append((template.format(missing), "contradiction"))
+            for k, (hypothesis, label) in enumerate(hypotheses):
+                lines.append({"Flikr30kID": f"{images.image_ids[index]}.jpg", "pairID": f"{images.image_ids[index]}#{k}",
+                              "sentence2": hypothesis, "gold_label": label})
+        name = f"snli_ve_{split}.jsonl"
+        with open(os.path.join(images.out_dir, name), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        files[split], counts[split] = {"snli_ve": name}, len(lines)
+    return {"task": "snli_ve", "splits": files, "counts": counts}
+
+
+def write_nlvr2_ta(images: SynthImages) -> dict:
+    """ALBEF's pretraining JSON (``ta_{split}.json``: ``[{"image", "caption"}]``) of the image set's own
+    captions, for the text-assignment step (``--task nlvr2_ta``)."""
+    captions = images.dataset.caption_texts()
+    files, counts = {}, {}
+    for split, members in _split_indices(images).items():
+        name = f"ta_{split}.json"
+        _write(images.out_dir, name, [{"image": f"{images.image_ids[i]}.png", "caption": captions[i]} for i in members])
+        files[split], counts[split] = {"albef": name}, len(members)
+    return {"task": "nlvr2_ta", "splits": files, "counts": counts}
+
+
 # --task name -> writer(SynthImages) -> manifest (without "images"); a new task set is one line here
 WRITERS = {"vqa": write_vqa, "retrieval": write_retrieval, "vcr": write_vcr, "refcoco": write_refcoco,
-           "grounding": write_grounding}
+           "grounding": write_grounding, "nlvr2": write_nlvr2, "snli_ve": write_snli_ve, "nlvr2_ta": write_nlvr2_ta}
 
 
 def _write(out_dir: str, name: str, data) -> None:

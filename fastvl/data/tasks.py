@@ -2,7 +2,7 @@
 
 A task directory holds ``task.json``::
 
-    {"task": "vqa" | "retrieval" | "vcr",
+    {"task": "vqa" | "retrieval" | "vcr" | "refcoco" | "grounding" | "nlvr2" | "nlvr2_ta" | "snli_ve",
      "images": "PATH",              # a fastvl dataset (region features; pixels for ALBEF), relative to DIR
      "answers": "answers.json",     # VQA only, optional: the answer vocabulary (a JSON list, or an
                                     # {answer: label} dict as trainval_ans2label); default: built from train
@@ -15,7 +15,9 @@ with per split, for VQA ``{"questions": FILE, "annotations": FILE}`` (the VQA v2
 ``flickr30k_train.json`` / ``coco_test.json`` ...: ``{image, caption, image_id}`` records, a caption
 list per image in val / test); for VCR ``{"jsonl": FILE}`` (``train.jsonl`` ...; :mod:`fastvl.data.vcr`).
 Images are matched to the feature set by the file name's stem (``1000092795.jpg`` -> ``1000092795``), then
-by the number in it (``COCO_val2014_000000391895.jpg`` -> ``391895``). Bad or inconsistent files raise :class:`~fastvl.data.format.DataError` naming the file
+by the number in it (``COCO_val2014_000000391895.jpg`` -> ``391895``). NLVR2 (``{"nlvr2": FILE}``), SNLI-VE (``{"snli_ve": FILE}``) and ALBEF's text assignment
+(``{"albef": FILE}``, its pretraining JSON) are read by :mod:`fastvl.data.pairs` and :func:`read_albef`.
+Bad or inconsistent files raise :class:`~fastvl.data.format.DataError` naming the file
 and the record.
 """
 
@@ -30,7 +32,7 @@ from collections.abc import Sequence
 from fastvl.data.format import DataError
 
 TASK_FILE = "task.json"
-TASKS = ("vqa", "retrieval", "vcr", "refcoco", "grounding")
+TASKS = ("vqa", "retrieval", "vcr", "refcoco", "grounding", "nlvr2", "nlvr2_ta", "snli_ve")
 
 
 def read_json(path: str):

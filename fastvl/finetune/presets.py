@@ -34,6 +34,18 @@ not state the same way or that fastvl's schedule shapes approximate):
   with SGD (momentum 0.9, weight decay 1e-4, 1,000 warm-up steps, lr x 0.1 at epochs 14 and 18); fastvl
   has no SGD preset, so (assumption) VL-BERT's AdamW preset at lr 5e-5 with the paper's 1,000 warm-up
   steps, linear decay and clipping 1.0; text lengths as ViLBERT's (assumption).
+* ViLBERT NLVR2 (``vilbert_tasks.yml`` TASK12): lr 2e-5, batch 64, 20 epochs, 40 tokens (101 regions per
+  image in the original; ``--max-regions``). SNLI-VE (TASK13): lr 2e-5, batch 256, 20 epochs, 56 tokens.
+  Schedule as ViLBERT VQA above (assumption).
+* ALBEF NLVR2 (``configs/NLVR.yaml``): lr 2e-5, 10 epochs, 16 x 8 GPUs = 128, weight decay 0.02, cosine to
+  1e-6, warm-up from 1e-5 over 1 x 100 steps (assumption: as steps, as for VQA). Text: ALBEF keeps 30 words
+  (``max_words``); 40 word pieces here (assumption).
+* ALBEF SNLI-VE (``configs/VE.yaml``): lr 2e-5, 5 epochs, 32 x 8 = 256, cosine to 1e-6, no warm-up
+  (``warm_up: False``); 40 word pieces (assumption, as NLVR2).
+* ALBEF text assignment before NLVR2 (``configs/NLVR_pretrain.yaml`` + ``Pretrain_nlvr.py``): lr 2e-5,
+  1 epoch over the 4M pretraining pairs, 64 per GPU x 8 GPUs = 512 (assumption: the GPU count is not in
+  the config), cosine to 1e-5, warm-up from 1e-5 over 100 steps, 25 tokens (its tokenizer's max_length),
+  256 px.
 """
 
 from __future__ import annotations
@@ -69,6 +81,11 @@ TASK_PRESETS = {
     ("vilbert", "refcoco"): TaskPreset(20, 256, _with("vilbert", lr=2e-5), 20),
     ("vlbert", "refcoco"): TaskPreset(20, 32, _with("vlbert", lr=2.56e-5, warmup=3750, gradient_clipping=1.0), 20),
     ("albef", "grounding"): TaskPreset(5, 256, _with("albef", lr=1e-5, warmup=100, min_lr=1e-6), 30),
+    ("vilbert", "nlvr2"): TaskPreset(20, 64, _with("vilbert", lr=2e-5), 40),
+    ("vilbert", "snli_ve"): TaskPreset(20, 256, _with("vilbert", lr=2e-5), 56),
+    ("albef", "nlvr2"): TaskPreset(10, 128, _with("albef", lr=2e-5, warmup=100, min_lr=1e-6), 40),
+    ("albef", "snli_ve"): TaskPreset(5, 256, _with("albef", lr=2e-5, warmup=0, min_lr=1e-6), 40),
+    ("albef", "nlvr2_ta"): TaskPreset(1, 512, _with("albef", lr=2e-5, warmup=100, min_lr=1e-5), 25),
 }
 
 

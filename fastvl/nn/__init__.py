@@ -2,7 +2,7 @@
 
 Every attention layer takes padding masks (bool ``[B, L]``, True = real; the original additive form
 too), supports activation checkpointing (:func:`set_gradient_checkpointing`) and returns attention
-probabilities on request (``output_attentions=True``, computed through the reference path).
+probabilities on request (``output_attentions=True``: the attention ops' ``return_probs=True``).
 """
 
 from fastvl.nn.attention import CrossAttention, SelfAttention

@@ -13,20 +13,20 @@ from torch import nn
 
 from fastvl.nn.common import LayerNorm, bool_mask, split_heads
 from fastvl.ops import attention
-from fastvl.reference.attention import attention_ref
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
            output_attentions: bool, packed: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``fastvl.ops.attention`` on ``[B, L, H, D]`` views (or packed ``[total, H, D]`` with ``packed``
-    holding cu_seqlens / max_seqlen); with ``output_attentions`` the call runs the reference path and
-    also returns the probabilities ``[B, H, Lq, Lk]``."""
+    holding cu_seqlens / max_seqlen); with ``output_attentions`` it asks the op for the probabilities
+    ``[B, H, Lq, Lk]`` too (``return_probs=True``: dispatched like every call, to a backend that
+    materialises them; differentiable)."""
     if not output_attentions:
         return attention(q, k, v, mask, dropout_p, **(packed or {})), None
     if packed:
         raise ValueError("output_attentions=True needs the padded form ([B, L, hidden] with a mask), not cu_seqlens")
     mask = bool_mask("attention_mask", mask, k.shape[0], k.shape[1], k.device)
-    return attention_ref(q, k, v, mask, dropout_p, return_probs=True)
+    return attention(q, k, v, mask, dropout_p, return_probs=True)
 
 
 def _packed(cu_seqlens: torch.Tensor | None, max_seqlen: int | None,

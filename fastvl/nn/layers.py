@@ -3,9 +3,9 @@ cross-attention to the image, feed-forward) and ViLBERT's co-attention layer (``
 
 Every layer takes padding masks (bool ``[B, L]``, True = real; the original additive 0 / -10000 form
 is accepted too), supports activation checkpointing (``layer.gradient_checkpointing = True``), and
-returns attention probabilities when called with ``output_attentions=True`` (that call runs the
-attention through the reference path). Every layer also takes packed ``[total, hidden]`` rows with
-``cu_seqlens`` (the co-attention layer one per stream).
+returns attention probabilities when called with ``output_attentions=True`` (the attention ops'
+``return_probs=True``, dispatched to a backend that materialises them). Every layer also takes
+packed ``[total, hidden]`` rows with ``cu_seqlens`` (the co-attention layer one per stream).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from torch import nn
 from fastvl.nn.attention import CrossAttention, SelfAttention
 from fastvl.nn.common import Checkpointable, FeedForward, LayerNorm, bool_mask, split_heads
 from fastvl.ops import co_attention
-from fastvl.reference.attention import attention_ref
 
 
 class TransformerLayer(Checkpointable):
@@ -160,17 +159,14 @@ class CoAttentionLayer(Checkpointable):
         q_v, k_v, v_v = split_heads(self.v_qkv(image), 3 * self.bi_num_heads).chunk(3, dim=-2)
         q_t, k_t, v_t = split_heads(self.t_qkv(text), 3 * self.bi_num_heads).chunk(3, dim=-2)
         dropout_p = self.attention_dropout if self.training else 0.0
-        probs = None
         if output_attentions:
-            mask_v = bool_mask("image_mask", image_mask, image.shape[0], image.shape[1], image.device)
-            mask_t = bool_mask("text_mask", text_mask, text.shape[0], text.shape[1], text.device)
-            ctx_v, probs_v = attention_ref(q_v, k_t, v_t, mask_t, dropout_p, return_probs=True)
-            ctx_t, probs_t = attention_ref(q_t, k_v, v_v, mask_v, dropout_p, return_probs=True)
-            probs = (probs_v, probs_t)
-        else:
-            ctx_v, ctx_t = co_attention(q_v, k_v, v_v, image_mask, q_t, k_t, v_t, text_mask, dropout_p,
-                                        cu_seqlens_v=cu_seqlens_v, cu_seqlens_t=cu_seqlens_t,
-                                        max_seqlen_v=max_seqlen_v, max_seqlen_t=max_seqlen_t)
+            image_mask = bool_mask("image_mask", image_mask, image.shape[0], image.shape[1], image.device)
+            text_mask = bool_mask("text_mask", text_mask, text.shape[0], text.shape[1], text.device)
+        out = co_attention(q_v, k_v, v_v, image_mask, q_t, k_t, v_t, text_mask, dropout_p,
+                           cu_seqlens_v=cu_seqlens_v, cu_seqlens_t=cu_seqlens_t, max_seqlen_v=max_seqlen_v,
+                           max_seqlen_t=max_seqlen_t, return_probs=output_attentions)
+        ctx_v, ctx_t = out[:2]
+        probs = out[2] if output_attentions else None
         image = self.norm1(self.dense1(ctx_v.flatten(-2)), image, self.v_hidden_dropout)
         text = self.norm2(self.dense2(ctx_t.flatten(-2)), text, self.hidden_dropout)
         image, text = self.v_ffn(image), self.t_ffn(text)

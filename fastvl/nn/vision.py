@@ -18,7 +18,6 @@ from torch import nn
 from fastvl import _checks
 from fastvl.nn.common import Checkpointable
 from fastvl.ops import attention, bias_gelu, layer_norm
-from fastvl.reference.attention import attention_ref
 
 
 class PatchEmbedding(nn.Module):
@@ -55,8 +54,8 @@ class ViTAttention(nn.Module):
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).unbind(2)  # views
         dropout = self.dropout if self.training else 0.0
-        if return_probs:  # the reference path, for this call only
-            context, probs = attention_ref(q, k, v, None, dropout, return_probs=True)
+        if return_probs:  # dispatched to a backend that materialises the probabilities
+            context, probs = attention(q, k, v, dropout_p=dropout, return_probs=True)
             return self.proj(context.reshape(batch, length, dim)), probs
         return self.proj(attention(q, k, v, dropout_p=dropout).reshape(batch, length, dim))
 

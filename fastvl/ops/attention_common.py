@@ -1,6 +1,7 @@
 """What the sibling attention ops (:mod:`fastvl.ops.attention_op`, :mod:`fastvl.ops.co_attention_op`)
 share besides the Triton launchers (:mod:`fastvl.ops.attention_launch`): ``cu_seqlens`` validation,
-packing helpers, the torch SDPA path, and the backends' support rules.
+packing helpers, the torch SDPA path, the eager path that returns probabilities, and the backends'
+support rules.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from fastvl.ops import attention_launch
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SEEDED_ONLY_ON_TRITON = "dropout_seed is honoured by the triton backend only"
+NO_PROBS = ("returns no attention probabilities (it never materialises them); return_probs=True runs on the "
+            "eager or reference backend")
 SHORT_SEQUENCE = 128  # the ViLBERT / VL-BERT / ALBEF range, where fastvl's Triton kernels are meant to win
 
 
@@ -76,6 +79,14 @@ def _checked_longest(name: str, cu: torch.Tensor, total: int) -> int:
     return longest
 
 
+def check_return_probs(return_probs, packed: bool, packing: str) -> None:
+    """``return_probs`` must be a bool, and False for a packed batch (probabilities are ``[B, H, Lq, Lk]``)."""
+    if not isinstance(return_probs, bool):
+        raise TypeError(f"return_probs must be a bool, got {type(return_probs).__name__}")
+    if return_probs and packed:
+        raise ValueError(f"return_probs=True needs the padded form ([B, L, H, D] with a mask), not {packing}")
+
+
 def max_seqlen(cu_seqlens: torch.Tensor, given: int | None) -> int:
     """The longest sequence of a packed batch: ``given`` if known, else read from the device (a sync)."""
     return int(given) if given is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -115,29 +126,62 @@ def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.T
 # The torch SDPA path ----------------------------------------------------------------------------------
 
 
+def _keep_mask(len_q: int, len_k: int, mask, causal: bool, device) -> tuple[torch.Tensor | None, ...]:
+    """(bool keep ``[B or 1, 1, Lq, Lk]`` with every key given to rows that have none, bool has_key
+    ``[B or 1, 1, Lq, 1]``), both None when nothing is masked. Rows with no real key attend to every
+    key (finite values and gradients) and are zeroed afterwards through ``has_key``."""
+    if mask is None and not causal:
+        return None, None
+    keep = torch.ones(len_q, len_k, dtype=torch.bool, device=device)
+    if causal:
+        keep = keep.tril(diagonal=len_k - len_q)
+    keep = keep[None, None]
+    if mask is not None:
+        keep = keep & mask[:, None, None, :]
+    has_key = keep.any(dim=-1, keepdim=True)
+    return keep | ~has_key, has_key
+
+
+def _zero_padded_keys(k, v, mask):
+    """Padded key and value rows zeroed, so a non-finite value there stays out of the sample."""
+    if mask is None:
+        return k, v
+    padded = ~mask[:, :, None, None]
+    return k.masked_fill(padded, 0), v.masked_fill(padded, 0)
+
+
 def sdpa_padded(q, k, v, mask, dropout_p: float, scale: float | None, causal: bool) -> torch.Tensor:
     """torch's SDPA on ``[B, L, H, D]``; queries with no real key get zeros (and zero gradient). Padded
     key and value rows are zeroed first, so a non-finite value there stays out of the sample."""
-    if mask is not None:
-        padded = ~mask[:, :, None, None]
-        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
-    keep = None
-    if mask is not None or causal:
-        keep = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
-        if causal:
-            keep = keep.tril(diagonal=k.shape[1] - q.shape[1])
-        keep = keep[None, None]
-        if mask is not None:
-            keep = keep & mask[:, None, None, :]
-    has_key = None
-    if keep is not None:
-        has_key = keep.any(dim=-1, keepdim=True)  # [B, 1, Lq, 1]
-        keep = keep | ~has_key  # give empty rows every key, then zero them: finite values and gradients
+    k, v = _zero_padded_keys(k, v, mask)
+    keep, has_key = _keep_mask(q.shape[1], k.shape[1], mask, causal, q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep,
                                          dropout_p=dropout_p, scale=scale)
     if has_key is not None:
         out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2)
+
+
+def eager_padded(q, k, v, mask, dropout_p: float, scale: float | None,
+                 causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention math step by step on ``[B, L, H, D]`` (SDPA's math path, in q's dtype with the
+    softmax in float32 for 16-bit inputs), keeping the probabilities: ``(out [B, Lq, H, D], probs
+    [B, H, Lq, Lk])``, both differentiable. ``probs`` are the ones the values are averaged with (after
+    dropout, as BERT's ``output_attentions`` returns them); masked keys get 0, rows with no real key
+    are zeros (zero output, zero gradient)."""
+    k, v = _zero_padded_keys(k, v, mask)
+    keep, has_key = _keep_mask(q.shape[1], k.shape[1], mask, causal, q.device)
+    q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
+    scores = torch.matmul(q_, k_.transpose(-1, -2)) * softmax_scale(q.shape[-1], scale)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if half else None).to(q.dtype)
+    if has_key is not None:
+        probs = torch.where(has_key, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v_).transpose(1, 2), probs
 
 
 def sdpa_packed(q, k, v, cu_q, cu_k, max_q: int | None, max_k: int | None, dropout_p: float, scale: float | None,
@@ -152,8 +196,10 @@ def sdpa_packed(q, k, v, cu_q, cu_k, max_q: int | None, max_k: int | None, dropo
 # Support rules shared by both ops' backends -------------------------------------------------------------
 
 
-def triton_supports(dtype, head_dim, device, **_features) -> list[str]:
+def triton_supports(dtype, head_dim, device, probs=False, **_features) -> list[str]:
     reasons = triton_device(device)
+    if probs:
+        reasons.append(NO_PROBS)
     if dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {dtype} (triton runs float16, bfloat16, float32)")
     if dtype == torch.bfloat16 and triton_interpreting():
@@ -166,8 +212,9 @@ def triton_supports(dtype, head_dim, device, **_features) -> list[str]:
     return reasons
 
 
-def torch_supports(device, seeded=False, deterministic=False, **_features) -> list[str]:
-    reasons = []
+def torch_supports(device, seeded=False, deterministic=False, probs=False, **_features) -> list[str]:
+    """The SDPA backends' rules (torch's fused kernels return no probabilities)."""
+    reasons = [NO_PROBS] if probs else []
     if seeded:
         reasons.append(SEEDED_ONLY_ON_TRITON)
     if deterministic and device.type == "cuda":
@@ -177,6 +224,14 @@ def torch_supports(device, seeded=False, deterministic=False, **_features) -> li
 
 def reference_supports(seeded=False, **_features) -> list[str]:
     return [SEEDED_ONLY_ON_TRITON] if seeded else []
+
+
+def eager_supports(seeded=False, probs=False, **_features) -> list[str]:
+    """The eager backend is the probabilities path: without ``return_probs`` SDPA runs the same math fused."""
+    reasons = [] if probs else ["only for return_probs=True (without it, sdpa runs the same math fused)"]
+    if seeded:
+        reasons.append(SEEDED_ONLY_ON_TRITON)
+    return reasons
 
 
 def attention_rule(device, dtype, lengths: tuple[int | None, ...], packed: bool, seeded: bool = False,

@@ -84,6 +84,12 @@ def _tiled_meta(dtype: torch.dtype, head_dim: int, config) -> dict:
                  num_stages=config.num_stages)
 
 
+def _tiled_bwd_meta(dtype: torch.dtype, head_dim: int, config, device: torch.device, causal: bool) -> dict:
+    k = kernels()
+    chunk = k.delta_chunk(DTYPE_NAMES[dtype], k.head_block(head_dim), _capability(device)[0], causal)
+    return {**_tiled_meta(dtype, head_dim, config), "DELTA_CHUNK": chunk}
+
+
 def _forward_kernel(name: str, dtype: torch.dtype, head_dim: int, max_len: int, long: bool = False):
     """(kernel, query rows per program, meta) of a forward: ``{name}_short_kernel`` where the short path
     takes ``max_len``, else the tiled ``{name}_kernel`` (``long``: its long-sequence query blocks)."""
@@ -126,8 +132,11 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float,
-                       scale: float, causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv) from the forward's output and log-sum-exp; dropout regenerated from ``seed``."""
+                       scale: float, causal: bool, seed: torch.Tensor,
+                       into: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) from the forward's output and log-sum-exp; dropout regenerated from ``seed``.
+    ``into``: a ``[..., 3, H, D]`` buffer (the layout of a fused QKV projection) that dq, dk, dv are
+    written into as its three views."""
     kern = kernels()
     packed = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -135,7 +144,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
     (q,), q_strides = shared_strides(q)
     (k, v), kv_strides = shared_strides(k, v)
     (out, grad_out), o_strides = shared_strides(out, grad_out)
-    dq, dk, dv = _gradients(q, k, k)
+    dq, dk, dv = _gradients(q, k, k) if into is None else into.unbind(-3)
     _, dq_strides = shared_strides(dq)
     _, dkv_strides = shared_strides(dk, dv)
     if q.numel() == 0 or k.numel() == 0 or batch * heads == 0:
@@ -149,7 +158,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
                      num_warps=_short_bwd_warps(block_n, kern.head_block(head_dim), q.device), num_stages=1)
     else:
         _, config = block_configs(q.dtype, head_dim, False)
-        kernel, meta = kern.attention_bwd_kernel, _tiled_meta(q.dtype, head_dim, config)
+        kernel, meta = kern.attention_bwd_kernel, _tiled_bwd_meta(q.dtype, head_dim, config, q.device, causal)
         grid = (cdiv(max_k, config.block_n) + cdiv(max_q, config.block_m), batch * heads)
     mask_u8, mask_stride = _mask_pointer(mask)
     kernel[grid](
@@ -194,9 +203,11 @@ def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_
 
 
 def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t,
-                          cu_v, cu_t, len_v: int, len_t: int, dropout_p: float, scale: float,
-                          seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch."""
+                          cu_v, cu_t, len_v: int, len_t: int, dropout_p: float, scale: float, seed: torch.Tensor,
+                          into: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch.
+    ``into``: per stream a ``[..., 3, H, D]`` buffer (a fused QKV projection's layout) that its three
+    gradients are written into as views."""
     kern = kernels()
     packed = cu_v is not None
     heads, head_dim = q_v.shape[-2:]
@@ -205,7 +216,10 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
     (q_t, k_t, v_t), t_strides = shared_strides(q_t, k_t, v_t)
     (ctx_v, grad_v), ov_strides = shared_strides(ctx_v, grad_v)
     (ctx_t, grad_t), ot_strides = shared_strides(ctx_t, grad_t)
-    grads_v, grads_t = _gradients(q_v, q_v, q_v), _gradients(q_t, q_t, q_t)
+    if into is None:
+        grads_v, grads_t = _gradients(q_v, q_v, q_v), _gradients(q_t, q_t, q_t)
+    else:
+        grads_v, grads_t = into[0].unbind(-3), into[1].unbind(-3)
     _, gv_strides = shared_strides(*grads_v)
     _, gt_strides = shared_strides(*grads_t)
     if batch * heads == 0 or len_v + len_t == 0:
@@ -219,7 +233,7 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
                      num_warps=_short_bwd_warps(block_n, kern.head_block(head_dim), q_v.device))
     else:
         _, config = block_configs(q_v.dtype, head_dim, False)
-        kernel, meta = kern.co_attention_bwd_kernel, _tiled_meta(q_v.dtype, head_dim, config)
+        kernel, meta = kern.co_attention_bwd_kernel, _tiled_bwd_meta(q_v.dtype, head_dim, config, q_v.device, False)
         grid = (sum(cdiv(n, config.block_n) + cdiv(n, config.block_m) for n in (len_v, len_t)), batch * heads)
     mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
     mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
@@ -248,6 +262,28 @@ def shared_strides(*tensors):
     if tensors[0].dim() == 3:
         strides = (0, *strides)
     return tensors, strides
+
+
+def fused_projection(*views: torch.Tensor) -> torch.Tensor | None:
+    """The ``[..., n, H, D]`` view of the tensor that ``views`` (n of them, ``[..., H, D]`` each) are the
+    consecutive head groups of -- one fused projection's output split per head, as fastvl's layers
+    build q, k, v -- or None when they are not exactly that (or under torch.compile, which traces the
+    separate views). Passing it to autograd instead of the views lets the backward hand the fused
+    projection one gradient buffer in its own layout (no concatenation of the three)."""
+    base = views[0]._base
+    if torch.compiler.is_compiling() or base is None or not base.is_contiguous():
+        return None
+    heads, head_dim = views[0].shape[-2:]
+    shape = (*views[0].shape[:-2], len(views), heads, head_dim)
+    if base.numel() != math.prod(shape) or views[0].stride(-1) != 1:
+        return None
+    fused = base.view(shape)
+    strides = fused.stride()[:-3] + fused.stride()[-2:]
+    for index, t in enumerate(views):
+        if (t._base is not base or t.shape != views[0].shape or t.stride() != strides
+                or t.storage_offset() != base.storage_offset() + index * heads * head_dim):
+            return None
+    return fused
 
 
 def _gradients(*like):

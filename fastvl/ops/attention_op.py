@@ -4,14 +4,21 @@ defined as zeros.
 
 Backends (auto order): ``triton`` (fused FlashAttention-2 style kernels of ``fastvl.kernels.attention``;
 CUDA, or CPU under ``TRITON_INTERPRET=1`` when asked for by name), ``xformers`` and ``flash_attn``
-(when installed, plain cases), ``sdpa`` (torch's ``scaled_dot_product_attention``), ``reference``
-(eager, mirrors BERT's self-attention). The public :func:`attention` validates once and hands every
-backend one frozen :class:`AttentionInputs`.
+(when installed, plain cases), ``sdpa`` (torch's ``scaled_dot_product_attention``), ``eager`` (SDPA's
+math step by step, for ``return_probs=True`` only), ``reference`` (eager, mirrors BERT's
+self-attention). The public :func:`attention` validates once and hands every backend one frozen
+:class:`AttentionInputs`. ``return_probs=True`` (what ``output_attentions`` needs) runs on the backends
+that materialise the probabilities, ``eager`` and ``reference``; asking another for them raises
+:class:`fastvl.dispatch.BackendUnavailableError` naming why.
 
 The triton backend is three layers: the custom ops ``fastvl::attention_fwd`` / ``attention_bwd``
 (with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them) over the
 launchers of :mod:`fastvl.ops.attention_launch`, the autograd glue registered on the forward op, and
-the backend function.
+the backend function. When q, k, v are the head groups of one fused projection (``[..., 3, H, D]``,
+as fastvl's layers build them) the backend calls ``fastvl::attention_qkv_fwd`` / ``attention_qkv_bwd``
+on that tensor instead: the backward writes dq, dk, dv into one buffer in the projection's layout, so
+autograd hands the projection its gradient without concatenating three (``retain_grad`` on the q, k,
+v views then sees no gradient: they are not in the graph of the output).
 """
 
 from __future__ import annotations
@@ -25,10 +32,14 @@ from fastvl import _checks
 from fastvl.dispatch import backward_expected, length_bucket, needs_cuda_device, needs_module, op, triton_available
 from fastvl.ops import attention_launch as launch
 from fastvl.ops.attention_common import (
+    NO_PROBS,
     SEEDED_ONLY_ON_TRITON,
     TRITON_DTYPES,
     attention_rule,
     check_cu_seqlens,
+    check_return_probs,
+    eager_padded,
+    eager_supports,
     max_seqlen,
     reference_supports,
     sdpa_packed,
@@ -57,7 +68,7 @@ class AttentionInputs:
     ``key_padding_mask`` is normalised to bool ``[B, Lk]`` (True = real key) or None; the packed
     form has ``cu_seqlens_q/k`` and no mask. ``max_seqlen_q/k`` are what the caller passed (None:
     read from ``cu_seqlens`` when a backend needs them, see :meth:`lengths`). ``scale`` as given
-    (None = ``1/sqrt(D)``).
+    (None = ``1/sqrt(D)``). ``return_probs``: the backend returns ``(output, probabilities)``.
     """
 
     q: torch.Tensor
@@ -73,6 +84,7 @@ class AttentionInputs:
     max_seqlen_k: int | None = None
     dropout_seed: int | torch.Tensor | None = None
     deterministic: bool = False
+    return_probs: bool = False
 
     @property
     def packed(self) -> bool:
@@ -91,7 +103,8 @@ class AttentionInputs:
         return dict(dtype=self.q.dtype, head_dim=self.q.shape[-1], dropout=self.dropout_p > 0.0, packed=self.packed,
                     has_mask=self.key_padding_mask is not None, seeded=self.dropout_seed is not None,
                     deterministic=self.deterministic, causal=self.causal, len_q=length_bucket(len_q),
-                    len_k=length_bucket(len_k), grad=backward_expected(self.q, self.k, self.v))
+                    len_k=length_bucket(len_k), grad=backward_expected(self.q, self.k, self.v),
+                    probs=self.return_probs)
 
 
 # A pytree node, so recorders (fastvl parity) see and recast the tensors inside.
@@ -103,7 +116,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
               dropout_seed: int | torch.Tensor | None = None, deterministic: bool = False,
-              backend: str | None = None) -> torch.Tensor:
+              return_probs: bool = False,
+              backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Multi-head attention ``softmax(q k^T * scale + mask) v``.
 
     Padded form: q ``[B, Lq, H, D]``, k/v ``[B, Lk, H, D]`` (any strides: a fused QKV projection's
@@ -124,12 +138,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     if given (same seed, same mask; :func:`fastvl.ops.dropout_keep_mask` returns it), else one drawn
     from torch's generator on q's device without a host sync (so ``torch.manual_seed`` reproduces it).
     ``deterministic=True`` asks for a bitwise repeatable backward (the triton backend always is).
+
+    ``return_probs=True`` (padded form only) returns ``(output, probs)`` with the probabilities
+    ``[B, H, Lq, Lk]`` the values were averaged with (after dropout, as BERT's ``output_attentions``;
+    masked keys 0, rows with no real key zeros), differentiable like the output (Grad-CAM keeps their
+    gradient). Only the ``eager`` and ``reference`` backends materialise them (``auto`` picks
+    ``eager``); the fused ones raise :class:`fastvl.dispatch.BackendUnavailableError` when asked by name.
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     mask, max_seqlen_q, max_seqlen_k = _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q,
                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_return_probs(return_probs, packed, "cu_seqlens_q / cu_seqlens_k")
     inputs = AttentionInputs(q, k, v, mask, dropout_p, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, dropout_seed, deterministic)
+                             max_seqlen_k, dropout_seed, deterministic, return_probs)
     return ATTENTION.select(backend, q.device, **inputs.features()).impl(inputs)
 
 
@@ -228,13 +249,78 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The same op when q, k, v are the three head groups of one fused projection ``qkv [..., 3, H, D]``
+# (self-attention's fused QKV): autograd sees qkv, and the backward writes dq, dk, dv into one buffer of
+# that layout, the fused projection's gradient as it is (no concatenation of three).
+
+
+@torch.library.custom_op("fastvl::attention_qkv_fwd", mutates_args=())
+def attention_qkv_fwd_op(qkv: torch.Tensor, key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                         max_seqlen: int, dropout_p: float, scale: float, causal: bool,
+                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp, seed used) of ``attention(*qkv.unbind(-3))``."""
+    seed = launch.draw_seed(dropout_p, seed, qkv.device)
+    out, lse = launch.attention_forward(*qkv.unbind(-3), key_padding_mask, cu_seqlens, cu_seqlens, max_seqlen,
+                                        max_seqlen, dropout_p, scale, causal, seed)
+    return out, lse, seed
+
+
+@attention_qkv_fwd_op.register_fake
+def _(qkv, key_padding_mask, cu_seqlens, *_rest):
+    q = qkv.select(-3, 0)
+    return (q.new_empty(q.shape), q.new_empty(launch.lse_shape(q, cu_seqlens is not None), dtype=torch.float32),
+            q.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastvl::attention_qkv_bwd", mutates_args=())
+def attention_qkv_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
+                         dropout_p: float, scale: float, causal: bool, seed: torch.Tensor) -> torch.Tensor:
+    """d qkv ``[..., 3, H, D]``: dq, dk, dv written by the backward kernel as its three views."""
+    grad = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    launch.attention_backward(grad_out, *qkv.unbind(-3), out, lse, key_padding_mask, cu_seqlens, cu_seqlens,
+                              max_seqlen, max_seqlen, dropout_p, scale, causal, seed, into=grad)
+    return grad
+
+
+@attention_qkv_bwd_op.register_fake
+def _(grad_out, qkv, *_rest):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_qkv_context(ctx, inputs, output):
+    qkv, mask, cu, max_len, dropout_p, scale, causal, _ = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(qkv, out, lse, mask, cu, seed)
+    ctx.arguments = (max_len, dropout_p, scale, causal)
+    ctx.inputs_count = len(inputs)
+    ctx.set_materialize_grads(False)
+
+
+def _qkv_backward(ctx, grad_out, _grad_lse, _grad_seed):
+    if grad_out is None:
+        return (None,) * ctx.inputs_count
+    qkv, out, lse, mask, cu, seed = ctx.saved_tensors
+    grad = attention_qkv_bwd_op(grad_out, qkv, out, lse, mask, cu, *ctx.arguments, seed)
+    return grad, *[None] * (ctx.inputs_count - 1)
+
+
+attention_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_setup_qkv_context)
+
+
 def _triton_impl(inputs: AttentionInputs) -> torch.Tensor:
     max_q, max_k = inputs.lengths()
     q = inputs.q
+    scale, seed = softmax_scale(q.shape[-1], inputs.scale), seed_tensor(inputs.dropout_seed, q.device)
+    one_packing = inputs.cu_seqlens_q is inputs.cu_seqlens_k
+    qkv = launch.fused_projection(q, inputs.k, inputs.v) if one_packing else None
+    if qkv is not None:  # one fused projection: one gradient buffer in its layout
+        out, _, _ = attention_qkv_fwd_op(qkv, inputs.key_padding_mask, inputs.cu_seqlens_q, max_q,
+                                         float(inputs.dropout_p), scale, inputs.causal, seed)
+        return out
     out, _, _ = attention_fwd_op(q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.cu_seqlens_q,
-                                 inputs.cu_seqlens_k, max_q, max_k, float(inputs.dropout_p),
-                                 softmax_scale(q.shape[-1], inputs.scale), inputs.causal,
-                                 seed_tensor(inputs.dropout_seed, q.device))
+                                 inputs.cu_seqlens_k, max_q, max_k, float(inputs.dropout_p), scale, inputs.causal,
+                                 seed)
     return out
 
 
@@ -249,19 +335,27 @@ def _sdpa_impl(inputs: AttentionInputs) -> torch.Tensor:
     return sdpa_padded(a.q, a.k, a.v, a.key_padding_mask, a.dropout_p, a.scale, a.causal)
 
 
-def _reference_impl(inputs: AttentionInputs) -> torch.Tensor:
+def _eager_impl(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    a = inputs
+    return eager_padded(a.q, a.k, a.v, a.key_padding_mask, a.dropout_p, a.scale, a.causal)
+
+
+def _reference_impl(inputs: AttentionInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     a = inputs
     if a.packed:
         return varlen_attention_ref(a.q, a.k, a.v, a.cu_seqlens_q, a.cu_seqlens_k, a.dropout_p, a.scale, a.causal)
-    return attention_ref(a.q, a.k, a.v, a.key_padding_mask, a.dropout_p, a.scale, a.causal)
+    return attention_ref(a.q, a.k, a.v, a.key_padding_mask, a.dropout_p, a.scale, a.causal,
+                         return_probs=a.return_probs)
 
 
 # Other backends ---------------------------------------------------------------------------------------
 
 
-def _plain_features(dtype, head_dim, device, packed, seeded=False, **_features):
+def _plain_features(dtype, head_dim, device, packed, seeded=False, probs=False, **_features):
     """Reasons shared by the thin xformers / flash_attn wrappers: dense, unmasked, on CUDA."""
     reasons = needs_cuda_device(device)
+    if probs:
+        reasons.append(NO_PROBS)
     if packed:
         reasons.append("packed (cu_seqlens) batches are not wired for this backend")
     if seeded:
@@ -320,4 +414,5 @@ ATTENTION.register("xformers", available=needs_module("xformers"), supports=_xfo
 ATTENTION.register("flash_attn", available=needs_module("flash_attn"), supports=_flash_attn_supports,
                    auto_devices=("cuda",))(_flash_attn_impl)
 ATTENTION.register("sdpa", supports=torch_supports)(_sdpa_impl)
+ATTENTION.register("eager", supports=eager_supports)(_eager_impl)
 ATTENTION.register("reference", supports=reference_supports)(_reference_impl)

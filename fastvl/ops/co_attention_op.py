@@ -3,11 +3,13 @@ values, text queries over image keys and values) as one op, a sibling of :mod:`f
 
 Backends (auto order): ``triton`` (both directions in one forward launch and a fused backward, see
 ``fastvl.kernels.attention`` and the launchers of :mod:`fastvl.ops.attention_launch`; CUDA, or CPU
-under ``TRITON_INTERPRET=1`` when asked for by name), ``sdpa`` (two torch SDPA calls), ``reference``
-(mirrors ``BertBiAttention``). The public :func:`co_attention` validates once and hands every backend
-one frozen :class:`CoAttentionInputs`. Layers of the triton backend: the custom ops
+under ``TRITON_INTERPRET=1`` when asked for by name), ``sdpa`` (two torch SDPA calls), ``eager`` (two
+step-by-step math calls, for ``return_probs=True`` only), ``reference`` (mirrors ``BertBiAttention``).
+The public :func:`co_attention` validates once and hands every backend one frozen
+:class:`CoAttentionInputs`. Layers of the triton backend: the custom ops
 ``fastvl::co_attention_fwd`` / ``co_attention_bwd`` with fake implementations, the autograd glue, and
-the backend function.
+the backend function; ``fastvl::co_attention_qkv_fwd`` / ``co_attention_qkv_bwd`` when each stream's
+q, k, v are the head groups of one fused projection (one gradient buffer per stream, in its layout).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from fastvl.ops import attention_launch as launch
 from fastvl.ops.attention_common import (
     attention_rule,
     check_cu_seqlens,
+    check_return_probs,
+    eager_padded,
+    eager_supports,
     max_seqlen,
     reference_supports,
     sdpa_packed,
@@ -32,6 +37,7 @@ from fastvl.ops.attention_common import (
     torch_supports,
     triton_supports,
 )
+from fastvl.reference.attention import attention_ref
 from fastvl.reference.co_attention import co_attention_ref, varlen_co_attention_ref
 
 
@@ -49,7 +55,8 @@ CO_ATTENTION = op("co_attention",
 class CoAttentionInputs:
     """One validated co-attention call, as every backend receives it: the image stream (``*_v``) and
     the text stream (``*_t``); masks normalised to bool ``[B, L]`` or None; packed batches carry
-    ``cu_seqlens_v/t`` and the caller's ``max_seqlen_v/t`` (None: read when needed, see :meth:`lengths`)."""
+    ``cu_seqlens_v/t`` and the caller's ``max_seqlen_v/t`` (None: read when needed, see :meth:`lengths`);
+    ``return_probs``: the backend returns ``(ctx_v, ctx_t, (probs_v, probs_t))``."""
 
     q_v: torch.Tensor
     k_v: torch.Tensor
@@ -67,6 +74,7 @@ class CoAttentionInputs:
     max_seqlen_t: int | None = None
     dropout_seed: int | torch.Tensor | None = None
     deterministic: bool = False
+    return_probs: bool = False
 
     @property
     def packed(self) -> bool:
@@ -86,7 +94,8 @@ class CoAttentionInputs:
                     packed=self.packed, has_mask=self.mask_v is not None or self.mask_t is not None,
                     seeded=self.dropout_seed is not None, deterministic=self.deterministic,
                     len_v=length_bucket(len_v), len_t=length_bucket(len_t),
-                    grad=backward_expected(self.q_v, self.k_v, self.v_v, self.q_t, self.k_t, self.v_t))
+                    grad=backward_expected(self.q_v, self.k_v, self.v_v, self.q_t, self.k_t, self.v_t),
+                    probs=self.return_probs)
 
 
 # A pytree node, so recorders (fastvl parity) see and recast the tensors inside.
@@ -99,7 +108,7 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
                  cu_seqlens_v: torch.Tensor | None = None, cu_seqlens_t: torch.Tensor | None = None,
                  max_seqlen_v: int | None = None, max_seqlen_t: int | None = None,
                  dropout_seed: int | torch.Tensor | None = None, deterministic: bool = False,
-                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 return_probs: bool = False, backend: str | None = None) -> tuple:
     """Bidirectional co-attention (ViLBERT's Co-TRM attention).
 
     Padded form. Image stream: q_v, k_v, v_v ``[B, Lv, H, D]``, mask_v ``[B, Lv]`` (True = real
@@ -116,6 +125,10 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
     mask_v. Rows with no real key are zeros with zero gradient. All six projections share H, D and one
     dtype. Dropout and ``dropout_seed`` / ``deterministic`` as in :func:`fastvl.ops.attention`; the
     triton backend's direction 1 (text queries) draws with ``seed + 1``.
+
+    ``return_probs=True`` (padded form only) returns ``(ctx_v, ctx_t, (probs_v [B, H, Lv, Lt], probs_t
+    [B, H, Lt, Lv]))``, differentiable, on the ``eager`` or ``reference`` backend, as
+    :func:`fastvl.ops.attention` does.
     """
     packed = cu_seqlens_v is not None or cu_seqlens_t is not None
     rank = 3 if packed else 4
@@ -136,6 +149,7 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
                         cu_seqlens_v=cu_seqlens_v, cu_seqlens_t=cu_seqlens_t)
     _checks.same_dtype("q_v", q_v, k_v=k_v, v_v=v_v, q_t=q_t, k_t=k_t, v_t=v_t)
     _checks.probability("dropout_p", dropout_p)
+    check_return_probs(return_probs, packed, "cu_seqlens_v / cu_seqlens_t")
     if head_dim == 0:
         raise ValueError(f"the projections must have a head dim D >= 1, got q_v of shape {list(q_v.shape)}")
     if packed:
@@ -153,7 +167,7 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
         mask_v = _checks.key_padding_mask("mask_v", mask_v, batch, len_v, q_v.device)
         mask_t = _checks.key_padding_mask("mask_t", mask_t, batch, len_t, q_v.device)
     inputs = CoAttentionInputs(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, dropout_p, scale, cu_seqlens_v,
-                               cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_seed, deterministic)
+                               cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_seed, deterministic, return_probs)
     return CO_ATTENTION.select(backend, q_v.device, **inputs.features()).impl(inputs)
 
 
@@ -225,16 +239,88 @@ def _backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, _grad_seed):
 co_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The same op when each stream's q, k, v are the head groups of one fused projection ``[..., 3, H, D]``
+# (ViLBERT's v_qkv / t_qkv): autograd sees the two fused tensors, and the backward writes each stream's
+# three gradients into one buffer of that layout (no concatenation of three per stream).
+
+
+@torch.library.custom_op("fastvl::co_attention_qkv_fwd", mutates_args=())
+def co_attention_qkv_fwd_op(qkv_v: torch.Tensor, qkv_t: torch.Tensor, mask_v: torch.Tensor | None,
+                            mask_t: torch.Tensor | None, cu_seqlens_v: torch.Tensor | None,
+                            cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int, max_seqlen_t: int,
+                            dropout_p: float, scale: float, seed: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ctx_v, ctx_t, lse_v, lse_t, seed used) of ``co_attention`` on ``qkv_v.unbind(-3)``, ``qkv_t.unbind(-3)``."""
+    seed = launch.draw_seed(dropout_p, seed, qkv_v.device)
+    outputs = launch.co_attention_forward(*qkv_v.unbind(-3), mask_v, *qkv_t.unbind(-3), mask_t, cu_seqlens_v,
+                                          cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p, scale, seed)
+    return (*outputs, seed)
+
+
+@co_attention_qkv_fwd_op.register_fake
+def _(qkv_v, qkv_t, mask_v, mask_t, cu_seqlens_v, *_rest):
+    packed, q_v, q_t = cu_seqlens_v is not None, qkv_v.select(-3, 0), qkv_t.select(-3, 0)
+    return (q_v.new_empty(q_v.shape), q_t.new_empty(q_t.shape),
+            q_v.new_empty(launch.lse_shape(q_v, packed), dtype=torch.float32),
+            q_t.new_empty(launch.lse_shape(q_t, packed), dtype=torch.float32), q_v.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastvl::co_attention_qkv_bwd", mutates_args=())
+def co_attention_qkv_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, qkv_v: torch.Tensor, qkv_t: torch.Tensor,
+                            ctx_v: torch.Tensor, ctx_t: torch.Tensor, lse_v: torch.Tensor, lse_t: torch.Tensor,
+                            mask_v: torch.Tensor | None, mask_t: torch.Tensor | None,
+                            cu_seqlens_v: torch.Tensor | None, cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int,
+                            max_seqlen_t: int, dropout_p: float, scale: float,
+                            seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d qkv_v, d qkv_t), each stream's three gradients written by the one backward launch as views."""
+    into = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (qkv_v, qkv_t))
+    launch.co_attention_backward(grad_v, grad_t, *qkv_v.unbind(-3), *qkv_t.unbind(-3), ctx_v, ctx_t, lse_v, lse_t,
+                                 mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p,
+                                 scale, seed, into=into)
+    return into
+
+
+@co_attention_qkv_bwd_op.register_fake
+def _(grad_v, grad_t, qkv_v, qkv_t, *_rest):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (qkv_v, qkv_t))
+
+
+def _setup_qkv_context(ctx, inputs, output):
+    qkv_v, qkv_t, mask_v, mask_t, cu_v, cu_t, max_v, max_t, dropout_p, scale, _ = inputs
+    ctx_v, ctx_t, lse_v, lse_t, seed = output
+    ctx.save_for_backward(qkv_v, qkv_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, seed)
+    ctx.arguments = (max_v, max_t, dropout_p, scale)
+    ctx.inputs_count = len(inputs)
+    ctx.set_materialize_grads(False)
+
+
+def _qkv_backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, _grad_seed):
+    *saved, seed = ctx.saved_tensors
+    if grad_v is None or grad_t is None:  # one direction's output unused: its upstream gradient is zero
+        grad_v = torch.zeros_like(saved[2]) if grad_v is None else grad_v
+        grad_t = torch.zeros_like(saved[3]) if grad_t is None else grad_t
+    grads = co_attention_qkv_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed)
+    return *grads, *[None] * (ctx.inputs_count - len(grads))
+
+
+co_attention_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_setup_qkv_context)
+
+
 # Backends ----------------------------------------------------------------------------------------------
 
 
 def _triton_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
     a = inputs
     max_v, max_t = a.lengths()
+    scale, seed = softmax_scale(a.q_v.shape[-1], a.scale), seed_tensor(a.dropout_seed, a.q_v.device)
+    qkv_v, qkv_t = launch.fused_projection(a.q_v, a.k_v, a.v_v), launch.fused_projection(a.q_t, a.k_t, a.v_t)
+    if qkv_v is not None and qkv_t is not None:  # one fused projection per stream: one gradient buffer each
+        ctx_v, ctx_t, *_ = co_attention_qkv_fwd_op(qkv_v, qkv_t, a.mask_v, a.mask_t, a.cu_seqlens_v, a.cu_seqlens_t,
+                                                   max_v, max_t, float(a.dropout_p), scale, seed)
+        return ctx_v, ctx_t
     ctx_v, ctx_t, *_ = co_attention_fwd_op(a.q_v, a.k_v, a.v_v, a.q_t, a.k_t, a.v_t, a.mask_v, a.mask_t,
-                                           a.cu_seqlens_v, a.cu_seqlens_t, max_v, max_t, float(a.dropout_p),
-                                           softmax_scale(a.q_v.shape[-1], a.scale),
-                                           seed_tensor(a.dropout_seed, a.q_v.device))
+                                           a.cu_seqlens_v, a.cu_seqlens_t, max_v, max_t, float(a.dropout_p), scale,
+                                           seed)
     return ctx_v, ctx_t
 
 
@@ -250,8 +336,19 @@ def _sdpa_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
             sdpa_padded(a.q_t, a.k_v, a.v_v, a.mask_v, a.dropout_p, a.scale, False))
 
 
-def _reference_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def _eager_impl(inputs: CoAttentionInputs) -> tuple:
     a = inputs
+    ctx_v, probs_v = eager_padded(a.q_v, a.k_t, a.v_t, a.mask_t, a.dropout_p, a.scale, False)
+    ctx_t, probs_t = eager_padded(a.q_t, a.k_v, a.v_v, a.mask_v, a.dropout_p, a.scale, False)
+    return ctx_v, ctx_t, (probs_v, probs_t)
+
+
+def _reference_impl(inputs: CoAttentionInputs) -> tuple:
+    a = inputs
+    if a.return_probs:  # co_attention_ref's two directions, keeping their probabilities
+        ctx_v, probs_v = attention_ref(a.q_v, a.k_t, a.v_t, a.mask_t, a.dropout_p, a.scale, return_probs=True)
+        ctx_t, probs_t = attention_ref(a.q_t, a.k_v, a.v_v, a.mask_v, a.dropout_p, a.scale, return_probs=True)
+        return ctx_v, ctx_t, (probs_v, probs_t)
     if a.packed:
         return varlen_co_attention_ref(a.q_v, a.k_v, a.v_v, a.cu_seqlens_v, a.q_t, a.k_t, a.v_t, a.cu_seqlens_t,
                                        a.dropout_p, a.scale)
@@ -261,4 +358,5 @@ def _reference_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tens
 CO_ATTENTION.register("triton", available=triton_available, supports=triton_supports, auto_devices=("cuda",))(
     _triton_impl)
 CO_ATTENTION.register("sdpa", supports=torch_supports)(_sdpa_impl)
+CO_ATTENTION.register("eager", supports=eager_supports)(_eager_impl)
 CO_ATTENTION.register("reference", supports=reference_supports)(_reference_impl)

@@ -22,6 +22,9 @@ TASKS = {
     "grounding": "fastvl.finetune.tasks.grounding:GroundingTask",
     "vcr_q2a": "fastvl.finetune.tasks.vcr:VCRAnswerTask",
     "vcr_qa2r": "fastvl.finetune.tasks.vcr:VCRRationaleTask",
+    "nlvr2": "fastvl.finetune.tasks.nlvr2:NLVR2Task",
+    "nlvr2_ta": "fastvl.finetune.tasks.nlvr2:TextAssignmentTask",
+    "snli_ve": "fastvl.finetune.tasks.snli_ve:SNLIVETask",
 }
 
 
@@ -60,8 +63,21 @@ class Task:
     def state(self) -> dict:
         return {}
 
+    def init_state(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``--init``'s weights renamed for this task's model, where its layout differs (ALBEF's NLVR2
+        replicates the fusion layers for two images); by default as they are."""
+        return state
+
     def num_train(self) -> int:
         raise NotImplementedError
+
+    def sampler(self, global_batch: int, micro_batch: int, *, world_size: int, rank: int, seed: int):
+        """The training data order: a :class:`~fastvl.data.sampler.GlobalBatchSampler` over
+        :meth:`num_train` (a composite task, :mod:`fastvl.finetune.multitask`, has its own)."""
+        from fastvl.data.sampler import GlobalBatchSampler
+
+        return GlobalBatchSampler(self.num_train(), global_batch, micro_batch, world_size=world_size, rank=rank,
+                                  seed=seed)
 
     def collate(self, keys) -> dict:
         raise NotImplementedError

@@ -1,0 +1,150 @@
+"""What NLVR2, SNLI-VE and ALBEF's text assignment share: an example is a text, one or two images and
+a class; the metric is accuracy.
+
+Batches per family (:meth:`PairClassificationTask.batch`):
+
+* ViLBERT, one image: ``[CLS] text [SEP]`` with the image's regions (IMG region first).
+* ViLBERT, two images (NLVR2): every example is two rows, ``(text, left)`` then ``(text, right)``, so
+  rows 2k and 2k + 1 are example k; :class:`~fastvl.models.vilbert.ViLBERTForTasks` concatenates their
+  fused vectors (``nlvr2 [B, 2]``), as vilbert-multi-task's NLVR2 model.
+* ALBEF: ``[CLS] text`` and the pixels (``images``, or ``images0`` / ``images1`` for two images).
+
+Loss: ViLBERT as vilbert-multi-task (``BCEWithLogitLoss`` on the one-hot target, mean x classes);
+ALBEF softmax cross-entropy (its ``model_nlvr.py`` / ``model_ve.py``; their momentum distillation of
+the targets, ``distill: True``, is **not implemented**).
+
+Evaluation: the argmax class of every labelled example (split over the ranks, gathered): ``accuracy``
+(percent), per-class accuracy, and ``majority_accuracy`` (always answering the split's most common
+class, the chance level to beat); the outputs are ``{id, prediction}`` records of every example.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastvl.finetune.parallel import batches, gather, share
+from fastvl.finetune.tasks import Task
+from fastvl.finetune.tasks.common import num_tokens, pixel_batch, region_batch, text_batch
+
+
+def fusion_layers_for_two_images(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An ALBEF one-image state dict (pretraining, retrieval, SNLI-VE) for a two-image model: fusion
+    layer i becomes layers 2i and 2i + 1 (one per image; their cross-attention key / value are one
+    tensor), as ALBEF's ``Pretrain_nlvr.py`` replicates the pretrained blocks. A state that already has
+    the two-image layout is returned as is."""
+    prefix = "text_encoder.fusion_layers."
+    wanted = {int(k[len(prefix):].split(".")[0]) for k in model.state_dict() if k.startswith(prefix)}
+    have = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+    if not have or have == wanted or len(have) * 2 != len(wanted):
+        return state
+    out = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            for copy in (2 * int(index), 2 * int(index) + 1):
+                out[f"{prefix}{copy}.{rest}"] = value
+    return out
+
+
+class PairClassificationTask(Task):
+    """A classification task over ``(text, images, label)`` examples; subclasses give the examples."""
+
+    metric = "accuracy"
+    num_images = 1
+    class_names: tuple[str, ...] = ()
+    vilbert_head = ""  # the ViLBERTTaskOutput field of the logits
+
+    def __init__(self, task_dir, family, dataset, special, **kwargs):
+        super().__init__(task_dir, family, dataset, special, **kwargs)
+        self.objectives = ("bce",) if family == "vilbert" else ("ce",)
+
+    # what a subclass provides -----------------------------------------------------------------------
+
+    def split_size(self, split: str) -> int:
+        """Examples of ``split`` (the labelled ones of train)."""
+        raise NotImplementedError
+
+    def example(self, split: str, index: int, epoch: int | None = None) -> tuple[np.ndarray, tuple[int, ...], int | None, str]:
+        """``(word pieces, dataset indices of the images, label or None, id)`` of example ``index``;
+        ``epoch`` is the training epoch (None when evaluating), for tasks that draw examples."""
+        raise NotImplementedError
+
+    # shared -----------------------------------------------------------------------------------------
+
+    def init_state(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        if self.family == "albef" and self.num_images == 2:
+            return fusion_layers_for_two_images(state, model)
+        return state
+
+    def num_train(self) -> int:
+        return self.split_size("train")
+
+    def batch(self, examples: list) -> dict:
+        pieces = [e[0] for e in examples]
+        images = [e[1] for e in examples]
+        if self.family == "vilbert":
+            if self.num_images == 2:  # rows (text, left), (text, right) per example
+                pieces = [p for p in pieces for _ in range(2)]
+            batch = text_batch(pieces, self.special, self.family, self.max_text_len)
+            batch.update(region_batch(self.dataset, [i for pair in images for i in pair], self.max_regions))
+        else:
+            batch = text_batch(pieces, self.special, self.family, self.max_text_len)
+            if self.num_images == 2:
+                batch["images0"] = pixel_batch(self.dataset, [pair[0] for pair in images])
+                batch["images1"] = pixel_batch(self.dataset, [pair[1] for pair in images])
+            else:
+                batch["images"] = pixel_batch(self.dataset, [pair[0] for pair in images])
+        return batch
+
+    def collate(self, keys) -> dict:
+        examples = [self.example("train", int(index), int(epoch)) for epoch, index in keys]
+        batch = self.batch(examples)
+        batch["labels"] = torch.tensor([e[2] for e in examples], dtype=torch.long)
+        batch["num_tokens"] = num_tokens(batch)
+        return batch
+
+    def logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        if self.family == "vilbert":
+            out = model(batch["input_ids"], batch["token_type_ids"], batch["text_mask"], batch["region_feats"],
+                        batch["region_loc"], batch["region_mask"])
+            return getattr(out, self.vilbert_head)
+        images = (batch["images0"], batch["images1"]) if self.num_images == 2 else batch["images"]
+        return model(images, batch["input_ids"], batch["text_mask"])["logits"]
+
+    def loss(self, model, batch):
+        logits = self.logits(model, batch)
+        labels = batch["labels"]
+        if self.family == "vilbert":
+            target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+            loss = F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
+            return loss, {"bce": loss}
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss, {"ce": loss}
+
+    @torch.no_grad()
+    def evaluate(self, model, split, ctx):
+        indices, real = share(self.split_size(split), ctx.rank, ctx.world)
+        predicted: list[int] = []
+        for chunk in batches(indices, ctx.batch_size):
+            logits = self.logits(model, ctx.to_device(self.batch([self.example(split, i) for i in chunk])))
+            predicted += logits.argmax(dim=1).tolist()
+        mine = [(i, p) for i, p in zip(indices[:real], predicted[:real])]
+        everything = gather(mine, ctx)
+        examples = [self.example(split, i) for i, _ in everything]
+        results = [{"id": e[3], "prediction": self.class_names[p]} for e, (_, p) in zip(examples, everything)]
+        pairs = [(e[2], p) for e, (_, p) in zip(examples, everything) if e[2] is not None]
+        out: dict = {"examples": len(results), "labelled": len(pairs)}
+        if pairs:
+            labels = np.array([label for label, _ in pairs])
+            right = np.array([label == p for label, p in pairs])
+            out["accuracy"] = 100.0 * float(right.mean())
+            counts = Counter(labels.tolist())
+            out["majority_accuracy"] = 100.0 * max(counts.values()) / len(pairs)
+            for index, name in enumerate(self.class_names):
+                if counts.get(index):
+                    out[f"accuracy_{name}"] = 100.0 * float(right[labels == index].mean())
+        return out, {"results": results}
