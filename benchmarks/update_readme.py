@@ -90,7 +90,7 @@ def op_table(docs: dict) -> list[str]:
             continue
         groups: dict[tuple, dict[str, dict]] = {}
         for row in document["rows"]:
-            if row["params"].get("pass", "fwd+bwd") == "fwd+bwd" and not row["name"].endswith(" fwd"):
+            if "median_ms" in row and row["params"].get("pass", "fwd+bwd") == "fwd+bwd" and not row["name"].endswith(" fwd"):
                 key = (row["name"].removesuffix(" fwd+bwd"), json.dumps(row["params"], sort_keys=True))
                 groups.setdefault(key, {})[row["variant"]] = row
         for (name, _), variants in groups.items():
@@ -101,9 +101,14 @@ def op_table(docs: dict) -> list[str]:
             rate = (f"{fused['tflops']:.3g} TFLOP/s" if "tflops" in fused else
                     f"{fused['gbps']:.3g} GB/s" if "gbps" in fused else "-")
             vs_sdpa = f"{sdpa['median_ms'] / fused['median_ms']:.2f}x" if sdpa and fused is not sdpa else "-"
-            lines.append(f"| {name} | {_shape(fused['params'])} | {fused['variant']} | {fused['dtype']} | "
-                         f"{fused['median_ms']:.3f} | {reference['median_ms']:.3f} | "
-                         f"**{reference['median_ms'] / fused['median_ms']:.2f}x** | {vs_sdpa} | {rate} |")
+            # auto's rows name the backend it dispatched to: when that is the reference, both columns
+            # time one code path (their ratio is the run's noise, not a speed-up)
+            chose = fused.get("chose")
+            label = f"{fused['variant']} ({chose})" if chose else fused["variant"]
+            ratio = ("1x (same path)" if chose == "reference" else
+                     f"**{reference['median_ms'] / fused['median_ms']:.2f}x**")
+            lines.append(f"| {name} | {_shape(fused['params'])} | {label} | {fused['dtype']} | "
+                         f"{fused['median_ms']:.3f} | {reference['median_ms']:.3f} | {ratio} | {vs_sdpa} | {rate} |")
     if not lines:
         return []
     return ["| op (forward+backward) | shape | fused variant | dtype | fused ms | reference ms | vs reference "
@@ -121,7 +126,12 @@ def parity_lines(docs: dict) -> list[str]:
     return lines
 
 
+def _has_timings(run: dict) -> bool:
+    return any(any("median_ms" in row for row in document.get("rows", ())) for document in run["docs"].values())
+
+
 def section(runs: list[dict], readme_dir: Path = REPO) -> str:
+    runs = [run for run in runs if _has_timings(run)]  # not e.g. a host/launch-count-only folder
     gpu = [run for run in runs if run["env"].get("device_type") == "cuda"]
     cpu = [run for run in runs if run["env"].get("device_type") == "cpu"]
     lines = [START, ""]

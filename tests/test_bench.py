@@ -273,3 +273,18 @@ def test_compiled_reference_baseline_times_the_reference_under_torch_compile():
     fn()
     for a, b in zip(compiled_grads, (t.grad for t in grad_inputs)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_regressions_flag_only_a_clearly_slower_choice():
+    from fastvl.bench.ops import auto_regressions
+
+    def row(variant, median, spread=0.1, **extra):
+        return {"name": "op", "params": {"N": 1, "pass": "fwd"}, "variant": variant, "median_ms": median,
+                "p20_ms": median - spread, "p80_ms": median + spread, **extra}
+
+    clear = [row("auto", 2.0, chose="torch"), row("torch", 2.0), row("reference", 1.0)]
+    assert auto_regressions(clear) == ["op {'N': 1, 'pass': 'fwd'}: auto picks torch (2.000 ms), "
+                                       "reference takes 1.000 ms"]
+    overlapping = [row("auto", 1.1, chose="torch"), row("torch", 1.1, spread=0.2), row("reference", 1.0, spread=0.2)]
+    assert auto_regressions(overlapping) == []
+    assert auto_regressions([row("auto", 2.0, chose="reference"), row("reference", 2.0), row("torch", 3.0)]) == []

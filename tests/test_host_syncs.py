@@ -125,3 +125,47 @@ def test_out_of_range_labels_on_a_device_make_the_loss_nan_without_a_sync():
         loss = fastvl.ops.linear_cross_entropy(hidden, weight, None, labels, backend="cpp")
         per_row = fastvl.ops.linear_cross_entropy(hidden, weight, None, labels, reduction="none", backend="reference")
     assert torch.isnan(loss) and torch.isnan(per_row[1]) and torch.isfinite(per_row[[0, 2, 3]]).all()
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every aten op run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make", [_linear_region_kl, _linear_cross_entropy])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_fused_linear_losses_have_fixed_shapes_on_a_device(make, reduction, chunk_rows):
+    # nonzero sizes its output from the values (a sync on CUDA, a graph break under torch.compile): on a
+    # device the fused losses project every row instead, and still equal the reference.
+    hidden, weight, bias = _t(9, 8), _t(13, 8), _t(13)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    if make is _linear_region_kl:
+        targets = torch.softmax(torch.randn(9, 13), -1)
+
+        def loss(backend):
+            return ops.linear_region_kl_loss(hidden, weight, bias, targets, mask, reduction, chunk_rows=chunk_rows,
+                                             backend=backend)
+    else:
+        labels = torch.where(mask, torch.randint(0, 13, (9,)), -100)
+
+        def loss(backend):
+            return ops.linear_cross_entropy(hidden, weight, bias, labels, -100, reduction, chunk_rows=chunk_rows,
+                                            backend=backend)
+    results = {}
+    for backend in ("reference", "cpp"):
+        recorder = _AtenOps()
+        with forbid_host_syncs(), recorder:
+            value = loss(backend)
+            grads = torch.autograd.grad(value.sum(), (hidden, weight, bias))
+        results[backend] = (value, *grads)
+    assert "nonzero" not in recorder.names
+    for fused, expected in zip(results["cpp"], results["reference"]):
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)

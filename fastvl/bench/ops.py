@@ -28,7 +28,7 @@ import torch
 
 import fastvl.ops
 from fastvl.bench import harness
-from fastvl.dispatch import BackendUnavailableError, registered_ops
+from fastvl.dispatch import BackendUnavailableError, listen, registered_ops
 
 # Shapes per size: "tiny" for CI, "small" the CPU default, "paper" the GPU default (the papers' sizes).
 SIZES = {
@@ -273,18 +273,42 @@ def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequen
         for case, backend, kind in harness.progress(work, f"ops ({size})"):
             label = f"{case.name} {case.params} {kind} {backend}"
             try:
-                fn, grad_inputs = prepare(case, backend, kind, results.device, dtype)
+                chosen = []  # auto's rows name the backend it dispatched to
+                with listen(lambda event, impl: chosen.append(event.backend) if event.op == case.op else None):
+                    fn, grad_inputs = prepare(case, backend, kind, results.device, dtype)
                 flops, nbytes = case.work(kind, element)
+                extra = {"chose": chosen[0]} if backend == "auto" and chosen else {}
                 results.measure(fn, name=case.name, variant=backend, params={**case.params, "pass": kind},
                                 dtype=dtype, flops=flops, nbytes=nbytes, grad_to_none=grad_inputs, op=case.op,
-                                sweep=case.sweep)
+                                sweep=case.sweep, **extra)
             except BackendUnavailableError as error:
                 notes.append(f"{label}: skipped, {reason(error, backend)}")
             except Exception as error:  # one broken variant must not cost the other numbers
                 failures.append(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
     except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): keep what was measured
         failures.append(f"{INTERRUPTED} after {len(results.rows)} of {len(work)} measurements")
+    notes += [f"auto slower: {line}" for line in auto_regressions(results.rows)]
     return notes, failures
+
+
+def auto_regressions(rows: Sequence[dict]) -> list[str]:
+    """Where ``auto`` dispatched to a backend that is clearly slower than another one measured on the
+    same case and pass: the chosen backend's 20th-percentile time above the other's 80th percentile
+    (so two timings of one code path under load do not count). ``auto`` rows must carry ``chose``."""
+    found = []
+    for row in rows:
+        if row["variant"] != "auto" or "chose" not in row:
+            continue
+        peers = {r["variant"]: r for r in rows if r["name"] == row["name"] and r["params"] == row["params"]
+                 and r["variant"] not in ("auto", COMPILED_REFERENCE)}
+        chosen = peers.get(row["chose"])
+        if chosen is None:
+            continue
+        for name, other in peers.items():
+            if other["p80_ms"] < chosen["p20_ms"]:
+                found.append(f"{row['name']} {row['params']}: auto picks {row['chose']} "
+                             f"({chosen['median_ms']:.3f} ms), {name} takes {other['median_ms']:.3f} ms")
+    return found
 
 
 def plot_speedups(results: harness.Results, out_dir, baseline: str = "reference") -> list:

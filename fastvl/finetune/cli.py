@@ -6,6 +6,8 @@ DeepSpeed checkpoint directory of ``fastvl pretrain``) on a task directory (``--
 with the annotation files and the image set; ``fastvl data synth-task`` writes one). The DeepSpeed
 config, precision, ZeRO stage and batch overrides are ``fastvl pretrain``'s; epochs, batch and
 learning-rate schedule default to the paper preset of the (family, task) (:mod:`fastvl.finetune.presets`).
+``--tasks vqa=DIR_A,retrieval=DIR_B`` trains one ViLBERT on several tasks with task tokens, 12-in-1 style
+(:mod:`fastvl.finetune.multitask`; ``--task-sampling`` picks each step's task).
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvl.train.cli import add_deepspeed_arguments
     from fastvl.train.families import model_names
 
-    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", choices=sorted(TASKS), help="the task to fine-tune on (with --data)")
+    which.add_argument("--tasks", metavar="NAME=DIR,...", help="multi-task training (ViLBERT, 12-in-1 style): "
+                       "one model with task tokens on several task directories, e.g. vqa=DIR_A,retrieval=DIR_B")
+    parser.add_argument("--task-sampling", default="round-robin", choices=("round-robin", "proportional"),
+                        help="--tasks: which task each optimizer step trains (round-robin, or drawn in proportion "
+                        "to the tasks' training examples)")
     parser.add_argument("--model", default="vilbert-tiny", choices=model_names(), help="model family and size")
     parser.add_argument("--init", metavar="CKPT", help="pretrained weights: a fastvl checkpoint file or the DeepSpeed "
                         "checkpoint directory of `fastvl pretrain` (loaded weights_only); without it the encoder "
                         "starts from random weights")
     parser.add_argument("--init-config", metavar="CONFIG", help="--init is an original release (ViLBERT / VL-BERT / "
                         "ALBEF checkpoint) with this JSON or YAML config: converted on the fly (fastvl convert's rules)")
-    parser.add_argument("--data", required=True, help="task directory (task.json; `fastvl data synth-task`)")
+    parser.add_argument("--data", help="task directory (task.json; `fastvl data synth-task`); with --task")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
     parser.add_argument("--out", default="runs/finetune", help="log.jsonl, evaluations.jsonl, best.pt, checkpoints/")
     add_deepspeed_arguments(parser)
@@ -66,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from fastvl.finetune.engine import finetune
+
+    if (args.data is None) == (args.tasks is None):
+        print("fastvl finetune: --task takes --data DIR; --tasks NAME=DIR,... names the directories itself",
+              file=sys.stderr)
+        return 2
 
     return finetune(args)

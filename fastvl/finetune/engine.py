@@ -9,7 +9,8 @@ logs and a progress bar. The run is cut at every evaluation point (the end of ea
 validation split (split over the ranks) and the result is appended to ``OUT/evaluations.jsonl``;
 a better score by the task's metric replaces ``OUT/best.pt``. A run resumed at an evaluation point whose
 evaluation is missing (killed in between) evaluates it first, so evaluations and the best checkpoint
-are as the uninterrupted run's.
+are as the uninterrupted run's. Multi-task training (``--tasks``) is one composite task
+(:class:`fastvl.finetune.multitask.MultiTask`) with its own sampler; the engine runs it as any other.
 
 ``best.pt`` is a fastvl task checkpoint (loadable with ``torch.load(weights_only=True)``): ``format``
 ``"fastvl-finetune"``, ``task``, ``model`` (``vilbert-tiny`` ...), ``config`` (the model config as a
@@ -91,17 +92,20 @@ def open_images(task_dir, vocab: str | None):
     return RegionDataset(task_dir.images, tokenizer), special_ids(tokenizer)
 
 
-def make_task(args, family: str, dataset, special, task_dir, preset, state: dict | None = None, **extra):
+def make_task(args, family: str, dataset, special, task_dir, preset, state: dict | None = None,
+              name: str | None = None, **extra):
+    """Task ``name`` (default ``args.task``) on ``task_dir`` with the arguments' and the preset's settings."""
+    name = name or args.task
     kwargs = dict(max_text_len=args.max_text_len or preset.max_text_len, max_regions=args.max_regions,
                   seed=args.seed, state=state, **extra)
-    if args.task == "vqa":
+    if name == "vqa":
         kwargs["min_answer_count"] = getattr(args, "min_answer_count", 9)
-    if args.task == "retrieval":
+    if name == "retrieval":
         kwargs["k_test"] = getattr(args, "k_test", None) or preset.k_test
-    for name in getattr(task_class(args.task), "options", ()):  # the task's own command-line options
-        if getattr(args, name, None) is not None:
-            kwargs[name] = getattr(args, name)
-    return task_class(args.task)(task_dir, family, dataset, special, **kwargs)
+    for option in getattr(task_class(name), "options", ()):  # the task's own command-line options
+        if getattr(args, option, None) is not None:
+            kwargs[option] = getattr(args, option)
+    return task_class(name)(task_dir, family, dataset, special, **kwargs)
 
 
 # checkpoints ----------------------------------------------------------------------------------------
@@ -174,14 +178,19 @@ def finetune(args) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from fastvl.data.sampler import GlobalBatchSampler
     from fastvl.train import presets
     from fastvl.train.cli import init_distributed, load_config
     from fastvl.train.loop import LOG_FILE, Logger, Trainer, TrainingDiverged
 
+    multitask = bool(getattr(args, "tasks", None))
     try:
         family, variant = resolve_model(args.model)
-        preset = preset_for(family, args.task)
+        if multitask:  # epochs, batch and schedule: the first task's preset (each task keeps its text length)
+            from fastvl.finetune.multitask import parse_tasks
+
+            preset = preset_for(family, parse_tasks(args.tasks)[0][0])
+        else:
+            preset = preset_for(family, args.task)
     except ValueError as error:
         print(f"fastvl finetune: {error}", file=sys.stderr)
         return 2
@@ -204,14 +213,24 @@ def finetune(args) -> int:
         args.micro_batch = max(1, args.global_batch // world)
     config, precision = load_config(args, world)
     try:
-        task_dir = read_task_dir(args.data, task_class(args.task).data_task or args.task)
-        dataset, special = open_images(task_dir, args.vocab)
-        task = make_task(args, family, dataset, special, task_dir, preset)
+        if multitask:
+            from fastvl.finetune.multitask import open_multitask
+
+            task, dataset, special = open_multitask(args, family)
+        else:
+            task_dir = read_task_dir(args.data, task_class(args.task).data_task or args.task)
+            dataset, special = open_images(task_dir, args.vocab)
+            task = make_task(args, family, dataset, special, task_dir, preset)
         num_train = task.num_train()
     except DataError as error:
         print(f"fastvl finetune: data error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:
+        print(f"fastvl finetune: {error}", file=sys.stderr)
+        return 2
     model_cfg = model_config(family, variant, dataset, special, args.dropout)
+    if multitask:  # one model for every task, a task token per task
+        model_cfg = dataclasses.replace(model_cfg, task_specific_tokens=True)
     global_batch = config["train_batch_size"]
     if getattr(model_cfg, "queue_size", 0) % global_batch:  # ALBEF: every step enqueues the global batch
         model_cfg = dataclasses.replace(model_cfg, queue_size=-(-model_cfg.queue_size // global_batch) * global_batch)
@@ -228,8 +247,11 @@ def finetune(args) -> int:
             return 2
     module = TaskModule(task, net)
     micro = config["train_micro_batch_size_per_gpu"]
-    sampler = GlobalBatchSampler(num_train, config["train_batch_size"], micro, world_size=world, rank=rank,
-                                 seed=args.seed)
+    try:
+        sampler = task.sampler(config["train_batch_size"], micro, world_size=world, rank=rank, seed=args.seed)
+    except ValueError as error:
+        print(f"fastvl finetune: {error}", file=sys.stderr)
+        return 2
     epochs = args.epochs if args.epochs is not None else preset.epochs
     total_steps = args.max_steps or max(1, int(round(epochs * sampler.steps_per_epoch)))
     every = args.eval_every or sampler.steps_per_epoch
@@ -242,7 +264,7 @@ def finetune(args) -> int:
         net.keep_momentum_fp32()
     os.makedirs(args.out, exist_ok=True)
     family_view = TaskFamily(task.objectives, task.step_inputs if task.has_step_inputs else None,
-                             name=f"{family}/{args.task}")
+                             name=f"{family}/{task.name}")
     del output_lock  # held (by the open file) until the process ends
 
     def trainer(stop_after: int | None) -> Trainer:
@@ -260,16 +282,18 @@ def finetune(args) -> int:
             return 2
     step = first.start_step
     logger = Logger(os.path.join(args.out, LOG_FILE), rank == 0)
+    label = f"{task.name} ({args.tasks}, {args.task_sampling} sampling)" if multitask else args.task
     parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in net.parameters())
-    logger.event({"event": "start", "command": "finetune", "task": args.task, "model": args.model,
+    logger.event({"event": "start", "command": "finetune", "task": task.name, "model": args.model,
                   "init": args.init, "init_report": init_report and {k: v if k != "new" else v[:50]
                                                                      for k, v in init_report.items()},
                   "parameters": parameters, "world_size": world, "precision": precision,
                   "zero_stage": config.get("zero_optimization", {}).get("stage", 0), "global_batch": sampler.global_batch,
                   "micro_batch": micro, "grad_accum": sampler.grad_accum, "total_steps": total_steps,
                   "steps_per_epoch": sampler.steps_per_epoch, "eval_every": every, "start_step": step,
-                  "train_examples": num_train, "task_state_keys": sorted(task.state()), "config": config},
-                 f"finetune {args.task} {args.model}: {parameters / 1e6:.2f}M parameters, {num_train} training examples, "
+                  "train_examples": num_train, "task_state_keys": sorted(task.state()), "config": config,
+                  **({"tasks": {k: v for k, v in task.state().items() if k != "states"}} if multitask else {})},
+                 f"finetune {label} {args.model}: {parameters / 1e6:.2f}M parameters, {num_train} training examples, "
                  f"{world} rank(s), {precision}, global batch {sampler.global_batch} = {micro} x {sampler.grad_accum} x "
                  f"{world}, steps {step} -> {total_steps}, evaluating every {every} steps"
                  + (f"; --init loaded {init_report['loaded']} tensors, {len(init_report['new'])} new" if init_report else ""))
@@ -291,7 +315,7 @@ def finetune(args) -> int:
             best = metrics[task.metric]
             state = full_state_dict(net)
             if rank == 0:
-                save_task_checkpoint(os.path.join(args.out, BEST_FILE), task=args.task, model=args.model,
+                save_task_checkpoint(os.path.join(args.out, BEST_FILE), task=task.name, model=args.model,
                                      config=model_cfg, task_state=task.state(), state_dict=state, step=at,
                                      metrics=metrics)
         record["best"] = improved
@@ -340,6 +364,7 @@ def evaluate(args) -> int:
     import torch.distributed as dist
 
     from fastvl.bench.harness import environment
+    from fastvl.finetune import multitask
     from fastvl.train.cli import init_distributed
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -347,10 +372,12 @@ def evaluate(args) -> int:
         init_distributed()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     checkpoint = load_task_checkpoint(args.checkpoint)
+    member = checkpoint is not None and multitask.is_multitask_checkpoint(checkpoint)  # scores one of its tasks
     if checkpoint is not None:
-        if checkpoint["task"] != args.task:
-            print(f"fastvl evaluate: {args.checkpoint} is a {checkpoint['task']!r} checkpoint, not {args.task!r}",
-                  file=sys.stderr)
+        trained = checkpoint["task_state"]["tasks"] if member else [checkpoint["task"]]
+        if args.task not in trained:
+            print(f"fastvl evaluate: {args.checkpoint} is a {checkpoint['task']!r} checkpoint"
+                  f"{' of ' + str(trained) if member else ''}, not {args.task!r}", file=sys.stderr)
             return 2
         model_name = checkpoint["model"]
     elif args.model is None:
@@ -364,13 +391,16 @@ def evaluate(args) -> int:
         preset = preset_for(family, args.task)
         task_dir = read_task_dir(args.data, task_class(args.task).data_task or args.task)
         dataset, special = open_images(task_dir, args.vocab)
-        task = make_task(args, family, dataset, special, task_dir, preset,
-                         state=checkpoint["task_state"] if checkpoint else None,
+        state = (multitask.member_state(checkpoint, args.task) if member else
+                 checkpoint["task_state"] if checkpoint else None)
+        task = make_task(args, family, dataset, special, task_dir, preset, state=state,
                          **({} if checkpoint else {"zero_shot": True}))
     except (DataError, ValueError) as error:
         print(f"fastvl evaluate: {error}", file=sys.stderr)
         return 2
-    if checkpoint:
+    if member:  # the shared model with this task's token
+        net = multitask.member_model(checkpoint, args.task, family)
+    elif checkpoint:
         net = task.make_model(config_from_dict(family, checkpoint["config"]))
         net.load_state_dict(checkpoint["state_dict"])
     else:

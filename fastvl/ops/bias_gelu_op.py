@@ -25,62 +25,96 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str
     x ``[..., N]`` (float16 / bfloat16 / float32; float64 on the reference backend), bias ``[N]`` or
     None. Math in float32; the result has x's dtype. Gradients flow to x and bias.
     """
+    if not _inputs_ok(x, bias):
+        _explain_inputs(x, bias)
+    chosen = BIAS_GELU.select(backend, x.device, dtype=x.dtype)
+    return chosen.impl(x, bias)
+
+
+def _inputs_ok(x, bias) -> bool:
+    """The common valid call, checked cheaply; anything else goes to :func:`_explain_inputs`."""
+    if not (isinstance(x, torch.Tensor) and 1 <= x.dim() <= 7 and x.dtype in _checks.FLOAT_DTYPES):
+        return False
+    return bias is None or (isinstance(bias, torch.Tensor) and bias.shape == x.shape[-1:] and bias.device == x.device
+                            and bias.dtype in _checks.FLOAT_DTYPES)
+
+
+def _explain_inputs(x, bias) -> None:
     _checks.tensor("x", x, shape="[..., N]", ndim=range(1, 8))
     if bias is not None:
         _checks.tensor("bias", bias, shape=f"[N] = [{x.shape[-1]}]", ndim=1)
         _checks.same_shape("bias", bias, [x.shape[-1]], "[N] with N = x.shape[-1]")
         _checks.same_device("x", x, bias=bias)
-    chosen = BIAS_GELU.select(backend, x.device, dtype=x.dtype)
-    return chosen.impl(x, bias)
 
 
-def _launch(kernel_name: str, x2: torch.Tensor, bias: torch.Tensor | None):
-    import triton
+# Triton backend: custom ops (visible to torch.compile) + autograd; eager calls run the same launch
+# functions under a plain autograd.Function (the custom-op dispatch costs more host time than the launch).
 
-    from fastvl.kernels import bias_gelu as kernels
+_KERNELS = None
 
-    rows, cols = x2.shape
-    grid = (triton.cdiv(rows, kernels.BLOCK_M), triton.cdiv(cols, kernels.BLOCK_N))
-    return getattr(kernels, kernel_name), grid, dict(HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
-                                                      BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
+
+def _kernels():
+    """fastvl.kernels.bias_gelu, imported on first use (it imports triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from fastvl.kernels import bias_gelu as kernels
+
+        _KERNELS = kernels
+    return _KERNELS
+
+
+def _launch_forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    kernels = _kernels()
+    cols = x.shape[-1]
+    x2 = x.reshape(-1, cols).contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: row stride = cols
+    if rows and cols:
+        grid = (-(-rows // kernels.BLOCK_M), -(-cols // kernels.BLOCK_N))
+        kernels.bias_gelu_fwd_kernel[grid](x2, bias if bias is not None else x2, y, x2.stride(0), cols, rows, cols,
+                                           HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
+                                           BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
+    return y
+
+
+def _launch_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
+    kernels = _kernels()
+    cols = x.shape[-1]
+    x2 = x.reshape(-1, cols).contiguous()
+    dy2 = dy.reshape(-1, cols).contiguous()
+    rows = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (-(-rows // kernels.BLOCK_M), -(-cols // kernels.BLOCK_N))
+    # Program (i, j) writes column tile j of row i: the grid covers the buffer, no zero-fill needed.
+    partial = torch.empty(grid[0] if bias is not None else 0, cols, dtype=torch.float32, device=x.device)
+    if rows and cols:
+        kernels.bias_gelu_bwd_kernel[grid](dy2, x2, bias if bias is not None else x2, dx,
+                                           partial if bias is not None else dx, dy2.stride(0), x2.stride(0), cols,
+                                           rows, cols, HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
+                                           BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
+    dbias = partial.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dbias
 
 
 @torch.library.custom_op("fastvl::bias_gelu_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.empty_like(x2)
-    if x2.numel():
-        kernel, grid, meta = _launch("bias_gelu_fwd_kernel", x2, bias)
-        kernel[grid](x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), x2.shape[0], x2.shape[1],
-                     **meta)
-    return y.view(x.shape)
+    return _launch_forward(x, bias)
 
 
 @_bias_gelu_fwd.register_fake
 def _(x, bias):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fastvl::bias_gelu_bwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias or empty)."""
-    cols = x.shape[-1]
-    x2 = x.reshape(-1, cols).contiguous()
-    dy2 = dy.reshape(-1, cols).contiguous()
-    dx = torch.empty_like(x2)
-    kernel, grid, meta = _launch("bias_gelu_bwd_kernel", x2, bias)
-    # Program (i, j) writes column tile j of row i: the grid covers the buffer, no zero-fill needed.
-    partial = torch.empty(grid[0] if bias is not None else 0, cols, dtype=torch.float32, device=x.device)
-    if x2.numel():
-        kernel[grid](dy2, x2, bias if bias is not None else x2, dx, partial if bias is not None else dx,
-                     dy2.stride(0), x2.stride(0), dx.stride(0), x2.shape[0], cols, **meta)
-    dbias = partial.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dx.view(x.shape), dbias
+    return _launch_backward(dy, x, bias)
 
 
 @_bias_gelu_bwd.register_fake
 def _(dy, x, bias):
-    return torch.empty_like(x), torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), torch.empty_like(bias) if bias is not None else x.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -88,13 +122,36 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, bias)
 
 
-def _backward(ctx, dy):
+def _grads(ctx, dy, launch_backward):
     x, bias = ctx.saved_tensors
-    dx, dbias = _bias_gelu_bwd(dy, x, bias)
+    dx, dbias = launch_backward(dy, x, bias)
     return dx, dbias if bias is not None else None
 
 
+def _backward(ctx, dy):
+    return _grads(ctx, dy, _bias_gelu_bwd)
+
+
 _bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerBiasGelu(torch.autograd.Function):
+    """The custom op's forward and backward without the custom-op dispatch (eager calls only)."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return _launch_forward(x, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _launch_backward)
+
+
+def _triton_impl(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _bias_gelu_fwd(x, bias)
+    return _EagerBiasGelu.apply(x, bias)
 
 
 def _triton_supports(device, dtype, **_features) -> list[str]:
@@ -110,6 +167,6 @@ def _torch_impl(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 BIAS_GELU.register("triton", available=triton_available, supports=_triton_supports,
-                   auto_devices=("cuda",))(_bias_gelu_fwd)
+                   auto_devices=("cuda",))(_triton_impl)
 BIAS_GELU.register("torch")(_torch_impl)
 BIAS_GELU.register("reference")(bias_gelu_ref)

@@ -16,6 +16,7 @@ import torch
 
 from fastvl import _checks, _ext
 from fastvl.dispatch import needs_cpu_device, op, triton_available, triton_device
+from fastvl.ops import eager_path
 from fastvl.ops.region_kl_op import FUSED_DTYPES, region_kl_rows
 from fastvl.reference.itc import itc_loss_ref, itc_queue_update_ref, itm_hard_negatives_ref
 
@@ -99,18 +100,17 @@ def itm_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
 # Fused backends --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvl::itc_fwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
-             temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
-             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _itc_compute(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
+                 temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
+                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d/d img_feat, d/d txt_feat, d/d temp) for an upstream gradient of 1 (grads empty without
     ``with_grad``)."""
     batch = img_feat.shape[0]
     inv_temp = 1.0 / temp.float().reshape(())
     half_mean = torch.full((1,), 0.5 / batch, dtype=torch.float32, device=img_feat.device)
     every_row = torch.ones(batch, dtype=torch.bool, device=img_feat.device)
-    loss = torch.zeros((), dtype=torch.float32, device=img_feat.device)
-    grads, grad_temp = [], torch.zeros((), dtype=torch.float32, device=img_feat.device)
+    # per direction: the loss's sum and sum(dL/dsim * sim) for temp's gradient, combined at the end
+    loss_terms, temp_terms, grads = [], [], []
     with torch.no_grad():
         # Similarities against [batch momentum features | queue], computed as two GEMMs so the [E, B + Q]
         # bank is never concatenated (ALBEF's cat copies both queues every step).
@@ -128,17 +128,28 @@ def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Te
             grad = torch.empty_like(sim) if with_grad else None
             kl_rows = region_kl_rows(backend, sim, targets, every_row, half_mean, grad)
             # soft cross-entropy = KL(t || softmax) - sum t log t
-            loss += (kl_rows - torch.xlogy(targets, targets).sum(dim=1)).sum() * (0.5 / batch)
+            loss_terms.append(kl_rows.sum() - torch.xlogy(targets, targets).sum())
             if with_grad:
-                grad_temp -= (grad.float() * sim.float()).sum() * inv_temp
+                temp_terms.append(torch.dot(grad.view(-1), sim.view(-1)) if grad.dtype == torch.float32
+                                  else (grad.float() * sim.float()).sum())
                 del targets, sim
                 grad_feat = grad[:, :batch] @ other_m
                 grad_feat.addmm_(grad[:, batch:], other_queue.t())
                 grads.append(grad_feat.mul_(inv_temp.to(grad_feat.dtype)))
-    empty = [img_feat.new_empty(0) for _ in range(3)]
-    if not with_grad:
-        return loss.to(img_feat.dtype), *empty
-    return loss.to(img_feat.dtype), grads[0], grads[1], grad_temp.to(temp.dtype).reshape(temp.shape)
+        loss = ((loss_terms[0] + loss_terms[1]) * (0.5 / batch)).to(img_feat.dtype)
+        if not with_grad:
+            return loss, *(img_feat.new_empty(0) for _ in range(3))
+        # d loss / d temp = -sum(dL/dsim * sim) / temp over both directions
+        grad_temp = (temp_terms[0] + temp_terms[1]).mul_(inv_temp).neg_()
+    return loss, grads[0], grads[1], grad_temp.to(temp.dtype).reshape(temp.shape)
+
+
+@torch.library.custom_op("fastvl::itc_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
+             temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
+             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _itc_compute(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m, backend,
+                        with_grad)
 
 
 @_itc_fwd.register_fake
@@ -159,6 +170,7 @@ def _itc_backward(ctx, grad_loss, *_grads_of_grads):
 
 
 _itc_fwd.register_autograd(_itc_backward, setup_context=_itc_setup)
+_EagerItc = eager_path.eager_function("_EagerItc", _itc_compute, _itc_setup, _itc_backward, outputs=4)
 
 
 def _fused(backend: str):
@@ -166,8 +178,8 @@ def _fused(backend: str):
         if not isinstance(temp, torch.Tensor):
             temp = torch.tensor(float(temp), dtype=torch.float32, device=img_feat.device)
         with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img_feat, txt_feat, temp))
-        return _itc_fwd(img_feat, txt_feat, img_queue, txt_queue, temp.reshape(()), float(alpha),
-                        img_feat_m.detach(), txt_feat_m.detach(), backend, with_grad)[0]
+        return eager_path.call(_itc_fwd, _EagerItc, img_feat, txt_feat, img_queue, txt_queue, temp.reshape(()),
+                               float(alpha), img_feat_m.detach(), txt_feat_m.detach(), backend, with_grad)
 
     return impl
 

@@ -27,9 +27,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     hidden ``[..., K]``; weight ``[V, K]`` (tied to the word embeddings in BERT); bias ``[V]`` or None
     (all one dtype: fp32/fp16/bf16 fused, accumulation in fp32); labels int64 ``[...]`` in ``[0, V)`` or
     ``ignore_index`` (default -1, ViLBERT's; HF uses -100). reduction 'mean' over non-ignored positions
-    (0 with zero gradient when all are ignored), 'sum', or 'none'. The fused backends project only the
-    non-ignored positions (one host sync on CUDA to count them), ``chunk_rows`` at a time (default:
-    about 16M logits per chunk). Labels are range-checked: on the host for CPU tensors (a ValueError),
+    (0 with zero gradient when all are ignored), 'sum', or 'none'. The fused backends project
+    ``chunk_rows`` rows at a time (default: about 16M logits per chunk): on CPU only the non-ignored
+    positions, on CUDA every position (no host sync, fixed shapes; ignored ones score 0). Labels are
+    range-checked: on the host for CPU tensors (a ValueError),
     on the device for CUDA ones (no sync: out-of-range labels are left out and make the loss NaN). Under
     ZeRO-3 pass the gathered weight (call through the owning module).
     """
@@ -82,18 +83,21 @@ def cross_entropy_rows(backend: str, logits: torch.Tensor, labels: torch.Tensor,
     return loss
 
 
-def _gathered_rows(backend, logits, labels, scale, grad):
-    # Gathered rows are never ignored; -1 cannot collide with a label in [0, V).
+def _projected_rows(backend, logits, labels, _selected, scale, grad):
+    # The labels of unselected rows are -1 (see _fused), which cannot collide with a label in [0, V).
     return cross_entropy_rows(backend, logits, labels.contiguous(), -1, scale, grad)
 
 
-linear_loss_common.ROW_LOSSES["ce"] = _gathered_rows
+linear_loss_common.ROW_LOSSES["ce"] = _projected_rows
 
 
 def _fused(backend: str):
     def impl(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows):
-        return linear_loss_common.apply("ce", backend, hidden, weight, bias, labels, labels != ignore_index,
-                                        reduction, chunk_rows)
+        selected = labels != ignore_index
+        if ignore_index != -1:  # the row kernel ignores -1 (ViLBERT's ignore_index: no remapping launch)
+            labels = torch.where(selected, labels, -1)
+        return linear_loss_common.apply("ce", backend, hidden, weight, bias, labels, selected, reduction,
+                                        chunk_rows)
 
     return impl
 

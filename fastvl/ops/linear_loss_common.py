@@ -9,8 +9,10 @@ largest temporary is one ``[chunk_rows, C]`` chunk. For 'mean' and 'sum' the gra
 in the forward (for an upstream gradient of 1, scaled in the backward); for 'none' the backward
 recomputes the chunks with the per-row upstream gradient as the row scale.
 
-Finding the selected rows takes one host sync on CUDA (``nonzero``, to size the projection); the
-masked count that divides the mean stays on the device.
+On CPU only the selected rows are projected (their count is read without a sync). On CUDA and under
+torch.compile every row is projected in place, unselected ones scored 0: no host sync and fixed
+shapes (CUDA graphs can capture it), at the price of the unscored rows' GEMM FLOPs. The masked count
+that divides the mean stays on the device.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from fastvl import _checks
+from fastvl.ops import eager_path
 
 # Default chunk: about 16M logits (64 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 24
 
-# kind -> row loss: (backend, logits [n, C], gathered targets [n, ...], scale fp32 [1] or [n],
-# grad [n, C] or None) -> fp32 [n]. Filled by the op modules ("kl": region_kl, "ce": cross-entropy).
+# kind -> row loss: (backend, logits [n, C], targets [n, ...], selected bool [n] or None (= every row),
+# scale fp32 [1] or [n], grad [n, C] or None) -> fp32 [n], 0 with a zero gradient on unselected rows.
+# Filled by the op modules ("kl": region_kl, "ce": cross-entropy).
 ROW_LOSSES: dict[str, Callable] = {}
 
 
@@ -54,39 +58,71 @@ def _project_chunks(kind: str, backend: str, hidden: torch.Tensor, weight: torch
                     target: torch.Tensor, selected: torch.Tensor, row_scale: torch.Tensor, with_grad: bool,
                     chunk_rows: int):
     """(per-row fp32 loss [N], grad_hidden, grad_weight, grad_bias); grads are None without ``with_grad``.
-    ``row_scale``: fp32 [1] or [N], the factor of each row's gradient."""
+    ``row_scale``: fp32 [1] or [N], the factor of each row's gradient.
+
+    Which rows are projected: where reading ``selected`` costs no sync (CPU tensors, eager), only the
+    selected ones, gathered (their count sizes the loop); elsewhere (CUDA, torch.compile) every row, in
+    place, chunk by chunk: fixed shapes and no host sync, the row kernel giving unselected rows a zero
+    loss and gradient (the FLOPs of the unscored rows are the price: see the README)."""
     classes, features = weight.shape
     hidden2d = hidden.reshape(-1, features)
     total_rows = hidden2d.shape[0]
     per_row = target.shape[-1:] if target.dim() > selected.dim() else ()
     target2d = target.reshape(total_rows, *per_row)
-    rows = selected.reshape(-1).nonzero().squeeze(1)
+    selected = selected.reshape(-1)
+    gather = _checks.may_read_values(selected)
+    rows = selected.nonzero().squeeze(1) if gather else None
+    count = rows.numel() if gather else total_rows
     chunk = chunk_rows if chunk_rows > 0 else max(1, CHUNK_ELEMENTS // max(classes, 1))
-    row_loss = torch.zeros(total_rows, dtype=torch.float32, device=hidden.device)
-    grad_hidden = grad_weight = grad_bias = None
-    if with_grad:
-        grad_hidden = torch.zeros_like(hidden2d)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = torch.zeros(classes, dtype=torch.float32, device=weight.device) if bias is not None else None
     row_loss_fn = ROW_LOSSES[kind]
-    for start in range(0, rows.numel(), chunk):
-        ids = rows[start:start + chunk]
-        h = hidden2d.index_select(0, ids)
+    in_place = not gather and count <= chunk  # one chunk over every row: its results are the outputs
+    row_loss = None if in_place else torch.zeros(total_rows, dtype=torch.float32, device=hidden.device)
+    # grad_weight / grad_bias (fp32) are the first chunk's products, the later chunks' added in place
+    grad_hidden = grad_weight = grad_bias = None
+    if with_grad and not in_place:
+        grad_hidden = torch.zeros_like(hidden2d)
+    for start in range(0, count, chunk):
+        if gather:
+            ids = rows[start:start + chunk]
+            h, t, chosen = hidden2d.index_select(0, ids), target2d.index_select(0, ids), None
+            scale = row_scale if row_scale.numel() == 1 else row_scale.index_select(0, ids)
+        else:
+            part = slice(start, start + chunk)
+            h, t, chosen = hidden2d[part], target2d[part], selected[part]
+            scale = row_scale if row_scale.numel() == 1 else row_scale[part]
         logits = F.linear(h, weight, bias)
-        scale = row_scale if row_scale.numel() == 1 else row_scale.index_select(0, ids)
         # With grad, the row kernel overwrites the logits with d loss / d logits (times scale).
-        row_loss.index_copy_(0, ids, row_loss_fn(backend, logits, target2d.index_select(0, ids), scale,
-                                                 logits if with_grad else None))
+        losses = row_loss_fn(backend, logits, t, chosen, scale, logits if with_grad else None)
+        if in_place:
+            row_loss = losses
+        elif gather:
+            row_loss.index_copy_(0, ids, losses)
+        else:
+            row_loss[part] = losses
         if not with_grad:
             continue
         grad_logits = logits
-        grad_hidden.index_copy_(0, ids, grad_logits @ weight)
-        if grad_weight.dtype == grad_logits.dtype:
+        if in_place:
+            grad_hidden = grad_logits @ weight
+        elif gather:
+            grad_hidden.index_copy_(0, ids, grad_logits @ weight)
+        else:
+            torch.mm(grad_logits, weight, out=grad_hidden[part])
+        if grad_weight is None:
+            grad_weight = (grad_logits.t() @ h).float()
+        elif grad_weight.dtype == grad_logits.dtype:
             grad_weight.addmm_(grad_logits.t(), h)
         else:
             grad_weight += (grad_logits.t() @ h).float()
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        if bias is not None:
+            bias_part = grad_logits.sum(0, dtype=torch.float32)
+            grad_bias = bias_part if grad_bias is None else grad_bias.add_(bias_part)
+    if row_loss is None:  # no rows at all
+        row_loss = torch.zeros(total_rows, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden2d) if with_grad else None
+    if with_grad and grad_weight is None:  # no row selected (CPU)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(classes, dtype=torch.float32, device=weight.device) if bias is not None else None
     if with_grad:
         grad_hidden = grad_hidden.view(hidden.shape)
         grad_weight = grad_weight.to(weight.dtype)
@@ -101,25 +137,32 @@ def mean_scale(count: torch.Tensor, reduction: str) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=count.device)
 
 
-@torch.library.custom_op("fastvl::linear_loss_fwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _linear_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                     selected: torch.Tensor, kind: str, reduction: str, backend: str, with_grad: bool,
-                     chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_loss_compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                         selected: torch.Tensor, kind: str, reduction: str, backend: str, with_grad: bool,
+                         chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias) for an upstream gradient of 1; the grads are empty
     without ``with_grad`` or for reduction 'none' (its backward recomputes)."""
     with_grad = with_grad and reduction != "none"
     with torch.no_grad():
+        scale = mean_scale(selected.sum() if reduction == "mean" else selected, reduction)
         row_loss, grad_hidden, grad_weight, grad_bias = _project_chunks(
-            kind, backend, hidden, weight, bias, target, selected, mean_scale(selected.sum(), reduction),
-            with_grad, chunk_rows)
+            kind, backend, hidden, weight, bias, target, selected, scale, with_grad, chunk_rows)
         if reduction == "none":
             loss = row_loss.view(selected.shape).to(hidden.dtype)
         else:
             loss = row_loss.sum()
             if reduction == "mean":
-                loss = loss / selected.sum().clamp_min(1).float()
+                loss = (loss * scale).reshape(())  # 1 / count, kept on the device
             loss = loss.to(hidden.dtype)
     return tuple(t if t is not None else hidden.new_empty(0) for t in (loss, grad_hidden, grad_weight, grad_bias))
+
+
+@torch.library.custom_op("fastvl::linear_loss_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _linear_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                     selected: torch.Tensor, kind: str, reduction: str, backend: str, with_grad: bool,
+                     chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_loss_compute(hidden, weight, bias, target, selected, kind, reduction, backend, with_grad,
+                                chunk_rows)
 
 
 @_linear_loss_fwd.register_fake
@@ -131,16 +174,22 @@ def _(hidden, weight, bias, target, selected, kind, reduction, backend, with_gra
             torch.empty_like(bias) if bias is not None else hidden.new_empty(0))
 
 
-@torch.library.custom_op("fastvl::linear_loss_bwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _linear_loss_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                     selected: torch.Tensor, kind: str, backend: str, grad_rows: torch.Tensor,
-                     chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_loss_recompute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                           selected: torch.Tensor, kind: str, backend: str, grad_rows: torch.Tensor,
+                           chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum(grad_rows * per-row loss)`` (reduction 'none'), recomputed chunk by chunk."""
     with torch.no_grad():
         _, grad_hidden, grad_weight, grad_bias = _project_chunks(
             kind, backend, hidden, weight, bias, target, selected, grad_rows.reshape(-1).float().contiguous(), True,
             chunk_rows)
     return grad_hidden, grad_weight, grad_bias if grad_bias is not None else hidden.new_empty(0)
+
+
+@torch.library.custom_op("fastvl::linear_loss_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _linear_loss_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                     selected: torch.Tensor, kind: str, backend: str, grad_rows: torch.Tensor,
+                     chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_loss_recompute(hidden, weight, bias, target, selected, kind, backend, grad_rows, chunk_rows)
 
 
 @_linear_loss_bwd.register_fake
@@ -164,7 +213,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_grads_of_grads):
     if ctx.reduction == "none":
         hidden, weight, bias, target, selected = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = _linear_loss_bwd(hidden, weight, bias, target, selected, ctx.kind,
+        recompute = _linear_loss_recompute if getattr(ctx, "eager", False) else _linear_loss_bwd
+        grad_hidden, grad_weight, grad_bias = recompute(hidden, weight, bias, target, selected, ctx.kind,
                                                                ctx.backend, grad_loss, ctx.chunk_rows)
     else:
         # The gradients were computed in the forward for an upstream gradient of 1: scale them in place
@@ -177,6 +227,8 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
 
 
 _linear_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+_EagerLinearLoss = eager_path.eager_function("_EagerLinearLoss", _linear_loss_compute, _setup_context, _backward,
+                                             outputs=4)
 
 
 def apply(kind: str, backend: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -185,5 +237,5 @@ def apply(kind: str, backend: str, hidden: torch.Tensor, weight: torch.Tensor, b
     ``target`` holds each row's target (probabilities ``[..., C]`` or labels ``[...]``)."""
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return _linear_loss_fwd(hidden, weight, bias, target, selected, kind, reduction, backend, with_grad,
-                            chunk_rows or 0)[0]
+    return eager_path.call(_linear_loss_fwd, _EagerLinearLoss, hidden, weight, bias, target, selected, kind,
+                           reduction, backend, with_grad, chunk_rows or 0)

@@ -18,7 +18,7 @@ import torch
 
 from fastvl import _checks, _ext
 from fastvl.dispatch import needs_cpu_device, needs_cuda_device, op, triton_available, triton_device
-from fastvl.ops import linear_loss_common
+from fastvl.ops import eager_path, linear_loss_common
 from fastvl.reference.region_kl import linear_region_kl_loss_ref, region_kl_loss_ref
 
 REGION_KL = op("region_kl_loss", probe=dict(target_dtype=torch.float32, classes=1601))
@@ -73,8 +73,9 @@ def linear_region_kl_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 
     hidden ``[..., K]``, weight ``[C, K]``, bias ``[C]`` or None (all one dtype), target_probs
     ``[..., C]``, region_mask ``[...]`` bool. Gradients flow to hidden, weight and bias. The fused
-    backends gather the masked rows (one host sync on CUDA, to size the projection) and project them
-    ``chunk_rows`` at a time (default: about 16M logits per chunk). Under ZeRO-3 pass the gathered weight
+    backends project ``chunk_rows`` rows at a time (default: about 16M logits per chunk): on CPU only
+    the masked rows (gathered), on CUDA every row (no host sync, fixed shapes; unmasked rows score 0).
+    Under ZeRO-3 pass the gathered weight
     (call through the owning module, or inside ``GatheredParameters``). target_probs as in
     :func:`region_kl_loss` (distributions, not checked).
     """
@@ -148,19 +149,19 @@ def _rows_2d(t: torch.Tensor, classes: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def reduce_rows(row_loss: torch.Tensor, count: torch.Tensor, reduction: str, shape, dtype) -> torch.Tensor:
-    """Per-row fp32 losses (0 on unselected rows) -> the requested reduction, in ``dtype``."""
+def reduce_rows(row_loss: torch.Tensor, scale: torch.Tensor, reduction: str, shape, dtype) -> torch.Tensor:
+    """Per-row fp32 losses (0 on unselected rows) -> the requested reduction, in ``dtype``; ``scale``:
+    :func:`~fastvl.ops.linear_loss_common.mean_scale`'s 1 / count for 'mean'."""
     if reduction == "none":
         return row_loss.reshape(shape).to(dtype)
     total = row_loss.sum()
     if reduction == "mean":
-        total = total / count.clamp_min(1).to(total.dtype)
+        total = (total * scale).reshape(())
     return total.to(dtype)
 
 
-@torch.library.custom_op("fastvl::region_kl_fwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _region_kl_fwd(logits: torch.Tensor, targets: torch.Tensor, region_mask: torch.Tensor, reduction: str,
-                   backend: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _region_kl_compute(logits: torch.Tensor, targets: torch.Tensor, region_mask: torch.Tensor, reduction: str,
+                       backend: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d loss / d logits for an upstream gradient of 1 -- or empty without ``with_grad`` --,
     the factor the backward still applies to that gradient: fp32 [1], or empty when it is applied)."""
     classes = logits.shape[-1]
@@ -171,12 +172,17 @@ def _region_kl_fwd(logits: torch.Tensor, targets: torch.Tensor, region_mask: tor
         loss, factor = _region_kl_triton(logits2d, targets2d, selected, reduction, grad, region_mask.shape,
                                          logits.dtype)
     else:
-        count = selected.sum()
-        scale = linear_loss_common.mean_scale(count, reduction)
+        scale = linear_loss_common.mean_scale(selected.sum() if reduction == "mean" else selected, reduction)
         row_loss = region_kl_rows(backend, logits2d, targets2d, selected, scale, grad)
-        loss = reduce_rows(row_loss, count, reduction, region_mask.shape, logits.dtype)
+        loss = reduce_rows(row_loss, scale, reduction, region_mask.shape, logits.dtype)
         factor = logits.new_empty(0, dtype=torch.float32)
     return loss, grad.view(logits.shape) if grad is not None else logits.new_empty(0), factor
+
+
+@torch.library.custom_op("fastvl::region_kl_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _region_kl_fwd(logits: torch.Tensor, targets: torch.Tensor, region_mask: torch.Tensor, reduction: str,
+                   backend: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _region_kl_compute(logits, targets, region_mask, reduction, backend, with_grad)
 
 
 @_region_kl_fwd.register_fake
@@ -207,12 +213,15 @@ def _region_kl_backward(ctx, grad_loss, _grad_of_grad, _grad_of_factor):
 
 
 _region_kl_fwd.register_autograd(_region_kl_backward, setup_context=_region_kl_setup)
+_EagerRegionKl = eager_path.eager_function("_EagerRegionKl", _region_kl_compute, _region_kl_setup,
+                                           _region_kl_backward, outputs=3)
 
 
 def _fused_region_kl(backend: str):
     def impl(logits, target_probs, region_mask, reduction):
         with_grad = torch.is_grad_enabled() and logits.requires_grad
-        return _region_kl_fwd(logits, target_probs, region_mask, reduction, backend, with_grad)[0]
+        return eager_path.call(_region_kl_fwd, _EagerRegionKl, logits, target_probs, region_mask, reduction, backend,
+                               with_grad)
 
     return impl
 
@@ -225,12 +234,13 @@ def _fused_linear_region_kl(backend: str):
     return impl
 
 
-def _gathered_rows(backend, logits, targets, scale, grad):
-    selected = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+def _projected_rows(backend, logits, targets, selected, scale, grad):
+    if selected is None:  # gathered rows: every one is scored
+        selected = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     return region_kl_rows(backend, logits, targets, selected, scale, grad)
 
 
-linear_loss_common.ROW_LOSSES["kl"] = _gathered_rows
+linear_loss_common.ROW_LOSSES["kl"] = _projected_rows
 
 
 def _supports_fused(dtype: torch.dtype, target_dtype: torch.dtype, **_features) -> list[str]:

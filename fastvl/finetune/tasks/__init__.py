@@ -71,6 +71,14 @@ class Task:
     def num_train(self) -> int:
         raise NotImplementedError
 
+    def sampler(self, global_batch: int, micro_batch: int, *, world_size: int, rank: int, seed: int):
+        """The training data order: a :class:`~fastvl.data.sampler.GlobalBatchSampler` over
+        :meth:`num_train` (a composite task, :mod:`fastvl.finetune.multitask`, has its own)."""
+        from fastvl.data.sampler import GlobalBatchSampler
+
+        return GlobalBatchSampler(self.num_train(), global_batch, micro_batch, world_size=world_size, rank=rank,
+                                  seed=seed)
+
     def collate(self, keys) -> dict:
         raise NotImplementedError
 

@@ -135,7 +135,9 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], fami
     parameter (:data:`ENCODER_PREFIXES`) must be there; returns ``{"loaded", "new", "unused"}`` counts
     and the new (randomly initialised) parameter names."""
     target = model.state_dict()
-    encoder = [k for k in target if k.startswith(ENCODER_PREFIXES[family]) and ".mlm_head." not in k]
+    # (ViLBERT's task-token table is new when the pretraining had none, as in 12-in-1's multi-task fine-tuning)
+    encoder = [k for k in target if k.startswith(ENCODER_PREFIXES[family]) and ".mlm_head." not in k
+               and not k.startswith("bert.task_embeddings.")]
     missing = [k for k in encoder if k not in state]
     # ALBEF's queues are sized by the global batch: a different size starts new (random) queues
     state = {k: v for k, v in state.items() if not (k in QUEUE_BUFFERS and k in target and v.shape != target[k].shape)}

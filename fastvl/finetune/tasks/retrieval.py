@@ -60,16 +60,23 @@ def _scope(model):
     return use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
-def vilbert_text_prefix(bert, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
-                        text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vilbert_text_prefix(bert, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_mask: torch.Tensor,
+                        task_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(states [B, Lt, H], bool mask)`` of captions after the text layers below the first
-    co-attention layer (the part of the text stream no image reaches)."""
+    co-attention layer (the part of the text stream no image reaches); with task tokens
+    (``task_ids [B, 1]``) the token is spliced in after [CLS] as the encoder does (``Lt + 1``)."""
     c = bert.config
-    if c.task_specific_tokens or not c.with_coattention:
-        raise ValueError("cached-text retrieval needs co-attention and no task tokens")
+    if not c.with_coattention:
+        raise ValueError("cached-text retrieval needs co-attention")
+    if c.task_specific_tokens and task_ids is None:
+        raise ValueError("task_ids [B, 1] is required: the config has task_specific_tokens")
     with _scope(bert):
         mask = _checks.key_padding_mask("text_mask", text_mask, *input_ids.shape, input_ids.device)
-        hidden = bert.embeddings(input_ids, token_type_ids)
+        inserted = None
+        if c.task_specific_tokens:
+            inserted = bert.task_embeddings(task_ids.view(input_ids.shape[0], -1))
+            mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
+        hidden = bert.embeddings(input_ids, token_type_ids, insert_after_first=inserted)
         for index in range(c.t_biattention_id[0]):
             hidden = bert.layer[index](hidden, mask)
     return hidden, mask
@@ -129,8 +136,10 @@ def vilbert_pair_scores(model, text: dict, images: dict, pairs: list[tuple[int, 
     bert = model.bert
     needed_t = sorted({t for t, _ in pairs})
     needed_i = sorted({i for _, i in pairs})
+    task_id = getattr(model, "task_id", None)  # a multi-task model's task token (fastvl.finetune.multitask)
+    task_ids = None if task_id is None else torch.full((len(needed_t), 1), task_id, device=text["input_ids"].device)
     text_states, text_masks = vilbert_text_prefix(bert, text["input_ids"][needed_t], text["token_type_ids"][needed_t],
-                                                  text["text_mask"][needed_t])
+                                                  text["text_mask"][needed_t], task_ids)
     image_states, image_masks = vilbert_image_prefix(bert, images["region_feats"][needed_i],
                                                      images["region_loc"][needed_i], images["region_mask"][needed_i])
     row_t = {t: r for r, t in enumerate(needed_t)}
