@@ -114,10 +114,12 @@ def _attention_case(dtype, head_dim, len_q, len_k, *, mask=True, dropout=0.0, ca
         cu_q = _cu_seqlens(batch, len_q) if packed else None
         cu_k = _cu_seqlens(batch, len_k) if packed else None
         seed = launch.draw_seed(dropout, None, q.device)
+        keep = launch.stored_keep(launch.forward_keep_mask(batch, heads, head_dim, q.dtype, len_q, len_k, dropout,
+                                                           q.device))  # as the attention op stores it
         out, lse = launch.attention_forward(q, k, v, key_mask, cu_q, cu_k, len_q, len_k, dropout, head_dim ** -0.5,
-                                            causal, seed)
+                                            causal, seed, keep=keep)
         launch.attention_backward(torch.empty_like(out), q, k, v, out, lse, key_mask, cu_q, cu_k, len_q, len_k,
-                                  dropout, head_dim ** -0.5, causal, seed)
+                                  dropout, head_dim ** -0.5, causal, seed, keep=keep)
 
     return run
 
@@ -135,11 +137,14 @@ def _co_attention_case(dtype, head_dim, len_v, len_t, *, dropout=0.0, packed=Fal
         cu_v = _cu_seqlens(batch, len_v) if packed else None
         cu_t = _cu_seqlens(batch, len_t) if packed else None
         seed = launch.draw_seed(dropout, None, q_v.device)
+        keep = (launch.new_co_keep_masks(batch, heads, len_v, len_t, q_v.device)  # as the co-attention op does
+                if launch.stores_keep_mask(max(len_v, len_t), q_v.dtype, head_dim, dropout) else None)
         ctx_v, ctx_t, lse_v, lse_t = launch.co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v,
-                                                                 cu_t, len_v, len_t, dropout, head_dim ** -0.5, seed)
+                                                                 cu_t, len_v, len_t, dropout, head_dim ** -0.5, seed,
+                                                                 keep=keep)
         launch.co_attention_backward(torch.empty_like(ctx_v), torch.empty_like(ctx_t), q_v, k_v, v_v, q_t, k_t, v_t,
                                      ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, len_v, len_t, dropout,
-                                     head_dim ** -0.5, seed)
+                                     head_dim ** -0.5, seed, keep=keep)
 
     return run
 

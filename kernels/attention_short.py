@@ -5,7 +5,8 @@ All keys of a sequence fit one block of BLOCK_N = 64 or 128 rows (the key bucket
 is a single pass: one ``S = Q K^T``, one exact softmax, one ``P V`` -- no online rescaling, no
 software pipeline (num_stages=1). The backward program owns one (sequence, head, direction) whole:
 it loads Q, K, V, O and dO once and computes dV, dK and dQ with five GEMMs (S, dP, dV, dK, dQ) and the
-dropout mask drawn once; every gradient element is written by exactly one program (no atomics,
+dropout mask drawn once, or read from the forward's bit-packed copy (STORED_KEEP: one bit per score,
+[B, H, Lq, ceil(Lk / 32)] int32, bit n % 32 of word n // 32); every gradient element is written by exactly one program (no atomics,
 bitwise repeatable). K and V loads are predicated on the keys that may be attended (bounds and key
 mask): a masked key's values never meet an arithmetic operation, so NaN or Inf there cannot leak.
 
@@ -26,7 +27,6 @@ import triton.language as tl
 from fastvl.kernels.attention import (
     CO_LENGTH_ARGS,
     LENGTH_ARGS,
-    _co_fwd_program,
     _dropout_keep,
     _key_ok,
     _rows,
@@ -59,6 +59,41 @@ def bwd_warps(block_n: int, block_d: int, major: int) -> int:
     return 4
 
 
+def keep_words(len_k: int) -> int:
+    """int32 words per query row of a stored keep-mask: one bit per key, bit n % 32 of word n // 32."""
+    return (len_k + 31) // 32
+
+
+@triton.jit
+def _keep_rows(b, h, n_heads, offs_m, len_q, len_k):
+    """Word offsets of query rows offs_m of head h of sequence b in a [B, H, len_q, keep_words] mask."""
+    return ((b * n_heads + h).to(tl.int64) * len_q + offs_m.to(tl.int64)) * ((len_k + 31) // 32)
+
+
+@triton.jit
+def _store_keep(KEEP, keep, b, h, n_heads, offs_m, offs_n, seq_q, seq_k, len_q, len_k, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Pack the [BLOCK_M, BLOCK_N] keep tile along the keys into BLOCK_N // 32 int32 words per row (bits
+    of keys past the sequence are 0) and store the words of the sequence's rows."""
+    bits = tl.where(keep & (offs_n < seq_k)[None, :], 1 << (offs_n % 32)[None, :], 0)
+    words = tl.sum(tl.reshape(bits, (BLOCK_M, BLOCK_N // 32, 32)), 2)  # distinct bits: the sum is their OR
+    offs_w = tl.arange(0, BLOCK_N // 32)
+    tl.store(KEEP + _keep_rows(b, h, n_heads, offs_m, len_q, len_k)[:, None] + offs_w[None, :], words,
+             mask=(offs_m < seq_q)[:, None] & (offs_w < (seq_k + 31) // 32)[None, :])
+
+
+@triton.jit
+def _load_keep(KEEP, b, h, n_heads, offs_m, seq_q, seq_k, len_q, len_k, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] keep tile unpacked from KEEP (False outside the sequence): BLOCK_N // 32 words
+    per row loaded, each spread into its 32 bits."""
+    offs_w = tl.arange(0, BLOCK_N // 32)
+    words = tl.load(KEEP + _keep_rows(b, h, n_heads, offs_m, len_q, len_k)[:, None] + offs_w[None, :],
+                    mask=(offs_m < seq_q)[:, None] & (offs_w < (seq_k + 31) // 32)[None, :], other=0)
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+
+
 @triton.jit
 def _visible(key_ok, offs_m, offs_n, seq_q, seq_k, IS_CAUSAL: tl.constexpr):
     """[BLOCK_M, BLOCK_N]: key n may be attended by query m (causal: bottom-right aligned)."""
@@ -69,14 +104,14 @@ def _visible(key_ok, offs_m, offs_n, seq_q, seq_k, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_short(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
+def _fwd_short(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed, KEEP,
                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
                stride_lse_b, stride_lse_h, stride_mask_b, len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
                IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+               PRECISION: tl.constexpr, EVEN_D: tl.constexpr, STORED_KEEP: tl.constexpr):
     """Output rows [pid_m * BLOCK_M, +BLOCK_M) of head h of sequence b over all its keys at once, and
-    their log-sum-exp."""
+    their log-sum-exp (STORED_KEEP: and their dropout keep-mask, bit-packed into KEEP)."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -101,6 +136,8 @@ def _fwd_short(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
             p = tl.where(keep, p, 0.0)
+            if STORED_KEEP:
+                _store_keep(KEEP, keep, b, h, n_heads, offs_m, offs_n, seq_q, seq_k, len_q, len_k, BLOCK_M, BLOCK_N)
         v = tl.load(_rows(V, b, h, k_start, offs_n, offs_d, stride_kb, stride_kl, stride_kh), mask=key_tile,
                     other=0.0)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -117,16 +154,17 @@ def _fwd_short(pid_m, b, h, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
 
 
 @triton.jit
-def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
+def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed, KEEP,
                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
                stride_dqb, stride_dql, stride_dqh, stride_dkb, stride_dkl, stride_dkh,
                stride_lse_b, stride_lse_h, stride_mask_b, len_q, len_k, n_heads, head_dim, qk_scale, scale,
                dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+               PRECISION: tl.constexpr, EVEN_D: tl.constexpr, STORED_KEEP: tl.constexpr):
     """dQ, dK, dV of head h of sequence b: all its queries (BLOCK_M rows) against all its keys
     (BLOCK_N rows), each tile loaded once, five GEMMs (S, dP, dV, dK, dQ), each gradient stored as soon
-    as it is complete (fewer live registers)."""
+    as it is complete (fewer live registers). The dropout mask is read from KEEP (STORED_KEEP) or
+    regenerated from the seed."""
     q_start, seq_q = _sequence(CU_Q, b, len_q, IS_VARLEN)
     k_start, seq_k = _sequence(CU_K, b, len_k, IS_VARLEN)
     offs_m = tl.arange(0, BLOCK_M)
@@ -144,7 +182,10 @@ def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
     p = tl.where(_visible(key_ok, offs_m, offs_n, seq_q, seq_k, IS_CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
     if HAS_DROPOUT:  # the mask dies here: where p > 0, p_used > 0 says "kept" (and where p = 0, dS = 0)
         inv_keep = 1.0 / (1.0 - dropout_p)
-        keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
+        if STORED_KEEP:
+            keep = _load_keep(KEEP, b, h, n_heads, offs_m, seq_q, seq_k, len_q, len_k, BLOCK_M, BLOCK_N)
+        else:
+            keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, len_q, len_k, dropout_p)
         p_used = tl.where(keep, p * inv_keep, 0.0)
     else:
         p_used = p
@@ -172,41 +213,45 @@ def _bwd_short(b, h, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
-def attention_fwd_short_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED,
+def attention_fwd_short_kernel(Q, K, V, O, LSE, MASK, CU_Q, CU_K, SEED, KEEP,
                                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
                                stride_ob, stride_ol, stride_oh, stride_lse_b, stride_lse_h, stride_mask_b,
                                len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                               HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
-    """Program (i, b * H + h): output and log-sum-exp of query block i of head h of sequence b; k and
-    v share one stride set."""
+                               HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                               STORED_KEEP: tl.constexpr):
+    """Program (i, b * H + h): output and log-sum-exp of query block i of head h of sequence b (and
+    its packed keep-mask rows, STORED_KEEP); k and v share one stride set."""
     pid_bh = tl.program_id(1)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
-    _fwd_short(tl.program_id(0), pid_bh // n_heads, pid_bh % n_heads, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed,
+    _fwd_short(tl.program_id(0), pid_bh // n_heads, pid_bh % n_heads, Q, K, V, O, LSE, MASK, CU_Q, CU_K, seed, KEEP,
                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
                stride_lse_b, stride_lse_h, stride_mask_b, len_q, len_k, n_heads, head_dim, qk_scale, dropout_p,
-               BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D)
+               BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D,
+               STORED_KEEP)
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
-def attention_bwd_short_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED,
+def attention_bwd_short_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, SEED, KEEP,
                                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
                                stride_ob, stride_ol, stride_oh, stride_dqb, stride_dql, stride_dqh,
                                stride_dkb, stride_dkl, stride_dkh, stride_lse_b, stride_lse_h, stride_mask_b,
                                len_q, len_k, n_heads, head_dim, qk_scale, scale, dropout_p,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                               HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                               HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                               STORED_KEEP: tl.constexpr):
     """Program (b * H + h): dQ, dK, dV of head h of sequence b. Stride sets: q; k and v; o and do; dq;
     dk and dv."""
     pid_bh = tl.program_id(0)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
-    _bwd_short(pid_bh // n_heads, pid_bh % n_heads, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed,
+    _bwd_short(pid_bh // n_heads, pid_bh % n_heads, Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K, seed, KEEP,
                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_ob, stride_ol, stride_oh,
                stride_dqb, stride_dql, stride_dqh, stride_dkb, stride_dkl, stride_dkh,
                stride_lse_b, stride_lse_h, stride_mask_b, len_q, len_k, n_heads, head_dim, qk_scale, scale,
-               dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D)
+               dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK, IS_VARLEN, IS_CAUSAL, HAS_DROPOUT, PRECISION, EVEN_D,
+               STORED_KEEP)
 
 
 # Co-attention (direction 0: image queries over text keys/values; 1: text over image) ----------------
@@ -214,26 +259,41 @@ def attention_bwd_short_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, CU_Q, CU_K
 
 @triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_fwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
-                                  stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
+                                  KEEP_V, KEEP_T, stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
                                   stride_ovb, stride_ovl, stride_ovh, stride_otb, stride_otl, stride_oth,
                                   stride_lse_vb, stride_lse_vh, stride_lse_tb, stride_lse_th,
                                   stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale,
                                   dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                   HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr, IS_VARLEN: tl.constexpr,
-                                  HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
-    """Program (i, b * H + h): query block i of either direction (see ``attention._co_fwd_program``),
-    single pass. One stride set per stream (its q, k, v) and per output."""
-    _co_fwd_program(QV, KV, VV, QT, KT, VT, OV, OT, LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
-                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
-                    stride_ovh, stride_otb, stride_otl, stride_oth, stride_lse_vb, stride_lse_vh, stride_lse_tb,
-                    stride_lse_th, stride_mask_vb, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale,
-                    dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, HAS_MASK_T, IS_VARLEN, HAS_DROPOUT,
-                    PRECISION, EVEN_D, _fwd_short)
+                                  HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                                  STORED_KEEP: tl.constexpr):
+    """Program (i, b * H + h), single pass: for i < cdiv(len_v, BLOCK_M), image-query block i over the
+    text keys/values (ctx_v, keep-mask KEEP_V [B, H, len_v, words of len_t]); otherwise text-query block
+    i - that over the image keys/values (ctx_t, seed + 1, KEEP_T). The tiled twin is
+    ``attention._co_fwd_program``. One stride set per stream (its q, k, v) and per output."""
+    pid = tl.program_id(0)
+    v_blocks = tl.cdiv(len_v, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    if pid < v_blocks:
+        _fwd_short(pid, b, h, QV, KT, VT, OV, LSE_V, MASK_T, CU_V, CU_T, seed, KEEP_V,
+                   stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
+                   stride_ovh, stride_lse_vb, stride_lse_vh, stride_mask_tb, len_v, len_t, n_heads, head_dim,
+                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT,
+                   PRECISION, EVEN_D, STORED_KEEP)
+    else:
+        _fwd_short(pid - v_blocks, b, h, QT, KV, VV, OT, LSE_T, MASK_V, CU_T, CU_V, seed + 1, KEEP_T,
+                   stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
+                   stride_oth, stride_lse_tb, stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim,
+                   qk_scale, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT,
+                   PRECISION, EVEN_D, STORED_KEEP)
 
 
 @triton.jit(do_not_specialize=CO_LENGTH_ARGS)
 def co_attention_bwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV, DKV, DVV, DQT, DKT, DVT,
-                                  LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED,
+                                  LSE_V, LSE_T, MASK_V, MASK_T, CU_V, CU_T, SEED, KEEP_V, KEEP_T,
                                   stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th,
                                   stride_ovb, stride_ovl, stride_ovh, stride_otb, stride_otl, stride_oth,
                                   stride_gvb, stride_gvl, stride_gvh, stride_gtb, stride_gtl, stride_gth,
@@ -242,7 +302,8 @@ def co_attention_bwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV,
                                   dropout_p, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                   HAS_MASK_V: tl.constexpr, HAS_MASK_T: tl.constexpr,
                                   IS_VARLEN: tl.constexpr,
-                                  HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                                  HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                                  STORED_KEEP: tl.constexpr):
     """Program (direction, b * H + h): direction 0 gives dQ_v, dK_t, dV_t (image queries over the text
     keys), direction 1 dQ_t, dK_v, dV_v. Stride sets: per stream its inputs, its output and output
     gradient, its three input gradients."""
@@ -251,17 +312,17 @@ def co_attention_bwd_short_kernel(QV, KV, VV, QT, KT, VT, OV, OT, DOV, DOT, DQV,
     h = pid_bh % n_heads
     seed = tl.load(SEED) if HAS_DROPOUT else 0
     if tl.program_id(0) == 0:
-        _bwd_short(b, h, QV, KT, VT, OV, DOV, DQV, DKT, DVT, LSE_V, MASK_T, CU_V, CU_T, seed,
+        _bwd_short(b, h, QV, KT, VT, OV, DOV, DQV, DKT, DVT, LSE_V, MASK_T, CU_V, CU_T, seed, KEEP_V,
                    stride_vb, stride_vl, stride_vh, stride_tb, stride_tl, stride_th, stride_ovb, stride_ovl,
                    stride_ovh, stride_gvb, stride_gvl, stride_gvh, stride_gtb, stride_gtl, stride_gth,
                    stride_lse_vb, stride_lse_vh, stride_mask_tb, len_v, len_t, n_heads, head_dim, qk_scale, scale,
                    dropout_p, BLOCK_N, BLOCK_N, BLOCK_D, HAS_MASK_T, IS_VARLEN, False, HAS_DROPOUT, PRECISION,
-                   EVEN_D)
+                   EVEN_D, STORED_KEEP)
     else:
-        _bwd_short(b, h, QT, KV, VV, OT, DOT, DQT, DKV, DVV, LSE_T, MASK_V, CU_T, CU_V, seed + 1,
+        _bwd_short(b, h, QT, KV, VV, OT, DOT, DQT, DKV, DVV, LSE_T, MASK_V, CU_T, CU_V, seed + 1, KEEP_T,
                    stride_tb, stride_tl, stride_th, stride_vb, stride_vl, stride_vh, stride_otb, stride_otl,
                    stride_oth, stride_gtb, stride_gtl, stride_gth, stride_gvb, stride_gvl, stride_gvh,
                    stride_lse_tb, stride_lse_th, stride_mask_vb, len_t, len_v, n_heads, head_dim, qk_scale, scale,
                    dropout_p, BLOCK_N, BLOCK_N, BLOCK_D, HAS_MASK_V, IS_VARLEN, False, HAS_DROPOUT, PRECISION,
-                   EVEN_D)
+                   EVEN_D, STORED_KEEP)
 

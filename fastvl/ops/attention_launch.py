@@ -106,8 +106,10 @@ def _forward_kernel(name: str, dtype: torch.dtype, head_dim: int, max_len: int, 
 
 
 def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float, scale: float,
-                      causal: bool, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output like q, log-sum-exp) of one attention; rows with no key get zeros and lse = inf."""
+                      causal: bool, seed: torch.Tensor, keep: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output like q, log-sum-exp) of one attention; rows with no key get zeros and lse = inf.
+    ``keep`` (from ``new_keep_mask``): the dropout keep-mask is also written there, bit-packed."""
     kern = kernels()
     packed = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -123,8 +125,9 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout
     if q.numel() == 0 or grid[0] * grid[1] == 0:
         return out.zero_(), lse.fill_(math.inf)
     mask_u8, mask_stride = _mask_pointer(mask)
+    keep_args, meta = _with_keep(kernel, meta, keep)
     kernel[grid](
-        q, k, v, out, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed),
+        q, k, v, out, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed), *keep_args,
         *q_strides, *kv_strides, *o_strides, *lse_stride, mask_stride, max_q, max_k, heads, head_dim,
         scale * kern.LOG2E, dropout_p, HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal,
         HAS_DROPOUT=dropout_p > 0.0, **meta)
@@ -132,9 +135,10 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, dropout
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int, max_k: int, dropout_p: float,
-                       scale: float, causal: bool, seed: torch.Tensor,
-                       into: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv) from the forward's output and log-sum-exp; dropout regenerated from ``seed``.
+                       scale: float, causal: bool, seed: torch.Tensor, into: torch.Tensor | None = None,
+                       keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) from the forward's output and log-sum-exp; the dropout mask read from ``keep``
+    (the forward's stored mask) or else regenerated from ``seed``.
     ``into``: a ``[..., 3, H, D]`` buffer (the layout of a fused QKV projection) that dq, dk, dv are
     written into as its three views."""
     kern = kernels()
@@ -161,10 +165,11 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
         kernel, meta = kern.attention_bwd_kernel, _tiled_bwd_meta(q.dtype, head_dim, config, q.device, causal)
         grid = (cdiv(max_k, config.block_n) + cdiv(max_q, config.block_m), batch * heads)
     mask_u8, mask_stride = _mask_pointer(mask)
+    keep_args, meta = _with_keep(kernel, meta, keep)
     kernel[grid](
         q, k, v, out, grad_out, dq, dk, dv, lse, mask_u8, cu_q, cu_k, _seed_pointer(dropout_p, seed),
-        *q_strides, *kv_strides, *o_strides, *dq_strides, *dkv_strides, *lse_strides(lse, packed), mask_stride,
-        max_q, max_k, heads, head_dim, scale * kern.LOG2E, scale, dropout_p,
+        *keep_args, *q_strides, *kv_strides, *o_strides, *dq_strides, *dkv_strides, *lse_strides(lse, packed),
+        mask_stride, max_q, max_k, heads, head_dim, scale * kern.LOG2E, scale, dropout_p,
         HAS_MASK=mask is not None, IS_VARLEN=packed, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, **meta)
     return dq, dk, dv
 
@@ -173,8 +178,10 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q: int
 
 
 def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_t, len_v: int, len_t: int,
-                         dropout_p: float, scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(ctx_v, ctx_t, lse_v, lse_t): image queries over text keys and text queries over image keys."""
+                         dropout_p: float, scale: float, seed: torch.Tensor,
+                         keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """(ctx_v, ctx_t, lse_v, lse_t): image queries over text keys and text queries over image keys.
+    ``keep`` (from ``new_co_keep_masks``): each direction's keep-mask is also written there, bit-packed."""
     kern = kernels()
     packed = cu_v is not None
     heads, head_dim = q_v.shape[-2:]
@@ -193,10 +200,12 @@ def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_
         return ctx_v.zero_(), ctx_t.zero_(), lse_v.fill_(math.inf), lse_t.fill_(math.inf)
     mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
     mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
+    keep_args, meta = _with_keep(kernel, meta, keep, 2)
     kernel[grid](
         q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t,
-        _seed_pointer(dropout_p, seed), *v_strides, *t_strides, *ov_strides, *ot_strides, *stride_lse_v,
-        *stride_lse_t, mask_v_stride, mask_t_stride, len_v, len_t, heads, head_dim, scale * kern.LOG2E, dropout_p,
+        _seed_pointer(dropout_p, seed), *keep_args, *v_strides, *t_strides, *ov_strides,
+        *ot_strides, *stride_lse_v, *stride_lse_t, mask_v_stride, mask_t_stride, len_v, len_t, heads, head_dim,
+        scale * kern.LOG2E, dropout_p,
         HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed,
         HAS_DROPOUT=dropout_p > 0.0, **meta)
     return ctx_v, ctx_t, lse_v, lse_t
@@ -204,8 +213,10 @@ def co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_v, cu_
 
 def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t,
                           cu_v, cu_t, len_v: int, len_t: int, dropout_p: float, scale: float, seed: torch.Tensor,
-                          into: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-    """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch.
+                          into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch; the
+    dropout masks read from ``keep`` (the forward's) or else regenerated from ``seed``.
     ``into``: per stream a ``[..., 3, H, D]`` buffer (a fused QKV projection's layout) that its three
     gradients are written into as views."""
     kern = kernels()
@@ -237,10 +248,11 @@ def co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, c
         grid = (sum(cdiv(n, config.block_n) + cdiv(n, config.block_m) for n in (len_v, len_t)), batch * heads)
     mask_v_u8, mask_v_stride = _mask_pointer(mask_v)
     mask_t_u8, mask_t_stride = _mask_pointer(mask_t)
+    keep_args, meta = _with_keep(kernel, meta, keep, 2)
     kernel[grid](
         q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, grad_v, grad_t, *grads_v, *grads_t,
         lse_v, lse_t, mask_v_u8, mask_t_u8, cu_v, cu_t, _seed_pointer(dropout_p, seed),
-        *v_strides, *t_strides, *ov_strides, *ot_strides, *gv_strides, *gt_strides,
+        *keep_args, *v_strides, *t_strides, *ov_strides, *ot_strides, *gv_strides, *gt_strides,
         *lse_strides(lse_v, packed), *lse_strides(lse_t, packed), mask_v_stride, mask_t_stride,
         len_v, len_t, heads, head_dim, scale * kern.LOG2E, scale, dropout_p,
         HAS_MASK_V=mask_v is not None, HAS_MASK_T=mask_t is not None, IS_VARLEN=packed,
@@ -341,6 +353,62 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 def _short_bwd_warps(block_n: int, block_d: int, device: torch.device) -> int:
     return short_kernels().bwd_warps(block_n, block_d, _capability(device)[0])
+
+
+def stores_keep_mask(max_len: int, dtype: torch.dtype, head_dim: int, dropout_p: float) -> bool:
+    """Whether the forward stores the dropout keep-mask bit-packed for the backward to read: on the
+    short path with dropout at head dims <= 64. There the Philox draw is ~2,600 of the backward's
+    ~4,100 PTX instructions per thread (bf16 d=64) and the mask ~1% of the op's bytes at ViLBERT
+    shapes; at d=128 the reading backward spills 68 B on sm_90 (none regenerating), so d=128 and the
+    tiled kernels regenerate it (README, Performance). ``FASTVL_DROPOUT_MASK=regenerate`` / ``=store``
+    override the head-dim rule (GPU A/B runs, benchmarks/bench_dropout_mask.py)."""
+    if dropout_p <= 0.0 or attention_path(max_len, dtype, head_dim) != "short":
+        return False
+    forced = os.environ.get("FASTVL_DROPOUT_MASK")
+    return forced == "store" if forced in ("store", "regenerate") else kernels().head_block(head_dim) <= 64
+
+
+def new_keep_mask(batch: int, heads: int, len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
+    """int32 [B, H, len_q, ceil(len_k / 32)]: bit n % 32 of word n // 32 of row m says whether
+    score (m, n) of the head is kept (packed batches: len = the max_seqlen, rows local to the sequence)."""
+    return torch.empty((batch, heads, len_q, short_kernels().keep_words(len_k)), dtype=torch.int32, device=device)
+
+
+def forward_keep_mask(batch: int, heads: int, head_dim: int, dtype: torch.dtype, len_q: int, len_k: int,
+                      dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The buffer a forward op stores its keep-mask in: ``new_keep_mask`` where ``stores_keep_mask``
+    says so, else an empty int32 tensor (none stored; ``stored_keep`` maps it to None)."""
+    if stores_keep_mask(max(len_q, len_k), dtype, head_dim, dropout_p):
+        return new_keep_mask(batch, heads, len_q, len_k, device)
+    return torch.empty((0,), dtype=torch.int32, device=device)
+
+
+def stored_keep(keep: torch.Tensor) -> torch.Tensor | None:
+    """A forward op's keep-mask output as the launchers take it (None: the backward regenerates it)."""
+    return keep if keep.numel() else None
+
+
+def new_co_keep_masks(batch: int, heads: int, len_v: int, len_t: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Co-attention's two packed keep-masks: image queries over text keys, text queries over image keys."""
+    return new_keep_mask(batch, heads, len_v, len_t, device), new_keep_mask(batch, heads, len_t, len_v, device)
+
+
+def unpack_keep_mask(keep: torch.Tensor, len_k: int) -> torch.Tensor:
+    """bool [..., len_k] of a packed keep-mask (tests, debugging)."""
+    bits = (keep.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=keep.device)) & 1
+    return bits.flatten(-2)[..., :len_k].bool()
+
+
+def _with_keep(kernel, meta: dict, keep, count: int = 1) -> tuple[tuple, dict]:
+    """(keep-mask arguments, meta with STORED_KEEP) of a short kernel (None pointers without a stored
+    mask); nothing for a tiled one, which always regenerates the mask."""
+    if not kernel.__name__.endswith("_short_kernel"):
+        if keep is not None:
+            raise ValueError("keep: only the short-sequence kernels store the dropout keep-mask")
+        return (), meta
+    pointers = (None,) * count if keep is None else tuple(keep) if count > 1 else (keep,)
+    return pointers, {**meta, "STORED_KEEP": keep is not None}
 
 
 def _short_block_m():

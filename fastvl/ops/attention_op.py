@@ -198,30 +198,39 @@ def _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q, cu_seq
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                      cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
                      max_seqlen_k: int, dropout_p: float, scale: float, causal: bool,
-                     seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output, log-sum-exp, seed used). The seed is drawn here when not given (see ``draw_seed``)."""
+                     seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp, seed used, stored dropout keep-mask or an empty tensor). The seed is drawn
+    here when not given (see ``draw_seed``)."""
     seed = launch.draw_seed(dropout_p, seed, q.device)
+    keep = _keep_buffer(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p)
     out, lse = launch.attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, dropout_p, scale, causal, seed)
-    return out, lse, seed
+                                        max_seqlen_k, dropout_p, scale, causal, seed, keep=launch.stored_keep(keep))
+    return out, lse, seed, keep
+
+
+def _keep_buffer(q, cu_seqlens_q, max_q, max_k, dropout_p):
+    batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+    return launch.forward_keep_mask(batch, q.shape[-2], q.shape[-1], q.dtype, max_q, max_k, dropout_p, q.device)
 
 
 @attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, causal,
       seed):
     return (q.new_empty(q.shape), q.new_empty(launch.lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32),
-            q.new_empty((1,), dtype=torch.int64))
+            q.new_empty((1,), dtype=torch.int64), _keep_buffer(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p))
 
 
 @torch.library.custom_op("fastvl::attention_bwd", mutates_args=())
 def attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor, key_padding_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
                      cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
-                     scale: float, causal: bool,
-                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the forward's output and log-sum-exp; dropout regenerated from ``seed``."""
+                     scale: float, causal: bool, seed: torch.Tensor,
+                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the forward's output and log-sum-exp; dropout read from the forward's stored
+    ``keep`` or regenerated from ``seed``."""
     return launch.attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, seed)
+                                     max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, seed,
+                                     keep=launch.stored_keep(keep))
 
 
 @attention_bwd_op.register_fake
@@ -231,18 +240,18 @@ def _(grad_out, q, k, v, *_rest):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, _ = inputs
-    out, lse, seed = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed)
+    out, lse, seed, keep = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k, seed, keep)
     ctx.arguments = (max_q, max_k, dropout_p, scale, causal)
     ctx.inputs_count = len(inputs)
     ctx.set_materialize_grads(False)  # lse and seed get no gradient: no zero-filled buffers (launches)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+def _backward(ctx, grad_out, _grad_lse, _grad_seed, _grad_keep):
     if grad_out is None:
         return (None,) * ctx.inputs_count
-    q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
-    grads = attention_bwd_op(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.arguments, seed)
+    q, k, v, out, lse, mask, cu_q, cu_k, seed, keep = ctx.saved_tensors
+    grads = attention_bwd_op(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.arguments, seed, keep)
     return *grads, *[None] * (ctx.inputs_count - len(grads))
 
 
@@ -257,29 +266,33 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("fastvl::attention_qkv_fwd", mutates_args=())
 def attention_qkv_fwd_op(qkv: torch.Tensor, key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                          max_seqlen: int, dropout_p: float, scale: float, causal: bool,
-                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output, log-sum-exp, seed used) of ``attention(*qkv.unbind(-3))``."""
+                         seed: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp, seed used, stored keep-mask or empty) of ``attention(*qkv.unbind(-3))``."""
     seed = launch.draw_seed(dropout_p, seed, qkv.device)
+    keep = _keep_buffer(qkv.select(-3, 0), cu_seqlens, max_seqlen, max_seqlen, dropout_p)
     out, lse = launch.attention_forward(*qkv.unbind(-3), key_padding_mask, cu_seqlens, cu_seqlens, max_seqlen,
-                                        max_seqlen, dropout_p, scale, causal, seed)
-    return out, lse, seed
+                                        max_seqlen, dropout_p, scale, causal, seed, keep=launch.stored_keep(keep))
+    return out, lse, seed, keep
 
 
 @attention_qkv_fwd_op.register_fake
-def _(qkv, key_padding_mask, cu_seqlens, *_rest):
+def _(qkv, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, *_rest):
     q = qkv.select(-3, 0)
     return (q.new_empty(q.shape), q.new_empty(launch.lse_shape(q, cu_seqlens is not None), dtype=torch.float32),
-            q.new_empty((1,), dtype=torch.int64))
+            q.new_empty((1,), dtype=torch.int64), _keep_buffer(q, cu_seqlens, max_seqlen, max_seqlen, dropout_p))
 
 
 @torch.library.custom_op("fastvl::attention_qkv_bwd", mutates_args=())
 def attention_qkv_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                          key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
-                         dropout_p: float, scale: float, causal: bool, seed: torch.Tensor) -> torch.Tensor:
+                         dropout_p: float, scale: float, causal: bool, seed: torch.Tensor,
+                         keep: torch.Tensor) -> torch.Tensor:
     """d qkv ``[..., 3, H, D]``: dq, dk, dv written by the backward kernel as its three views."""
     grad = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     launch.attention_backward(grad_out, *qkv.unbind(-3), out, lse, key_padding_mask, cu_seqlens, cu_seqlens,
-                              max_seqlen, max_seqlen, dropout_p, scale, causal, seed, into=grad)
+                              max_seqlen, max_seqlen, dropout_p, scale, causal, seed, into=grad,
+                              keep=launch.stored_keep(keep))
     return grad
 
 
@@ -290,18 +303,18 @@ def _(grad_out, qkv, *_rest):
 
 def _setup_qkv_context(ctx, inputs, output):
     qkv, mask, cu, max_len, dropout_p, scale, causal, _ = inputs
-    out, lse, seed = output
-    ctx.save_for_backward(qkv, out, lse, mask, cu, seed)
+    out, lse, seed, keep = output
+    ctx.save_for_backward(qkv, out, lse, mask, cu, seed, keep)
     ctx.arguments = (max_len, dropout_p, scale, causal)
     ctx.inputs_count = len(inputs)
     ctx.set_materialize_grads(False)
 
 
-def _qkv_backward(ctx, grad_out, _grad_lse, _grad_seed):
+def _qkv_backward(ctx, grad_out, _grad_lse, _grad_seed, _grad_keep):
     if grad_out is None:
         return (None,) * ctx.inputs_count
-    qkv, out, lse, mask, cu, seed = ctx.saved_tensors
-    grad = attention_qkv_bwd_op(grad_out, qkv, out, lse, mask, cu, *ctx.arguments, seed)
+    qkv, out, lse, mask, cu, seed, keep = ctx.saved_tensors
+    grad = attention_qkv_bwd_op(grad_out, qkv, out, lse, mask, cu, *ctx.arguments, seed, keep)
     return grad, *[None] * (ctx.inputs_count - 1)
 
 
@@ -315,10 +328,10 @@ def _triton_impl(inputs: AttentionInputs) -> torch.Tensor:
     one_packing = inputs.cu_seqlens_q is inputs.cu_seqlens_k
     qkv = launch.fused_projection(q, inputs.k, inputs.v) if one_packing else None
     if qkv is not None:  # one fused projection: one gradient buffer in its layout
-        out, _, _ = attention_qkv_fwd_op(qkv, inputs.key_padding_mask, inputs.cu_seqlens_q, max_q,
+        out, *_ = attention_qkv_fwd_op(qkv, inputs.key_padding_mask, inputs.cu_seqlens_q, max_q,
                                          float(inputs.dropout_p), scale, inputs.causal, seed)
         return out
-    out, _, _ = attention_fwd_op(q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.cu_seqlens_q,
+    out, *_ = attention_fwd_op(q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.cu_seqlens_q,
                                  inputs.cu_seqlens_k, max_q, max_k, float(inputs.dropout_p), scale, inputs.causal,
                                  seed)
     return out

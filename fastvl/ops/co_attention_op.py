@@ -182,20 +182,38 @@ def co_attention_fwd_op(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
                         mask_t: torch.Tensor | None, cu_seqlens_v: torch.Tensor | None,
                         cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int, max_seqlen_t: int, dropout_p: float,
                         scale: float, seed: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ctx_v, ctx_t, lse_v, lse_t, seed used), both directions in one launch."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """(ctx_v, ctx_t, lse_v, lse_t, seed used, keep_v, keep_t), both directions in one launch; keep_*:
+    each direction's stored dropout keep-mask, or empty tensors."""
     seed = launch.draw_seed(dropout_p, seed, q_v.device)
+    keep = _keep_buffers(q_v, cu_seqlens_v, max_seqlen_v, max_seqlen_t, dropout_p)
     outputs = launch.co_attention_forward(q_v, k_v, v_v, mask_v, q_t, k_t, v_t, mask_t, cu_seqlens_v, cu_seqlens_t,
-                                          max_seqlen_v, max_seqlen_t, dropout_p, scale, seed)
-    return (*outputs, seed)
+                                          max_seqlen_v, max_seqlen_t, dropout_p, scale, seed,
+                                          keep=_stored(*keep))
+    return (*outputs, seed, *keep)
+
+
+def _keep_buffers(q_v, cu_seqlens_v, max_v, max_t, dropout_p):
+    """Each direction's keep-mask buffer (``launch.new_co_keep_masks``), or two empty tensors where the
+    rule (``launch.stores_keep_mask``) stores none."""
+    if not launch.stores_keep_mask(max(max_v, max_t), q_v.dtype, q_v.shape[-1], dropout_p):
+        return tuple(torch.empty((0,), dtype=torch.int32, device=q_v.device) for _ in range(2))
+    batch = cu_seqlens_v.shape[0] - 1 if cu_seqlens_v is not None else q_v.shape[0]
+    return launch.new_co_keep_masks(batch, q_v.shape[-2], max_v, max_t, q_v.device)
+
+
+def _stored(keep_v, keep_t):
+    return None if launch.stored_keep(keep_v) is None else (keep_v, keep_t)
 
 
 @co_attention_fwd_op.register_fake
-def _(q_v, k_v, v_v, q_t, k_t, v_t, mask_v, mask_t, cu_seqlens_v, *_rest):
+def _(q_v, k_v, v_v, q_t, k_t, v_t, mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_v, max_t, dropout_p, *_rest):
     packed = cu_seqlens_v is not None
     return (q_v.new_empty(q_v.shape), q_t.new_empty(q_t.shape),
             q_v.new_empty(launch.lse_shape(q_v, packed), dtype=torch.float32),
-            q_t.new_empty(launch.lse_shape(q_t, packed), dtype=torch.float32), q_v.new_empty((1,), dtype=torch.int64))
+            q_t.new_empty(launch.lse_shape(q_t, packed), dtype=torch.float32), q_v.new_empty((1,), dtype=torch.int64),
+            *_keep_buffers(q_v, cu_seqlens_v, max_v, max_t, dropout_p))
 
 
 @torch.library.custom_op("fastvl::co_attention_bwd", mutates_args=())
@@ -204,12 +222,12 @@ def co_attention_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, q_v: torch.T
                         ctx_t: torch.Tensor, lse_v: torch.Tensor, lse_t: torch.Tensor, mask_v: torch.Tensor | None,
                         mask_t: torch.Tensor | None, cu_seqlens_v: torch.Tensor | None,
                         cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int, max_seqlen_t: int, dropout_p: float,
-                        scale: float, seed: torch.Tensor
+                        scale: float, seed: torch.Tensor, keep_v: torch.Tensor, keep_t: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq_v, dk_v, dv_v, dq_t, dk_t, dv_t), every gradient of both directions in one launch."""
     return launch.co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t,
                                         mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t,
-                                        dropout_p, scale, seed)
+                                        dropout_p, scale, seed, keep=_stored(keep_v, keep_t))
 
 
 @co_attention_bwd_op.register_fake
@@ -219,20 +237,21 @@ def _(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, *_rest):
 
 def _setup_context(ctx, inputs, output):
     q_v, k_v, v_v, q_t, k_t, v_t, mask_v, mask_t, cu_v, cu_t, max_v, max_t, dropout_p, scale, _ = inputs
-    ctx_v, ctx_t, lse_v, lse_t, seed = output
-    ctx.save_for_backward(q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, seed)
+    ctx_v, ctx_t, lse_v, lse_t, *seed_keep = output
+    ctx.save_for_backward(q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t,
+                          *seed_keep)
     ctx.arguments = (max_v, max_t, dropout_p, scale)
     ctx.inputs_count = len(inputs)
     ctx.set_materialize_grads(False)  # the lse and seed outputs get no gradient: no zero-filled buffers
 
 
-def _backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, _grad_seed):
-    *saved, seed = ctx.saved_tensors
+def _backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, *_grad_seed_keep):
+    *saved, seed, keep_v, keep_t = ctx.saved_tensors
     if grad_v is None or grad_t is None:  # one direction's output unused: its upstream gradient is zero
         ctx_v, ctx_t = saved[6], saved[7]
         grad_v = torch.zeros_like(ctx_v) if grad_v is None else grad_v
         grad_t = torch.zeros_like(ctx_t) if grad_t is None else grad_t
-    grads = co_attention_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed)
+    grads = co_attention_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed, keep_v, keep_t)
     return *grads, *[None] * (ctx.inputs_count - len(grads))
 
 
@@ -249,20 +268,25 @@ def co_attention_qkv_fwd_op(qkv_v: torch.Tensor, qkv_t: torch.Tensor, mask_v: to
                             mask_t: torch.Tensor | None, cu_seqlens_v: torch.Tensor | None,
                             cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int, max_seqlen_t: int,
                             dropout_p: float, scale: float, seed: torch.Tensor | None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ctx_v, ctx_t, lse_v, lse_t, seed used) of ``co_attention`` on ``qkv_v.unbind(-3)``, ``qkv_t.unbind(-3)``."""
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor, torch.Tensor]:
+    """(ctx_v, ctx_t, lse_v, lse_t, seed used, keep_v, keep_t) of ``co_attention`` on ``qkv_v.unbind(-3)``,
+    ``qkv_t.unbind(-3)``."""
     seed = launch.draw_seed(dropout_p, seed, qkv_v.device)
+    keep = _keep_buffers(qkv_v.select(-3, 0), cu_seqlens_v, max_seqlen_v, max_seqlen_t, dropout_p)
     outputs = launch.co_attention_forward(*qkv_v.unbind(-3), mask_v, *qkv_t.unbind(-3), mask_t, cu_seqlens_v,
-                                          cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p, scale, seed)
-    return (*outputs, seed)
+                                          cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p, scale, seed,
+                                          keep=_stored(*keep))
+    return (*outputs, seed, *keep)
 
 
 @co_attention_qkv_fwd_op.register_fake
-def _(qkv_v, qkv_t, mask_v, mask_t, cu_seqlens_v, *_rest):
+def _(qkv_v, qkv_t, mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_v, max_t, dropout_p, *_rest):
     packed, q_v, q_t = cu_seqlens_v is not None, qkv_v.select(-3, 0), qkv_t.select(-3, 0)
     return (q_v.new_empty(q_v.shape), q_t.new_empty(q_t.shape),
             q_v.new_empty(launch.lse_shape(q_v, packed), dtype=torch.float32),
-            q_t.new_empty(launch.lse_shape(q_t, packed), dtype=torch.float32), q_v.new_empty((1,), dtype=torch.int64))
+            q_t.new_empty(launch.lse_shape(q_t, packed), dtype=torch.float32), q_v.new_empty((1,), dtype=torch.int64),
+            *_keep_buffers(q_v, cu_seqlens_v, max_v, max_t, dropout_p))
 
 
 @torch.library.custom_op("fastvl::co_attention_qkv_bwd", mutates_args=())
@@ -270,13 +294,13 @@ def co_attention_qkv_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, qkv_v: t
                             ctx_v: torch.Tensor, ctx_t: torch.Tensor, lse_v: torch.Tensor, lse_t: torch.Tensor,
                             mask_v: torch.Tensor | None, mask_t: torch.Tensor | None,
                             cu_seqlens_v: torch.Tensor | None, cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int,
-                            max_seqlen_t: int, dropout_p: float, scale: float,
-                            seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                            max_seqlen_t: int, dropout_p: float, scale: float, seed: torch.Tensor,
+                            keep_v: torch.Tensor, keep_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d qkv_v, d qkv_t), each stream's three gradients written by the one backward launch as views."""
     into = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (qkv_v, qkv_t))
     launch.co_attention_backward(grad_v, grad_t, *qkv_v.unbind(-3), *qkv_t.unbind(-3), ctx_v, ctx_t, lse_v, lse_t,
                                  mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p,
-                                 scale, seed, into=into)
+                                 scale, seed, into=into, keep=_stored(keep_v, keep_t))
     return into
 
 
@@ -287,19 +311,19 @@ def _(grad_v, grad_t, qkv_v, qkv_t, *_rest):
 
 def _setup_qkv_context(ctx, inputs, output):
     qkv_v, qkv_t, mask_v, mask_t, cu_v, cu_t, max_v, max_t, dropout_p, scale, _ = inputs
-    ctx_v, ctx_t, lse_v, lse_t, seed = output
-    ctx.save_for_backward(qkv_v, qkv_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, seed)
+    ctx_v, ctx_t, lse_v, lse_t, *seed_keep = output
+    ctx.save_for_backward(qkv_v, qkv_t, ctx_v, ctx_t, lse_v, lse_t, mask_v, mask_t, cu_v, cu_t, *seed_keep)
     ctx.arguments = (max_v, max_t, dropout_p, scale)
     ctx.inputs_count = len(inputs)
     ctx.set_materialize_grads(False)
 
 
-def _qkv_backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, _grad_seed):
-    *saved, seed = ctx.saved_tensors
+def _qkv_backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, *_grad_seed_keep):
+    *saved, seed, keep_v, keep_t = ctx.saved_tensors
     if grad_v is None or grad_t is None:  # one direction's output unused: its upstream gradient is zero
         grad_v = torch.zeros_like(saved[2]) if grad_v is None else grad_v
         grad_t = torch.zeros_like(saved[3]) if grad_t is None else grad_t
-    grads = co_attention_qkv_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed)
+    grads = co_attention_qkv_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed, keep_v, keep_t)
     return *grads, *[None] * (ctx.inputs_count - len(grads))
 
 
