@@ -28,12 +28,11 @@ import time
 
 import torch
 
-from fastvl.data.format import VOCAB_FILE, DataError, RegionDataset
+from fastvl.data.format import DataError
 from fastvl.data.tasks import read_json, read_task_dir
-from fastvl.data.tokenizer import load_tokenizer, special_ids
 from fastvl.finetune.parallel import EvalContext
 from fastvl.finetune.presets import preset_for
-from fastvl.finetune.tasks import task_class
+from fastvl.finetune.tasks import make_task, open_images, task_class
 from fastvl.finetune.tasks.common import (
     config_from_dict,
     config_to_dict,
@@ -85,27 +84,6 @@ def resolve_model(name: str) -> tuple[str, str]:
 
     family, variant = resolve(name)
     return family.name, variant
-
-
-def open_images(task_dir, vocab: str | None):
-    tokenizer = load_tokenizer(vocab or os.path.join(task_dir.images, VOCAB_FILE))
-    return RegionDataset(task_dir.images, tokenizer), special_ids(tokenizer)
-
-
-def make_task(args, family: str, dataset, special, task_dir, preset, state: dict | None = None,
-              name: str | None = None, **extra):
-    """Task ``name`` (default ``args.task``) on ``task_dir`` with the arguments' and the preset's settings."""
-    name = name or args.task
-    kwargs = dict(max_text_len=args.max_text_len or preset.max_text_len, max_regions=args.max_regions,
-                  seed=args.seed, state=state, **extra)
-    if name == "vqa":
-        kwargs["min_answer_count"] = getattr(args, "min_answer_count", 9)
-    if name == "retrieval":
-        kwargs["k_test"] = getattr(args, "k_test", None) or preset.k_test
-    for option in getattr(task_class(name), "options", ()):  # the task's own command-line options
-        if getattr(args, option, None) is not None:
-            kwargs[option] = getattr(args, option)
-    return task_class(name)(task_dir, family, dataset, special, **kwargs)
 
 
 # checkpoints ----------------------------------------------------------------------------------------

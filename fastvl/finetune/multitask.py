@@ -40,7 +40,7 @@ import torch
 
 from fastvl.data.format import DataError
 from fastvl.data.sampler import GlobalBatchSampler, MicroBatch
-from fastvl.finetune.tasks import Task
+from fastvl.finetune.tasks import Task, make_task, open_images
 
 NAME = "multitask"
 SAMPLING = ("round-robin", "proportional")
@@ -279,7 +279,6 @@ def open_multitask(args, family: str):
     and the first task's image set and special ids (the model's vocabulary, features and classes, which
     every task's image set must share)."""
     from fastvl.data.tasks import read_task_dir
-    from fastvl.finetune.engine import make_task, open_images
     from fastvl.finetune.presets import preset_for
     from fastvl.finetune.tasks import task_class
 

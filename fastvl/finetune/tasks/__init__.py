@@ -11,8 +11,12 @@ VCR, NLVR2, SNLI-VE ...) is a new module plus one line in :data:`TASKS`.
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
+
+from fastvl.data.format import VOCAB_FILE, RegionDataset
+from fastvl.data.tokenizer import load_tokenizer, special_ids
 
 # task name -> "module:class"
 TASKS = {
@@ -104,3 +108,24 @@ def task_class(name: str) -> type[Task]:
         raise ValueError(f"--task must be one of {sorted(TASKS)}, got {name!r}")
     module, _, cls = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def open_images(task_dir, vocab: str | None):
+    tokenizer = load_tokenizer(vocab or os.path.join(task_dir.images, VOCAB_FILE))
+    return RegionDataset(task_dir.images, tokenizer), special_ids(tokenizer)
+
+
+def make_task(args, family: str, dataset, special, task_dir, preset, state: dict | None = None,
+              name: str | None = None, **extra):
+    """Task ``name`` (default ``args.task``) on ``task_dir`` with the arguments' and the preset's settings."""
+    name = name or args.task
+    kwargs = dict(max_text_len=args.max_text_len or preset.max_text_len, max_regions=args.max_regions,
+                  seed=args.seed, state=state, **extra)
+    if name == "vqa":
+        kwargs["min_answer_count"] = getattr(args, "min_answer_count", 9)
+    if name == "retrieval":
+        kwargs["k_test"] = getattr(args, "k_test", None) or preset.k_test
+    for option in getattr(task_class(name), "options", ()):  # the task's own command-line options
+        if getattr(args, option, None) is not None:
+            kwargs[option] = getattr(args, option)
+    return task_class(name)(task_dir, family, dataset, special, **kwargs)
