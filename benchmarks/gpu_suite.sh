@@ -165,6 +165,7 @@ set_step() {
       attention-vilbert) CAP=90; CMD=("$PYTHON" benchmarks/bench_attention.py --vilbert --quick --out "$OUT/vilbert") ;;
       step-vilbert) CAP=90; CMD=("$PYTHON" -m fastvl bench model --model vilbert-base --batch 64 --no-max-batch
                                  --out "$OUT/vilbert") ;;
+      dropout-mask) CAP=40; CMD=("$PYTHON" benchmarks/bench_dropout_mask.py --out "$OUT") ;;
       build-ext) CAP=200; CMD=(env MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" -m pip install --no-build-isolation
                                --no-index --no-deps -e .) ;;
       gpu-tests) CAP=210; CMD=("$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
@@ -216,8 +217,8 @@ KERNEL_TESTS_IGNORED=()
 for test in "${KERNEL_TESTS[@]}"; do KERNEL_TESTS_IGNORED+=(--ignore="$test"); done
 
 if [[ $SMOKE == 0 ]]; then  # in order of what the first GPU run must show; the last ones go first if time runs out
-  STEPS=(kernel-tests jit-report attention-vilbert step-vilbert build-ext gpu-tests bench-ops bench-model profile
-         parity-bf16 bench-attention bench-losses bench-vlbert bench-albef parity-fp32)
+  STEPS=(kernel-tests jit-report attention-vilbert step-vilbert dropout-mask build-ext gpu-tests bench-ops bench-model
+         profile parity-bf16 bench-attention bench-losses bench-vlbert bench-albef parity-fp32)
 else
   STEPS=(kernel-tests jit-report attention-vilbert step-vilbert gpu-tests bench-ops bench-model profile parity-fp32
          bench-attention bench-losses)
