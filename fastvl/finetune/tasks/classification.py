@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastvl.data.format import DataError
+from fastvl.data.tasks import ImageLookup
 from fastvl.finetune.parallel import batches, gather, share
 from fastvl.finetune.tasks import Task
 from fastvl.finetune.tasks.common import num_tokens, pixel_batch, region_batch, text_batch
@@ -51,22 +53,40 @@ def fusion_layers_for_two_images(state: dict[str, torch.Tensor], model: torch.nn
 
 
 class PairClassificationTask(Task):
-    """A classification task over ``(text, images, label)`` examples; subclasses give the examples."""
+    """A classification task over ``(text, images, label)`` examples; subclasses read a split's examples
+    (:meth:`read_split`, cached by :meth:`split`) and give one (:meth:`example`)."""
 
     metric = "accuracy"
     num_images = 1
     class_names: tuple[str, ...] = ()
     vilbert_head = ""  # the ViLBERTTaskOutput field of the logits
+    split_role = ""  # the task.json key of a split's annotation file
+    image_lookup = ImageLookup  # how an annotation's image key finds its dataset index
 
-    def __init__(self, task_dir, family, dataset, special, **kwargs):
+    def __init__(self, task_dir, family, dataset, special, *, state=None, **kwargs):
         super().__init__(task_dir, family, dataset, special, **kwargs)
         self.objectives = ("bce",) if family == "vilbert" else ("ce",)
+        self.lookup = self.image_lookup(dataset.image_ids, dataset.dir)
+        self._splits: dict = {}
+
+    def split(self, name: str):
+        """The cached :meth:`read_split` of ``name``: a tuple whose first item holds the examples."""
+        if name not in self._splits:
+            files = self.task_dir.split(name)
+            if self.split_role not in files:
+                raise DataError(f"{self.name} split {name!r} needs a {self.split_role!r} file, got {sorted(files)}")
+            self._splits[name] = self.read_split(name, files[self.split_role])
+        return self._splits[name]
 
     # what a subclass provides -----------------------------------------------------------------------
 
+    def read_split(self, name: str, path: str) -> tuple:
+        """``(examples, images, word pieces)`` of split ``name`` read from ``path``."""
+        raise NotImplementedError
+
     def split_size(self, split: str) -> int:
         """Examples of ``split`` (the labelled ones of train)."""
-        raise NotImplementedError
+        return len(self.split(split)[0])
 
     def example(self, split: str, index: int, epoch: int | None = None) -> tuple[np.ndarray, tuple[int, ...], int | None, str]:
         """``(word pieces, dataset indices of the images, label or None, id)`` of example ``index``;
@@ -74,6 +94,16 @@ class PairClassificationTask(Task):
         raise NotImplementedError
 
     # shared -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def labelled(examples: list, path: str, what: str, train: bool) -> list:
+        """Train keeps the labelled examples (and needs one); other splits keep every example."""
+        if not train:
+            return examples
+        examples = [e for e in examples if e.label is not None]
+        if not examples:
+            raise DataError(f"{path}: no labelled {what} to train on")
+        return examples
 
     def init_state(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if self.family == "albef" and self.num_images == 2:

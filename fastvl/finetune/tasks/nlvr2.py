@@ -29,18 +29,12 @@ from torch import nn
 
 from fastvl.data.format import DataError
 from fastvl.data.pairs import ExactImageLookup, read_nlvr2
-from fastvl.data.tasks import ImageLookup, read_albef
+from fastvl.data.tasks import read_albef
 from fastvl.finetune.tasks.classification import PairClassificationTask
 from fastvl.finetune.tasks.common import tokenize
 from fastvl.models.albef import ALBEFClassifier, _text_mask
 from fastvl.nn import init_bert_weights
 from fastvl.nn.common import on_backend
-
-
-def _split_file(files: dict, role: str, task: str, split: str) -> str:
-    if role not in files:
-        raise DataError(f"{task} split {split!r} needs a {role!r} file, got {sorted(files)}")
-    return files[role]
 
 
 class NLVR2Task(PairClassificationTask):
@@ -49,28 +43,14 @@ class NLVR2Task(PairClassificationTask):
     num_images = 2
     class_names = ("False", "True")
     vilbert_head = "nlvr2"
+    split_role = "nlvr2"
+    image_lookup = ExactImageLookup
 
-    def __init__(self, task_dir, family, dataset, special, *, state=None, **kwargs):
-        super().__init__(task_dir, family, dataset, special, **kwargs)
-        self.lookup = ExactImageLookup(dataset.image_ids, dataset.dir)
-        self._splits: dict = {}
-
-    def split(self, name: str):
+    def read_split(self, name, path):
         """``(examples, (left, right) dataset indices, word pieces)``; train keeps the labelled examples."""
-        if name not in self._splits:
-            path = _split_file(self.task_dir.split(name), "nlvr2", self.name, name)
-            examples = read_nlvr2(path)
-            if name == "train":
-                examples = [e for e in examples if e.label is not None]
-                if not examples:
-                    raise DataError(f"{path}: no labelled statement to train on")
-            images = [tuple(self.lookup(key, f"{path}: {e.identifier}") for key in e.images) for e in examples]
-            pieces = tokenize(self.dataset.tokenizer, [e.sentence for e in examples], self.family)
-            self._splits[name] = (examples, images, pieces)
-        return self._splits[name]
-
-    def split_size(self, split):
-        return len(self.split(split)[0])
+        examples = self.labelled(read_nlvr2(path), path, "statement", name == "train")
+        images = [tuple(self.lookup(key, f"{path}: {e.identifier}") for key in e.images) for e in examples]
+        return examples, images, tokenize(self.dataset.tokenizer, [e.sentence for e in examples], self.family)
 
     def example(self, split, index, epoch=None):
         examples, images, pieces = self.split(split)
@@ -109,23 +89,15 @@ class TextAssignmentTask(PairClassificationTask):
     families = ("albef",)
     num_images = 2
     class_names = ("first", "second", "neither")
+    split_role = "albef"
 
-    def __init__(self, task_dir, family, dataset, special, *, state=None, **kwargs):
-        super().__init__(task_dir, family, dataset, special, **kwargs)
-        self.lookup = ImageLookup(dataset.image_ids, dataset.dir)
-        self._splits: dict = {}
-
-    def split(self, name: str):
+    def read_split(self, name, path):
         """``(RetrievalSplit of captions, dataset index per image, caption word pieces)``."""
-        if name not in self._splits:
-            path = _split_file(self.task_dir.split(name), "albef", self.name, name)
-            pool = read_albef(path)
-            if len(pool.images) < 3:
-                raise DataError(f"{path}: text assignment needs at least 3 images, got {len(pool.images)}")
-            images = [self.lookup(key, f"{path}: image {key!r}") for key in pool.images]
-            pieces = tokenize(self.dataset.tokenizer, list(pool.texts), self.family)
-            self._splits[name] = (pool, images, pieces)
-        return self._splits[name]
+        pool = read_albef(path)
+        if len(pool.images) < 3:
+            raise DataError(f"{path}: text assignment needs at least 3 images, got {len(pool.images)}")
+        images = [self.lookup(key, f"{path}: image {key!r}") for key in pool.images]
+        return pool, images, tokenize(self.dataset.tokenizer, list(pool.texts), self.family)
 
     def split_size(self, split):
         return len(self.split(split)[0].texts)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvl.data.format import DataError
 from fastvl.data.pairs import VE_LABELS, read_snli_ve
-from fastvl.data.tasks import ImageLookup
 from fastvl.finetune.tasks.classification import PairClassificationTask
 from fastvl.finetune.tasks.common import tokenize
 
@@ -23,31 +21,13 @@ class SNLIVETask(PairClassificationTask):
     num_images = 1
     class_names = VE_LABELS
     vilbert_head = "snli_ve"
+    split_role = "snli_ve"
 
-    def __init__(self, task_dir, family, dataset, special, *, state=None, **kwargs):
-        super().__init__(task_dir, family, dataset, special, **kwargs)
-        self.lookup = ImageLookup(dataset.image_ids, dataset.dir)
-        self._splits: dict = {}
-
-    def split(self, name: str):
+    def read_split(self, name, path):
         """``(examples, dataset index per example, hypothesis word pieces)``; train keeps the labelled ones."""
-        if name not in self._splits:
-            files = self.task_dir.split(name)
-            if "snli_ve" not in files:
-                raise DataError(f"snli_ve split {name!r} needs a 'snli_ve' file, got {sorted(files)}")
-            path = files["snli_ve"]
-            examples = read_snli_ve(path)
-            if name == "train":
-                examples = [e for e in examples if e.label is not None]
-                if not examples:
-                    raise DataError(f"{path}: no labelled hypothesis to train on")
-            images = [self.lookup(e.image, f"{path}: pairID {e.pair_id}") for e in examples]
-            pieces = tokenize(self.dataset.tokenizer, [e.hypothesis for e in examples], self.family)
-            self._splits[name] = (examples, images, pieces)
-        return self._splits[name]
-
-    def split_size(self, split):
-        return len(self.split(split)[0])
+        examples = self.labelled(read_snli_ve(path), path, "hypothesis", name == "train")
+        images = [self.lookup(e.image, f"{path}: pairID {e.pair_id}") for e in examples]
+        return examples, images, tokenize(self.dataset.tokenizer, [e.hypothesis for e in examples], self.family)
 
     def example(self, split, index, epoch=None):
         examples, images, pieces = self.split(split)
