@@ -115,13 +115,17 @@ def test_box_sums_match_slicing_and_albef_ranking_on_hand_made_maps():
     assert upsample_map(cam, 40, 60).shape == (40, 60)
 
 
+def _synthetic_grounding(root, num_images: int, val_images: int, test_images: int) -> str:
+    """A grounding task set over ``num_images`` synthetic 32 px images of 6 classes."""
+    images = str(root / "images")
+    make_synthetic_dataset(images, num_images, feature_dim=16, num_classes=6, shard_size=64, image_size=32)
+    make_task_set("grounding", images, str(root / "grd"), val_images=val_images, test_images=test_images)
+    return str(root / "grd")
+
+
 @pytest.fixture(scope="module")
 def grounding_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grounding")
-    images = str(root / "images")
-    make_synthetic_dataset(images, 48, feature_dim=16, num_classes=6, shard_size=64, image_size=32)
-    make_task_set("grounding", images, str(root / "grd"), val_images=8, test_images=8)
-    return str(root / "grd")
+    return _synthetic_grounding(tmp_path_factory.mktemp("grounding"), 48, 8, 8)
 
 
 def test_attention_map_pngs_and_metrics(grounding_set, tmp_path):
@@ -215,11 +219,7 @@ def test_zero_shot_grounding_from_a_pretraining_state_dict_through_fastvl_evalua
 @pytest.fixture(scope="module")
 def learning_set(tmp_path_factory):
     """120 images of 6 classes at 32 px (a 4 x 4 patch grid for albef-tiny); 96 validation expressions."""
-    root = tmp_path_factory.mktemp("grounding-learning")
-    images = str(root / "images")
-    make_synthetic_dataset(images, 120, feature_dim=16, num_classes=6, shard_size=64, image_size=32)
-    make_task_set("grounding", images, str(root / "grd"), val_images=24, test_images=16)
-    return str(root / "grd")
+    return _synthetic_grounding(tmp_path_factory.mktemp("grounding-learning"), 120, 24, 16)
 
 
 def _grounding_task(data):

@@ -222,3 +222,10 @@ def num_tokens(batch: dict) -> int:
 
 def repeat_rows(batch: dict, times: int) -> dict:
     return {k: v.repeat_interleave(times, dim=0) for k, v in batch.items()}
+
+
+def albef_step_inputs(micro, sampler) -> dict:
+    """Where a micro-step sits, for ALBEF's ITC + ITM training: the distillation weight's warm-up over the
+    first epoch and the first / last micro-step of the optimizer step (the queue and momentum updates)."""
+    return {"alpha_scale": min(1.0, micro.global_step / sampler.steps_per_epoch),
+            "first_micro_step": micro.micro_step == 0, "last_micro_step": micro.micro_step == sampler.grad_accum - 1}

@@ -41,7 +41,7 @@ from fastvl.data.tasks import ImageLookup
 from fastvl.finetune import metrics
 from fastvl.finetune.parallel import batches, gather, share
 from fastvl.finetune.tasks import Task
-from fastvl.finetune.tasks.common import num_tokens, pixel_batch, text_batch, tokenize
+from fastvl.finetune.tasks.common import albef_step_inputs, num_tokens, pixel_batch, text_batch, tokenize
 
 ALBEF_BLOCK = 8
 THRESHOLD = 0.5
@@ -173,8 +173,7 @@ class GroundingTask(Task):
         return batch
 
     def step_inputs(self, micro, sampler) -> dict:
-        return {"alpha_scale": min(1.0, micro.global_step / sampler.steps_per_epoch),
-                "first_micro_step": micro.micro_step == 0, "last_micro_step": micro.micro_step == sampler.grad_accum - 1}
+        return albef_step_inputs(micro, sampler)
 
     def loss(self, model, batch):
         out = model(batch["images"], batch["input_ids"], batch["text_mask"], batch["image_ids"],

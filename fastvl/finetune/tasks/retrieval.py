@@ -47,7 +47,7 @@ from fastvl.data.tasks import ImageLookup, read_retrieval
 from fastvl.finetune import metrics
 from fastvl.finetune.parallel import batches, gather, share
 from fastvl.finetune.tasks import Task
-from fastvl.finetune.tasks.common import image_batch, num_tokens, region_batch, text_batch, tokenize
+from fastvl.finetune.tasks.common import albef_step_inputs, image_batch, num_tokens, region_batch, text_batch, tokenize
 
 HARD_POOL = 20
 IGNORE = -100
@@ -394,8 +394,7 @@ class RetrievalTask(Task):
         return batch
 
     def step_inputs(self, micro, sampler) -> dict:
-        return {"alpha_scale": min(1.0, micro.global_step / sampler.steps_per_epoch),
-                "first_micro_step": micro.micro_step == 0, "last_micro_step": micro.micro_step == sampler.grad_accum - 1}
+        return albef_step_inputs(micro, sampler)
 
     def loss(self, model, batch):
         if self.family == "vilbert":
