@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+from fixture_files import edited_json
 
 from fastvl.data import tasks
 from fastvl.data.format import DataError
@@ -29,26 +30,18 @@ def test_read_vqa_v2():
     assert unannotated[0].answers is None
 
 
-def _edited(tmp_path, name, edit):
-    data = json.load(open(fixture(name)))
-    edit(data)
-    path = tmp_path / name
-    path.write_text(json.dumps(data))
-    return str(path)
-
-
 def test_bad_vqa_files_name_file_and_record(tmp_path):
     questions = fixture("vqa_v2_questions.json")
-    bad = _edited(tmp_path, "vqa_v2_annotations.json", lambda d: d["annotations"][1].pop("answers"))
+    bad = edited_json(fixture("vqa_v2_annotations.json"), tmp_path, lambda d: d["annotations"][1].pop("answers"))
     with pytest.raises(DataError, match=r"vqa_v2_annotations.json: annotations\[1\]"):
         tasks.read_vqa(questions, bad)
-    bad = _edited(tmp_path, "vqa_v2_annotations.json", lambda d: d["annotations"][2].update(image_id=7))
+    bad = edited_json(fixture("vqa_v2_annotations.json"), tmp_path, lambda d: d["annotations"][2].update(image_id=7))
     with pytest.raises(DataError, match=r"annotations\[2\]: question_id 262146000 has image_id 7"):
         tasks.read_vqa(questions, bad)
-    bad = _edited(tmp_path, "vqa_v2_annotations.json", lambda d: d["annotations"].pop(0))
+    bad = edited_json(fixture("vqa_v2_annotations.json"), tmp_path, lambda d: d["annotations"].pop(0))
     with pytest.raises(DataError, match="have no annotation, e.g. question_id 458752000"):
         tasks.read_vqa(questions, bad)
-    bad_q = _edited(tmp_path, "vqa_v2_questions.json", lambda d: d["questions"].append(d["questions"][0]))
+    bad_q = edited_json(fixture("vqa_v2_questions.json"), tmp_path, lambda d: d["questions"].append(d["questions"][0]))
     with pytest.raises(DataError, match=r"questions\[3\]: question_id 458752000 repeats questions\[0\]"):
         tasks.read_vqa(bad_q)
     (tmp_path / "broken.json").write_text("{\"questions\": [")
@@ -76,7 +69,7 @@ def test_read_karpathy_and_albef():
 
 
 def test_bad_retrieval_files(tmp_path):
-    bad = _edited(tmp_path, "karpathy_dataset.json", lambda d: d["images"][2].update(sentences=[{"tokens": []}]))
+    bad = edited_json(fixture("karpathy_dataset.json"), tmp_path, lambda d: d["images"][2].update(sentences=[{"tokens": []}]))
     with pytest.raises(DataError, match=r"images\[2\] \(1000268201.jpg\): 'sentences'"):
         tasks.read_karpathy(bad, "test")
     with pytest.raises(DataError, match="no image has split 'dev'"):

@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from fixture_files import edited_json
 
 from fastvl.data.format import DataError
 from fastvl.data.refer import main as refer_main
@@ -141,32 +142,24 @@ def test_the_pickle_is_read_only_behind_the_trust_flag(tmp_path):
     assert refer_main([path, out]) == 2
 
 
-def _edited(tmp_path, name, edit):
-    data = json.load(open(fixture(name)))
-    edit(data)
-    path = tmp_path / name
-    path.write_text(json.dumps(data))
-    return str(path)
-
-
 def test_bad_refer_files_name_file_and_record(tmp_path):
     refs, instances = fixture("refs.json"), fixture("instances.json")
-    bad = _edited(tmp_path, "refs.json", lambda d: d[1].update(ann_id=999))
+    bad = edited_json(fixture("refs.json"), tmp_path, lambda d: d[1].update(ann_id=999))
     with pytest.raises(DataError, match=r"refs.json: refs\[1\] \(ref_id 6\): ann_id 999 is not in .*instances.json"):
         read_refcoco(bad, instances, "val")
-    bad = _edited(tmp_path, "refs.json", lambda d: d[0].update(image_id=9))
+    bad = edited_json(fixture("refs.json"), tmp_path, lambda d: d[0].update(image_id=9))
     with pytest.raises(DataError, match=r"refs\[0\] \(ref_id 5\): image_id 9 but its annotation 1001 is on image "):
         read_refcoco(bad, instances, "train")
-    bad = _edited(tmp_path, "refs.json", lambda d: d[0]["sentences"][1].pop("sent_id"))
+    bad = edited_json(fixture("refs.json"), tmp_path, lambda d: d[0]["sentences"][1].pop("sent_id"))
     with pytest.raises(DataError, match=r"refs\[0\]\.sentences\[1\]: expected \{sent_id: int, raw: str\}"):
         read_refcoco(bad, instances, "train")
-    bad = _edited(tmp_path, "refs.json", lambda d: d[2].pop("split"))
+    bad = edited_json(fixture("refs.json"), tmp_path, lambda d: d[2].pop("split"))
     with pytest.raises(DataError, match=r"refs\[2\]: expected \{ref_id: int"):
         read_refcoco(bad, instances, "train")
-    bad_i = _edited(tmp_path, "instances.json", lambda d: d["annotations"][1].update(bbox=[0, 0, "w", 1]))
+    bad_i = edited_json(fixture("instances.json"), tmp_path, lambda d: d["annotations"][1].update(bbox=[0, 0, "w", 1]))
     with pytest.raises(DataError, match=r"instances.json: annotations\[1\]: expected \{id: int, image_id: int, bbox"):
         read_refcoco(refs, bad_i, "train")
-    bad_i = _edited(tmp_path, "instances.json", lambda d: d["annotations"][2].update(image_id=77))
+    bad_i = edited_json(fixture("instances.json"), tmp_path, lambda d: d["annotations"][2].update(image_id=77))
     with pytest.raises(DataError, match=r"annotations\[2\] \(id 2001\): image_id 77 is not in 'images'"):
         read_refcoco(refs, bad_i, "train")
     (tmp_path / "broken.json").write_text("[{")
