@@ -18,11 +18,10 @@ Bad files raise :class:`~fastvl.data.format.DataError` naming the file and the l
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from fastvl.data.format import DataError
-from fastvl.data.tasks import read_json
+from fastvl.data.tasks import read_json, read_json_lines
 
 VE_LABELS = ("contradiction", "neutral", "entailment")  # label index = position (ViLBERT's and ALBEF's order)
 
@@ -45,30 +44,6 @@ class VEExample:
 
 def _key(name: str) -> str:
     return os.path.splitext(os.path.basename(name))[0]
-
-
-def read_json_lines(path: str) -> list[tuple[int, dict]]:
-    """``(line number, object)`` of every non-blank line of a JSON-lines file."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: missing")
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not a JSON object ({error})") from error
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object, got {row!r:.200}")
-                rows.append((number, row))
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from error
-    if not rows:
-        raise DataError(f"{path}: no records")
-    return rows
 
 
 def _bool_label(value, where: str) -> int | None:

@@ -45,6 +45,30 @@ def read_json(path: str):
         raise DataError(f"{path}: not readable JSON ({error})") from error
 
 
+def read_json_lines(path: str, what: str = "records") -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line of a JSON-lines file (of ``what``: at least one)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing")
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: not a JSON object ({error})") from error
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{number}: expected a JSON object, got {row!r:.200}")
+                rows.append((number, row))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from error
+    if not rows:
+        raise DataError(f"{path}: no {what}")
+    return rows
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskDir:
     root: str

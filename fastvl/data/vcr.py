@@ -24,10 +24,10 @@ them; ViLBERT's released features append the detected boxes after them). Bad lin
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from fastvl.data.format import DataError
+from fastvl.data.tasks import read_json_lines
 
 NUM_OPTIONS = 4
 # gender-neutral first names for the people of an image (in order of the image's object list)
@@ -94,42 +94,29 @@ def _choices(row: dict, key: str, objects: list[str], where: str) -> tuple[tuple
 
 def read_vcr(path: str) -> list[VCRQuestion]:
     """The questions of a VCR jsonl file (labels None where the file has none, as ``test.jsonl``)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: missing")
     questions: list[VCRQuestion] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not a JSON object ({error})") from error
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {row!r:.120}")
-            missing = [k for k in ("annot_id", "img_fn", "objects", "question", "answer_choices",
-                                   "rationale_choices") if k not in row]
-            if missing:
-                raise DataError(f"{where}: missing {missing} (a VCR line has annot_id, img_fn, objects, question, "
-                                "answer_choices, rationale_choices, answer_label, rationale_label)")
-            objects = row["objects"]
-            if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
-                raise DataError(f"{where}: objects must be a list of names, got {objects!r:.120}")
-            if not isinstance(row["img_fn"], str):
-                raise DataError(f"{where}: img_fn must be a string, got {row['img_fn']!r}")
-            annot_id = str(row["annot_id"])
-            if annot_id in seen:
-                raise DataError(f"{where}: annot_id {annot_id!r} repeats line {seen[annot_id]}")
-            seen[annot_id] = number
-            questions.append(VCRQuestion(
-                annot_id, os.path.splitext(os.path.basename(row["img_fn"]))[0], tuple(objects),
-                _tokens(row["question"], objects, where, "question"),
-                _choices(row, "answer_choices", objects, where), _choices(row, "rationale_choices", objects, where),
-                _label(row, "answer_label", where), _label(row, "rationale_label", where), where))
-    if not questions:
-        raise DataError(f"{path}: no questions")
+    for number, row in read_json_lines(path, "questions"):
+        where = f"{path}:{number}"
+        missing = [k for k in ("annot_id", "img_fn", "objects", "question", "answer_choices",
+                               "rationale_choices") if k not in row]
+        if missing:
+            raise DataError(f"{where}: missing {missing} (a VCR line has annot_id, img_fn, objects, question, "
+                            "answer_choices, rationale_choices, answer_label, rationale_label)")
+        objects = row["objects"]
+        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+            raise DataError(f"{where}: objects must be a list of names, got {objects!r:.120}")
+        if not isinstance(row["img_fn"], str):
+            raise DataError(f"{where}: img_fn must be a string, got {row['img_fn']!r}")
+        annot_id = str(row["annot_id"])
+        if annot_id in seen:
+            raise DataError(f"{where}: annot_id {annot_id!r} repeats line {seen[annot_id]}")
+        seen[annot_id] = number
+        questions.append(VCRQuestion(
+            annot_id, os.path.splitext(os.path.basename(row["img_fn"]))[0], tuple(objects),
+            _tokens(row["question"], objects, where, "question"),
+            _choices(row, "answer_choices", objects, where), _choices(row, "rationale_choices", objects, where),
+            _label(row, "answer_label", where), _label(row, "rationale_label", where), where))
     labelled = {q.answer_label is not None for q in questions}
     if len(labelled) > 1:
         raise DataError(f"{path}: some lines have answer_label and some do not")
