@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 from fastvl.data.format import DataError
-from fastvl.data.tasks import read_json
+from fastvl.data.tasks import read_json, read_npz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +154,7 @@ def read_proposals(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing")
     if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                data = {key: arrays[key] for key in arrays.files}
-        except (OSError, ValueError) as error:
-            raise DataError(f"{path}: not a readable .npz of numeric arrays ({error})") from error
+        data = read_npz(path)
         rows = {key: (f"{path}: {key!r}", value) for key, value in data.items()}
     else:
         data = read_json(path)

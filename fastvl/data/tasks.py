@@ -29,6 +29,8 @@ import os
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from fastvl.data.format import DataError
 
 TASK_FILE = "task.json"
@@ -43,6 +45,15 @@ def read_json(path: str):
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: not readable JSON ({error})") from error
+
+
+def read_npz(path: str) -> dict:
+    """The arrays of an ``.npz`` file, read without unpickling (object arrays are an error)."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable .npz of numeric arrays ({error})") from error
 
 
 def read_json_lines(path: str, what: str = "records") -> list[tuple[int, dict]]:

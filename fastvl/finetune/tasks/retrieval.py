@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvl import _checks
-from fastvl.data.tasks import ImageLookup, read_retrieval
+from fastvl.data.tasks import ImageLookup, read_json, read_npz, read_retrieval
 from fastvl.finetune import metrics
 from fastvl.finetune.parallel import batches, gather, share
 from fastvl.finetune.tasks import Task
@@ -67,15 +67,9 @@ def read_hard_negatives(path: str, train_images: list[str], *, trust_pickle: boo
     from fastvl.data.format import DataError
 
     if path.endswith(".json"):
-        from fastvl.data.tasks import read_json
-
         data = read_json(path)
     elif path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as loaded:
-                data = {k: loaded[k] for k in loaded.files}
-        except (OSError, ValueError) as error:
-            raise DataError(f"{path}: not a readable .npz of plain arrays ({error})") from error
+        data = read_npz(path)
     elif path.endswith(".pkl"):
         if not trust_pickle:
             raise DataError(f"{path}: a pickle file can run code when loaded; convert it to .json / .npz "
