@@ -229,3 +229,16 @@ def albef_step_inputs(micro, sampler) -> dict:
     first epoch and the first / last micro-step of the optimizer step (the queue and momentum updates)."""
     return {"alpha_scale": min(1.0, micro.global_step / sampler.steps_per_epoch),
             "first_micro_step": micro.micro_step == 0, "last_micro_step": micro.micro_step == sampler.grad_accum - 1}
+
+
+def region_task_model(config, family: str, vlbert_head: str) -> torch.nn.Module:
+    """The task model of a region-feature task scored per option or region: ViLBERT's
+    ``ViLBERTForTasks`` (its ``vil_logit`` / ``vision_logit``; the VQA classifier kept small), or the
+    VL-BERT task model named ``vlbert_head`` (``VLBERTForVCR``, ``VLBERTForRefCOCO``)."""
+    if family == "vilbert":
+        from fastvl.models.vilbert import ViLBERTForTasks
+
+        return ViLBERTForTasks(config, num_labels=2)
+    from fastvl.models import vlbert
+
+    return getattr(vlbert, vlbert_head)(config)

@@ -45,7 +45,7 @@ from fastvl.data.tasks import TASK_FILE, ImageLookup, read_json
 from fastvl.finetune import metrics
 from fastvl.finetune.parallel import batches, gather, share
 from fastvl.finetune.tasks import Task
-from fastvl.finetune.tasks.common import num_tokens, text_batch, tokenize
+from fastvl.finetune.tasks.common import num_tokens, region_task_model, text_batch, tokenize
 
 BOX_MODES = ("detected", "gt")
 THRESHOLD = 0.5
@@ -122,13 +122,7 @@ class RefCOCOTask(Task):
         return self._splits[name]
 
     def make_model(self, config) -> torch.nn.Module:
-        if self.family == "vilbert":
-            from fastvl.models.vilbert import ViLBERTForTasks
-
-            return ViLBERTForTasks(config, num_labels=2)
-        from fastvl.models.vlbert import VLBERTForRefCOCO
-
-        return VLBERTForRefCOCO(config)
+        return region_task_model(config, self.family, "VLBERTForRefCOCO")
 
     def num_train(self) -> int:
         return len(self.split("train")[0])

@@ -33,7 +33,7 @@ from fastvl.data.vcr import NUM_OPTIONS, VCRQuestion, object_words, read_vcr, re
 from fastvl.finetune import metrics
 from fastvl.finetune.parallel import batches, gather, share
 from fastvl.finetune.tasks import Task
-from fastvl.finetune.tasks.common import pad_ids, region_batch, repeat_rows
+from fastvl.finetune.tasks.common import pad_ids, region_batch, region_task_model, repeat_rows
 
 NO_OBJECT = -1
 SEPARATOR = ("[SEP]", NO_OBJECT)  # between the question and the given answer (QA->R)
@@ -121,13 +121,7 @@ class VCRTask(Task):
         return q.answer_label if self.mode == "q2a" else q.rationale_label
 
     def make_model(self, config) -> torch.nn.Module:
-        if self.family == "vilbert":
-            from fastvl.models.vilbert import ViLBERTForTasks
-
-            return ViLBERTForTasks(config, num_labels=2)
-        from fastvl.models.vlbert import VLBERTForVCR
-
-        return VLBERTForVCR(config)
+        return region_task_model(config, self.family, "VLBERTForVCR")
 
     def num_train(self) -> int:
         return len(self.split("train")[0])
