@@ -15,8 +15,8 @@ import sys
 COMMANDS = {
     "info": ("fastvl.info", "versions, device, built extension parts and the live backends of every op"),
     "pretrain": ("fastvl.train.cli", "pretrain ViLBERT / VL-BERT / ALBEF (under DeepSpeed when configured)"),
-    "finetune": ("fastvl.finetune.cli", "fine-tune a task model (VQA, retrieval) from a pretraining checkpoint"),
-    "evaluate": ("fastvl.finetune.evaluate", "score a task checkpoint on a split (metrics JSON, VQA submission)"),
+    "finetune": ("fastvl.finetune.cli", "fine-tune a task model (VQA, retrieval, RefCOCO+, VCR, NLVR2, SNLI-VE, grounding; multi-task) from a pretraining checkpoint"),
+    "evaluate": ("fastvl.finetune.evaluate", "score a task checkpoint on a split (metrics JSON, submission files)"),
     "data": ("fastvl.data.cli", "build, convert or synthesise region-feature datasets"),
     "convert": ("fastvl.convert.cli", "convert original ViLBERT / VL-BERT / ALBEF / HF BERT checkpoints"),
     "bench": ("fastvl.bench.cli", "throughput and memory benchmarks, fused vs reference"),

@@ -78,10 +78,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from fastvl.finetune.engine import finetune
+    from fastvl.train.cli import leaves_process_group
 
     if (args.data is None) == (args.tasks is None):
         print("fastvl finetune: --task takes --data DIR; --tasks NAME=DIR,... names the directories itself",
               file=sys.stderr)
         return 2
-
-    return finetune(args)
+    with leaves_process_group():
+        return finetune(args)

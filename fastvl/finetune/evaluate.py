@@ -54,8 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastvl.finetune.engine import evaluate
+    from fastvl.train.cli import leaves_process_group
 
-    return evaluate(args)
+    with leaves_process_group():
+        return evaluate(args)
 
 
 if __name__ == "__main__":

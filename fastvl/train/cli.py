@@ -11,6 +11,7 @@ DeepSpeed builds what the config says.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -132,6 +133,21 @@ def init_distributed() -> None:
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False)
+
+
+@contextlib.contextmanager
+def leaves_process_group():
+    """Leaves the process group a command joined when it ends, so that the group's communication threads
+    stop before the interpreter does (a rank exiting with them alive can abort with "terminate called
+    without an active exception" after its work is done). A group that existed before is left alone."""
+    import torch.distributed as dist
+
+    joined_before = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not joined_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class UsageError(Exception):
