@@ -73,7 +73,7 @@ def _launch_forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if rows:
         kernels = _kernels()
         grid = (-(-rows // kernels.BLOCK_M), -(-cols // kernels.BLOCK_N))
-        kernels.bias_gelu_fwd_kernel[grid](x, bias if bias is not None else x, y, rows, cols,
+        kernels.bias_gelu_fwd_kernel[grid](x, bias if bias is not None else x, y, cols, cols, rows, cols,
                                            HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
                                            BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
     return y
@@ -93,7 +93,7 @@ def _launch_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | Non
     partial = torch.empty(grid[0] if bias is not None else 0, cols, dtype=torch.float32, device=x.device)
     if rows:
         kernels.bias_gelu_bwd_kernel[grid](dy, x, bias if bias is not None else x, dx,
-                                           partial if bias is not None else dx, rows, cols,
+                                           partial if bias is not None else dx, cols, cols, cols, rows, cols,
                                            HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
                                            BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
     if bias is None:

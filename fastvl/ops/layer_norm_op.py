@@ -77,9 +77,9 @@ def _reference_impl(x, weight, bias, residual, dropout_p, eps):
 # Triton backend: custom ops (visible to torch.compile) + autograd ---------------------------------
 # Eager calls skip the custom-op layer (its dispatch costs more host time than the kernel's launch):
 # they run the same launch functions under a plain autograd.Function; torch.compile sees the custom ops.
-# The host work per call is kept to what the kernels need: every [M, N] tensor contiguous (no strides
-# passed), the per-row mean and 1/std in one [2, M] buffer, no buffer for what is not stored, and the
-# block configuration looked up once per hidden size.
+# The host work per call is kept to what the kernels need: every [M, N] tensor contiguous (row stride =
+# hidden, no reshapes), no buffer for what is not stored, the block configuration looked up once per
+# hidden size.
 
 
 _CONFIGS: dict[int, tuple[int, int, int]] = {}
@@ -123,9 +123,8 @@ _KERNELS = None
 
 
 def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps, store_sum=True):
-    """(y, pre-norm sum or None, int8 keep-mask or None, stats [2, M] = means and 1/stds). The sum is
-    kept (for the backward) when ``store_sum`` and there is a residual or dropout; else the backward
-    recomputes from x."""
+    """(y, pre-norm sum or None, int8 keep-mask or None, mean [M], rstd [M]). The sum is kept (for the
+    backward) when ``store_sum`` and there is a residual or dropout; else the backward reads x."""
     if not x.is_contiguous():
         x = x.contiguous()
     if residual is not None:
@@ -142,26 +141,28 @@ def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps, store_sum=T
     y = torch.empty_like(x) if out_dtype == x.dtype else torch.empty_like(x, dtype=out_dtype)
     hidden_sum = torch.empty_like(y) if store_sum else None
     keep = torch.empty_like(x, dtype=torch.int8) if seed is not None else None
-    stats = torch.empty(2, rows, dtype=torch.float32, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
     if rows:
         block, block_m, warps = _config(hidden)
         _kernels().layer_norm_fwd_kernel[(-(-rows // block_m),)](
             x, residual if residual is not None else x, weight, bias if bias is not None else weight,
-            seed if seed is not None else stats, y, hidden_sum if store_sum else y,
-            keep if keep is not None else y, stats, rows, hidden, dropout_p, eps,
+            seed if seed is not None else mean, y, hidden_sum if store_sum else y, keep if keep is not None else y,
+            mean, rstd, hidden, hidden if residual is not None else 0, hidden, hidden if store_sum else 0,
+            hidden if keep is not None else 0, rows, hidden, dropout_p, eps,
             HAS_RESIDUAL=residual is not None, HAS_DROPOUT=seed is not None, HAS_BIAS=bias is not None,
             STORE_SUM=store_sum, BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
-    return y, hidden_sum, keep, stats
+    return y, hidden_sum, keep, mean, rstd
 
 
 @torch.library.custom_op("fastvl::layer_norm_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                     seed: torch.Tensor | None, dropout_p: float, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, pre-norm sum or empty, int8 keep-mask or empty, stats [2, M]: means and 1/stds)."""
-    y, hidden_sum, keep, stats = _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, pre-norm sum or empty, int8 keep-mask or empty, mean [M], rstd [M])."""
+    y, hidden_sum, keep, mean, rstd = _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
     return (y, hidden_sum if hidden_sum is not None else x.new_empty(0),
-            keep if keep is not None else x.new_empty(0, dtype=torch.int8), stats)
+            keep if keep is not None else x.new_empty(0, dtype=torch.int8), mean, rstd)
 
 
 @_layer_norm_fwd.register_fake
@@ -172,18 +173,18 @@ def _(x, residual, weight, bias, seed, dropout_p, eps):
     stored = x.new_empty(x.shape, dtype=out_dtype) if store_sum else x.new_empty(0)
     return (x.new_empty(x.shape, dtype=out_dtype), stored,
             x.new_empty(x.shape if seed is not None else (0,), dtype=torch.int8),
-            x.new_empty((2, rows), dtype=torch.float32))
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
-def _launch_backward(dy, hidden_sum, weight, stats, keep, dropout_p, has_bias):
-    """(d pre-norm sum = d residual, dx or None when no dropout, [1 + has_bias, N] = dweight (, dbias))."""
+def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
+    """(d pre-norm sum = d residual, dx or None when no dropout, [1 + has_bias, N]: dweight (, dbias))."""
     # hidden_sum is x itself when the forward stored no sum: contiguous only if the caller's x was
     if not hidden_sum.is_contiguous():
         hidden_sum = hidden_sum.contiguous()
     if not dy.is_contiguous():
         dy = dy.contiguous()
     hidden = dy.shape[-1]
-    rows = stats.shape[1]
+    rows = mean.shape[0]
     # gradients like the stored sum: dy's shape and the forward's output dtype, contiguous
     dh = torch.empty_like(hidden_sum)
     dx = torch.empty_like(hidden_sum) if keep is not None else None
@@ -191,7 +192,7 @@ def _launch_backward(dy, hidden_sum, weight, stats, keep, dropout_p, has_bias):
         return dh, dx, torch.zeros(1 + has_bias, hidden, dtype=weight.dtype, device=dy.device)
     block, block_m, warps = _config(hidden)
     row_blocks = -(-rows // block_m)
-    # A few row blocks: one program walks them all and its partial row is the gradient (no reduction
+    # A few row blocks: one program walks them all and writes the gradients themselves (no reduction
     # launch). More: enough programs to fill the GPU, few partial rows to reduce.
     if row_blocks <= SINGLE_PROGRAM_BLOCKS:
         programs = 1
@@ -199,13 +200,13 @@ def _launch_backward(dy, hidden_sum, weight, stats, keep, dropout_p, has_bias):
         programs = min(row_blocks, 4 * _multiprocessors(dy.device) if dy.is_cuda else 4)
     blocks_per_program = -(-row_blocks // programs)
     programs = -(-row_blocks // blocks_per_program)
-    # every program writes its whole row of the partial sums (dweight's, then dbias's): no zero-fill;
-    # one reduction sums both
-    # ([1 + has_bias, N] when one program: its partial row is the gradient, no view to take)
+    # Every program writes its whole row of the partial sums (dweight's, then dbias's): no zero-fill;
+    # one reduction sums both. (One program: [1 + has_bias, N], the gradients themselves.)
     partial = torch.empty((1 + has_bias, programs, hidden) if programs > 1 else (1 + has_bias, hidden),
                           dtype=torch.float32, device=dy.device)
     _kernels().layer_norm_bwd_kernel[(programs,)](
-        dy, hidden_sum, weight, stats, keep if keep is not None else dy, dh, dx if dx is not None else dh, partial,
+        dy, hidden_sum, weight, mean, rstd, keep if keep is not None else dy, dh, dx if dx is not None else dh,
+        partial[0], partial[-1], hidden, hidden, hidden if keep is not None else 0, hidden, hidden if dx is not None else 0,
         rows, hidden, blocks_per_program, dropout_p, HAS_DROPOUT=keep is not None, HAS_BIAS=has_bias,
         BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
     param_grads = partial if programs == 1 else partial.sum(1)
@@ -213,43 +214,41 @@ def _launch_backward(dy, hidden_sum, weight, stats, keep, dropout_p, has_bias):
 
 
 @torch.library.custom_op("fastvl::layer_norm_bwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _layer_norm_bwd(dy: torch.Tensor, hidden_sum: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor,
-                    keep: torch.Tensor, dropout_p: float, has_bias: bool
+def _layer_norm_bwd(dy: torch.Tensor, hidden_sum: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor, keep: torch.Tensor, dropout_p: float, has_bias: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d pre-norm sum = d residual, dx or empty when no dropout, [dweight] or [dweight, dbias])."""
-    dh, dx, param_grads = _launch_backward(dy, hidden_sum, weight, stats, keep if keep.numel() else None, dropout_p,
-                                           has_bias)
+    dh, dx, param_grads = _launch_backward(dy, hidden_sum, weight, mean, rstd, keep if keep.numel() else None,
+                                           dropout_p, has_bias)
     return dh, dx if dx is not None else dh.new_empty(0), param_grads
 
 
 @_layer_norm_bwd.register_fake
-def _(dy, hidden_sum, weight, stats, keep, dropout_p, has_bias):
+def _(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
     return (dy.new_empty(dy.shape), dy.new_empty(dy.shape) if keep.numel() else dy.new_empty(0),
             weight.new_empty((1 + has_bias, weight.shape[0])))
 
 
 def _grads(dh, dx, param_grads, has_residual, has_bias):
     """The autograd outputs (x, residual, weight, bias, seed, dropout_p, eps) from the kernel's."""
-    if has_bias:
-        dweight, dbias = param_grads.unbind(0)
-    else:
-        dweight, dbias = param_grads[0], None
+    dweight, dbias = param_grads.unbind(0) if has_bias else (param_grads[0], None)
     return dx if dx is not None else dh, dh if has_residual else None, dweight, dbias, None, None, None
 
 
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, seed, dropout_p, eps = inputs
-    _, hidden_sum, keep, stats = output
+    _, hidden_sum, keep, mean, rstd = output
     stored = hidden_sum if (seed is not None or residual is not None) else x
-    ctx.save_for_backward(stored, weight, stats, keep)
+    ctx.save_for_backward(stored, weight, mean, rstd, keep)
     ctx.set_materialize_grads(False)  # the internal outputs get no gradient: no zero-filled buffers
-    ctx.dropout_p, ctx.has_bias, ctx.has_residual = dropout_p, bias is not None, residual is not None
+    ctx.flags = dropout_p, bias is not None, residual is not None
 
 
-def _backward(ctx, dy, _dsum, _dkeep, _dstats):
-    stored, weight, stats, keep = ctx.saved_tensors
-    dh, dx, param_grads = _layer_norm_bwd(dy, stored, weight, stats, keep, ctx.dropout_p, ctx.has_bias)
-    return _grads(dh, dx if keep.numel() else None, param_grads, ctx.has_residual, ctx.has_bias)
+def _backward(ctx, dy, _dsum, _dkeep, _dmean, _drstd):
+    stored, weight, mean, rstd, keep = ctx.saved_tensors
+    dropout_p, has_bias, has_residual = ctx.flags
+    dh, dx, param_grads = _layer_norm_bwd(dy, stored, weight, mean, rstd, keep, dropout_p, has_bias)
+    return _grads(dh, dx if keep.numel() else None, param_grads, has_residual, has_bias)
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -260,16 +259,16 @@ class _EagerLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, seed, dropout_p, eps):
-        y, hidden_sum, keep, stats = _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
-        ctx.save_for_backward(hidden_sum if hidden_sum is not None else x, weight, stats, keep)
+        y, hidden_sum, keep, mean, rstd = _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
+        ctx.save_for_backward(hidden_sum if hidden_sum is not None else x, weight, mean, rstd, keep)
         ctx.flags = dropout_p, bias is not None, residual is not None  # (one output: no grads to materialise)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        stored, weight, stats, keep = ctx.saved_tensors
+        stored, weight, mean, rstd, keep = ctx.saved_tensors
         dropout_p, has_bias, has_residual = ctx.flags
-        dh, dx, param_grads = _launch_backward(dy, stored, weight, stats, keep, dropout_p, has_bias)
+        dh, dx, param_grads = _launch_backward(dy, stored, weight, mean, rstd, keep, dropout_p, has_bias)
         return _grads(dh, dx, param_grads, has_residual, has_bias)
 
 
