@@ -14,10 +14,12 @@ averaged over heads and then over the text positions (ALBEF divides by the padde
 example constant, it never changes a ranking), as a ``[grid, grid]`` map over the patches.
 
 **ALBEF_itc** (``--gradcam itc``, :func:`itc_gradcam_maps`, ALBEF's ``gradcam_mode='itc'``): the
-image-text similarity ``s = <image_feat, text_feat> / temp`` (the ITC score, no fusion) is back-propagated
-to the self-attention probabilities of image-encoder block ``block`` (``--gradcam-block``; default the
-last block, as ALBEF reports it); the [CLS] query's row over the patches, ``probs * relu(grad)``
-averaged over heads, is the map. The ITC score sees the text only through its [CLS] vector.
+image-text similarity ``s = <image_feat, text_feat> / temp`` (the ITC score, no fusion) is
+back-propagated to the self-attention probabilities of image-encoder block ``block``
+(``--gradcam-block``; default the last block, our reading of the paper's ALBEF_itc, where
+``Grounding.py`` takes ``--block_num`` in both modes); the [CLS] query's row over the patches,
+``probs * relu(grad)`` averaged over heads, is the map. The ITC score sees the text only through its
+[CLS] vector.
 
 **Ranking** (:func:`rank_boxes`, ALBEF's ``grounding_eval``): the map is resized bicubically to the
 image's original ``height x width``; each proposal ``[x, y, w, h]`` scores the map's sum over rows
