@@ -30,7 +30,7 @@ import torch
 
 import fastvl.ops
 from fastvl.bench import harness
-from fastvl.dispatch import BackendUnavailableError, listen, registered_ops
+from fastvl.dispatch import BackendUnavailableError, device_kind, listen, load_table, registered_ops, table_path
 
 # Shapes per size: "tiny" for CI, "small" the CPU default, "paper" the GPU default (the papers' sizes).
 SIZES = {
@@ -268,6 +268,8 @@ def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequen
     without them)."""
     selected = [c for c in cases(size) if not only or any(word == c.op or c.name.startswith(word) for word in only)]
     notes, failures = [], []
+    kind = device_kind(results.device)
+    results.env["dispatch_table"] = {"path": str(table_path(kind)), "source": load_table(kind).get("source")}
     for op_name in dict.fromkeys(c.op for c in selected):
         notes += [f"{op_name}: {name} not benchmarked ({'; '.join(reasons)})"
                   for name, reasons in backend_notes(op_name, results.device).items() if reasons]
