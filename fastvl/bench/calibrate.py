@@ -140,7 +140,7 @@ def run(args: argparse.Namespace, device: torch.device, out_dir: Path) -> int:
         source = f"{args.source.name} ({document['env'].get('device')}, {document['env'].get('date', '')[:10]})"
     else:
         size = args.size or ("tiny" if args.quick else "paper" if device.type == "cuda" else "small")
-        rows, env = measure(device, dtype, size, args.quick, harness.Budget.of(args.quick, args.budget_ms))
+        rows, env = measure(device, dtype, size, args.quick, harness.Budget.of(args.quick, args.budget_ms, device))
         source = f"fastvl bench calibrate on {env['device']}, {env['date'][:10]}"
     table = table_from_rows(rows, size, device, dtype, source)
     if args.source is None:

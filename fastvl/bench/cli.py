@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for sub in (ops, calibrate):
         sub.add_argument("--budget-ms", type=float, default=None,
                          help="timed milliseconds per shape, all backends together (interleaved rounds; "
-                              "default 4000, 60 with --quick)")
+                              "default 4000 on CPU, 300 on GPU, 60 with --quick)")
 
     from fastvl.bench import calibrate as calibrate_bench
     from fastvl.bench import host as host_bench
@@ -117,7 +117,7 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
     results = harness.Results("ops", device, quick=args.quick, note=args.note)
     results.env["size"] = size
     notes, results.failures = ops.run(results, size, dtype, only=args.only, compiled_reference=args.compiled_reference,
-                                      budget=harness.Budget.of(args.quick, args.budget_ms))
+                                      budget=harness.Budget.of(args.quick, args.budget_ms, device))
     _report(results, out_dir / "ops.json", ["reference"], notes + results.failures)
     if not args.no_plots:
         for path in ops.plot_speedups(results, out_dir):

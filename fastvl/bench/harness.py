@@ -120,8 +120,9 @@ CONFIDENCE = 0.95
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """How long :func:`interleaved` times one shape: warm-up, then rounds until ``budget_ms`` of timed
-    calls (all variants together) and at least ``min_rounds``, at most ``max_rounds``."""
+    """How long :func:`interleaved` times one shape: warm-up, then rounds until ``budget_ms`` of wall
+    time (all variants together) and at least ``min_rounds``, at most ``max_rounds``. The CPU default
+    finishes an attention shape of the CPU suite in ~4 s."""
 
     budget_ms: float = 4000.0
     warmup_ms: float = 200.0
@@ -133,9 +134,14 @@ class Budget:
         return cls(budget_ms=60.0, warmup_ms=10.0, min_rounds=3, max_rounds=50)
 
     @classmethod
-    def of(cls, quick: bool = False, budget_ms: float | None = None) -> Budget:
-        """The default (or quick) budget, with ``budget_ms`` where given."""
-        default = cls.quick() if quick else cls()
+    def gpu(cls) -> Budget:
+        """GPU timings (``do_bench`` per sample, the L2 flushed) are steady: a few short rounds."""
+        return cls(budget_ms=300.0, warmup_ms=25.0, min_rounds=5, max_rounds=50)
+
+    @classmethod
+    def of(cls, quick: bool = False, budget_ms: float | None = None, device: torch.device | str = "cpu") -> Budget:
+        """The default budget of ``device`` (or the quick one), with ``budget_ms`` where given."""
+        default = cls.quick() if quick else cls.gpu() if torch.device(device).type == "cuda" else cls()
         return default if budget_ms is None else dataclasses.replace(default, budget_ms=budget_ms)
 
 
@@ -168,19 +174,20 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str
         return (time.perf_counter() - start) * 1e3
 
     rep_ms = max(1.0, budget.budget_ms / max(1, budget.min_rounds * len(names)))  # GPU: one sample's budget
-    first = {name: sample(name, rep_ms) for name in names}  # lazy initialisation, and an estimate
-    round_ms = max(sum(first.values()), 1e-3)
+    start = time.perf_counter()
+    for name in names:  # lazy initialisation, and an estimate of a round's wall time
+        sample(name, rep_ms)
+    round_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
     warmup_rounds = max(1, min(budget.max_rounds, int(budget.warmup_ms / round_ms)))
     for index in range(warmup_rounds):
         for name in round_order(names, index):
             sample(name, rep_ms)
     times: dict[str, list[float]] = {name: [] for name in names}
-    spent = 0.0
-    index = 0
-    while index < budget.max_rounds and (index < budget.min_rounds or spent < budget.budget_ms):
+    start, index = time.perf_counter(), 0
+    while index < budget.max_rounds and (index < budget.min_rounds
+                                         or (time.perf_counter() - start) * 1e3 < budget.budget_ms):
         for name in round_order(names, index):
             times[name].append(sample(name, rep_ms))
-        spent += sum(times[name][-1] for name in names)
         index += 1
     return times
 
@@ -477,7 +484,7 @@ class Results:
         appends one row per variant. Every row keeps its per-round times (``rounds_ms``) and, when
         ``baseline`` is one of the variants, the paired speed-up over it (``vs_baseline``). ``extra``:
         {variant: keys stored in that row}."""
-        budget = budget or (Budget.quick() if self.quick else Budget())
+        budget = budget or Budget.of(self.quick, device=self.device)
         load_before = load_average()
         times = interleaved(variants, self.device, budget, grad_to_none=grad_to_none)
         load = {"load_before": load_before, "load_after": load_average()}
@@ -564,6 +571,9 @@ def speedup(row: dict, base: dict) -> dict:
         return {"speedup": 1.0, "method": "same code path", "verdict": "same code path"}
     if row.get("comparison") is not None and row.get("comparison") == base.get("comparison") \
             and len(row.get("rounds_ms", ())) == len(base.get("rounds_ms", ())) > 0:
+        stored = row.get("vs_baseline", {})  # computed from the unrounded times
+        if stored.get("baseline") == base["variant"]:
+            return {k: v for k, v in stored.items() if k != "baseline"} | {"method": "paired rounds"}
         return {**paired_speedup(base["rounds_ms"], row["rounds_ms"]), "method": "paired rounds"}
     return {"speedup": base["median_ms"] / row["median_ms"], "method": "ratio of medians"}
 
