@@ -133,7 +133,7 @@ def test_calibrate_measures_and_writes_a_table(tmp_path):
     assert table["device"] == "cpu" and set(table["entries"]) == {"attention", "co_attention"}
     assert all(b in ("sdpa", "reference") for entries in table["entries"].values() for b in entries.values())
     for op_name, entries in table["entries"].items():  # every entry says why, with the paired numbers
-        for key, backend in entries.items():
+        for key in entries:
             evidence = table["evidence"][op_name][key]
             assert evidence["rule"] == "sdpa" and set(evidence["ms"]) == {"sdpa", "reference"}
             assert evidence["vs_reference"]["sdpa"]["method"] == "paired rounds"

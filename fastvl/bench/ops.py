@@ -347,9 +347,13 @@ def auto_regressions(rows: Sequence[dict]) -> list[str]:
 
 
 def plot_speedups(results: harness.Results, out_dir, baseline: str = "reference") -> list:
-    """One PNG per benchmark family with a sweep: speed-up over ``baseline`` against the swept param."""
+    """One PNG per benchmark family with a sweep: speed-up over ``baseline`` against the swept param (the
+    paired median; ``auto`` drawn only where it was timed apart from the backends)."""
     paths = []
-    ratio_rows = results.ratios(baseline)
+    shared = {(r["name"], str(r["params"])) for r in results.rows if r["variant"] == "auto" and r.get("same_as")}
+    # auto's line where it shares a backend's timing would be that backend's line again
+    ratio_rows = [r for r in results.ratios(baseline) if r["variant"] != "auto" or (r["name"], str(r["params"]))
+                  not in shared]
     sweeps = {row["name"]: row["sweep"] for row in results.rows}
     for name, sweep in sweeps.items():
         family = [r for r in ratio_rows if r["name"] == name]
