@@ -355,3 +355,9 @@ def test_clearly_faster_uses_the_rounds_where_there_are_some():
     # p20-p80 of either overlaps the other's (the load swings 6x), the paired rounds still separate them
     assert clearly_faster(row("a", 1.0), row("b", 1.2)) and not clearly_faster(row("b", 1.2), row("a", 1.0))
     assert not clearly_faster(row("a", 1.0), row("b", 1.2, comparison=2))  # not timed together: overlap
+
+
+def test_budget_defaults_per_device_and_override():
+    assert harness.Budget.of() == harness.Budget() and harness.Budget.of(device="cuda") == harness.Budget.gpu()
+    assert harness.Budget.of(quick=True, device="cuda") == harness.Budget.quick()
+    assert harness.Budget.of(budget_ms=123.0).budget_ms == 123.0 and harness.Budget.of(budget_ms=1).min_rounds == 10
