@@ -84,10 +84,9 @@ def _committed_rows():
     return document["env"]["size"], rows
 
 
-# Known regressions the committed run shows, each failing until its fix lands (strict xfail): itc_loss is not
-# shape-aware (no table entry can steer it), its CPU order lives in fastvl/ops/itc_loss.py.
-KNOWN_SLOWER = {"itc_loss": "auto picks cpp, 0.97x [0.89-0.99] of the reference forward+backward at B=16 E=256 "
-                            "Q=4096 on CPU (2026-12-01-cpu-quiet): the op's CPU order should put the reference first"}
+# Known regressions the committed run shows, each failing until its fix lands (strict xfail); none now (itc_loss's
+# cpp backend, 0.97x of the reference in the first run, left the CPU auto order and its rows were re-run).
+KNOWN_SLOWER: dict[str, str] = {}
 SIZE, COMMITTED_ROWS = _committed_rows()
 
 
