@@ -1,14 +1,19 @@
 """VCR: the jsonl reader (references to names and object tags, bad lines), the option texts per family
-and sub-task, accuracy and the joint Q->AR on hand-made predictions, a tiny ViLBERT learning the
-synthetic Q->A above chance, and fastvl finetune / evaluate --submission / --joint end to end."""
+and sub-task, accuracy and the joint Q->AR on hand-made predictions, VL-BERT's object classification
+loss (hand-computed, gradients, off = the plain loss), the leaderboard CSV (exact contents, bad input),
+tiny ViLBERT and VL-BERT models learning the synthetic Q->A above chance and above a text-only rule,
+and fastvl finetune / evaluate --submission / --joint / --leaderboard end to end."""
 
+import csv
 import json
+import math
 import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_finetune import FT, _run
 
 from fastvl.data.format import DataError
@@ -21,6 +26,8 @@ from fastvl.finetune.engine import open_images
 from fastvl.finetune.parallel import EvalContext
 from fastvl.finetune.tasks import task_class
 from fastvl.finetune.tasks.common import model_config
+from fastvl.finetune.tasks.vcr import BACKGROUND, leaderboard_probabilities, write_leaderboard
+from fastvl.models.vlbert import VLBERTConfig, VLBERTForVCR
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "vcr")
 
@@ -98,6 +105,105 @@ def test_multiple_choice_and_joint_accuracy_on_hand_made_predictions():
         metrics.vcr_joint_metrics(answers, {k: v for k, v in rationales.items() if k != "q4"})
     with pytest.raises(ValueError, match="labelled"):
         metrics.vcr_joint_metrics({"q": (0, None)}, {"q": (0, 1)})
+
+
+# VL-BERT's object classification loss -------------------------------------------------------------
+
+
+def _vcr_inputs(generator, batch=2, options=4, text=9, regions=7, dim=24):
+    ids = torch.randint(1, 64, (batch, options, text), generator=generator)
+    ids[1, :, 6:] = 0
+    features = torch.randn(batch, regions, dim, generator=generator)
+    corner = torch.rand(batch, regions, 2, generator=generator) * 0.5
+    boxes = torch.cat((corner, corner + 0.4), -1)
+    region_mask = torch.ones(batch, regions, dtype=torch.bool)
+    region_mask[1, 4:] = False
+    return ids, features, boxes, region_mask
+
+
+def test_object_loss_is_cross_entropy_over_labelled_real_regions_of_every_option():
+    generator = torch.Generator().manual_seed(7)
+    config = VLBERTConfig.named("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = VLBERTForVCR(config, classifier_dropout=0.0, object_classes=5)
+    with torch.no_grad():  # live visual paths (BERT's init leaves them at 0)
+        model.vlbert.visual_ln_text.weight.fill_(1.0)
+        model.vlbert.visual_ln_object.weight.fill_(1.0)
+    model.train()
+    model.vlbert.visual.dropout.p = 0.0
+    ids, features, boxes, region_mask = _vcr_inputs(generator)
+    labels = torch.tensor([[0, 3, -1, 4, 1, 2, 2], [0, 1, 1, -1, 3, 3, 3]])  # [1, 4:] padded: not scored
+    out = model(ids, features, boxes, region_mask=region_mask, labels=torch.tensor([1, 3]), object_labels=labels)
+    # by hand: every option's sequence, its regions' final states through dense + GELU + classifier
+    terms = []
+    for b in range(2):
+        for option in range(4):
+            objects = model.vlbert(ids[b, option][None], features[b][None], boxes[b][None],
+                                   region_mask=region_mask[b][None]).objects[0]
+            for r in range(7):
+                if region_mask[b, r] and labels[b, r] >= 0:
+                    head = model.object_head
+                    logits = head.classifier(F.gelu(head.dense(objects[r])))
+                    terms.append(-F.log_softmax(logits, -1)[labels[b, r]])
+    assert len(terms) == 4 * (6 + 3)
+    torch.testing.assert_close(out["object_loss"], torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(out["logits"], torch.tensor([1, 3])) + out["object_loss"])
+    out["object_loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name in ("object_head.dense.weight", "object_head.classifier.weight", "vlbert.visual_ln_object.weight",
+                 "vlbert.encoder.layers.0.attention.qkv.weight" if "vlbert.encoder.layers.0.attention.qkv.weight"
+                 in grads else "vlbert.word_embeddings.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    assert grads["classifier.weight"] is None or grads["classifier.weight"].abs().sum() == 0  # the answer head: not
+    # no labelled region: loss 0, no gradient; without object labels: the plain model's output
+    model.zero_grad()
+    none = model(ids, features, boxes, region_mask=region_mask, object_labels=torch.full((2, 7), -1))
+    assert none["object_loss"].item() == 0.0
+    none["object_loss"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
+    plain = VLBERTForVCR(config, classifier_dropout=0.0)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("object_head.")})
+    plain.train()
+    plain.vlbert.visual.dropout.p = 0.0
+    reference = plain(ids, features, boxes, region_mask=region_mask, labels=torch.tensor([1, 3]))
+    again = model(ids, features, boxes, region_mask=region_mask, labels=torch.tensor([1, 3]))
+    assert set(again) == {"logits", "loss"}
+    torch.testing.assert_close(again["logits"], reference["logits"])
+    with pytest.raises(ValueError, match="object_labels must be -1 or 0 .. 4, got 5"):
+        model(ids, features, boxes, region_mask=region_mask, object_labels=torch.full((2, 7), 5))
+    with pytest.raises(ValueError, match="object_labels"):
+        model(ids, features, boxes, object_labels=torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="no object head"):
+        plain(ids, features, boxes, object_labels=labels)
+
+
+# the leaderboard file ----------------------------------------------------------------------------
+
+
+def test_leaderboard_csv_exact_contents():
+    log = [0.0, math.log(2), math.log(3), math.log(4)]  # softmax: 0.1 0.2 0.3 0.4
+    answers = {"val-7": log, "val-2": [5.0, 5.0, 5.0, 5.0]}
+    rationales = {"val-2": [[0.0] * 4, log, log[::-1], [1.0, 1.0, 1.0, 1.0]],
+                  "val-7": [log, [2.0] * 4, [0.0, 0.0, 0.0, 0.0], log]}
+    rows = leaderboard_probabilities(answers, rationales, ["val-7", "val-2"])
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vcr-leaderboard-{os.getpid()}.csv")
+    write_leaderboard(path, rows)
+    text = open(path).read()
+    os.remove(path)
+    header = ("annot_id,answer_0,answer_1,answer_2,answer_3," + ",".join(
+        f"rationale_conditioned_on_a{a}_{k}" for a in range(4) for k in range(4)))
+    quarter, tenths, reverse = "0.25,0.25,0.25,0.25", "0.1,0.2,0.3,0.4", "0.4,0.3,0.2,0.1"
+    assert text == (f"{header}\n"
+                    f"val-7,{tenths},{tenths},{quarter},{quarter},{tenths}\n"
+                    f"val-2,{quarter},{quarter},{tenths},{reverse},{quarter}\n")
+    rows_read = list(csv.DictReader(text.splitlines()))
+    assert rows_read[0]["rationale_conditioned_on_a3_3"] == "0.4" and rows_read[1]["answer_2"] == "0.25"
+    with pytest.raises(DataError, match="different questions .*'val-2'"):
+        leaderboard_probabilities({"val-7": log}, rationales, ["val-7", "val-2"])
+    with pytest.raises(DataError, match="annot_id 'val-7': the leaderboard needs the rationale scores given each"):
+        leaderboard_probabilities(answers, {**rationales, "val-7": [log, log, log]}, ["val-7", "val-2"])
+    with pytest.raises(DataError, match="given each"):
+        leaderboard_probabilities(answers, {**rationales, "val-7": [log, log, log, [1.0, "x", 0, 0]]}, ["val-7"])
 
 
 # tasks over the synthetic set ------------------------------------------------------------------------
