@@ -302,6 +302,16 @@ def test_vlbert_object_labels_and_loss_on_and_off(vcr_set):
     assert set(parts) == set(task.objectives) == {"ce", "object"} and parts["object"] > 0
     torch.testing.assert_close(parts["ce"], F.cross_entropy(task.scores(model, batch), batch["labels"]))
     torch.testing.assert_close(loss, parts["ce"] + 0.5 * parts["object"])
+    # --init from pretraining: the masked RoI classification transform starts the object head
+    from fastvl.finetune.tasks.common import load_pretrained
+    from fastvl.models.vlbert import VLBERTForPretraining
+
+    config = model_config("vlbert", "tiny", task.dataset, task.special, 0.0)
+    config.with_pooler = True  # (a pretraining checkpoint without a pooler is refused by --init: not VCR's matter)
+    pretrained = VLBERTForPretraining(config).state_dict()
+    report = load_pretrained(model, task.init_state(pretrained, model), "vlbert", "pretrained")
+    torch.testing.assert_close(model.object_head.dense.weight, pretrained["mvrc_head.dense.weight"])
+    assert "object_head.classifier.weight" in report["new"] and "object_head.dense.weight" not in report["new"]
     # off: no head, no labels, the options' cross-entropy alone (the behaviour before the option)
     off = _task(vcr_set["vcr"], "vcr_q2a", "vlbert", object_loss_weight=0)
     assert off.objectives == ("ce",) and off.state() == {"mode": "q2a", "object_classes": []}

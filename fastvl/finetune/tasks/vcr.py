@@ -12,13 +12,25 @@ the joint Q->AR of two such models.
   ``i`` is region ``i + 1``; references beyond ``--max-regions`` fall back to the whole image).
 * Models: ViLBERT scores each (option, image) with ``vil_logit`` on the fused vector; VL-BERT with
   its VCR head (:class:`~fastvl.models.vlbert.VLBERTForVCR`, tanh pooler -> Linear(1)). Loss: softmax
-  cross-entropy over the four scores (VL-BERT also fine-tunes with masked RoI classification: **not
-  done here**; ViLBERT's co-attention mask of the references is not used by its model either).
+  cross-entropy over the four scores. VL-BERT adds, as its VCR configs do (``ENABLE_CNN_REG_LOSS``
+  with ``CNN_LOSS_TOP``, ``CNN_LOSS_WEIGHT`` 1.0), an object classification loss: every region's
+  final state in every option's sequence classified into its object's name (the whole image:
+  ``__background__``; the class list is the training split's object names, kept in the checkpoint),
+  ``--object-loss-weight`` x its mean cross-entropy (0: off). With ``--init`` from VL-BERT
+  pretraining its transform starts from the masked RoI classification head's, as the original's.
+  The original's answer loss in those configs is a per-option sigmoid cross-entropy
+  (``CLASSIFIER_SIGMOID``); here it is the softmax over the options for both families. ViLBERT's co-attention mask of the references is not used
+  by its model either.
 * Evaluation: accuracy of the top-scored option (chance 25%); the outputs (``--submission``) are one
   record per question ``{annot_id, task, prediction, label, scores}``. The joint Q->AR
   (``fastvl evaluate --joint FILE``): a question is right only if the Q->A model's answer and the
   QA->R model's rationale both are (:func:`fastvl.finetune.metrics.vcr_joint_metrics`), FILE being the
   other model's predictions (``--submission`` of its evaluation on the same split).
+* Leaderboard (``fastvl evaluate --task vcr_qa2r --joint Q2A_FILE --leaderboard CSV``, on ``test``
+  or a labelled split): the QA->R model scores the rationales given each of the four answers (four
+  passes, as the test server needs: it takes the argmax answer, then the rationale given the right
+  one) and :func:`write_leaderboard` writes r2c's CSV layout, ``annot_id``, ``answer_0..3``,
+  ``rationale_conditioned_on_a{i}_{j}`` (softmax probabilities).
 """
 
 from __future__ import annotations
@@ -155,6 +167,16 @@ class VCRTask(Task):
 
             return VLBERTForVCR(config, object_classes=len(self.object_classes))
         return region_task_model(config, self.family, "VLBERTForVCR")
+
+    def init_state(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``--init`` from VL-BERT pretraining: the masked RoI classification head's transform starts
+        the object head's (the original's ``mvrc_head.transform -> cnn_loss_reg.0``); its classifier,
+        over the detector's classes, is not used."""
+        if getattr(model, "object_head", None) is None:
+            return state
+        moved = {k.replace("mvrc_head.dense.", "object_head.dense.", 1): v for k, v in state.items()
+                 if k.startswith("mvrc_head.dense.")}
+        return {**state, **moved}
 
     def object_labels(self, questions: list[VCRQuestion], num_regions: int) -> torch.Tensor:
         """``[B, R]`` each region's class in :attr:`object_classes`: the whole image background,
