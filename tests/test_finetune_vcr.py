@@ -324,6 +324,15 @@ def test_vlbert_object_labels_and_loss_on_and_off(vcr_set):
     loss_off, parts_off = off.loss(plain.train(), plain_batch)
     assert set(parts_off) == {"ce"}
     torch.testing.assert_close(loss_off, parts["ce"])
+    # the per-option sigmoid answer loss (VL-BERT's CLASSIFIER_SIGMOID), by hand
+    sigmoid = _task(vcr_set["vcr"], "vcr_q2a", "vlbert", object_loss_weight=0, answer_loss="sigmoid")
+    _, parts_sigmoid = sigmoid.loss(plain.train(), plain_batch)
+    scores = sigmoid.scores(plain, plain_batch).double()
+    right = torch.arange(4)[None, :] == plain_batch["labels"][:, None]
+    by_hand = -torch.where(right, torch.sigmoid(scores).log(), (1 - torch.sigmoid(scores)).log()).mean()
+    torch.testing.assert_close(parts_sigmoid["ce"].double(), by_hand)
+    with pytest.raises(ValueError, match="--answer-loss must be one of"):
+        _task(vcr_set["vcr"], "vcr_q2a", "vlbert", answer_loss="hinge")
     # a checkpoint's task rebuilds the head from its state
     assert _task(vcr_set["vcr"], "vcr_q2a", "vlbert", state=task.state()).object_classes == task.object_classes
     assert _task(vcr_set["vcr"], "vcr_q2a", "vlbert", state={"mode": "q2a"}).object_classes == []

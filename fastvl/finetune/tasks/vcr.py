@@ -18,8 +18,9 @@ the joint Q->AR of two such models.
   ``__background__``; the class list is the training split's object names, kept in the checkpoint),
   ``--object-loss-weight`` x its mean cross-entropy (0: off). With ``--init`` from VL-BERT
   pretraining its transform starts from the masked RoI classification head's, as the original's.
-  The original's answer loss in those configs is a per-option sigmoid cross-entropy
-  (``CLASSIFIER_SIGMOID``); here it is the softmax over the options for both families. ViLBERT's co-attention mask of the references is not used
+  The original's answer loss in those configs is each option's sigmoid cross-entropy
+  (``CLASSIFIER_SIGMOID``): ``--answer-loss sigmoid``; the default is the softmax over the options for
+  both families (ViLBERT's; on the synthetic set it learned as well or better). ViLBERT's co-attention mask of the references is not used
   by its model either.
 * Evaluation: accuracy of the top-scored option (chance 25%); the outputs (``--submission``) are one
   record per question ``{annot_id, task, prediction, label, scores}``. The joint Q->AR
@@ -52,6 +53,7 @@ from fastvl.finetune.tasks.common import pad_ids, region_batch, region_task_mode
 NO_OBJECT = -1
 BACKGROUND = "__background__"  # the whole-image region's class (the original's image box: class 0)
 OBJECT_LOSS_WEIGHT = 1.0  # VL-BERT's NETWORK.CNN_LOSS_WEIGHT in its VCR configs
+ANSWER_LOSSES = ("softmax", "sigmoid")  # over the 4 options; or per option (VL-BERT's CLASSIFIER_SIGMOID)
 SEPARATOR = ("[SEP]", NO_OBJECT)  # between the question and the given answer (QA->R)
 
 
@@ -63,11 +65,14 @@ class VCRTask(Task):
     data_task = "vcr"
     families = ("vilbert", "vlbert")
     objectives = ("ce",)  # and "object" when VL-BERT's object classification is on
-    options = ("object_loss_weight", "leaderboard")  # task options the command line passes through
+    options = ("object_loss_weight", "answer_loss", "leaderboard")  # task options the command line passes through
 
     def __init__(self, task_dir, family, dataset, special, *, state=None, object_loss_weight: float | None = None,
-                 leaderboard: str | None = None, **kwargs):
+                 answer_loss: str | None = None, leaderboard: str | None = None, **kwargs):
         super().__init__(task_dir, family, dataset, special, **kwargs)
+        if answer_loss not in (None, *ANSWER_LOSSES):
+            raise ValueError(f"--answer-loss must be one of {list(ANSWER_LOSSES)}, got {answer_loss!r}")
+        self.answer_loss = answer_loss or "softmax"
         if leaderboard and self.mode != "qa2r":
             raise ValueError("--leaderboard is written by the vcr_qa2r evaluation (it scores the rationales given "
                              "each answer) with the vcr_q2a predictions as --joint")
@@ -248,10 +253,15 @@ class VCRTask(Task):
         return self._forward(model, batch)["logits"]
 
     def loss(self, model, batch):
-        """Softmax cross-entropy over the options, plus ``object_loss_weight`` x VL-BERT's object
-        classification loss when it is on."""
+        """The answer loss (``answer_loss``: softmax cross-entropy over the options, or each option's
+        sigmoid cross-entropy), plus ``object_loss_weight`` x VL-BERT's object classification loss
+        when it is on."""
         out = self._forward(model, batch)
-        ce = F.cross_entropy(out["logits"].float(), batch["labels"])
+        logits = out["logits"].float()
+        if self.answer_loss == "sigmoid":  # each option right or wrong, averaged over the B x 4 options
+            ce = F.binary_cross_entropy_with_logits(logits, F.one_hot(batch["labels"], NUM_OPTIONS).to(logits.dtype))
+        else:
+            ce = F.cross_entropy(logits, batch["labels"])
         if "object_loss" not in out:
             return ce, {"ce": ce}
         return ce + self.object_loss_weight * out["object_loss"], {"ce": ce, "object": out["object_loss"]}
