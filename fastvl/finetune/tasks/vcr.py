@@ -20,8 +20,8 @@ the joint Q->AR of two such models.
   pretraining its transform starts from the masked RoI classification head's, as the original's.
   The original's answer loss in those configs is each option's sigmoid cross-entropy
   (``CLASSIFIER_SIGMOID``): ``--answer-loss sigmoid``; the default is the softmax over the options for
-  both families (ViLBERT's; on the synthetic set it learned as well or better). ViLBERT's co-attention mask of the references is not used
-  by its model either.
+  both families (ViLBERT's; on the synthetic set it learned as well or better). ViLBERT's
+  co-attention mask of the references is not used by its model either.
 * Evaluation: accuracy of the top-scored option (chance 25%); the outputs (``--submission``) are one
   record per question ``{annot_id, task, prediction, label, scores}``. The joint Q->AR
   (``fastvl evaluate --joint FILE``): a question is right only if the Q->A model's answer and the
