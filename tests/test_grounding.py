@@ -286,10 +286,10 @@ def test_zero_shot_grounding_from_a_pretraining_state_dict_through_fastvl_evalua
     args.gradcam, args.gradcam_block = "itc", 2
     with pytest.raises(ValueError, match=r"--gradcam-block must be an image-encoder block .* got 2"):
         evaluate(args)
-    args.gradcam_block, args.attention_maps = None, None
+    args.gradcam_block, args.attention_maps, args.num_maps = None, str(tmp_path / "itc-maps"), 1
     assert evaluate(args) == 0
     metrics = json.load(open(report))["metrics"]
-    assert metrics["gradcam"] == "itc" and metrics["gradcam_block"] == 1
+    assert metrics["gradcam"] == "itc" and metrics["gradcam_block"] == 1 and len(os.listdir(args.attention_maps)) == 1
     assert 0.0 <= metrics["accuracy"] <= metrics["upper_bound"]
 
 
