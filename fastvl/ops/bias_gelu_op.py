@@ -90,7 +90,9 @@ def _launch_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | Non
     dx = torch.empty_like(x)
     grid = (-(-rows // kernels.BLOCK_M), -(-cols // kernels.BLOCK_N))
     # Program (i, j) writes column tile j of row i: the grid covers the buffer, no zero-fill needed.
-    partial = torch.empty(grid[0] if bias is not None else 0, cols, dtype=torch.float32, device=x.device)
+    # One row block: its row is the gradient itself ([cols], not a view: cheaper for autograd).
+    shape = (0,) if bias is None else (cols,) if grid[0] == 1 else (grid[0], cols)
+    partial = torch.empty(shape, dtype=torch.float32, device=x.device)
     if rows:
         kernels.bias_gelu_bwd_kernel[grid](dy, x, bias if bias is not None else x, dx,
                                            partial if bias is not None else dx, cols, cols, cols, rows, cols,
@@ -98,7 +100,7 @@ def _launch_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | Non
                                            BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
     if bias is None:
         return dx, x.new_empty(0)
-    dbias = partial[0] if grid[0] == 1 else partial.sum(0)  # one row block: its partial row is the gradient
+    dbias = partial if grid[0] == 1 else partial.sum(0)
     return dx, dbias if bias.dtype == torch.float32 else dbias.to(bias.dtype)
 
 

@@ -176,8 +176,9 @@ def _(x, residual, weight, bias, seed, dropout_p, eps):
             x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
-def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
-    """(d pre-norm sum = d residual, dx or None when no dropout, [1 + has_bias, N]: dweight (, dbias))."""
+def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias, stacked=True):
+    """(d pre-norm sum = d residual, dx or None when no dropout, parameter gradients): with ``stacked``
+    (the custom op's one output) [1 + has_bias, N] = dweight (, dbias), else (dweight, dbias or None)."""
     # hidden_sum is x itself when the forward stored no sum: contiguous only if the caller's x was
     if not hidden_sum.is_contiguous():
         hidden_sum = hidden_sum.contiguous()
@@ -189,7 +190,8 @@ def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bi
     dh = torch.empty_like(hidden_sum)
     dx = torch.empty_like(hidden_sum) if keep is not None else None
     if not rows:
-        return dh, dx, torch.zeros(1 + has_bias, hidden, dtype=weight.dtype, device=dy.device)
+        param_grads = torch.zeros(1 + has_bias, hidden, dtype=weight.dtype, device=dy.device)
+        return dh, dx, param_grads if stacked else _unstack(param_grads, has_bias)
     block, block_m, warps = _config(hidden)
     row_blocks = -(-rows // block_m)
     # A few row blocks: one program walks them all and writes the gradients themselves (no reduction
@@ -201,16 +203,30 @@ def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bi
     blocks_per_program = -(-row_blocks // programs)
     programs = -(-row_blocks // blocks_per_program)
     # Every program writes its whole row of the partial sums (dweight's, then dbias's): no zero-fill;
-    # one reduction sums both. (One program: [1 + has_bias, N], the gradients themselves.)
-    partial = torch.empty((1 + has_bias, programs, hidden) if programs > 1 else (1 + has_bias, hidden),
-                          dtype=torch.float32, device=dy.device)
+    # one reduction sums both. One program writes the gradients themselves: stacked [1 + has_bias, N],
+    # or (eager calls) two vectors (gradients that are views cost the autograd engine more).
+    vectors = programs == 1 and not stacked
+    if vectors:
+        dweight = torch.empty(hidden, dtype=torch.float32, device=dy.device)
+        dbias = torch.empty_like(dweight) if has_bias else dweight
+    else:
+        partial = torch.empty((1 + has_bias, programs, hidden) if programs > 1 else (1 + has_bias, hidden),
+                              dtype=torch.float32, device=dy.device)
+        dweight, dbias = partial[0], partial[-1]
     _kernels().layer_norm_bwd_kernel[(programs,)](
         dy, hidden_sum, weight, mean, rstd, keep if keep is not None else dy, dh, dx if dx is not None else dh,
-        partial[0], partial[-1], hidden, hidden, hidden if keep is not None else 0, hidden, hidden if dx is not None else 0,
-        rows, hidden, blocks_per_program, dropout_p, HAS_DROPOUT=keep is not None, HAS_BIAS=has_bias,
-        BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
-    param_grads = partial if programs == 1 else partial.sum(1)
-    return dh, dx, param_grads if weight.dtype == torch.float32 else param_grads.to(weight.dtype)
+        dweight, dbias, hidden, hidden, hidden if keep is not None else 0, hidden,
+        hidden if dx is not None else 0, rows, hidden, blocks_per_program, dropout_p,
+        HAS_DROPOUT=keep is not None, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
+    if vectors:
+        dbias = dbias if has_bias else None
+        if weight.dtype != torch.float32:
+            dweight, dbias = dweight.to(weight.dtype), dbias.to(weight.dtype) if has_bias else None
+        return dh, dx, (dweight, dbias)
+    param_grads = partial.sum(1) if programs > 1 else partial
+    if weight.dtype != torch.float32:
+        param_grads = param_grads.to(weight.dtype)
+    return dh, dx, param_grads if stacked else _unstack(param_grads, has_bias)
 
 
 @torch.library.custom_op("fastvl::layer_norm_bwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -229,10 +245,14 @@ def _(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
             weight.new_empty((1 + has_bias, weight.shape[0])))
 
 
-def _grads(dh, dx, param_grads, has_residual, has_bias):
+def _unstack(param_grads, has_bias):
+    """(dweight, dbias or None) from [1 + has_bias, N]."""
+    return param_grads.unbind(0) if has_bias else (param_grads[0], None)
+
+
+def _grads(dh, dx, param_grads, has_residual):
     """The autograd outputs (x, residual, weight, bias, seed, dropout_p, eps) from the kernel's."""
-    dweight, dbias = param_grads.unbind(0) if has_bias else (param_grads[0], None)
-    return dx if dx is not None else dh, dh if has_residual else None, dweight, dbias, None, None, None
+    return dx if dx is not None else dh, dh if has_residual else None, *param_grads, None, None, None
 
 
 def _setup_context(ctx, inputs, output):
@@ -248,7 +268,7 @@ def _backward(ctx, dy, _dsum, _dkeep, _dmean, _drstd):
     stored, weight, mean, rstd, keep = ctx.saved_tensors
     dropout_p, has_bias, has_residual = ctx.flags
     dh, dx, param_grads = _layer_norm_bwd(dy, stored, weight, mean, rstd, keep, dropout_p, has_bias)
-    return _grads(dh, dx if keep.numel() else None, param_grads, has_residual, has_bias)
+    return _grads(dh, dx if keep.numel() else None, _unstack(param_grads, has_bias), has_residual)
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -268,8 +288,9 @@ class _EagerLayerNorm(torch.autograd.Function):
     def backward(ctx, dy):
         stored, weight, mean, rstd, keep = ctx.saved_tensors
         dropout_p, has_bias, has_residual = ctx.flags
-        dh, dx, param_grads = _launch_backward(dy, stored, weight, mean, rstd, keep, dropout_p, has_bias)
-        return _grads(dh, dx, param_grads, has_residual, has_bias)
+        dh, dx, param_grads = _launch_backward(dy, stored, weight, mean, rstd, keep, dropout_p, has_bias,
+                                               stacked=False)
+        return _grads(dh, dx, param_grads, has_residual)
 
 
 # Function.apply's C++ entry: Function.apply adds Python work (default-argument binding, unwrapping
