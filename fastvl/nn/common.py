@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastvl import _checks
 from fastvl.dispatch import use_backend
-from fastvl.ops import bias_gelu, layer_norm
+from fastvl.ops import bias_gelu, dropout_seed, layer_norm
 
 
 class LayerNorm(nn.Module):
@@ -46,12 +46,16 @@ class Checkpointable(nn.Module):
     """A layer whose forward can run under activation checkpointing (``torch.utils.checkpoint`` with
     ``use_reentrant=False``): set ``layer.gradient_checkpointing = True`` (or call
     :func:`set_gradient_checkpointing` on a model). Only active in training mode with grad enabled.
-    Dropout replays exactly in the recomputation (checkpoint restores the RNG state)."""
+    Dropout replays exactly in the recomputation (checkpoint restores the RNG state, and the seeds
+    taken from a forward's seed pool are replayed: :func:`fastvl.ops.dropout_seed.checkpoint_contexts`)."""
 
     gradient_checkpointing: bool = False
 
     def forward(self, *args, **kwargs):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if dropout_seed.pooling():
+                return checkpoint(self.compute, *args, use_reentrant=False,
+                                  context_fn=dropout_seed.checkpoint_contexts, **kwargs)
             return checkpoint(self.compute, *args, use_reentrant=False, **kwargs)
         return self.compute(*args, **kwargs)
 
