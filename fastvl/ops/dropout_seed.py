@@ -3,7 +3,7 @@
 Every fused op with dropout (attention, co-attention, residual + dropout + LayerNorm) reads an int64
 ``[1]`` seed tensor on its device. Drawn per call (``torch.randint``), that is one device launch per
 op call: 84 of a ViLBERT-base training step's ~1,000. Inside :func:`shared_seeds` (a model's forward
-opens it) the ops instead take consecutive views of one ``[SEEDS_PER_DRAW]`` tensor drawn from torch's
+opens it) the ops instead take views of one tensor of ``SEEDS_PER_DRAW`` seeds drawn from torch's
 generator at the first request (another when it runs out): no launch per call.
 
 What stays true:
@@ -32,6 +32,9 @@ import torch
 
 SEED_HIGH = 2**62  # pool seeds: uniform int64 in [0, 2**62); co-attention also uses seed + 1
 SEEDS_PER_DRAW = 256  # one draw covers ViLBERT-base (84 per forward) and models 3x its depth
+# seeds 16 bytes apart: Triton specialises pointers on 16-byte alignment, and a seed at an odd int64
+# index would compile every dropout kernel a second time
+SEED_STRIDE = 2
 
 
 class _SeedPool:
@@ -43,9 +46,10 @@ class _SeedPool:
     def take(self, device: torch.device) -> torch.Tensor:
         seeds, index = self.drawn.get(device, (None, SEEDS_PER_DRAW))
         if index == SEEDS_PER_DRAW:
-            seeds, index = torch.randint(0, SEED_HIGH, (SEEDS_PER_DRAW,), dtype=torch.int64, device=device), 0
+            seeds = torch.randint(0, SEED_HIGH, (SEEDS_PER_DRAW, SEED_STRIDE), dtype=torch.int64, device=device)
+            index = 0
         self.drawn[device] = (seeds, index + 1)
-        return seeds[index:index + 1]
+        return seeds[index, :1]
 
 
 class _State(threading.local):
