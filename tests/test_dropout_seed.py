@@ -154,3 +154,35 @@ def test_model_dropout_is_reproducible_and_checkpointing_replays_the_seeds(gener
     torch.testing.assert_close(ck_loss, loss, rtol=0, atol=0)
     for a, b in zip(ck_grads, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _vlbert_forward(generator):
+    from test_vlbert import CONFIG, inputs
+
+    from fastvl.models.vlbert import VLBERT
+
+    ids, features, boxes, region_mask = inputs(generator)
+    model = VLBERT(CONFIG).train()
+    return lambda: model(ids, features.nan_to_num(), boxes, region_mask=region_mask).sequence.float().sum()
+
+
+def _albef_forward(generator):
+    from test_albef import CONFIG, batch
+
+    from fastvl.models.albef import ALBEFClassifier
+
+    images, ids = batch(generator, size=2)
+    model = ALBEFClassifier(CONFIG, num_classes=3).train()
+    return lambda: model(images, ids, labels=torch.tensor([0, 2]))["loss"]
+
+
+@pytest.mark.parametrize("forward", [_vlbert_forward, _albef_forward], ids=["vlbert", "albef"])
+def test_every_model_forward_draws_its_seeds_once(generator, forward):
+    """VL-BERT's and ALBEF's forwards (``on_backend`` methods) share one pool like ViLBERT's."""
+    from fastvl.bench.host import LaunchCounter, stubbed_triton
+
+    run = forward(generator)
+    counter = LaunchCounter()
+    with fastvl.use_backend(**TRITON), stubbed_triton(counter), counter:
+        run().backward()
+    assert counter.by_op.get("randint") == 1 and counter.triton > 10

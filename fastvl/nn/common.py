@@ -194,13 +194,15 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
 
 def on_backend(method):
     """Runs a model's method (``forward`` and friends) under ``use_backend(self.backend)`` when the
-    model was built with ``backend=`` (e.g. "reference", the parity baseline); None = auto."""
+    model was built with ``backend=`` (e.g. "reference", the parity baseline; None = auto), with its
+    fused ops' dropout seeds drawn in one launch (:func:`fastvl.ops.dropout_seed.shared_seeds`)."""
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        if self.backend is None:
-            return method(self, *args, **kwargs)
-        with use_backend(self.backend):
-            return method(self, *args, **kwargs)
+        with dropout_seed.shared_seeds():
+            if self.backend is None:
+                return method(self, *args, **kwargs)
+            with use_backend(self.backend):
+                return method(self, *args, **kwargs)
 
     return run
