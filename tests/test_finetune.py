@@ -272,6 +272,23 @@ def test_acceptance_tiny_pretraining_then_zero_shot_and_fine_tuned_retrieval_bea
     assert fine["r_mean"] >= metrics["r_mean"] - 2  # not worse than zero-shot (2: rounding on other CPUs)
 
 
+def train_and_evaluate(task, model, batches) -> dict:
+    """The plain training loop of the learning-margin tests: AdamW at a constant lr 1e-3, no weight decay,
+    gradient norm clipped at 1, one step per batch of task keys; returns the validation metrics."""
+    from fastvl.finetune.parallel import EvalContext
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    model.train()
+    for keys in batches:
+        loss, _ = task.loss(model, task.collate(keys))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.eval()
+    return task.evaluate(model, "val", EvalContext(batch_size=128))[0]
+
+
 @pytest.mark.slow
 def test_vqa_tiny_vilbert_uses_the_image_beating_the_text_only_prior(tmp_path):
     """The synthetic VQA set's yes/no questions ("is there a dog ?") are decided by the image only (one
@@ -284,7 +301,6 @@ def test_vqa_tiny_vilbert_uses_the_image_beating_the_text_only_prior(tmp_path):
 
     from fastvl.data.tasks import read_task_dir
     from fastvl.finetune.engine import open_images
-    from fastvl.finetune.parallel import EvalContext
     from fastvl.finetune.tasks.common import model_config
     from fastvl.finetune.tasks.vqa import VQATask
 
@@ -297,18 +313,10 @@ def test_vqa_tiny_vilbert_uses_the_image_beating_the_text_only_prior(tmp_path):
     torch.manual_seed(0)
     model = task.make_model(model_config("vilbert", "tiny", dataset, special, dropout=0.0))  # --dropout 0
     assert model.dropout == 0.0  # the heads' too
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.permutation(task.num_train()) for _ in range(20)])
-    model.train()
-    for step in range(400):
-        loss, _ = task.loss(model, task.collate([(0, int(i)) for i in order[32 * step: 32 * (step + 1)]]))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    model.eval()
-    metrics, _ = task.evaluate(model, "val", EvalContext(batch_size=128))
+    metrics = train_and_evaluate(task, model, ([(0, int(i)) for i in order[32 * step: 32 * (step + 1)]]
+                                               for step in range(400)))
     print(metrics)
     assert metrics["vqa_accuracy"] >= metrics["question_type_prior_accuracy"] + 10
     assert metrics["vqa_accuracy"] >= metrics["constant_answer_accuracy"] + 15

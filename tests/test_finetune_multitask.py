@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_finetune import _run
+from test_finetune import _run, train_and_evaluate
 from test_train import _env, _losses, _wait_for_step
 
 from fastvl.data.sampler import GlobalBatchSampler
@@ -257,7 +257,6 @@ def test_tiny_vilbert_learns_vqa_and_refcoco_together_above_their_baselines(tmp_
     leaves the VQA plateau sooner with RefCOCO+ beside it, at a few points of RefCOCO+."""
     from fastvl.data.tasks import read_task_dir
     from fastvl.finetune.multitask import MultiTask
-    from fastvl.finetune.parallel import EvalContext
     from fastvl.finetune.tasks import open_images, task_class
     from fastvl.finetune.tasks.common import model_config
 
@@ -274,16 +273,8 @@ def test_tiny_vilbert_learns_vqa_and_refcoco_together_above_their_baselines(tmp_
     torch.manual_seed(0)
     config = model_config("vilbert", "tiny", members[0].dataset, members[0].special, dropout=0.0)
     model = task.make_model(dataclasses.replace(config, task_specific_tokens=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    model.train()
-    for micro in task.sampler(16, 16, world_size=1, rank=0, seed=0).iterate(0, 300):
-        loss, _ = task.loss(model, task.collate(micro.keys))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    model.eval()
-    metrics, _ = task.evaluate(model, "val", EvalContext(batch_size=128))
+    batches = (micro.keys for micro in task.sampler(16, 16, world_size=1, rank=0, seed=0).iterate(0, 300))
+    metrics = train_and_evaluate(task, model, batches)
     print({k: round(v, 2) for k, v in metrics.items() if "accuracy" in k})
     assert metrics["vqa_vqa_accuracy"] >= metrics["vqa_question_type_prior_accuracy"] + 10, metrics
     assert metrics["vqa_vqa_accuracy"] >= metrics["vqa_constant_answer_accuracy"] + 15, metrics
