@@ -81,6 +81,28 @@ def model_table(docs: dict) -> list[str]:
 FUSED_VARIANTS = ("auto", "triton", "cuda", "cpp")  # the one shown per shape: the default dispatch, else a kernel
 
 
+def _versus(fused: dict, base: dict | None) -> str:
+    """The fused row against a baseline row of the same shape: "1x (same path)" where they run one code
+    path, the paired median speed-up with its 95% interval where both were timed interleaved ("~" and no
+    bold when that is within noise), else the ratio of the medians."""
+    if base is None or base is fused:
+        return "-"
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # the checkout's fastvl, also where it is not installed
+    from fastvl.bench.harness import speedup
+
+    entry = speedup(fused, base)
+    if entry["method"] == "same code path":
+        return "1x (same path)"
+    if entry["method"] != "paired rounds":
+        return f"**{entry['speedup']:.2f}x**"
+    low, high = entry["ci95"]
+    interval = f" [{low:.2f}-{high:.2f}]"
+    if entry["verdict"] == "within noise":
+        return f"~{entry['speedup']:.2f}x{interval} (within noise)"
+    return f"**{entry['speedup']:.2f}x**{interval}"
+
+
 def op_table(docs: dict) -> list[str]:
     """Per benchmark shape, forward+backward: fastvl's fused path (``auto`` where the suite has it) vs the
     eager reference, with SDPA as a second baseline where the suite measured it."""
@@ -100,19 +122,36 @@ def op_table(docs: dict) -> list[str]:
                 continue
             rate = (f"{fused['tflops']:.3g} TFLOP/s" if "tflops" in fused else
                     f"{fused['gbps']:.3g} GB/s" if "gbps" in fused else "-")
-            vs_sdpa = f"{sdpa['median_ms'] / fused['median_ms']:.2f}x" if sdpa and fused is not sdpa else "-"
-            # auto's rows name the backend it dispatched to: when that is the reference, both columns
-            # time one code path (their ratio is the run's noise, not a speed-up)
+            # auto's rows name the backend it dispatched to (older runs timed that path a second time:
+            # their ratio against the same backend is the run's noise, not a speed-up)
             chose = fused.get("chose")
             label = f"{fused['variant']} ({chose})" if chose else fused["variant"]
-            ratio = ("1x (same path)" if chose == "reference" else
-                     f"**{reference['median_ms'] / fused['median_ms']:.2f}x**")
+            if chose in variants and not fused.get("same_as"):  # an older run timed auto apart: share
+                fused = {**variants[chose], "variant": fused["variant"], "chose": chose, "same_as": chose}
+            spread = f"{fused['spread_pct']:.0f}%" if "spread_pct" in fused else "-"
             lines.append(f"| {name} | {_shape(fused['params'])} | {label} | {fused['dtype']} | "
-                         f"{fused['median_ms']:.3f} | {reference['median_ms']:.3f} | {ratio} | {vs_sdpa} | {rate} |")
+                         f"{fused['median_ms']:.3f} | {reference['median_ms']:.3f} | {_versus(fused, reference)} | "
+                         f"{_versus(fused, sdpa)} | {spread} | {rate} |")
     if not lines:
         return []
     return ["| op (forward+backward) | shape | fused variant | dtype | fused ms | reference ms | vs reference "
-            "| vs sdpa | achieved |", "|---|---|---|---|---|---|---|---|---|", *lines]
+            "| vs sdpa | spread | achieved |", "|---|---|---|---|---|---|---|---|---|---|", *lines]
+
+
+def method_line(env: dict) -> str:
+    """How the run timed its rows, from its environment (empty for runs before interleaved timing)."""
+    noise = env.get("noise")
+    if not noise:
+        return ""
+    low, high = noise["rounds"]
+    load = noise.get("load_1min")
+    return (f"Method: the backends of one shape ran interleaved, one call each per round in rotating order, "
+            f"{low}-{high} rounds per shape; \"vs\" is the median of the per-round time ratios with its "
+            f"{noise['confidence']:.0%} interval, \"~ (within noise)\" where that interval holds 1 or the "
+            f"difference is under {noise['tie_margin']:.0%}; `auto` runs the very backend named in brackets "
+            f"and shares its timing. Spread: p20-p80 of the fused row's times in % of its median (median over "
+            f"rows {noise['median_spread_pct']:.0f}%)"
+            + (f"; 1-minute load average {load[0]:.1f}-{load[1]:.1f} during the run." if load else "."))
 
 
 def parity_lines(docs: dict) -> list[str]:
@@ -151,6 +190,8 @@ def section(runs: list[dict], readme_dir: Path = REPO) -> str:
                      f"commit `{(env.get('git_commit') or 'unknown')[:12]}`, {env['date'][:10]} "
                      f"([`{where}`]({where})). Ratios are measured in the same run."
                      + (f" Note: {env['note']}" if env.get("note") else ""))
+        if method_line(env):
+            lines += ["", method_line(env)]
         for block in (model_table(run["docs"]), op_table(run["docs"]), parity_lines(run["docs"])):
             if block:
                 lines += ["", *block]

@@ -2,6 +2,7 @@
 PNG files that exist, peak memory that counts what it should."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -288,3 +289,75 @@ def test_auto_regressions_flag_only_a_clearly_slower_choice():
     overlapping = [row("auto", 1.1, chose="torch"), row("torch", 1.1, spread=0.2), row("reference", 1.0, spread=0.2)]
     assert auto_regressions(overlapping) == []
     assert auto_regressions([row("auto", 2.0, chose="reference"), row("reference", 2.0), row("torch", 3.0)]) == []
+
+
+def test_round_order_rotates_and_reverses():
+    orders = [harness.round_order(["a", "b", "c"], r) for r in range(6)]
+    assert orders[:3] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert orders[3:] == [["c", "b", "a"], ["a", "c", "b"], ["b", "a", "c"]]
+    for position in range(3):  # every variant runs first, middle and last equally often
+        assert sorted(order[position] for order in orders) == ["a", "a", "b", "b", "c", "c"]
+
+
+def test_median_ci_holds_the_order_statistics_of_the_binomial():
+    assert harness.median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (3.0, 1.0, 5.0)  # n=5: only the range covers 95%
+    values = list(range(20))  # n=20: P(Binomial(20, 1/2) <= 5) = 0.021, <= 6: 0.058
+    assert harness.median_ci(values) == (9.5, 6, 13)
+
+
+def test_paired_speedup_cancels_load_that_hits_both_variants():
+    load = [1.0, 3.0, 1.5, 6.0, 1.0, 2.0, 4.0, 1.2, 1.1, 5.0]  # the machine's slowdown per round
+    fast, slow = [1.0 * x for x in load], [1.25 * x for x in load]
+    paired = harness.paired_speedup(slow, fast)
+    assert paired["speedup"] == pytest.approx(1.25) and paired["verdict"] == "faster"
+    assert harness.paired_speedup(fast, slow)["verdict"] == "slower"
+    jitter = [1.0, 1.01, 0.99, 1.005, 0.995, 1.0, 1.01, 0.99, 1.0, 1.0]
+    assert harness.paired_speedup(fast, [f * j for f, j in zip(fast, jitter)])["verdict"] == "within noise"
+    # the ratio of the two medians would be ~1.25 too here, but not when load differs between two timings
+    assert harness.Timing.of(slow).median_ms / harness.Timing.of(fast).median_ms == pytest.approx(1.25)
+
+
+def test_compare_interleaves_and_auto_shares_the_timing_of_its_backend():
+    calls = []
+    results = harness.Results("unit", "cpu")
+    budget = harness.Budget(budget_ms=5.0, warmup_ms=0.0, min_rounds=8, max_rounds=8)
+    x = torch.randn(64, 64)
+    variants = {"reference": lambda: calls.append("reference") or x @ x,
+                "sdpa": lambda: calls.append("sdpa") or (x @ x, x @ x)}
+    rows = results.compare(variants, name="op", params={"pass": "fwd"}, baseline="reference", budget=budget,
+                           memory=False)
+    timed = calls[-16:]
+    assert [timed[i:i + 2] for i in range(0, 16, 2)].count(["reference", "sdpa"]) == 4  # alternating order
+    assert all(r["rounds"] == 8 == len(r["rounds_ms"]) and r["load_before"] for r in rows)
+    sdpa = next(r for r in rows if r["variant"] == "sdpa")
+    assert sdpa["vs_baseline"]["baseline"] == "reference"
+    auto = results.same_as(sdpa, "auto", chose="sdpa")
+    by_variant = {r["variant"]: r for r in results.ratios("sdpa")}
+    assert by_variant["auto"]["speedup"] == 1.0 and by_variant["auto"]["method"] == "same code path"
+    assert by_variant["reference"]["method"] == "paired rounds" and "ci95" in by_variant["reference"]
+    vs_reference = {r["variant"]: r for r in results.ratios("reference")}
+    assert vs_reference["auto"]["speedup"] == vs_reference["sdpa"]["speedup"]  # one path, one number
+    assert auto["median_ms"] == sdpa["median_ms"] and "(same path)" in results.table(["sdpa"])
+    noise = results.to_json()["env"]["noise"]
+    assert noise["rounds"] == [8, 8] and noise["median_spread_pct"] >= 0
+
+
+def test_clearly_faster_uses_the_rounds_where_there_are_some():
+    from fastvl.bench.ops import clearly_faster
+
+    load = [1.0, 3.0, 1.5, 6.0, 1.0, 2.0, 4.0, 1.2, 1.1, 5.0]
+
+    def row(variant, factor, comparison=1):
+        times = [factor * x for x in load]
+        return {"variant": variant, "median_ms": statistics.median(times), "p20_ms": min(times),
+                "p80_ms": max(times), "rounds_ms": times, "comparison": comparison}
+
+    # p20-p80 of either overlaps the other's (the load swings 6x), the paired rounds still separate them
+    assert clearly_faster(row("a", 1.0), row("b", 1.2)) and not clearly_faster(row("b", 1.2), row("a", 1.0))
+    assert not clearly_faster(row("a", 1.0), row("b", 1.2, comparison=2))  # not timed together: overlap
+
+
+def test_budget_defaults_per_device_and_override():
+    assert harness.Budget.of() == harness.Budget() and harness.Budget.of(device="cuda") == harness.Budget.gpu()
+    assert harness.Budget.of(quick=True, device="cuda") == harness.Budget.quick()
+    assert harness.Budget.of(budget_ms=123.0).budget_ms == 123.0 and harness.Budget.of(budget_ms=1).min_rounds == 10

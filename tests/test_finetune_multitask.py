@@ -1,8 +1,10 @@
 """Multi-task fine-tuning (fastvl.finetune.multitask): the task sampler's order, proportions, per-task data
 positions, resumption and rank split; task tokens in the cached retrieval scoring; `fastvl finetune --tasks`
 end to end (per-task losses in the log, per-task evaluation, best checkpoint by the mean, `fastvl evaluate`
-of one task), SIGKILL + resume == the uninterrupted run."""
+of one task), SIGKILL + resume == the uninterrupted run; a tiny model learning VQA and RefCOCO+ together
+above each task's baselines."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -237,3 +239,53 @@ def test_init_from_a_pretraining_checkpoint_without_task_tokens():
     state.pop("bert.embeddings.word_embeddings.weight")
     with pytest.raises(ValueError, match="1 encoder parameters missing"):
         load_pretrained(model, state, "vilbert", "pretrained")
+
+
+# learning -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_vilbert_learns_vqa_and_refcoco_together_above_their_baselines(tmp_path):
+    """One tiny ViLBERT with task tokens, VQA + RefCOCO+ (ground-truth regions) round-robin over one
+    synthetic image set, from scratch: 300 optimizer steps of 16 (150 per task), AdamW at a constant lr
+    1e-3, no dropout (the settings single-task VQA needs to leave its text prior), clipping 1. Each task
+    must beat its own baselines, computed by its evaluation on the same validation split, by the stated
+    margins. Measured (seeds 0 / 1 / 2 of model and sampler): VQA 73.3 / 77.6 / 79.1 against 51.4 for
+    the per-question-type prior and 43.4 for the best constant answer; RefCOCO+ 86.4 / 77.1 / 75.4
+    against 42.4 for the best text-free rule. Single-task runs of the same 150 steps each: VQA 50.4 /
+    46.3 / 50.0 (still on the prior; 250 steps: 51.5), RefCOCO+ 82.2 / 82.2 / 83.9; the shared encoder
+    leaves the VQA plateau sooner with RefCOCO+ beside it, at a few points of RefCOCO+."""
+    from fastvl.data.tasks import read_task_dir
+    from fastvl.finetune.multitask import MultiTask
+    from fastvl.finetune.parallel import EvalContext
+    from fastvl.finetune.tasks import open_images, task_class
+    from fastvl.finetune.tasks.common import model_config
+
+    images = str(tmp_path / "images")
+    make_synthetic_dataset(images, 256, feature_dim=16, num_classes=4, min_regions=4, max_regions=8, shard_size=256)
+    members = []
+    for name, length, options in (("vqa", 23, {}), ("refcoco", 20, {"boxes": "gt"})):
+        make_task_set(name, images, str(tmp_path / name), val_images=32, test_images=8)
+        task_dir = read_task_dir(str(tmp_path / name), name)
+        dataset, special = open_images(task_dir, None)
+        members.append(task_class(name)(task_dir, "vilbert", dataset, special, max_text_len=length, max_regions=36,
+                                        seed=0, **options))
+    task = MultiTask(members, seed=0, sampling="round-robin")
+    torch.manual_seed(0)
+    config = model_config("vilbert", "tiny", members[0].dataset, members[0].special, dropout=0.0)
+    model = task.make_model(dataclasses.replace(config, task_specific_tokens=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    model.train()
+    for micro in task.sampler(16, 16, world_size=1, rank=0, seed=0).iterate(0, 300):
+        loss, _ = task.loss(model, task.collate(micro.keys))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.eval()
+    metrics, _ = task.evaluate(model, "val", EvalContext(batch_size=128))
+    print({k: round(v, 2) for k, v in metrics.items() if "accuracy" in k})
+    assert metrics["vqa_vqa_accuracy"] >= metrics["vqa_question_type_prior_accuracy"] + 10, metrics
+    assert metrics["vqa_vqa_accuracy"] >= metrics["vqa_constant_answer_accuracy"] + 15, metrics
+    assert metrics["refcoco_upper_bound"] == 100.0
+    assert metrics["refcoco_accuracy"] >= metrics["refcoco_best_trivial_accuracy"] + 20, metrics

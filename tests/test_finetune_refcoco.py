@@ -1,6 +1,7 @@
 """RefCOCO+: IoU and accuracy against hand-computed cases, the REFER reader (JSON, the pickle behind
-its trust flag, bad files), the synthetic referring expressions, a tiny ViLBERT learning them above
-the best text-free rule, and `fastvl finetune / evaluate --task refcoco` end to end."""
+its trust flag, bad files), the synthetic referring expressions, a tiny ViLBERT (ground-truth regions)
+and a tiny VL-BERT (detected regions) learning them above the best text-free rule, and
+`fastvl finetune / evaluate --task refcoco` end to end."""
 
 import json
 import os
@@ -248,6 +249,16 @@ def test_tiny_vilbert_learns_synthetic_referring_expressions_above_chance(refcoc
     metrics_ = _train(_task(refcoco_set["ref"], "vilbert", "gt"), 250, lr=2e-3)
     assert metrics_["upper_bound"] == 100.0
     assert metrics_["accuracy"] >= metrics_["best_trivial_accuracy"] + 12.0, metrics_
+
+
+@pytest.mark.slow
+def test_tiny_vlbert_learns_synthetic_referring_expressions_on_detected_regions(refcoco_set):
+    """VL-BERT's RefCOCO head on the detected (moved) boxes, from scratch, 400 steps of 16 at lr 1e-3
+    (about 25 s): measured 35.9 / 39.1 / 35.9% for seeds 0 / 1 / 2 (this test: seed 0) vs 21.7% for the
+    best text-free rule (the largest region; a random one 15.8%), on 92 validation expressions; 300 steps
+    gave +9.8 / +6.6 / +13.1. Asserted: >= 10 points above the best rule."""
+    metrics_ = _train(_task(refcoco_set["ref"], "vlbert", "detected"), 400)
+    assert metrics_["accuracy"] >= metrics_["best_trivial_accuracy"] + 10.0, metrics_
 
 
 @pytest.mark.slow

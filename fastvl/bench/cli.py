@@ -15,6 +15,8 @@
     Every backend of the shape-aware ops per shape: the dispatch table ``auto`` reads
     (:mod:`fastvl.bench.calibrate`).
 
+The backends of one shape are timed interleaved, round by round, and compared per round (paired
+speed-ups with a 95% interval; "~" in the table: within noise); see :mod:`fastvl.bench.harness`.
 Both print a table and write JSON (device, versions, commit, date) and PNG plots under ``--out``
 (default ``benchmarks/results/<date>-<device>/``). Sizes default to the papers' on GPU and small on CPU.
 """
@@ -59,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops.add_argument("--builtin-only", action="store_true", help="skip the benchmarks/bench_*.py modules")
     ops.add_argument("--compiled-reference", action="store_true",
                      help="also time torch.compile(reference) per op (compiling every case takes minutes)")
+    for sub in (ops, calibrate):
+        sub.add_argument("--budget-ms", type=float, default=None,
+                         help="timed milliseconds per shape, all backends together (interleaved rounds; "
+                              "default 4000 on CPU, 300 on GPU, 60 with --quick)")
 
     from fastvl.bench import calibrate as calibrate_bench
     from fastvl.bench import host as host_bench
@@ -110,7 +116,8 @@ def run_ops(args: argparse.Namespace, device: torch.device, out_dir: Path) -> in
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     results = harness.Results("ops", device, quick=args.quick, note=args.note)
     results.env["size"] = size
-    notes, results.failures = ops.run(results, size, dtype, only=args.only, compiled_reference=args.compiled_reference)
+    notes, results.failures = ops.run(results, size, dtype, only=args.only, compiled_reference=args.compiled_reference,
+                                      budget=harness.Budget.of(args.quick, args.budget_ms, device))
     _report(results, out_dir / "ops.json", ["reference"], notes + results.failures)
     if not args.no_plots:
         for path in ops.plot_speedups(results, out_dir):

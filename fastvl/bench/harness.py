@@ -5,6 +5,16 @@ Timing
     and repetition by time budget); we keep its median and 20th/80th percentiles.
     CPU: wall-clock (``time.perf_counter``) over repeated calls after a warm-up, same three statistics.
 
+Comparing variants (:func:`interleaved`, :meth:`Results.compare`)
+    Variants of one shape are timed in rounds, each round calling every variant once in an order that
+    rotates and reverses from round to round, until a time budget is spent (with a minimum and maximum
+    number of rounds). Load from other processes then falls on all variants alike, and the ratio of two
+    variants is taken per round (paired): a row's speed-up over a baseline is the median of its per-round
+    ratios with a distribution-free 95% confidence interval of that median (order statistics of the
+    binomial), not the ratio of two medians timed minutes apart. Where the interval holds 1 (or the
+    difference is under ``TIE_MARGIN``) the verdict is "within noise". On a GPU each round's sample is a
+    short ``do_bench`` median. The load average before and after each comparison goes into the row.
+
 Peak memory (bytes allocated during one call, on top of what was alive before it)
     GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
     allocated before the call.
@@ -100,6 +110,119 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup_ms: 
         call()
     reps = max(min_reps, min(max_reps, int(rep_ms / estimate)))
     return Timing.of([call() for _ in range(reps)])
+
+
+# Interleaved comparisons --------------------------------------------------------------------------
+
+TIE_MARGIN = 0.02  # paired speed-ups within 1 +- 2% count as "within noise" even when the interval excludes 1
+CONFIDENCE = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long :func:`interleaved` times one shape: warm-up, then rounds until ``budget_ms`` of wall
+    time (all variants together) and at least ``min_rounds``, at most ``max_rounds``. The CPU default
+    finishes an attention shape of the CPU suite in ~4 s."""
+
+    budget_ms: float = 4000.0
+    warmup_ms: float = 200.0
+    min_rounds: int = 10
+    max_rounds: int = 200
+
+    @classmethod
+    def quick(cls) -> Budget:
+        return cls(budget_ms=60.0, warmup_ms=10.0, min_rounds=3, max_rounds=50)
+
+    @classmethod
+    def gpu(cls) -> Budget:
+        """GPU timings (``do_bench`` per sample, the L2 flushed) are steady: a few short rounds."""
+        return cls(budget_ms=300.0, warmup_ms=25.0, min_rounds=5, max_rounds=50)
+
+    @classmethod
+    def of(cls, quick: bool = False, budget_ms: float | None = None, device: torch.device | str = "cpu") -> Budget:
+        """The default budget of ``device`` (or the quick one), with ``budget_ms`` where given."""
+        default = cls.quick() if quick else cls.gpu() if torch.device(device).type == "cuda" else cls()
+        return default if budget_ms is None else dataclasses.replace(default, budget_ms=budget_ms)
+
+
+def round_order(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of round ``round_index``: rotated by the round, reversed every other pass, so every
+    variant runs first, last and next to every other one equally often."""
+    n = len(names)
+    rotated = [names[(i + round_index) % n] for i in range(n)]
+    return rotated[::-1] if (round_index // n) % 2 else rotated
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, budget: Budget = Budget(), *,
+                grad_to_none: dict[str, Sequence[torch.Tensor]] | None = None) -> dict[str, list[float]]:
+    """{name: per-round milliseconds} of every callable, timed round-robin (see the module docstring).
+    Entry ``i`` of every list comes from the same round."""
+    device = torch.device(device)
+    names = list(fns)
+    grad_to_none = grad_to_none or {}
+
+    def sample(name: str, rep_ms: float) -> float:
+        if device.type == "cuda":
+            import triton.testing  # only where there is a GPU
+
+            return triton.testing.do_bench(fns[name], warmup=1, rep=rep_ms, grad_to_none=grad_to_none.get(name),
+                                           return_mode="median")
+        for tensor in grad_to_none.get(name, ()):
+            tensor.grad = None
+        start = time.perf_counter()
+        fns[name]()
+        return (time.perf_counter() - start) * 1e3
+
+    rep_ms = max(1.0, budget.budget_ms / max(1, budget.min_rounds * len(names)))  # GPU: one sample's budget
+    start = time.perf_counter()
+    for name in names:  # lazy initialisation, and an estimate of a round's wall time
+        sample(name, rep_ms)
+    round_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
+    warmup_rounds = max(1, min(budget.max_rounds, int(budget.warmup_ms / round_ms)))
+    for index in range(warmup_rounds):
+        for name in round_order(names, index):
+            sample(name, rep_ms)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start, index = time.perf_counter(), 0
+    while index < budget.max_rounds and (index < budget.min_rounds
+                                         or (time.perf_counter() - start) * 1e3 < budget.budget_ms):
+        for name in round_order(names, index):
+            times[name].append(sample(name, rep_ms))
+        index += 1
+    return times
+
+
+def median_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(median, low, high): the median and a distribution-free confidence interval for it, the order
+    statistics ``j`` and ``n-1-j`` with ``P(Binomial(n, 1/2) < j) <= (1 - confidence) / 2``."""
+    ordered = sorted(values)
+    n = len(ordered)
+    tail, j = 0.0, 0
+    while j < n // 2:
+        tail += math.comb(n, j) / 2**n  # P(Binomial < j + 1)
+        if tail > (1 - confidence) / 2:
+            break
+        j += 1
+    return statistics.median(ordered), ordered[j], ordered[n - 1 - j]
+
+
+def paired_speedup(baseline_ms: Sequence[float], variant_ms: Sequence[float]) -> dict:
+    """Speed-up of a variant over a baseline timed in the same rounds: per-round ``baseline / variant``,
+    its median, confidence interval and verdict ("faster", "slower" or "within noise")."""
+    if len(baseline_ms) != len(variant_ms) or not baseline_ms:
+        raise ValueError("paired_speedup wants per-round times of the same rounds")
+    median, low, high = median_ci([b / v for b, v in zip(baseline_ms, variant_ms)])
+    verdict = ("faster" if low > 1.0 and median > 1.0 + TIE_MARGIN else
+               "slower" if high < 1.0 and median < 1.0 - TIE_MARGIN else "within noise")
+    return {"speedup": median, "ci95": [low, high], "verdict": verdict, "rounds": len(baseline_ms)}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 # Peak memory --------------------------------------------------------------------------------------
@@ -296,6 +419,8 @@ def environment(device: torch.device | str) -> dict:
         "triton": _package_version("triton"),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average": load_average(),
     }
 
 
@@ -328,6 +453,7 @@ class Results:
         if note:
             self.env["note"] = note
         self.rows: list[dict] = []
+        self.comparisons = 0  # interleaved groups timed so far (rows of one group share its number)
         self.failures: list[str] = []  # variants that raised: named in the JSON, not silently dropped
 
     def measure(self, fn: Callable[[], object], *, name: str, variant: str, params: dict | None = None,
@@ -340,11 +466,58 @@ class Results:
         """
         budget = {"warmup_ms": 5.0, "rep_ms": 20.0, "min_reps": 3} if self.quick else {}
         timing = time_fn(fn, self.device, grad_to_none=grad_to_none, **budget)
-        row = self.add(timing, name=name, variant=variant, params=params, dtype=dtype)
+        row = self._timed_row(timing, name=name, variant=variant, params=params, dtype=dtype, flops=flops,
+                              nbytes=nbytes)
         if memory:
             for tensor in grad_to_none or ():
                 tensor.grad = None
             row["peak_mem_mb"] = peak_memory(fn, self.device) / 2**20
+        row.update(extra)
+        return row
+
+    def compare(self, variants: dict[str, Callable[[], object]], *, name: str, params: dict | None = None,
+                baseline: str | None = None, dtype: torch.dtype = torch.float32, flops: float | None = None,
+                nbytes: float | None = None, grad_to_none: dict[str, Sequence[torch.Tensor]] | None = None,
+                budget: Budget | None = None, memory: bool = True,
+                extra: dict[str, dict] | None = None) -> list[dict]:
+        """Times ``variants`` ({variant: callable}) of one shape interleaved (:func:`interleaved`) and
+        appends one row per variant. Every row keeps its per-round times (``rounds_ms``) and, when
+        ``baseline`` is one of the variants, the paired speed-up over it (``vs_baseline``). ``extra``:
+        {variant: keys stored in that row}."""
+        budget = budget or Budget.of(self.quick, device=self.device)
+        load_before = load_average()
+        times = interleaved(variants, self.device, budget, grad_to_none=grad_to_none)
+        load = {"load_before": load_before, "load_after": load_average()}
+        self.comparisons += 1
+        rows = []
+        for variant, samples in times.items():
+            timing = Timing.of(samples)
+            row = self._timed_row(timing, name=name, variant=variant, params=params, dtype=dtype, flops=flops,
+                                  nbytes=nbytes)
+            row.update(comparison=self.comparisons, rounds=len(samples),
+                       spread_pct=100 * (timing.p80_ms - timing.p20_ms) / timing.median_ms,
+                       rounds_ms=[float(f"{t:.4g}") for t in samples], **load)
+            if baseline in times and variant != baseline:
+                row["vs_baseline"] = {"baseline": baseline, **paired_speedup(times[baseline], samples)}
+            if memory:
+                for tensor in (grad_to_none or {}).get(variant, ()):
+                    tensor.grad = None
+                row["peak_mem_mb"] = peak_memory(variants[variant], self.device) / 2**20
+            row.update((extra or {}).get(variant, {}))
+            rows.append(row)
+        return rows
+
+    def same_as(self, row: dict, variant: str, **extra) -> dict:
+        """Appends a row for ``variant`` that runs the very code path ``row`` timed (``auto`` dispatching to
+        that backend): its numbers are ``row``'s, marked ``same_as``, its speed-up over ``row`` is 1 by
+        identity. (Dispatch's own host cost is not in it: see ``fastvl bench host``.)"""
+        shared = {**row, "variant": variant, "same_as": row["variant"], **extra}
+        self.rows.append(shared)
+        return shared
+
+    def _timed_row(self, timing: Timing, *, name: str, variant: str, params: dict | None, dtype: torch.dtype,
+                   flops: float | None, nbytes: float | None) -> dict:
+        row = self.add(timing, name=name, variant=variant, params=params, dtype=dtype)
         if flops or nbytes:
             peak = device_peak(self.device, dtype)
             seconds = timing.median_ms * 1e-3
@@ -355,7 +528,6 @@ class Results:
             if nbytes:
                 gbps = nbytes / seconds / 1e9
                 row.update(bytes=nbytes, gbps=gbps, pct_peak_gbps=100 * gbps / peak.gbps)
-        row.update(extra)
         return row
 
     def add(self, timing: Timing, *, name: str, variant: str, params: dict | None = None,
@@ -376,6 +548,8 @@ class Results:
         return format_table(self.rows, baselines)
 
     def to_json(self, baselines: Sequence[str] = ()) -> dict:
+        self.env["load_at_save"] = load_average()
+        self.env["noise"] = noise_summary(self.rows)
         return {"schema": SCHEMA_VERSION, "suite": self.suite, "quick": self.quick, "env": self.env,
                 "rows": self.rows, "ratios": [r for b in baselines for r in self.ratios(b)],
                 "failures": self.failures}
@@ -389,6 +563,21 @@ def _group_key(row: dict) -> tuple:
     return row["name"], json.dumps(row["params"], sort_keys=True), row.get("dtype")
 
 
+def speedup(row: dict, base: dict) -> dict:
+    """{"speedup", "method", and where paired "ci95", "verdict"} of ``row`` over ``base`` (same shape):
+    1 by identity where both ran one code path (``same_as``), the paired median where both were timed in
+    the same interleaved rounds, else the ratio of their medians."""
+    if base["variant"] in (row.get("same_as"), row["variant"]) or row["variant"] == base.get("same_as"):
+        return {"speedup": 1.0, "method": "same code path", "verdict": "same code path"}
+    if row.get("comparison") is not None and row.get("comparison") == base.get("comparison") \
+            and len(row.get("rounds_ms", ())) == len(base.get("rounds_ms", ())) > 0:
+        stored = row.get("vs_baseline", {})  # computed from the unrounded times
+        if stored.get("baseline") == base["variant"]:
+            return {k: v for k, v in stored.items() if k != "baseline"} | {"method": "paired rounds"}
+        return {**paired_speedup(base["rounds_ms"], row["rounds_ms"]), "method": "paired rounds"}
+    return {"speedup": base["median_ms"] / row["median_ms"], "method": "ratio of medians"}
+
+
 def ratios(rows: Sequence[dict], baseline: str) -> list[dict]:
     by_group = {_group_key(row): row for row in rows if row["variant"] == baseline}
     out = []
@@ -397,7 +586,7 @@ def ratios(rows: Sequence[dict], baseline: str) -> list[dict]:
         if base is None or row["variant"] == baseline:
             continue
         entry = {"name": row["name"], "params": row["params"], "dtype": row.get("dtype"), "variant": row["variant"],
-                 "baseline": baseline, "speedup": base["median_ms"] / row["median_ms"]}
+                 "baseline": baseline, **speedup(row, base)}
         if row.get("peak_mem_mb") and base.get("peak_mem_mb"):
             entry["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
         out.append(entry)
@@ -406,8 +595,9 @@ def ratios(rows: Sequence[dict], baseline: str) -> list[dict]:
 
 def format_table(rows: Sequence[dict], baselines: Sequence[str] = ()) -> str:
     """A fixed-width table: one line per row, with its floor (the larger of the FLOP and byte floors, in
-    microseconds at the device's peak) and speed-up columns against each named baseline."""
-    speedups = {b: {(_group_key(r), r["variant"]): r["speedup"] for r in ratios(rows, b)} for b in baselines}
+    microseconds at the device's peak) and speed-up columns against each named baseline (``~``: within
+    noise, see :func:`paired_speedup`; ``(same path)``: the row runs the baseline's code)."""
+    speedups = {b: {(_group_key(r), r["variant"]): r for r in ratios(rows, b)} for b in baselines}
     header = ["benchmark", "params", "variant", "median ms", "p20-p80 ms", "peak MB", "TFLOP/s", "GB/s",
               "floor us", *[f"x vs {b}" for b in baselines]]
     lines = []
@@ -420,11 +610,26 @@ def format_table(rows: Sequence[dict], baselines: Sequence[str] = ()) -> str:
         floors = [row[k] for k in ("flop_floor_us", "byte_floor_us") if k in row]
         cells.append(f"{max(floors):.3g}" if floors else "-")
         for b in baselines:
-            value = speedups[b].get((_group_key(row), row["variant"]))
-            cells.append("-" if value is None else f"{value:.2f}")
+            entry = speedups[b].get((_group_key(row), row["variant"]))
+            mark = {"same code path": " (same path)", "within noise": " ~"}.get(entry.get("verdict"), "") if entry else ""
+            cells.append("-" if entry is None else f"{entry['speedup']:.2f}{mark}")
         lines.append(cells)
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) for cells in [header, *lines])
+
+
+def noise_summary(rows: Sequence[dict]) -> dict | None:
+    """The spread of a run's interleaved rows: median and largest p20-p80 spread in % of the median, the
+    rounds per shape, and the load averages seen (None when no row was interleaved)."""
+    timed = [r for r in rows if "spread_pct" in r and not r.get("same_as")]
+    if not timed:
+        return None
+    spreads = sorted(r["spread_pct"] for r in timed)
+    loads = [r[k][0] for r in timed for k in ("load_before", "load_after") if r.get(k)]
+    return {"median_spread_pct": statistics.median(spreads), "max_spread_pct": spreads[-1],
+            "rounds": [min(r["rounds"] for r in timed), max(r["rounds"] for r in timed)],
+            "load_1min": [min(loads), max(loads)] if loads else None, "tie_margin": TIE_MARGIN,
+            "confidence": CONFIDENCE}
 
 
 def write_json(path: str | Path, document: dict) -> Path:

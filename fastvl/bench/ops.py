@@ -1,7 +1,9 @@
 """Op-level benchmarks through the public API of ``fastvl.ops``: every backend the op has on this
 device, forward and forward+backward, at ViLBERT / ALBEF shapes.
 
-Each case builds its inputs once; each variant is one backend (plus ``auto``, the default dispatch).
+Each case builds its inputs once per variant; each variant is one backend (plus ``auto``, the default
+dispatch, whose row is the backend it dispatches to). The variants of one case and pass are timed
+interleaved, their speed-ups over the reference paired per round (see :mod:`fastvl.bench.harness`).
 Triton backends are skipped on CPU (the interpreter's time measures nothing about the kernel).
 
 FLOPs and bytes are the useful work, stated per case:
@@ -28,7 +30,7 @@ import torch
 
 import fastvl.ops
 from fastvl.bench import harness
-from fastvl.dispatch import BackendUnavailableError, listen, registered_ops
+from fastvl.dispatch import BackendUnavailableError, device_kind, listen, load_table, registered_ops, table_path
 
 # Shapes per size: "tiny" for CI, "small" the CPU default, "paper" the GPU default (the papers' sizes).
 SIZES = {
@@ -256,45 +258,78 @@ def prepare(case: Case, backend: str, kind: str, device: torch.device, dtype: to
 
 
 def run(results: harness.Results, size: str, dtype: torch.dtype, *, only: Sequence[str] = (),
-        passes: Sequence[str] = PASSES, compiled_reference: bool = False) -> tuple[list[str], list[str]]:
+        passes: Sequence[str] = PASSES, compiled_reference: bool = False, budget: harness.Budget | None = None,
+        memory: bool = True) -> tuple[list[str], list[str]]:
     """Measures every case (whose op is, or whose name starts with, one of ``only``, if given) with every
-    backend. Returns (notes on the variants that cannot run these inputs, failures: variants that raised
-    anything else, e.g. a kernel that does not compile; the run goes on without them)."""
+    backend, the backends of one case and pass interleaved (:meth:`harness.Results.compare`, speed-ups
+    paired against the reference). ``auto`` is not timed apart from the backend it dispatches to: its row
+    is that backend's (``same_as``). Returns (notes on the variants that cannot run these inputs,
+    failures: variants that raised anything else, e.g. a kernel that does not compile; the run goes on
+    without them)."""
     selected = [c for c in cases(size) if not only or any(word == c.op or c.name.startswith(word) for word in only)]
     notes, failures = [], []
+    kind = device_kind(results.device)
+    results.env["dispatch_table"] = {"path": str(table_path(kind)), "source": load_table(kind).get("source")}
     for op_name in dict.fromkeys(c.op for c in selected):
         notes += [f"{op_name}: {name} not benchmarked ({'; '.join(reasons)})"
                   for name, reasons in backend_notes(op_name, results.device).items() if reasons]
     extra = [COMPILED_REFERENCE] if compiled_reference else []
-    work = [(case, backend, kind) for case in selected for backend in backends_here(case.op, results.device) + extra
-            for kind in passes]
+    work = [(case, kind) for case in selected for kind in passes]
     element = torch.empty((), dtype=dtype).element_size()
     try:
-        for case, backend, kind in harness.progress(work, f"ops ({size})"):
-            label = f"{case.name} {case.params} {kind} {backend}"
+        for case, kind in harness.progress(work, f"ops ({size})"):
+            fns, grads, chose = {}, {}, None
+            for backend in backends_here(case.op, results.device) + extra:
+                label = f"{case.name} {case.params} {kind} {backend}"
+                try:
+                    chosen = []  # the backend auto dispatched to
+                    with listen(lambda event, impl: chosen.append(event.backend) if event.op == case.op else None):
+                        fns[backend], grads[backend] = prepare(case, backend, kind, results.device, dtype)
+                    if backend == "auto" and chosen:
+                        chose = chosen[0]
+                except BackendUnavailableError as error:
+                    notes.append(f"{label}: skipped, {reason(error, backend)}")
+                except Exception as error:  # one broken variant must not cost the other numbers
+                    failures.append(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            shared = chose in fns and chose != "auto"
+            if shared:
+                del fns["auto"], grads["auto"]
+            if not fns:
+                continue
+            flops, nbytes = case.work(kind, element)
+            meta = {"op": case.op, "sweep": case.sweep}
             try:
-                chosen = []  # auto's rows name the backend it dispatched to
-                with listen(lambda event, impl: chosen.append(event.backend) if event.op == case.op else None):
-                    fn, grad_inputs = prepare(case, backend, kind, results.device, dtype)
-                flops, nbytes = case.work(kind, element)
-                extra = {"chose": chosen[0]} if backend == "auto" and chosen else {}
-                results.measure(fn, name=case.name, variant=backend, params={**case.params, "pass": kind},
-                                dtype=dtype, flops=flops, nbytes=nbytes, grad_to_none=grad_inputs, op=case.op,
-                                sweep=case.sweep, **extra)
-            except BackendUnavailableError as error:
-                notes.append(f"{label}: skipped, {reason(error, backend)}")
-            except Exception as error:  # one broken variant must not cost the other numbers
-                failures.append(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                rows = results.compare(fns, name=case.name, params={**case.params, "pass": kind}, baseline="reference",
+                                       dtype=dtype, flops=flops, nbytes=nbytes, grad_to_none=grads, budget=budget,
+                                       memory=memory,
+                                       extra={v: {**meta, **({"chose": chose} if v == "auto" and chose else {})}
+                                              for v in fns})
+            except Exception as error:
+                failures.append(f"{case.name} {case.params} {kind}: FAILED {type(error).__name__}: "
+                                f"{str(error).splitlines()[0][:200]}")
+                continue
+            if shared:
+                results.same_as(next(r for r in rows if r["variant"] == chose), "auto", chose=chose)
     except KeyboardInterrupt:  # a time limit (the GPU suite's timeout sends SIGINT): keep what was measured
-        failures.append(f"{INTERRUPTED} after {len(results.rows)} of {len(work)} measurements")
+        failures.append(f"{INTERRUPTED} after {len(results.rows)} rows of {len(work)} case/pass groups")
     notes += [f"auto slower: {line}" for line in auto_regressions(results.rows)]
     return notes, failures
 
 
+def clearly_faster(row: dict, than: dict) -> bool:
+    """Whether ``row`` is faster than ``than`` beyond noise: the paired speed-up's verdict where both were
+    timed in one interleaved comparison, else ``row``'s 80th-percentile time below ``than``'s 20th."""
+    paired = harness.speedup(row, than)
+    if paired["method"] == "paired rounds":
+        return paired["verdict"] == "faster"
+    return paired["method"] != "same code path" and row["p80_ms"] < than["p20_ms"]
+
+
 def auto_regressions(rows: Sequence[dict]) -> list[str]:
-    """Where ``auto`` dispatched to a backend that is clearly slower than another one measured on the
-    same case and pass: the chosen backend's 20th-percentile time above the other's 80th percentile
-    (so two timings of one code path under load do not count). ``auto`` rows must carry ``chose``."""
+    """Where ``auto`` dispatched to a backend that is slower beyond noise than another one measured on the
+    same case and pass: the paired speed-up of the other over the chosen one has a confidence interval
+    above 1 (rows timed in one interleaved comparison), or, for rows without per-round times, the chosen
+    backend's 20th-percentile time above the other's 80th percentile. ``auto`` rows must carry ``chose``."""
     found = []
     for row in rows:
         if row["variant"] != "auto" or "chose" not in row:
@@ -305,16 +340,20 @@ def auto_regressions(rows: Sequence[dict]) -> list[str]:
         if chosen is None:
             continue
         for name, other in peers.items():
-            if other["p80_ms"] < chosen["p20_ms"]:
+            if name != row["chose"] and clearly_faster(other, chosen):
                 found.append(f"{row['name']} {row['params']}: auto picks {row['chose']} "
                              f"({chosen['median_ms']:.3f} ms), {name} takes {other['median_ms']:.3f} ms")
     return found
 
 
 def plot_speedups(results: harness.Results, out_dir, baseline: str = "reference") -> list:
-    """One PNG per benchmark family with a sweep: speed-up over ``baseline`` against the swept param."""
+    """One PNG per benchmark family with a sweep: speed-up over ``baseline`` against the swept param (the
+    paired median; ``auto`` drawn only where it was timed apart from the backends)."""
     paths = []
-    ratio_rows = results.ratios(baseline)
+    shared = {(r["name"], str(r["params"])) for r in results.rows if r["variant"] == "auto" and r.get("same_as")}
+    # auto's line where it shares a backend's timing would be that backend's line again
+    ratio_rows = [r for r in results.ratios(baseline) if r["variant"] != "auto" or (r["name"], str(r["params"]))
+                  not in shared]
     sweeps = {row["name"]: row["sweep"] for row in results.rows}
     for name, sweep in sweeps.items():
         family = [r for r in ratio_rows if r["name"] == name]

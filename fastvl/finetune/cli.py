@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "file. A pickle can run code: only for a file you trust")
     parser.add_argument("--gradcam-block", type=int, help="grounding: the text-encoder layer whose cross-attention "
                         "Grad-CAM reads (ALBEF: 8; default min(8, last layer))")
+    parser.add_argument("--object-loss-weight", type=float, help="vcr_q2a / vcr_qa2r, VL-BERT: weight of the "
+                        "auxiliary object classification loss on the regions' final states (the original's "
+                        "CNN_LOSS_WEIGHT; default 1.0, 0 turns it off)")
+    parser.add_argument("--answer-loss", choices=("softmax", "sigmoid"), help="vcr_q2a / vcr_qa2r: softmax "
+                        "cross-entropy over the 4 options (default) or each option's sigmoid (VL-BERT's "
+                        "CLASSIFIER_SIGMOID)")
     parser.add_argument("--dropout", type=float, help="override the model's dropout probabilities")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at every "

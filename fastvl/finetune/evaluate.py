@@ -5,7 +5,8 @@ pretraining checkpoint (a DeepSpeed directory of ``fastvl pretrain`` or a fastvl
 names it). One process, or under a launcher (``deepspeed --num_gpus N --module fastvl.finetune.evaluate``
 or ``torchrun``): each rank scores its share and the metrics are those of one process. For VQA
 ``--submission FILE`` writes the answers as the official evaluation server takes them; for VCR it writes
-the predictions per question, and ``--joint FILE`` combines a Q->A and a QA->R model's into Q->AR.
+the predictions per question, ``--joint FILE`` combines a Q->A and a QA->R model's into Q->AR, and
+``--leaderboard CSV`` (QA->R, with ``--joint``) writes the VCR leaderboard's submission file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "official result format; VCR: a record per question)")
     parser.add_argument("--joint", metavar="PREDICTIONS", help="VCR: the other sub-task's --submission file on the "
                         "same split; adds the joint Q->AR accuracy (answer and rationale both right)")
+    parser.add_argument("--leaderboard", metavar="CSV", help="vcr_qa2r with --joint Q->A predictions: score the "
+                        "rationales given each of the 4 answers and write the VCR leaderboard's CSV (answer "
+                        "probabilities, rationale probabilities conditioned on each answer) here")
     parser.add_argument("--vocab", help="WordPiece vocab.txt (default: the image set's vocab.txt)")
     parser.add_argument("--eval-batch", type=int, default=64, help="examples (or pairs) per forward")
     parser.add_argument("--max-text-len", type=int, help="text tokens (default: the preset's)")
@@ -54,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastvl.finetune.engine import evaluate
+
+    if getattr(args, "leaderboard", None) and not (args.task == "vcr_qa2r" and args.joint):
+        print("fastvl evaluate: --leaderboard is written by `--task vcr_qa2r` with the vcr_q2a predictions as --joint "
+              "(their --submission file)", file=sys.stderr)
+        return 2
     from fastvl.train.cli import leaves_process_group
 
     with leaves_process_group():

@@ -595,9 +595,16 @@ class VLBERTForVQA(nn.Module):
 class VLBERTForVCR(nn.Module):
     """VCR multiple choice: each (question, answer option) text with the image is one sequence; the
     tanh pooler's output -> dropout -> ``classifier`` Linear(H, 1) scores it; softmax cross-entropy
-    over the options."""
+    over the options.
 
-    def __init__(self, config: VLBERTConfig, classifier_dropout: float = 0.1, backend: str | None = None):
+    ``object_classes > 0`` adds the original's auxiliary object classification (its
+    ``CNN_LOSS_TOP`` regularisation, on in its VCR configs): every real region's final state, in
+    every option's sequence, -> ``object_head.dense`` + GELU -> ``object_head.classifier``
+    Linear(H, object_classes); ``object_loss`` is the cross-entropy against ``object_labels``
+    averaged over the labelled regions of all options (label -1: not scored)."""
+
+    def __init__(self, config: VLBERTConfig, classifier_dropout: float = 0.1, backend: str | None = None,
+                 object_classes: int = 0):
         super().__init__()
         self.backend = backend
         config = dataclasses.replace(config, with_pooler=True)
@@ -605,20 +612,36 @@ class VLBERTForVCR(nn.Module):
         self.vlbert = VLBERT(config, backend)
         self.classifier = nn.Linear(config.hidden_size, 1)
         init_bert_weights(self.classifier, config.initializer_range)
+        self.object_head = None
+        if object_classes:
+            self.object_head = nn.Module()
+            self.object_head.dense = nn.Linear(config.hidden_size, config.hidden_size)
+            self.object_head.classifier = nn.Linear(config.hidden_size, object_classes)
+            self.object_head.apply(lambda m: init_bert_weights(m, config.initializer_range))
 
     @on_backend
     def forward(self, input_ids: torch.Tensor, region_features: torch.Tensor, boxes: torch.Tensor, *,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, text_tags: torch.Tensor | None = None,
-                **region_inputs) -> dict[str, torch.Tensor]:
+                object_labels: torch.Tensor | None = None, **region_inputs) -> dict[str, torch.Tensor]:
         """input_ids ``[B, C, Lt]`` (C options; token_type_ids / text_mask / text_tags likewise);
-        region inputs ``[B, R, ...]`` shared by the options. labels ``[B]`` the right option.
-        Returns ``logits`` ``[B, C]`` (and ``loss``)."""
+        region inputs ``[B, R, ...]`` shared by the options. labels ``[B]`` the right option;
+        object_labels ``[B, R]`` int64 each region's class (-1: none; needs ``object_classes``).
+        Returns ``logits`` ``[B, C]``, with labels ``loss``, with object_labels ``object_loss``
+        (0 when no region is labelled); ``loss`` is the sum of the two."""
         _checks.tensor("input_ids", input_ids, shape="[B, C, Lt] int64", ndim=3, dtypes=(torch.int64, torch.int32))
         batch, options, _ = input_ids.shape
         if region_features.shape[0] != batch:
             raise ValueError(f"region_features has batch size {region_features.shape[0]} but input_ids has "
                              f"{batch}; they must match")
+        if object_labels is not None:
+            if self.object_head is None:
+                raise ValueError("object_labels given but the model has no object head (object_classes=0)")
+            _checks.tensor("object_labels", object_labels, shape="[B, R] int64", ndim=2, dtypes=(torch.int64,))
+            _checks.same_shape("object_labels", object_labels, list(region_features.shape[:2]), "[B, R]")
+            if int(object_labels.max()) >= self.object_head.classifier.out_features:
+                raise ValueError(f"object_labels must be -1 or 0 .. "
+                                 f"{self.object_head.classifier.out_features - 1}, got {int(object_labels.max())}")
 
         def per_option(t):
             return None if t is None else t.flatten(0, 1)
@@ -633,6 +656,16 @@ class VLBERTForVCR(nn.Module):
         result = {"logits": logits}
         if labels is not None:
             result["loss"] = F.cross_entropy(logits, labels)
+        if object_labels is not None:
+            targets = repeat(object_labels)
+            region_mask = region_inputs.get("region_mask")
+            if region_mask is not None:
+                targets = torch.where(repeat(zero_one_mask("region_mask", region_mask)), targets, -1)
+            scored = targets >= 0
+            object_logits = self.object_head.classifier(dense_gelu(self.object_head.dense, out.objects[scored]))
+            result["object_loss"] = (F.cross_entropy(object_logits.float(), targets[scored], reduction="sum")
+                                     / scored.sum().clamp(min=1))
+            result["loss"] = result.get("loss", 0.0) + result["object_loss"]
         return result
 
 
