@@ -396,3 +396,17 @@ def test_albef_distillation_momentum_model_starts_from_the_init_weights(sets):
             assert torch.equal(value, loaded[key.replace("_m.", ".", 1)]), key
     assert torch.equal(loaded["text_encoder_m.fusion_layers.3.crossattention.query.weight"],
                        pretrained["text_encoder.fusion_layers.1.crossattention.query.weight"])
+
+
+def test_albef_distill_model_loads_a_state_without_momentum_copies(sets):
+    task = _task(sets, "snli_ve", "albef")
+    config = model_config("albef", "tiny", task.dataset, task.special)
+    torch.manual_seed(2)
+    plain = _task(sets, "snli_ve", "albef", distill=False).make_model(config).state_dict()
+    model = task.make_model(config)
+    model.load_state_dict(plain)  # strict: the momentum copies come from the online weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, plain[key.replace("_m.", ".", 1)]), key
+    broken = {k: v for k, v in model.state_dict().items() if k != "cls_head_m.0.bias"}
+    with pytest.raises(RuntimeError, match="cls_head_m.0.bias"):  # some momentum keys but not all: an error
+        task.make_model(config).load_state_dict(broken)

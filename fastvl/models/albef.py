@@ -449,6 +449,18 @@ def mlm_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, soft_targe
     return loss.to(logits.dtype)
 
 
+def _momentum_copies_when_absent(module, state_dict, prefix, *_) -> None:
+    """A state dict without momentum parameters (a model trained without distillation, a converted
+    checkpoint) loads into a ``distill`` model with its momentum copies set to the online weights."""
+    names = ("visual_encoder", "text_encoder", "cls_head")
+    if any(key.startswith(tuple(f"{prefix}{name}_m." for name in names)) for key in state_dict):
+        return
+    for key in list(state_dict):
+        for name in names:
+            if key.startswith(f"{prefix}{name}."):
+                state_dict[f"{prefix}{name}_m.{key[len(prefix) + len(name) + 1:]}"] = state_dict[key]
+
+
 class ALBEFClassifier(nn.Module):
     """ALBEF fine-tuned for classification on the fusion [CLS]: ``cls_head`` = Linear(H, H), ReLU,
     Linear(H, classes). SNLI-VE (3 classes, one image) and NLVR2 (2 classes, two images: the fusion
@@ -485,6 +497,7 @@ class ALBEFClassifier(nn.Module):
             self.visual_encoder_m = copy.deepcopy(self.visual_encoder).requires_grad_(False)
             self.text_encoder_m = copy.deepcopy(self.text_encoder).requires_grad_(False)
             self.cls_head_m = copy.deepcopy(self.cls_head).requires_grad_(False)
+            self.register_load_state_dict_pre_hook(_momentum_copies_when_absent)
 
     def _momentum_pairs(self):
         return ((self.visual_encoder, self.visual_encoder_m), (self.text_encoder, self.text_encoder_m),
