@@ -317,6 +317,15 @@ def test_cli_text_assignment_then_nlvr2_from_its_best_checkpoint_then_evaluate(s
     start = json.loads(open(os.path.join(nlvr2, "log.jsonl")).readline())
     assert sorted(start["init_report"]["new"]) == [f"{head}.{p}" for head in ("cls_head", "cls_head_m")
                                                    for p in ("0.bias", "0.weight", "2.bias", "2.weight")], done.stdout
+    from test_train import _losses
+
+    # ALBEF's distillation through the trainer (2 micro-batches a step), alpha ramped in over the first epoch
+    # (NLVR.yaml's warm_up): 0 at step 1, 0.4 / steps-per-epoch at step 2
+    first, second = (r for _, r in sorted(_losses(nlvr2).items()))
+    assert first["soft_ce"] == 0 and first["loss"] == pytest.approx(first["ce"], rel=1e-6)
+    steps_per_epoch = len(read_nlvr2(os.path.join(sets["nlvr2"], "nlvr_train.json"))) / 8
+    alpha = (second["loss"] - second["ce"]) / (second["soft_ce"] - second["ce"])
+    assert second["soft_ce"] > 0 and alpha == pytest.approx(0.4 / steps_per_epoch, rel=0.05)
     best = max(_evaluations(nlvr2), key=lambda e: e["accuracy"])
     metrics_file, predictions = str(tmp_path / "m.json"), str(tmp_path / "p.json")
     import argparse
