@@ -242,3 +242,31 @@ def test_bad_inputs(generator):
     co = CoAttentionLayer(32, 24, 16, 2, 48, 40)
     with pytest.raises(ValueError, match="share B"):
         co(torch.randn(2, 5, 24), None, torch.randn(3, 9, 32), None)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("residual_grad", [True, False])
+def test_linear_sharing_input_is_linear_with_one_backward_launch_fewer(generator, bias, residual_grad):
+    from fastvl.bench.host import LaunchCounter
+    from fastvl.nn.common import linear_sharing_input
+
+    x = torch.randn(3, 7, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(24, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    grad_y = torch.randn(3, 7, 24, dtype=torch.float64, generator=generator)
+    grad_r = torch.randn(3, 7, 16, dtype=torch.float64, generator=generator)
+    inputs = [t for t in (x, weight, b) if t is not None]
+    launches = []
+    for shared in (True, False):
+        y, residual = linear_sharing_input(x, weight, b) if shared else (F.linear(x, weight, b), x)
+        loss = (y * grad_y).sum() + ((residual * grad_r).sum() if residual_grad else 0)
+        counter = LaunchCounter()
+        with counter:
+            grads = torch.autograd.grad(loss, inputs)
+        launches.append((counter.total, grads, y))
+    (fused_count, fused, fused_y), (plain_count, plain, plain_y) = launches
+    torch.testing.assert_close(fused_y, plain_y, rtol=0, atol=0)
+    for a, e in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    # no add of the residual's gradient; the loss's own ops count the same on both sides
+    assert fused_count == plain_count - (1 if residual_grad else 0)

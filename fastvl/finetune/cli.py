@@ -61,8 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-pickle", action="store_true", help="refcoco / grounding: read REFER's refs(unc).p "
                         "(or convert it to JSON with python -m fastvl.data.refer); retrieval: a .pkl hard_negatives "
                         "file. A pickle can run code: only for a file you trust")
-    parser.add_argument("--gradcam-block", type=int, help="grounding: the text-encoder layer whose cross-attention "
-                        "Grad-CAM reads (ALBEF: 8; default min(8, last layer))")
+    parser.add_argument("--gradcam", choices=("itm", "itc"), help="grounding: Grad-CAM of the ITM score on the "
+                        "fusion's cross-attention (default; ALBEF_itm) or of the ITC similarity on the image encoder's "
+                        "self-attention (ALBEF_itc)")
+    parser.add_argument("--gradcam-block", type=int, help="grounding: the layer Grad-CAM reads: with itm a text-encoder "
+                        "fusion layer (ALBEF: 8; default min(8, last layer)), with itc an image-encoder block "
+                        "(default the last)")
     parser.add_argument("--object-loss-weight", type=float, help="vcr_q2a / vcr_qa2r, VL-BERT: weight of the "
                         "auxiliary object classification loss on the regions' final states (the original's "
                         "CNN_LOSS_WEIGHT; default 1.0, 0 turns it off)")

@@ -45,8 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default; training adds task.json's gt_images) or of the ground-truth boxes")
     parser.add_argument("--trust-pickle", action="store_true", help="refcoco / grounding: read REFER's refs(unc).p "
                         "(a pickle: only for a file you trust; or convert it to JSON with python -m fastvl.data.refer)")
-    parser.add_argument("--gradcam-block", type=int, help="grounding: the text-encoder layer whose cross-attention "
-                        "Grad-CAM reads (ALBEF: 8; default min(8, last layer))")
+    parser.add_argument("--gradcam", choices=("itm", "itc"), help="grounding: Grad-CAM of the ITM score on the "
+                        "fusion's cross-attention (default; ALBEF_itm) or of the ITC similarity on the image encoder's "
+                        "self-attention (ALBEF_itc)")
+    parser.add_argument("--gradcam-block", type=int, help="grounding: the layer Grad-CAM reads: with itm a text-encoder "
+                        "fusion layer (ALBEF: 8; default min(8, last layer)), with itc an image-encoder block "
+                        "(default the last)")
     parser.add_argument("--attention-maps", metavar="DIR", help="grounding: write the Grad-CAM maps of the first "
                         "--num-maps examples as PNG images here")
     parser.add_argument("--num-maps", type=int, default=8, help="grounding: how many examples --attention-maps draws")

@@ -53,6 +53,7 @@ from fastvl.nn import (
 )
 from fastvl.nn.common import bool_mask
 from fastvl.ops import linear_cross_entropy, linear_region_kl_loss
+from fastvl.ops.dropout_seed import shared_seeds
 from fastvl.profiling import nvtx_range
 
 # Keys of the original JSON configs that fastvl accepts but that do not change the model it builds.
@@ -291,7 +292,7 @@ class ViLBERTModel(nn.Module):
         named = _original_names("ViLBERTModel.forward", original_names, region_feats=region_feats,
                                 region_loc=region_loc, text_mask=text_mask, region_mask=region_mask)
         region_feats, region_loc, text_mask, region_mask = named.values()
-        with _backend_scope(self.backend):
+        with _backend_scope(self.backend), shared_seeds():  # one launch draws every dropout seed
             if packing is not None:
                 return self._encode_packed(input_ids, token_type_ids, text_mask, region_feats, region_loc,
                                            region_mask, task_ids, output_attentions, packing)

@@ -9,6 +9,7 @@ from fastvl.nn.attention import CrossAttention, SelfAttention
 from fastvl.nn.common import (
                               Checkpointable,
                               FeedForward,
+                              InputSharingLinear,
                               LayerNorm,
                               LinearGELU,
                               init_bert_weights,
@@ -20,7 +21,8 @@ from fastvl.nn.layers import CoAttentionLayer, CrossAttentionLayer, TransformerE
 from fastvl.nn.vision import PatchEmbedding, VisionTransformer, ViTBlock
 
 __all__ = [
-    "Checkpointable", "CoAttentionLayer", "CrossAttention", "CrossAttentionLayer", "FeedForward", "LayerNorm", "LinearGELU",
+    "Checkpointable", "CoAttentionLayer", "CrossAttention", "CrossAttentionLayer", "FeedForward", "InputSharingLinear", "LayerNorm",
+    "LinearGELU",
     "RegionEmbeddings", "SelfAttention", "TextEmbeddings", "TransformerEncoder", "TransformerLayer",
     "init_bert_weights", "set_gradient_checkpointing",
     "PatchEmbedding", "VisionTransformer", "ViTBlock", "VisualFeatureEmbedding", "box_geometry_embedding",

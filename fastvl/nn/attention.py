@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvl.nn.common import LayerNorm, bool_mask, split_heads
+from fastvl.nn.common import InputSharingLinear, LayerNorm, bool_mask, split_heads
 from fastvl.ops import attention
 
 
@@ -57,14 +57,15 @@ class SelfAttention(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         self.num_heads, self.attention_dropout, self.hidden_dropout = num_heads, attention_dropout, hidden_dropout
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.qkv = InputSharingLinear(hidden_size, 3 * hidden_size)
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.norm = LayerNorm(hidden_size, eps)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 output_attentions: bool = False):
-        q, k, v = split_heads(self.qkv(hidden), 3 * self.num_heads).chunk(3, dim=-2)
+        qkv, hidden = self.qkv(hidden)  # hidden: also the residual
+        q, k, v = split_heads(qkv, 3 * self.num_heads).chunk(3, dim=-2)
         dropout_p = self.attention_dropout if self.training else 0.0
         context, probs = attend(q, k, v, attention_mask, dropout_p, output_attentions,
                                 _packed(cu_seqlens, max_seqlen))

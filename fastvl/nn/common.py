@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastvl import _checks
 from fastvl.dispatch import use_backend
-from fastvl.ops import bias_gelu, layer_norm
+from fastvl.ops import bias_gelu, dropout_seed, layer_norm
 
 
 class LayerNorm(nn.Module):
@@ -33,12 +33,71 @@ class LayerNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class _LinearSharingInput(torch.autograd.Function):
+    """(``x @ W.T (+ b)``, ``x``) of rows ``x [N, in]`` where a residual branch reads the second output:
+    the backward adds the residual's gradient inside the input gradient's GEMM (one addmm, not mm + add)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, not zeros (a launch)
+        return F.linear(x, weight, bias), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_residual):
+        if grad_y is None:
+            return grad_residual, None, None
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ weight if grad_residual is None else torch.addmm(grad_residual, grad_y, weight)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_y.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear_sharing_input(x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``F.linear(x, weight, bias)``, ``x`` for a residual branch): the same values and gradients, one
+    launch fewer in the backward (the residual's gradient is accumulated by the input gradient's GEMM).
+    Plain ``F.linear`` under torch.compile (which fuses the add itself), autocast or mixed dtypes
+    (the GEMM's operands are not the input's dtype), and for a non-contiguous x."""
+    if (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled()
+            or x.dtype != weight.dtype or not x.is_contiguous()):
+        return F.linear(x, weight, bias), x
+    # on rows, so that y is the function's own output (not a view of a tensor autograd never saw: the
+    # attention ops find a fused projection through y's views' ``_base``)
+    y, residual = _LinearSharingInput.apply(x.view(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0]), residual.view(x.shape)
+
+
+class InputSharingLinear(nn.Linear):
+    """``torch.nn.Linear`` (same parameters) whose input also feeds a residual branch: ``forward(x)``
+    returns ``(x @ W.T + b, x)``, the residual read from the second (:func:`linear_sharing_input`:
+    one backward launch fewer). Computed in the module's own forward (DeepSpeed ZeRO-3 gathers it)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return linear_sharing_input(x, self.weight, self.bias)
+
+
 class LinearGELU(nn.Linear):
     """``gelu(x @ W.T + b)`` (erf GELU): ``torch.nn.Linear`` (same parameters) followed by BERT's
     activation, with the bias add and the GELU fused into one epilogue (:func:`fastvl.ops.bias_gelu`).
-    Computed in the module's own forward, so DeepSpeed ZeRO-3 gathers its weights."""
+    Computed in the module's own forward, so DeepSpeed ZeRO-3 gathers its weights. With
+    ``shares_input=True`` it returns ``(gelu(...), x)`` for a residual branch to read x from
+    (:func:`linear_sharing_input`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, in_features: int, out_features: int, *, shares_input: bool = False, **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
+        self.shares_input = shares_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.shares_input:
+            y, x = linear_sharing_input(x, self.weight)
+            return bias_gelu(y, self.bias), x
         return bias_gelu(F.linear(x, self.weight), self.bias)
 
 
@@ -46,12 +105,16 @@ class Checkpointable(nn.Module):
     """A layer whose forward can run under activation checkpointing (``torch.utils.checkpoint`` with
     ``use_reentrant=False``): set ``layer.gradient_checkpointing = True`` (or call
     :func:`set_gradient_checkpointing` on a model). Only active in training mode with grad enabled.
-    Dropout replays exactly in the recomputation (checkpoint restores the RNG state)."""
+    Dropout replays exactly in the recomputation (checkpoint restores the RNG state, and the seeds
+    taken from a forward's seed pool are replayed: :func:`fastvl.ops.dropout_seed.checkpoint_contexts`)."""
 
     gradient_checkpointing: bool = False
 
     def forward(self, *args, **kwargs):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if dropout_seed.pooling():
+                return checkpoint(self.compute, *args, use_reentrant=False,
+                                  context_fn=dropout_seed.checkpoint_contexts, **kwargs)
             return checkpoint(self.compute, *args, use_reentrant=False, **kwargs)
         return self.compute(*args, **kwargs)
 
@@ -81,12 +144,13 @@ class FeedForward(nn.Module):
         if activation != "gelu":
             raise ValueError(f"activation must be 'gelu' (BERT's erf GELU), got {activation!r}")
         self.dropout = dropout
-        self.intermediate = LinearGELU(hidden_size, intermediate_size)
+        self.intermediate = LinearGELU(hidden_size, intermediate_size, shares_input=True)
         self.output = nn.Linear(intermediate_size, hidden_size)
         self.norm = LayerNorm(hidden_size, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.output(self.intermediate(x)), x, self.dropout)
+        hidden, x = self.intermediate(x)
+        return self.norm(self.output(hidden), x, self.dropout)
 
 
 def zero_one_mask(name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -130,13 +194,15 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
 
 def on_backend(method):
     """Runs a model's method (``forward`` and friends) under ``use_backend(self.backend)`` when the
-    model was built with ``backend=`` (e.g. "reference", the parity baseline); None = auto."""
+    model was built with ``backend=`` (e.g. "reference", the parity baseline; None = auto), with its
+    fused ops' dropout seeds drawn in one launch (:func:`fastvl.ops.dropout_seed.shared_seeds`)."""
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        if self.backend is None:
-            return method(self, *args, **kwargs)
-        with use_backend(self.backend):
-            return method(self, *args, **kwargs)
+        with dropout_seed.shared_seeds():
+            if self.backend is None:
+                return method(self, *args, **kwargs)
+            with use_backend(self.backend):
+                return method(self, *args, **kwargs)
 
     return run

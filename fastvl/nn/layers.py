@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fastvl.nn.attention import CrossAttention, SelfAttention
-from fastvl.nn.common import Checkpointable, FeedForward, LayerNorm, bool_mask, split_heads
+from fastvl.nn.common import Checkpointable, FeedForward, InputSharingLinear, LayerNorm, bool_mask, split_heads
 from fastvl.ops import co_attention
 
 
@@ -137,8 +137,8 @@ class CoAttentionLayer(Checkpointable):
             raise ValueError(f"bi_hidden_size ({bi_hidden_size}) must be divisible by bi_num_heads ({bi_num_heads})")
         self.bi_num_heads, self.attention_dropout = bi_num_heads, attention_dropout
         self.hidden_dropout, self.v_hidden_dropout = hidden_dropout, v_hidden_dropout
-        self.v_qkv = nn.Linear(v_hidden_size, 3 * bi_hidden_size)
-        self.t_qkv = nn.Linear(hidden_size, 3 * bi_hidden_size)
+        self.v_qkv = InputSharingLinear(v_hidden_size, 3 * bi_hidden_size)
+        self.t_qkv = InputSharingLinear(hidden_size, 3 * bi_hidden_size)
         self.dense1 = nn.Linear(bi_hidden_size, v_hidden_size)
         self.norm1 = LayerNorm(v_hidden_size, eps)
         self.dense2 = nn.Linear(bi_hidden_size, hidden_size)
@@ -156,8 +156,10 @@ class CoAttentionLayer(Checkpointable):
         if not packed and (image.dim() != 3 or text.dim() != 3 or image.shape[0] != text.shape[0]):
             raise ValueError(f"image [B, Lv, v_hidden] and text [B, Lt, hidden] must share B, got "
                              f"{list(image.shape)} and {list(text.shape)}")
-        q_v, k_v, v_v = split_heads(self.v_qkv(image), 3 * self.bi_num_heads).chunk(3, dim=-2)
-        q_t, k_t, v_t = split_heads(self.t_qkv(text), 3 * self.bi_num_heads).chunk(3, dim=-2)
+        qkv_v, image = self.v_qkv(image)  # image, text: also the residuals
+        qkv_t, text = self.t_qkv(text)
+        q_v, k_v, v_v = split_heads(qkv_v, 3 * self.bi_num_heads).chunk(3, dim=-2)
+        q_t, k_t, v_t = split_heads(qkv_t, 3 * self.bi_num_heads).chunk(3, dim=-2)
         dropout_p = self.attention_dropout if self.training else 0.0
         if output_attentions:
             image_mask = bool_mask("image_mask", image_mask, image.shape[0], image.shape[1], image.device)

@@ -15,6 +15,7 @@ import os
 import torch
 
 from fastvl.dispatch import triton_interpreting
+from fastvl.ops import dropout_seed
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -59,12 +60,13 @@ def lse_strides(lse: torch.Tensor, packed: bool) -> tuple[int, int]:
 
 
 def draw_seed(dropout_p: float, seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """The int64 ``[1]`` Philox seed on ``device``: a copy of the given one, a fresh draw from torch's
-    generator (no host sync) when dropping out, else an unread placeholder (no kernel launched)."""
+    """The int64 ``[1]`` Philox seed on ``device``: a copy of the given one, a fresh one from torch's
+    generator (no host sync; inside a model's forward a view of its seed pool, no launch:
+    :mod:`fastvl.ops.dropout_seed`) when dropping out, else an unread placeholder (no launch)."""
     if seed is not None:
         return seed.to(device=device, dtype=torch.int64).reshape(1).clone()
     if dropout_p > 0.0:
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        return dropout_seed.next_seed(device)
     return torch.empty(1, dtype=torch.int64, device=device)
 
 

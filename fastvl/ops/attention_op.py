@@ -136,7 +136,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
 
     Dropout (``dropout_p`` > 0) on the triton backend draws its keep-mask from a seed: ``dropout_seed``
     if given (same seed, same mask; :func:`fastvl.ops.dropout_keep_mask` returns it), else one drawn
-    from torch's generator on q's device without a host sync (so ``torch.manual_seed`` reproduces it).
+    from torch's generator on q's device without a host sync (so ``torch.manual_seed`` reproduces it;
+    inside :func:`fastvl.ops.dropout_seed.shared_seeds`, as in a fastvl model's forward, a view of the
+    scope's one draw instead of a launch per call).
     ``deterministic=True`` asks for a bitwise repeatable backward (the triton backend always is).
 
     ``return_probs=True`` (padded form only) returns ``(output, probs)`` with the probabilities

@@ -240,7 +240,8 @@ class _EagerLayerNorm(torch.autograd.Function):
 def _triton_impl(x, weight, bias, residual, dropout_p, eps):
     seed = None
     if dropout_p > 0.0:
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+        from fastvl.ops.dropout_seed import next_seed  # a view of the forward's seed pool, or a draw
+        seed = next_seed(x.device, high=2**31 - 1)
     if torch.compiler.is_compiling():
         return _layer_norm_fwd(x, residual, weight, bias, seed, float(dropout_p), float(eps))[0]
     return _EagerLayerNorm.apply(x, residual, weight, bias, seed, float(dropout_p), float(eps))

@@ -13,6 +13,14 @@ positive of it), as ALBEF fine-tunes its grounding model. No box is read.
 averaged over heads and then over the text positions (ALBEF divides by the padded length; a per
 example constant, it never changes a ranking), as a ``[grid, grid]`` map over the patches.
 
+**ALBEF_itc** (``--gradcam itc``, :func:`itc_gradcam_maps`, ALBEF's ``gradcam_mode='itc'``): the
+image-text similarity ``s = <image_feat, text_feat> / temp`` (the ITC score, no fusion) is
+back-propagated to the self-attention probabilities of image-encoder block ``block``
+(``--gradcam-block``; default the last block, our reading of the paper's ALBEF_itc, where
+``Grounding.py`` takes ``--block_num`` in both modes); the [CLS] query's row over the patches,
+``probs * relu(grad)`` averaged over heads, is the map. The ITC score sees the text only through its
+[CLS] vector.
+
 **Ranking** (:func:`rank_boxes`, ALBEF's ``grounding_eval``): the map is resized bicubically to the
 image's original ``height x width``; each proposal ``[x, y, w, h]`` scores the map's sum over rows
 ``int(y) .. int(y + h)`` and columns ``int(x) .. int(x + w)`` divided by ``(w h) ** 0.5``; the best
@@ -47,24 +55,38 @@ ALBEF_BLOCK = 8
 THRESHOLD = 0.5
 
 
-def default_block(config) -> int:
-    return min(ALBEF_BLOCK, config.num_hidden_layers - 1)
+GRADCAM_MODES = ("itm", "itc")
 
 
-def check_block(config, block: int) -> int:
-    if not config.fusion_layer <= block < config.num_hidden_layers:
+def default_block(config, mode: str = "itm") -> int:
+    """ITM: text-encoder layer ``min(8, last)``; ITC: the image encoder's last block."""
+    return min(ALBEF_BLOCK, config.num_hidden_layers - 1) if mode == "itm" else config.vision_depth - 1
+
+
+def check_block(config, block: int, mode: str = "itm") -> int:
+    if mode not in GRADCAM_MODES:
+        raise ValueError(f"--gradcam must be one of {GRADCAM_MODES}, got {mode!r}")
+    if mode == "itc":
+        if not 0 <= block < config.vision_depth:
+            raise ValueError(f"--gradcam-block must be an image-encoder block with --gradcam itc, in [0, "
+                             f"{config.vision_depth - 1}] for this model, got {block}")
+    elif not config.fusion_layer <= block < config.num_hidden_layers:
         raise ValueError(f"--gradcam-block must be a fusion layer of the text encoder, in [{config.fusion_layer}, "
                          f"{config.num_hidden_layers - 1}] for this model, got {block}")
     return block
 
 
-def gradcam_from(probs: torch.Tensor, grads: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-    """ALBEF's Grad-CAM ``[B, grid, grid]`` from cross-attention probabilities and their gradients
-    ``[B, heads, Lt, 1 + grid * grid]`` and the text mask ``[B, Lt]``."""
-    patches = probs.shape[-1] - 1
+def _square(patches: int) -> int:
     grid = int(round(patches ** 0.5))
     if grid * grid != patches:
         raise ValueError(f"the image tokens after [CLS] ({patches}) are not a square grid of patches")
+    return grid
+
+
+def gradcam_from(probs: torch.Tensor, grads: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """ALBEF's Grad-CAM ``[B, grid, grid]`` from cross-attention probabilities and their gradients
+    ``[B, heads, Lt, 1 + grid * grid]`` and the text mask ``[B, Lt]``."""
+    grid = _square(probs.shape[-1] - 1)
     mask = text_mask.to(probs.dtype)[:, None, :, None]
     cam = probs[..., 1:] * mask * grads[..., 1:].clamp(min=0) * mask
     return cam.mean(dim=1).mean(dim=1).reshape(-1, grid, grid)
@@ -87,6 +109,30 @@ def gradcam_maps(model, images: torch.Tensor, input_ids: torch.Tensor, text_mask
         score = model.itm_head(fused[:, 0])[:, 1]
         (grad,) = torch.autograd.grad(score.sum(), cross)
     return gradcam_from(cross.detach().float(), grad.float(), text_mask), score.detach().float()
+
+
+def itc_gradcam_from(probs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """ALBEF_itc's Grad-CAM ``[B, grid, grid]`` from image self-attention probabilities and their
+    gradients ``[B, heads, 1 + grid * grid, 1 + grid * grid]``: the [CLS] query's row over the patches."""
+    grid = _square(probs.shape[-1] - 1)
+    return (probs[:, :, 0, 1:] * grads[:, :, 0, 1:].clamp(min=0)).mean(dim=1).reshape(-1, grid, grid)
+
+
+def itc_gradcam_maps(model, images: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor,
+                     block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(maps [B, grid, grid], itc_scores [B])``: Grad-CAM of each (image, expression) pair's ITC
+    similarity on the self-attention of image-encoder block ``block`` (ALBEF_itc; see the module
+    docstring). No parameter's ``.grad`` changes; the text side carries no gradient."""
+    check_block(model.config, block, "itc")
+    proj = model.vision_proj
+    with torch.no_grad():
+        _, text_feat = model.text_features(input_ids, text_mask)
+    with torch.enable_grad():
+        tokens, probabilities = model.visual_encoder(images.to(proj.weight.dtype), return_attention=True)
+        image_feat = F.normalize(proj(tokens[:, 0]), dim=-1)
+        score = (image_feat * text_feat.to(image_feat.dtype)).sum(dim=-1) / model.temp
+        (grad,) = torch.autograd.grad(score.sum(), probabilities[block])
+    return itc_gradcam_from(probabilities[block].detach().float(), grad.float()), score.detach().float()
 
 
 def upsample_map(cam: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -123,19 +169,25 @@ class GroundingTask(Task):
     metric = "accuracy"
     has_step_inputs = True
     supports_zero_shot = True  # ALBEF's pretrained ITM head grounds without fine-tuning
-    options = ("trust_pickle", "gradcam_block", "attention_maps", "num_maps")
+    options = ("trust_pickle", "gradcam", "gradcam_block", "attention_maps", "num_maps")
 
     def __init__(self, task_dir, family, dataset, special, *, state=None, trust_pickle: bool = False,
-                 gradcam_block: int | None = None, attention_maps: str | None = None, num_maps: int = 8, **kwargs):
+                 gradcam: str | None = None, gradcam_block: int | None = None, attention_maps: str | None = None,
+                 num_maps: int = 8, **kwargs):
         super().__init__(task_dir, family, dataset, special, **kwargs)
         dataset.require_pixels("ALBEF grounding")
         self.trust_pickle, self.attention_maps, self.num_maps = trust_pickle, attention_maps, num_maps
-        self.gradcam_block = gradcam_block if gradcam_block is not None else (state or {}).get("gradcam_block")
+        state = state or {}
+        self.gradcam = gradcam if gradcam is not None else state.get("gradcam", "itm")
+        if self.gradcam not in GRADCAM_MODES:
+            raise ValueError(f"--gradcam must be one of {GRADCAM_MODES}, got {self.gradcam!r}")
+        self.gradcam_block = gradcam_block if gradcam_block is not None else state.get("gradcam_block")
         self.lookup = ImageLookup(dataset.image_ids, dataset.dir)
         self._splits: dict = {}
 
     def state(self) -> dict:
-        return {} if self.gradcam_block is None else {"gradcam_block": self.gradcam_block}
+        state = {"gradcam": self.gradcam}
+        return state if self.gradcam_block is None else {**state, "gradcam_block": self.gradcam_block}
 
     def split(self, name: str):
         """``(expressions, image index per expression, word pieces, proposals or None)`` (read once)."""
@@ -157,7 +209,7 @@ class GroundingTask(Task):
         from fastvl.finetune.tasks.albef_retrieval import ALBEFRetrieval
 
         if self.gradcam_block is not None:
-            check_block(config, self.gradcam_block)
+            check_block(config, self.gradcam_block, self.gradcam)
         return ALBEFRetrieval(config)
 
     def num_train(self) -> int:
@@ -186,13 +238,14 @@ class GroundingTask(Task):
         if proposals is None:
             raise DataError(f"split {split!r} of {self.task_dir.root} has no 'proposals' file: grounding ranks "
                             "detected boxes")
-        block = self.gradcam_block if self.gradcam_block is not None else default_block(model.config)
+        block = self.gradcam_block if self.gradcam_block is not None else default_block(model.config, self.gradcam)
+        maps_of = gradcam_maps if self.gradcam == "itm" else itc_gradcam_maps
         indices, real = share(len(expressions), ctx.rank, ctx.world)
         rows, drawn = [], 0
         for chunk in batches(indices, ctx.batch_size):
             batch = ctx.to_device(text_batch([pieces[i] for i in chunk], self.special, self.family, self.max_text_len))
             pixels = ctx.to_device({"images": pixel_batch(self.dataset, [images[i] for i in chunk])})["images"]
-            maps, _ = gradcam_maps(model, pixels, batch["input_ids"], batch["text_mask"], block)
+            maps, _ = maps_of(model, pixels, batch["input_ids"], batch["text_mask"], block)
             for i, cam in zip(chunk, maps.cpu()):
                 e = expressions[i]
                 boxes = proposals[e.image_id]
@@ -214,7 +267,7 @@ class GroundingTask(Task):
                "upper_bound": 100.0 * float(np.mean([r[4] for r in everything])),
                "random_proposal_accuracy": 100.0 * float(np.mean([r[5] for r in everything])),
                "largest_proposal_accuracy": metrics.accuracy_at_iou([r[6] for r in everything], THRESHOLD),
-               "expressions": len(everything), "gradcam_block": block}
+               "expressions": len(everything), "gradcam": self.gradcam, "gradcam_block": block}
         out["best_trivial_accuracy"] = max(out["random_proposal_accuracy"], out["largest_proposal_accuracy"])
         return out, {"results": [{"sent_id": r[0], "ref_id": r[1], "box": r[2], "iou": r[3]} for r in everything]}
 
