@@ -55,8 +55,48 @@ def _itc():
     return lambda backend: ops.itc_loss(*feats, *queues, 0.07, 0.4, *momentum, backend=backend), feats, "cpp"
 
 
+def _mask(batch, length):
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, length - 4:] = False
+    return mask
+
+
+def _attention(fused_qkv):
+    def make():
+        if fused_qkv:  # the three head groups of one projection: the qkv custom op
+            qkv = _t(2, 17, 3, 2, 16)
+            inputs, leaves = qkv.unbind(-3), (qkv,)
+        else:
+            inputs = leaves = (_t(2, 17, 2, 16), _t(2, 19, 2, 16), _t(2, 19, 2, 16))
+        mask = _mask(2, inputs[1].shape[1])
+        return lambda backend: ops.attention(*inputs, mask, backend=backend), leaves, "triton"
+
+    return make
+
+
+def _co_attention(fused_qkv):
+    def make():
+        if fused_qkv:
+            qkv_v, qkv_t = _t(2, 17, 3, 2, 16), _t(2, 23, 3, 2, 16)
+            stream_v, stream_t, leaves = qkv_v.unbind(-3), qkv_t.unbind(-3), (qkv_v, qkv_t)
+        else:
+            stream_v, stream_t = [_t(2, 17, 2, 16) for _ in range(3)], [_t(2, 23, 2, 16) for _ in range(3)]
+            leaves = (*stream_v, *stream_t)
+        masks = _mask(2, 17), _mask(2, 23)
+
+        def call(backend):
+            ctx_v, ctx_t = ops.co_attention(*stream_v, masks[0], *stream_t, masks[1], backend=backend)
+            return torch.cat((ctx_v.flatten(), 2 * ctx_t.flatten()))
+
+        return call, leaves, "triton"
+
+    return make
+
+
 CASES = [pytest.param(_layer_norm, marks=pytest.mark.interpret), pytest.param(_bias_gelu, marks=pytest.mark.interpret),
-         _region_kl, _linear_cross_entropy, _itc]
+         _region_kl, _linear_cross_entropy, _itc] + [
+    pytest.param(make(fused), id=f"{make.__name__[1:]}{'_qkv' if fused else ''}", marks=pytest.mark.interpret)
+    for make in (_attention, _co_attention) for fused in (False, True)]
 
 
 @pytest.mark.parametrize("make", CASES)
@@ -74,6 +114,7 @@ def test_eager_calls_skip_the_custom_op_and_compiled_graphs_hold_it(make):
         graphs.append(graph_module)
         return graph_module.forward
 
+    torch._dynamo.reset()  # every case compiles this same lambda: keep each under the recompile limit
     compiled = torch.compile(lambda: call(fused), fullgraph=True, backend=capture)
     compiled_value = compiled()
     assert any("fastvl" in str(node.target) for graph in graphs for node in graph.graph.nodes)

@@ -150,3 +150,29 @@ def test_unavailable_backends_say_why(generator):
             fastvl.ops.layer_norm(x, weight, bias, res, backend="apex")
     with pytest.raises(BackendUnavailableError, match="float64"):
         fastvl.ops.layer_norm(x.double(), weight, bias, res.double(), backend="triton")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("residual", [False, True])
+def test_triton_non_contiguous_inputs_and_inference(generator, residual):
+    # the fused path passes contiguous rows to the kernels: transposed views are copied, in the forward
+    # and (x saved as given when no sum is stored) in the backward; under no_grad nothing is kept
+    x = (torch.randn(40, 23, generator=generator) * 2).t().requires_grad_(True)
+    res = torch.randn(40, 23, generator=generator).t().requires_grad_(True) if residual else None
+    weight, bias = torch.randn(40, generator=generator), torch.randn(40, generator=generator)
+    out = fastvl.ops.layer_norm(x, weight, bias, res, eps=1e-5, backend="triton")
+    expected = layer_norm_ref(x.detach().double(), weight.double(), bias.double(),
+                              res.detach().double() if residual else None, eps=1e-5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(23, 40, generator=generator)
+    out.backward(grad)
+    x_ref = x.detach().double().requires_grad_(True)
+    res_ref = res.detach().double().requires_grad_(True) if residual else None
+    layer_norm_ref(x_ref, weight.double(), bias.double(), res_ref, eps=1e-5).backward(grad.double())
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
+    if residual:
+        torch.testing.assert_close(res.grad.double(), res_ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        again = fastvl.ops.layer_norm(x, weight, bias, res, eps=1e-5, backend="triton")
+    assert again.grad_fn is None
+    torch.testing.assert_close(again, out.detach())

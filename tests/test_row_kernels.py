@@ -13,7 +13,7 @@ from fastvl.kernels import bias_gelu, layer_norm, region_kl
 
 pytestmark = pytest.mark.interpret
 FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "view", "_reshape_alias", "reshape", "as_strided", "alias", "detach",
-            "_unsafe_view", "unsqueeze", "t", "expand", "slice", "select", "clone"}
+            "_unsafe_view", "unsqueeze", "t", "expand", "slice", "select", "unbind", "clone"}
 
 
 class _TorchOps(TorchDispatchMode):
@@ -86,3 +86,19 @@ def test_layer_norm_and_bias_gelu_backward_do_not_zero_fill(monkeypatch):
         out.backward(torch.randn_like(out))
     assert "zero_" not in ops and "fill_" not in ops, ops
     assert launches == ["bias_gelu_bwd_kernel"]
+
+
+@pytest.mark.parametrize("rows,reductions", [(7, 0), (46, 0), (300, 1)])
+def test_layer_norm_backward_reduces_dweight_dbias_only_over_several_programs(monkeypatch, rows, reductions):
+    # up to 4 row blocks one program writes dweight and dbias itself; beyond, one sum over the partial rows
+    x = torch.randn(rows, 64, requires_grad=True)
+    weight, bias = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    grad = torch.randn(rows, 64)
+    y = fastvl.ops.layer_norm(x, weight, bias, eps=1e-5, backend="triton")
+    with counting(monkeypatch, layer_norm, "layer_norm_bwd_kernel") as (launches, ops):
+        y.backward(grad)
+    assert launches == ["layer_norm_bwd_kernel"] and ops == ["sum"] * reductions, ops
+    expected = torch.autograd.grad(torch.nn.functional.layer_norm(x.double(), (64,), weight.double(), bias.double(),
+                                                                  1e-5), (x, weight, bias), grad.double())
+    for got, want in zip((x.grad, weight.grad, bias.grad), expected):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)

@@ -31,6 +31,7 @@ import torch.utils._pytree as pytree
 from fastvl import _checks
 from fastvl.dispatch import backward_expected, length_bucket, needs_cuda_device, needs_module, op, triton_available
 from fastvl.ops import attention_launch as launch
+from fastvl.ops import eager_path
 from fastvl.ops.attention_common import (
     NO_PROBS,
     SEEDED_ONLY_ON_TRITON,
@@ -196,8 +197,7 @@ def _validate(q, k, v, key_padding_mask, dropout_p, packed, cu_seqlens_q, cu_seq
 # The differentiable inputs come first, so the backward returns their gradients and None for the rest.
 
 
-@torch.library.custom_op("fastvl::attention_fwd", mutates_args=())
-def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                      cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
                      max_seqlen_k: int, dropout_p: float, scale: float, causal: bool,
                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,6 +208,9 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
     out, lse = launch.attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, dropout_p, scale, causal, seed, keep=launch.stored_keep(keep))
     return out, lse, seed, keep
+
+
+attention_fwd_op = torch.library.custom_op("fastvl::attention_fwd", mutates_args=())(_attention_fwd)
 
 
 def _keep_buffer(q, cu_seqlens_q, max_q, max_k, dropout_p):
@@ -222,8 +225,7 @@ def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             q.new_empty((1,), dtype=torch.int64), _keep_buffer(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p))
 
 
-@torch.library.custom_op("fastvl::attention_bwd", mutates_args=())
-def attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor, key_padding_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
                      cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
                      scale: float, causal: bool, seed: torch.Tensor,
@@ -233,6 +235,9 @@ def attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     return launch.attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                      max_seqlen_q, max_seqlen_k, dropout_p, scale, causal, seed,
                                      keep=launch.stored_keep(keep))
+
+
+attention_bwd_op = torch.library.custom_op("fastvl::attention_bwd", mutates_args=())(_attention_bwd)
 
 
 @attention_bwd_op.register_fake
@@ -253,11 +258,13 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed, _grad_keep):
     if grad_out is None:
         return (None,) * ctx.inputs_count
     q, k, v, out, lse, mask, cu_q, cu_k, seed, keep = ctx.saved_tensors
-    grads = attention_bwd_op(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.arguments, seed, keep)
+    backward = _attention_bwd if getattr(ctx, "eager", False) else attention_bwd_op
+    grads = backward(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.arguments, seed, keep)
     return *grads, *[None] * (ctx.inputs_count - len(grads))
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerAttention = eager_path.eager_function("_EagerAttention", _attention_fwd, _setup_context, _backward, outputs=4)
 
 
 # The same op when q, k, v are the three head groups of one fused projection ``qkv [..., 3, H, D]``
@@ -265,8 +272,7 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # that layout, the fused projection's gradient as it is (no concatenation of three).
 
 
-@torch.library.custom_op("fastvl::attention_qkv_fwd", mutates_args=())
-def attention_qkv_fwd_op(qkv: torch.Tensor, key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+def _attention_qkv_fwd(qkv: torch.Tensor, key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                          max_seqlen: int, dropout_p: float, scale: float, causal: bool,
                          seed: torch.Tensor | None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,6 +284,9 @@ def attention_qkv_fwd_op(qkv: torch.Tensor, key_padding_mask: torch.Tensor | Non
     return out, lse, seed, keep
 
 
+attention_qkv_fwd_op = torch.library.custom_op("fastvl::attention_qkv_fwd", mutates_args=())(_attention_qkv_fwd)
+
+
 @attention_qkv_fwd_op.register_fake
 def _(qkv, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, *_rest):
     q = qkv.select(-3, 0)
@@ -285,8 +294,7 @@ def _(qkv, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, *_rest):
             q.new_empty((1,), dtype=torch.int64), _keep_buffer(q, cu_seqlens, max_seqlen, max_seqlen, dropout_p))
 
 
-@torch.library.custom_op("fastvl::attention_qkv_bwd", mutates_args=())
-def attention_qkv_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+def _attention_qkv_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                          key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
                          dropout_p: float, scale: float, causal: bool, seed: torch.Tensor,
                          keep: torch.Tensor) -> torch.Tensor:
@@ -296,6 +304,9 @@ def attention_qkv_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.T
                               max_seqlen, max_seqlen, dropout_p, scale, causal, seed, into=grad,
                               keep=launch.stored_keep(keep))
     return grad
+
+
+attention_qkv_bwd_op = torch.library.custom_op("fastvl::attention_qkv_bwd", mutates_args=())(_attention_qkv_bwd)
 
 
 @attention_qkv_bwd_op.register_fake
@@ -316,11 +327,14 @@ def _qkv_backward(ctx, grad_out, _grad_lse, _grad_seed, _grad_keep):
     if grad_out is None:
         return (None,) * ctx.inputs_count
     qkv, out, lse, mask, cu, seed, keep = ctx.saved_tensors
-    grad = attention_qkv_bwd_op(grad_out, qkv, out, lse, mask, cu, *ctx.arguments, seed, keep)
+    backward = _attention_qkv_bwd if getattr(ctx, "eager", False) else attention_qkv_bwd_op
+    grad = backward(grad_out, qkv, out, lse, mask, cu, *ctx.arguments, seed, keep)
     return grad, *[None] * (ctx.inputs_count - 1)
 
 
 attention_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_setup_qkv_context)
+_EagerAttentionQkv = eager_path.eager_function("_EagerAttentionQkv", _attention_qkv_fwd, _setup_qkv_context,
+                                               _qkv_backward, outputs=4)
 
 
 def _triton_impl(inputs: AttentionInputs) -> torch.Tensor:
@@ -330,13 +344,11 @@ def _triton_impl(inputs: AttentionInputs) -> torch.Tensor:
     one_packing = inputs.cu_seqlens_q is inputs.cu_seqlens_k
     qkv = launch.fused_projection(q, inputs.k, inputs.v) if one_packing else None
     if qkv is not None:  # one fused projection: one gradient buffer in its layout
-        out, *_ = attention_qkv_fwd_op(qkv, inputs.key_padding_mask, inputs.cu_seqlens_q, max_q,
-                                         float(inputs.dropout_p), scale, inputs.causal, seed)
-        return out
-    out, *_ = attention_fwd_op(q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.cu_seqlens_q,
-                                 inputs.cu_seqlens_k, max_q, max_k, float(inputs.dropout_p), scale, inputs.causal,
-                                 seed)
-    return out
+        return eager_path.call(attention_qkv_fwd_op, _EagerAttentionQkv, qkv, inputs.key_padding_mask,
+                               inputs.cu_seqlens_q, max_q, float(inputs.dropout_p), scale, inputs.causal, seed)
+    return eager_path.call(attention_fwd_op, _EagerAttention, q, inputs.k, inputs.v, inputs.key_padding_mask,
+                           inputs.cu_seqlens_q, inputs.cu_seqlens_k, max_q, max_k, float(inputs.dropout_p), scale,
+                           inputs.causal, seed)
 
 
 # Torch backends ----------------------------------------------------------------------------------------

@@ -64,36 +64,44 @@ def _kernels():
 
 
 def _launch_forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    kernels = _kernels()
+    if not x.is_contiguous():
+        x = x.contiguous()
     cols = x.shape[-1]
-    x2 = x.reshape(-1, cols).contiguous()
-    rows = x2.shape[0]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: row stride = cols
-    if rows and cols:
+    rows = x.numel() // cols if cols else 0
+    # contiguous like x (row stride = cols); empty_like costs the host half what torch.empty does
+    y = torch.empty_like(x)
+    if rows:
+        kernels = _kernels()
         grid = (-(-rows // kernels.BLOCK_M), -(-cols // kernels.BLOCK_N))
-        kernels.bias_gelu_fwd_kernel[grid](x2, bias if bias is not None else x2, y, x2.stride(0), cols, rows, cols,
+        kernels.bias_gelu_fwd_kernel[grid](x, bias if bias is not None else x, y, cols, cols, rows, cols,
                                            HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
                                            BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
     return y
 
 
 def _launch_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not dy.is_contiguous():
+        dy = dy.contiguous()
     kernels = _kernels()
     cols = x.shape[-1]
-    x2 = x.reshape(-1, cols).contiguous()
-    dy2 = dy.reshape(-1, cols).contiguous()
-    rows = x2.shape[0]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = x.numel() // cols if cols else 0
+    dx = torch.empty_like(x)
     grid = (-(-rows // kernels.BLOCK_M), -(-cols // kernels.BLOCK_N))
     # Program (i, j) writes column tile j of row i: the grid covers the buffer, no zero-fill needed.
-    partial = torch.empty(grid[0] if bias is not None else 0, cols, dtype=torch.float32, device=x.device)
-    if rows and cols:
-        kernels.bias_gelu_bwd_kernel[grid](dy2, x2, bias if bias is not None else x2, dx,
-                                           partial if bias is not None else dx, dy2.stride(0), x2.stride(0), cols,
-                                           rows, cols, HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
+    # One row block: its row is the gradient itself ([cols], not a view: cheaper for autograd).
+    shape = (0,) if bias is None else (cols,) if grid[0] == 1 else (grid[0], cols)
+    partial = torch.empty(shape, dtype=torch.float32, device=x.device)
+    if rows:
+        kernels.bias_gelu_bwd_kernel[grid](dy, x, bias if bias is not None else x, dx,
+                                           partial if bias is not None else dx, cols, cols, cols, rows, cols,
+                                           HAS_BIAS=bias is not None, BLOCK_M=kernels.BLOCK_M,
                                            BLOCK_N=kernels.BLOCK_N, num_warps=kernels.NUM_WARPS)
-    dbias = partial.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dx, dbias
+    if bias is None:
+        return dx, x.new_empty(0)
+    dbias = partial if grid[0] == 1 else partial.sum(0)
+    return dx, dbias if bias.dtype == torch.float32 else dbias.to(bias.dtype)
 
 
 @torch.library.custom_op("fastvl::bias_gelu_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -148,10 +156,16 @@ class _EagerBiasGelu(torch.autograd.Function):
         return _grads(ctx, dy, _launch_backward)
 
 
+# Function.apply's C++ entry (see fastvl.ops.layer_norm_op: the same Python work skipped)
+_EAGER_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _EagerBiasGelu)
+
+
 def _triton_impl(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _bias_gelu_fwd(x, bias)
-    return _EagerBiasGelu.apply(x, bias)
+    if torch._C._are_functorch_transforms_active():
+        return _EagerBiasGelu.apply(x, bias)
+    return _EAGER_APPLY(x, bias)
 
 
 def _triton_supports(device, dtype, **_features) -> list[str]:

@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 from fastvl import _checks
 from fastvl.dispatch import backward_expected, length_bucket, op, triton_available
 from fastvl.ops import attention_launch as launch
+from fastvl.ops import eager_path
 from fastvl.ops.attention_common import (
     attention_rule,
     check_cu_seqlens,
@@ -176,8 +177,7 @@ def co_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, mask_v
 # None for the rest.
 
 
-@torch.library.custom_op("fastvl::co_attention_fwd", mutates_args=())
-def co_attention_fwd_op(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, q_t: torch.Tensor,
+def _co_attention_fwd(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor, q_t: torch.Tensor,
                         k_t: torch.Tensor, v_t: torch.Tensor, mask_v: torch.Tensor | None,
                         mask_t: torch.Tensor | None, cu_seqlens_v: torch.Tensor | None,
                         cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int, max_seqlen_t: int, dropout_p: float,
@@ -192,6 +192,9 @@ def co_attention_fwd_op(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
                                           max_seqlen_v, max_seqlen_t, dropout_p, scale, seed,
                                           keep=_stored(*keep))
     return (*outputs, seed, *keep)
+
+
+co_attention_fwd_op = torch.library.custom_op("fastvl::co_attention_fwd", mutates_args=())(_co_attention_fwd)
 
 
 def _keep_buffers(q_v, cu_seqlens_v, max_v, max_t, dropout_p):
@@ -216,8 +219,7 @@ def _(q_v, k_v, v_v, q_t, k_t, v_t, mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, 
             *_keep_buffers(q_v, cu_seqlens_v, max_v, max_t, dropout_p))
 
 
-@torch.library.custom_op("fastvl::co_attention_bwd", mutates_args=())
-def co_attention_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, q_v: torch.Tensor, k_v: torch.Tensor,
+def _co_attention_bwd(grad_v: torch.Tensor, grad_t: torch.Tensor, q_v: torch.Tensor, k_v: torch.Tensor,
                         v_v: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, ctx_v: torch.Tensor,
                         ctx_t: torch.Tensor, lse_v: torch.Tensor, lse_t: torch.Tensor, mask_v: torch.Tensor | None,
                         mask_t: torch.Tensor | None, cu_seqlens_v: torch.Tensor | None,
@@ -228,6 +230,9 @@ def co_attention_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, q_v: torch.T
     return launch.co_attention_backward(grad_v, grad_t, q_v, k_v, v_v, q_t, k_t, v_t, ctx_v, ctx_t, lse_v, lse_t,
                                         mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t,
                                         dropout_p, scale, seed, keep=_stored(keep_v, keep_t))
+
+
+co_attention_bwd_op = torch.library.custom_op("fastvl::co_attention_bwd", mutates_args=())(_co_attention_bwd)
 
 
 @co_attention_bwd_op.register_fake
@@ -251,11 +256,14 @@ def _backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, *_grad_seed_keep):
         ctx_v, ctx_t = saved[6], saved[7]
         grad_v = torch.zeros_like(ctx_v) if grad_v is None else grad_v
         grad_t = torch.zeros_like(ctx_t) if grad_t is None else grad_t
-    grads = co_attention_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed, keep_v, keep_t)
+    backward = _co_attention_bwd if getattr(ctx, "eager", False) else co_attention_bwd_op
+    grads = backward(grad_v, grad_t, *saved, *ctx.arguments, seed, keep_v, keep_t)
     return *grads, *[None] * (ctx.inputs_count - len(grads))
 
 
 co_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerCoAttention = eager_path.eager_function("_EagerCoAttention", _co_attention_fwd, _setup_context, _backward,
+                                              outputs=7, results=2)
 
 
 # The same op when each stream's q, k, v are the head groups of one fused projection ``[..., 3, H, D]``
@@ -263,8 +271,7 @@ co_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # three gradients into one buffer of that layout (no concatenation of three per stream).
 
 
-@torch.library.custom_op("fastvl::co_attention_qkv_fwd", mutates_args=())
-def co_attention_qkv_fwd_op(qkv_v: torch.Tensor, qkv_t: torch.Tensor, mask_v: torch.Tensor | None,
+def _co_attention_qkv_fwd(qkv_v: torch.Tensor, qkv_t: torch.Tensor, mask_v: torch.Tensor | None,
                             mask_t: torch.Tensor | None, cu_seqlens_v: torch.Tensor | None,
                             cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int, max_seqlen_t: int,
                             dropout_p: float, scale: float, seed: torch.Tensor | None
@@ -280,6 +287,10 @@ def co_attention_qkv_fwd_op(qkv_v: torch.Tensor, qkv_t: torch.Tensor, mask_v: to
     return (*outputs, seed, *keep)
 
 
+co_attention_qkv_fwd_op = torch.library.custom_op("fastvl::co_attention_qkv_fwd", mutates_args=())(
+    _co_attention_qkv_fwd)
+
+
 @co_attention_qkv_fwd_op.register_fake
 def _(qkv_v, qkv_t, mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_v, max_t, dropout_p, *_rest):
     packed, q_v, q_t = cu_seqlens_v is not None, qkv_v.select(-3, 0), qkv_t.select(-3, 0)
@@ -289,8 +300,7 @@ def _(qkv_v, qkv_t, mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_v, max_t, dr
             *_keep_buffers(q_v, cu_seqlens_v, max_v, max_t, dropout_p))
 
 
-@torch.library.custom_op("fastvl::co_attention_qkv_bwd", mutates_args=())
-def co_attention_qkv_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, qkv_v: torch.Tensor, qkv_t: torch.Tensor,
+def _co_attention_qkv_bwd(grad_v: torch.Tensor, grad_t: torch.Tensor, qkv_v: torch.Tensor, qkv_t: torch.Tensor,
                             ctx_v: torch.Tensor, ctx_t: torch.Tensor, lse_v: torch.Tensor, lse_t: torch.Tensor,
                             mask_v: torch.Tensor | None, mask_t: torch.Tensor | None,
                             cu_seqlens_v: torch.Tensor | None, cu_seqlens_t: torch.Tensor | None, max_seqlen_v: int,
@@ -302,6 +312,10 @@ def co_attention_qkv_bwd_op(grad_v: torch.Tensor, grad_t: torch.Tensor, qkv_v: t
                                  mask_v, mask_t, cu_seqlens_v, cu_seqlens_t, max_seqlen_v, max_seqlen_t, dropout_p,
                                  scale, seed, into=into, keep=_stored(keep_v, keep_t))
     return into
+
+
+co_attention_qkv_bwd_op = torch.library.custom_op("fastvl::co_attention_qkv_bwd", mutates_args=())(
+    _co_attention_qkv_bwd)
 
 
 @co_attention_qkv_bwd_op.register_fake
@@ -323,11 +337,14 @@ def _qkv_backward(ctx, grad_v, grad_t, _grad_lse_v, _grad_lse_t, *_grad_seed_kee
     if grad_v is None or grad_t is None:  # one direction's output unused: its upstream gradient is zero
         grad_v = torch.zeros_like(saved[2]) if grad_v is None else grad_v
         grad_t = torch.zeros_like(saved[3]) if grad_t is None else grad_t
-    grads = co_attention_qkv_bwd_op(grad_v, grad_t, *saved, *ctx.arguments, seed, keep_v, keep_t)
+    backward = _co_attention_qkv_bwd if getattr(ctx, "eager", False) else co_attention_qkv_bwd_op
+    grads = backward(grad_v, grad_t, *saved, *ctx.arguments, seed, keep_v, keep_t)
     return *grads, *[None] * (ctx.inputs_count - len(grads))
 
 
 co_attention_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_setup_qkv_context)
+_EagerCoAttentionQkv = eager_path.eager_function("_EagerCoAttentionQkv", _co_attention_qkv_fwd, _setup_qkv_context,
+                                                 _qkv_backward, outputs=7, results=2)
 
 
 # Backends ----------------------------------------------------------------------------------------------
@@ -339,13 +356,12 @@ def _triton_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tensor]
     scale, seed = softmax_scale(a.q_v.shape[-1], a.scale), seed_tensor(a.dropout_seed, a.q_v.device)
     qkv_v, qkv_t = launch.fused_projection(a.q_v, a.k_v, a.v_v), launch.fused_projection(a.q_t, a.k_t, a.v_t)
     if qkv_v is not None and qkv_t is not None:  # one fused projection per stream: one gradient buffer each
-        ctx_v, ctx_t, *_ = co_attention_qkv_fwd_op(qkv_v, qkv_t, a.mask_v, a.mask_t, a.cu_seqlens_v, a.cu_seqlens_t,
-                                                   max_v, max_t, float(a.dropout_p), scale, seed)
-        return ctx_v, ctx_t
-    ctx_v, ctx_t, *_ = co_attention_fwd_op(a.q_v, a.k_v, a.v_v, a.q_t, a.k_t, a.v_t, a.mask_v, a.mask_t,
-                                           a.cu_seqlens_v, a.cu_seqlens_t, max_v, max_t, float(a.dropout_p), scale,
-                                           seed)
-    return ctx_v, ctx_t
+        return eager_path.call(co_attention_qkv_fwd_op, _EagerCoAttentionQkv, qkv_v, qkv_t, a.mask_v, a.mask_t,
+                               a.cu_seqlens_v, a.cu_seqlens_t, max_v, max_t, float(a.dropout_p), scale, seed,
+                               results=2)
+    return eager_path.call(co_attention_fwd_op, _EagerCoAttention, a.q_v, a.k_v, a.v_v, a.q_t, a.k_t, a.v_t, a.mask_v,
+                           a.mask_t, a.cu_seqlens_v, a.cu_seqlens_t, max_v, max_t, float(a.dropout_p), scale, seed,
+                           results=2)
 
 
 def _sdpa_impl(inputs: CoAttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:

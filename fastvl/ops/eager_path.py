@@ -15,27 +15,30 @@ import torch
 
 
 def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
-                   outputs: int) -> type[torch.autograd.Function]:
+                   outputs: int, results: int = 1) -> type[torch.autograd.Function]:
     """An autograd.Function running ``forward(*inputs)`` (the custom op's body, returning ``outputs``
-    tensors), then the custom op's ``setup_context(ctx, inputs, output)``; it returns ``output[0]``
-    (the op's result: the others are internal, e.g. gradients computed in the forward) and its
-    backward is the custom op's ``backward(ctx, grad, None, ...)``, with ``ctx.eager`` set."""
-    unused = (None,) * (outputs - 1)
+    tensors), then the custom op's ``setup_context(ctx, inputs, output)``; it returns the first
+    ``results`` of them (the op's results: the others are internal, e.g. gradients computed in the
+    forward or a log-sum-exp) and its backward is the custom op's ``backward(ctx, *grads, None, ...)``,
+    with ``ctx.eager`` set."""
+    unused = (None,) * (outputs - results)
 
     def run(ctx, *inputs):
         ctx.eager = True  # tells the backward to run its launches directly too
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
-        return output[0]
+        return output[0] if results == 1 else tuple(output[:results])
 
-    def grads(ctx, grad):
-        return backward(ctx, grad, *unused)
+    def grads(ctx, *grad):
+        return backward(ctx, *grad, *unused)
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(run), "backward": staticmethod(grads)})
 
 
-def call(custom_op: Callable, eager: type[torch.autograd.Function], *inputs) -> torch.Tensor:
-    """``custom_op(*inputs)[0]`` while torch.compile traces, else the eager Function's result."""
+def call(custom_op: Callable, eager: type[torch.autograd.Function], *inputs, results: int = 1):
+    """The custom op's first ``results`` outputs (one tensor, or a tuple of them) while torch.compile
+    traces, else the eager Function's."""
     if torch.compiler.is_compiling():
-        return custom_op(*inputs)[0]
+        output = custom_op(*inputs)
+        return output[0] if results == 1 else tuple(output[:results])
     return eager.apply(*inputs)

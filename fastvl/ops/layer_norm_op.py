@@ -77,13 +77,28 @@ def _reference_impl(x, weight, bias, residual, dropout_p, eps):
 # Triton backend: custom ops (visible to torch.compile) + autograd ---------------------------------
 # Eager calls skip the custom-op layer (its dispatch costs more host time than the kernel's launch):
 # they run the same launch functions under a plain autograd.Function; torch.compile sees the custom ops.
+# The host work per call is kept to what the kernels need: every [M, N] tensor contiguous (row stride =
+# hidden, no reshapes), no buffer for what is not stored, the block configuration looked up once per
+# hidden size.
 
 
-def _block_cols(hidden: int) -> int:
-    """BLOCK_N: the next power of two >= hidden, at least 128 (plain Python: triton's helpers cost more)."""
-    return max(1 << max(hidden - 1, 0).bit_length(), 128)
+_CONFIGS: dict[int, tuple[int, int, int]] = {}
 
 
+def _config(hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_M, num_warps) for a hidden size: BLOCK_N the next power of two >= hidden, at
+    least 128."""
+    config = _CONFIGS.get(hidden)
+    if config is None:
+        kernels = _kernels()
+        block = max(1 << max(hidden - 1, 0).bit_length(), 128)
+        config = _CONFIGS[hidden] = (block, kernels.block_rows(block), kernels.num_warps_for(block))
+    return config
+
+
+# Backward: up to this many blocks of rows run in one program (a few microseconds of kernel) rather
+# than spread over programs whose partial sums then need a reduction launch.
+SINGLE_PROGRAM_BLOCKS = 4
 _SM_COUNTS: dict[int, int] = {}
 
 
@@ -107,31 +122,36 @@ def _kernels():
 _KERNELS = None
 
 
-def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps):
-    kernels = _kernels()
+def _launch_forward(x, residual, weight, bias, seed, dropout_p, eps, store_sum=True):
+    """(y, pre-norm sum or None, int8 keep-mask or None, mean [M], rstd [M]). The sum is kept (for the
+    backward) when ``store_sum`` and there is a residual or dropout; else the backward reads x."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if residual is not None:
+        if not residual.is_contiguous():
+            residual = residual.contiguous()
+        out_dtype = torch.promote_types(x.dtype, residual.dtype)
+    else:
+        out_dtype = x.dtype
     hidden = x.shape[-1]
-    x2 = x.reshape(-1, hidden).contiguous()
-    rows = x2.shape[0]
-    residual2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
-    has_dropout = seed is not None
-    store_sum = has_dropout or residual is not None
-    out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-    # y and the sum are allocated in x's shape, contiguous: row stride = hidden, no views to return
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    hidden_sum = torch.empty(x.shape, dtype=out_dtype, device=x.device) if store_sum else x2.new_empty(0)
-    keep = x2.new_empty(x2.shape if has_dropout else (0,), dtype=torch.int8)
+    rows = x.numel() // hidden if hidden else 0
+    store_sum = store_sum and (seed is not None or residual is not None)
+    # outputs in x's shape, contiguous (row stride = hidden): no views to return
+    # (empty_like of a contiguous tensor is contiguous, and costs the host half what torch.empty does)
+    y = torch.empty_like(x) if out_dtype == x.dtype else torch.empty_like(x, dtype=out_dtype)
+    hidden_sum = torch.empty_like(y) if store_sum else None
+    keep = torch.empty_like(x, dtype=torch.int8) if seed is not None else None
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if rows:
-        block = _block_cols(hidden)
-        block_m = kernels.block_rows(block)
-        kernels.layer_norm_fwd_kernel[(-(-rows // block_m),)](
-            x2, residual2 if residual2 is not None else x2, weight, bias if bias is not None else weight,
-            seed if seed is not None else mean, y, hidden_sum if store_sum else y, keep if has_dropout else y,
-            mean, rstd, x2.stride(0), residual2.stride(0) if residual2 is not None else 0, hidden,
-            hidden if store_sum else 0, hidden if has_dropout else 0, rows, hidden, dropout_p, eps,
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, HAS_BIAS=bias is not None,
-            STORE_SUM=store_sum, BLOCK_M=block_m, BLOCK_N=block, num_warps=kernels.num_warps_for(block))
+        block, block_m, warps = _config(hidden)
+        _kernels().layer_norm_fwd_kernel[(-(-rows // block_m),)](
+            x, residual if residual is not None else x, weight, bias if bias is not None else weight,
+            seed if seed is not None else mean, y, hidden_sum if store_sum else y, keep if keep is not None else y,
+            mean, rstd, hidden, hidden if residual is not None else 0, hidden, hidden if store_sum else 0,
+            hidden if keep is not None else 0, rows, hidden, dropout_p, eps,
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=seed is not None, HAS_BIAS=bias is not None,
+            STORE_SUM=store_sum, BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
     return y, hidden_sum, keep, mean, rstd
 
 
@@ -140,50 +160,73 @@ def _layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
                     seed: torch.Tensor | None, dropout_p: float, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, pre-norm sum or empty, int8 keep-mask or empty, mean [M], rstd [M])."""
-    return _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
+    y, hidden_sum, keep, mean, rstd = _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
+    return (y, hidden_sum if hidden_sum is not None else x.new_empty(0),
+            keep if keep is not None else x.new_empty(0, dtype=torch.int8), mean, rstd)
 
 
 @_layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, seed, dropout_p, eps):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     store_sum = seed is not None or residual is not None
-    keep_shape = (rows, x.shape[-1]) if seed is not None else (0,)
     out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
     stored = x.new_empty(x.shape, dtype=out_dtype) if store_sum else x.new_empty(0)
     return (x.new_empty(x.shape, dtype=out_dtype), stored,
-            x.new_empty(keep_shape, dtype=torch.int8), x.new_empty(rows, dtype=torch.float32),
-            x.new_empty(rows, dtype=torch.float32))
+            x.new_empty(x.shape if seed is not None else (0,), dtype=torch.int8),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
-def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
-    kernels = _kernels()
+def _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias, stacked=True):
+    """(d pre-norm sum = d residual, dx or None when no dropout, parameter gradients): with ``stacked``
+    (the custom op's one output) [1 + has_bias, N] = dweight (, dbias), else (dweight, dbias or None)."""
+    # hidden_sum is x itself when the forward stored no sum: contiguous only if the caller's x was
+    if not hidden_sum.is_contiguous():
+        hidden_sum = hidden_sum.contiguous()
+    if not dy.is_contiguous():
+        dy = dy.contiguous()
     hidden = dy.shape[-1]
-    dy2 = dy.reshape(-1, hidden).contiguous()
-    h2 = hidden_sum.reshape(-1, hidden).contiguous()
-    rows = dy2.shape[0]
-    has_dropout = keep.numel() > 0
-    # gradients allocated in dy's shape, contiguous (row stride = hidden)
-    dh = torch.empty(dy.shape, dtype=h2.dtype, device=dy.device)
-    dx = torch.empty(dy.shape, dtype=h2.dtype, device=dy.device) if has_dropout else dh.new_empty(0)
-    block = _block_cols(hidden)
-    block_m = kernels.block_rows(block)
-    row_blocks = max(-(-rows // block_m), 1)
-    # enough programs to fill the GPU, few partial rows to reduce
-    programs = min(row_blocks, 4 * _multiprocessors(dy.device) if dy.is_cuda else 4)
+    rows = mean.shape[0]
+    # gradients like the stored sum: dy's shape and the forward's output dtype, contiguous
+    dh = torch.empty_like(hidden_sum)
+    dx = torch.empty_like(hidden_sum) if keep is not None else None
+    if not rows:
+        param_grads = torch.zeros(1 + has_bias, hidden, dtype=weight.dtype, device=dy.device)
+        return dh, dx, param_grads if stacked else _unstack(param_grads, has_bias)
+    block, block_m, warps = _config(hidden)
+    row_blocks = -(-rows // block_m)
+    # A few row blocks: one program walks them all and writes the gradients themselves (no reduction
+    # launch). More: enough programs to fill the GPU, few partial rows to reduce.
+    if row_blocks <= SINGLE_PROGRAM_BLOCKS:
+        programs = 1
+    else:
+        programs = min(row_blocks, 4 * _multiprocessors(dy.device) if dy.is_cuda else 4)
     blocks_per_program = -(-row_blocks // programs)
     programs = -(-row_blocks // blocks_per_program)
-    # Every program writes its whole row of the partial sums (dweight's, then dbias's): no zero-fill
-    # unless nothing runs; one reduction launch sums both.
-    alloc = torch.empty if rows else torch.zeros
-    partial = alloc(1 + has_bias, programs, hidden, dtype=torch.float32, device=dy.device)
-    if rows:
-        kernels.layer_norm_bwd_kernel[(programs,)](
-            dy2, h2, weight, mean, rstd, keep if has_dropout else dy2, dh, dx if has_dropout else dh,
-            partial[0], partial[-1], dy2.stride(0), h2.stride(0), hidden if has_dropout else 0, hidden,
-            hidden if has_dropout else 0, rows, hidden, blocks_per_program, dropout_p,
-            HAS_DROPOUT=has_dropout, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block,
-            num_warps=kernels.num_warps_for(block))
-    return dh, dx, partial.sum(1).to(weight.dtype)
+    # Every program writes its whole row of the partial sums (dweight's, then dbias's): no zero-fill;
+    # one reduction sums both. One program writes the gradients themselves: stacked [1 + has_bias, N],
+    # or (eager calls) two vectors (gradients that are views cost the autograd engine more).
+    vectors = programs == 1 and not stacked
+    if vectors:
+        dweight = torch.empty(hidden, dtype=torch.float32, device=dy.device)
+        dbias = torch.empty_like(dweight) if has_bias else dweight
+    else:
+        partial = torch.empty((1 + has_bias, programs, hidden) if programs > 1 else (1 + has_bias, hidden),
+                              dtype=torch.float32, device=dy.device)
+        dweight, dbias = partial[0], partial[-1]
+    _kernels().layer_norm_bwd_kernel[(programs,)](
+        dy, hidden_sum, weight, mean, rstd, keep if keep is not None else dy, dh, dx if dx is not None else dh,
+        dweight, dbias, hidden, hidden, hidden if keep is not None else 0, hidden,
+        hidden if dx is not None else 0, rows, hidden, blocks_per_program, dropout_p,
+        HAS_DROPOUT=keep is not None, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
+    if vectors:
+        dbias = dbias if has_bias else None
+        if weight.dtype != torch.float32:
+            dweight, dbias = dweight.to(weight.dtype), dbias.to(weight.dtype) if has_bias else None
+        return dh, dx, (dweight, dbias)
+    param_grads = partial.sum(1) if programs > 1 else partial
+    if weight.dtype != torch.float32:
+        param_grads = param_grads.to(weight.dtype)
+    return dh, dx, param_grads if stacked else _unstack(param_grads, has_bias)
 
 
 @torch.library.custom_op("fastvl::layer_norm_bwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -191,7 +234,9 @@ def _layer_norm_bwd(dy: torch.Tensor, hidden_sum: torch.Tensor, weight: torch.Te
                     rstd: torch.Tensor, keep: torch.Tensor, dropout_p: float, has_bias: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d pre-norm sum = d residual, dx or empty when no dropout, [dweight] or [dweight, dbias])."""
-    return _launch_backward(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias)
+    dh, dx, param_grads = _launch_backward(dy, hidden_sum, weight, mean, rstd, keep if keep.numel() else None,
+                                           dropout_p, has_bias)
+    return dh, dx if dx is not None else dh.new_empty(0), param_grads
 
 
 @_layer_norm_bwd.register_fake
@@ -200,24 +245,30 @@ def _(dy, hidden_sum, weight, mean, rstd, keep, dropout_p, has_bias):
             weight.new_empty((1 + has_bias, weight.shape[0])))
 
 
+def _unstack(param_grads, has_bias):
+    """(dweight, dbias or None) from [1 + has_bias, N]."""
+    return param_grads.unbind(0) if has_bias else (param_grads[0], None)
+
+
+def _grads(dh, dx, param_grads, has_residual):
+    """The autograd outputs (x, residual, weight, bias, seed, dropout_p, eps) from the kernel's."""
+    return dx if dx is not None else dh, dh if has_residual else None, *param_grads, None, None, None
+
+
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, seed, dropout_p, eps = inputs
     _, hidden_sum, keep, mean, rstd = output
     stored = hidden_sum if (seed is not None or residual is not None) else x
     ctx.save_for_backward(stored, weight, mean, rstd, keep)
     ctx.set_materialize_grads(False)  # the internal outputs get no gradient: no zero-filled buffers
-    ctx.dropout_p, ctx.has_bias, ctx.has_residual = dropout_p, bias is not None, residual is not None
-
-
-def _grads(ctx, dy, launch_backward):
-    stored, weight, mean, rstd, keep = ctx.saved_tensors
-    dh, dx, param_grads = launch_backward(dy, stored, weight, mean, rstd, keep, ctx.dropout_p, ctx.has_bias)
-    return (dx if keep.numel() else dh, dh if ctx.has_residual else None, param_grads[0],
-            param_grads[1] if ctx.has_bias else None, None, None, None)
+    ctx.flags = dropout_p, bias is not None, residual is not None
 
 
 def _backward(ctx, dy, _dsum, _dkeep, _dmean, _drstd):
-    return _grads(ctx, dy, _layer_norm_bwd)
+    stored, weight, mean, rstd, keep = ctx.saved_tensors
+    dropout_p, has_bias, has_residual = ctx.flags
+    dh, dx, param_grads = _layer_norm_bwd(dy, stored, weight, mean, rstd, keep, dropout_p, has_bias)
+    return _grads(dh, dx if keep.numel() else None, _unstack(param_grads, has_bias), has_residual)
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -228,13 +279,30 @@ class _EagerLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, seed, dropout_p, eps):
-        output = _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
-        _setup_context(ctx, (x, residual, weight, bias, seed, dropout_p, eps), output)
-        return output[0]
+        y, hidden_sum, keep, mean, rstd = _launch_forward(x, residual, weight, bias, seed, dropout_p, eps)
+        ctx.save_for_backward(hidden_sum if hidden_sum is not None else x, weight, mean, rstd, keep)
+        ctx.flags = dropout_p, bias is not None, residual is not None  # (one output: no grads to materialise)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        return _grads(ctx, dy, _launch_backward)
+        stored, weight, mean, rstd, keep = ctx.saved_tensors
+        dropout_p, has_bias, has_residual = ctx.flags
+        dh, dx, param_grads = _launch_backward(dy, stored, weight, mean, rstd, keep, dropout_p, has_bias,
+                                               stacked=False)
+        return _grads(dh, dx, param_grads, has_residual)
+
+
+# Function.apply's C++ entry: Function.apply adds Python work (default-argument binding, unwrapping
+# dead functorch wrappers) that these arguments never need; under a functorch transform the full
+# apply runs.
+_EAGER_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _EagerLayerNorm)
+
+
+def _needs_grad(x, residual, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (residual is not None and residual.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _triton_impl(x, weight, bias, residual, dropout_p, eps):
@@ -244,16 +312,29 @@ def _triton_impl(x, weight, bias, residual, dropout_p, eps):
         seed = next_seed(x.device, high=2**31 - 1)
     if torch.compiler.is_compiling():
         return _layer_norm_fwd(x, residual, weight, bias, seed, float(dropout_p), float(eps))[0]
-    return _EagerLayerNorm.apply(x, residual, weight, bias, seed, float(dropout_p), float(eps))
+    if not _needs_grad(x, residual, weight, bias):  # inference: nothing kept for a backward
+        return _launch_forward(x, residual, weight, bias, seed, float(dropout_p), float(eps), store_sum=False)[0]
+    if torch._C._are_functorch_transforms_active():
+        return _EagerLayerNorm.apply(x, residual, weight, bias, seed, float(dropout_p), float(eps))
+    return _EAGER_APPLY(x, residual, weight, bias, seed, float(dropout_p), float(eps))
 
 
 def _triton_supports(device, dtype, hidden, **_features) -> list[str]:
+    device_ok = _TRITON_DEVICE_OK.get(device.type)
+    if device_ok is None:  # like backend availability, evaluated once (the machine does not change)
+        device_ok = _TRITON_DEVICE_OK[device.type] = not triton_device(device)
+    if device_ok and dtype in _TRITON_DTYPES and hidden <= 8192:  # the common case, cheaply
+        return []
     reasons = triton_device(device)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {dtype} (triton takes float16, bfloat16, float32)")
     if hidden > 8192:
         reasons.append(f"hidden size {hidden} > 8192 (one row per program)")
     return reasons
+
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_DEVICE_OK: dict[str, bool] = {}
 
 
 def _apex_impl(x, weight, bias, residual, dropout_p, eps):
