@@ -351,8 +351,10 @@ def _train_grounding(task, steps, lr, batch, seed=0):
     from fastvl.finetune.tasks.common import model_config
 
     torch.manual_seed(seed)
+    # initializer_range 0.02: the init these numbers were measured with (albef-tiny's default before it
+    # became 0.1; at 0.1 seed 0 gives 24.0% at block 2, ITM 0.61 after 300 steps) -- to be re-measured
     config = dataclasses.replace(model_config("albef", "tiny", task.dataset, task.special, dropout=0.0),
-                                 queue_size=2 * batch)
+                                 queue_size=2 * batch, initializer_range=0.02)
     net = task.make_model(config)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
     generator = torch.Generator().manual_seed(seed)

@@ -98,12 +98,17 @@ class ALBEFConfig(BertConfig):
         return cls(**{k: v for k, v in merged.items() if k in fields})
 
 
+# "tiny" initialises its BERT side with std 0.1 ~ 0.02 * sqrt(768 / 32), not BERT's 0.02: a Linear's output
+# scales with std * sqrt(width), so at width 32 the 0.02 init makes the cross-attention branch (kv, then dense)
+# ~36x weaker against the text residual than at width 768 -- swapping the image moved the fused [CLS] by 0.23%
+# (base width: 8.4%) and fine-tuning sat at the text-only prior; at 0.1 it moves by 6.0%, as base's does.
+# (0.1 on the cross-attention alone, or on all but the classifier head, still sat there after 800 steps.)
 ALBEF_CONFIGS: dict[str, dict] = {
     "base": {},
     "tiny": {"image_res": 32, "patch_size": 8, "vision_width": 32, "vision_depth": 2, "vision_heads": 4,
              "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 4, "fusion_layer": 2, "num_attention_heads": 4,
              "intermediate_size": 64, "max_position_embeddings": 32, "encoder_width": 32, "embed_dim": 16,
-             "queue_size": 12, "cls_token_id": 1, "mask_token_id": 2},
+             "queue_size": 12, "cls_token_id": 1, "mask_token_id": 2, "initializer_range": 0.1},
 }
 
 
@@ -445,17 +450,33 @@ def mlm_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, soft_targe
     return loss.to(logits.dtype)
 
 
+def _momentum_copies_when_absent(module, state_dict, prefix, *_) -> None:
+    """A state dict without momentum parameters (a model trained without distillation, a converted
+    checkpoint) loads into a ``distill`` model with its momentum copies set to the online weights."""
+    names = ("visual_encoder", "text_encoder", "cls_head")
+    if any(key.startswith(tuple(f"{prefix}{name}_m." for name in names)) for key in state_dict):
+        return
+    for key in list(state_dict):
+        for name in names:
+            if key.startswith(f"{prefix}{name}."):
+                state_dict[f"{prefix}{name}_m.{key[len(prefix) + len(name) + 1:]}"] = state_dict[key]
+
+
 class ALBEFClassifier(nn.Module):
     """ALBEF fine-tuned for classification on the fusion [CLS]: ``cls_head`` = Linear(H, H), ReLU,
     Linear(H, classes). SNLI-VE (3 classes, one image) and NLVR2 (2 classes, two images: the fusion
     encoder has 2 x (layers - fusion_layer) layers alternating between the images, with each pair
     sharing the cross-attention key/value projection, as ALBEF's NLVR2 model).
 
-    Parameters: ``visual_encoder``, ``text_encoder`` (no MLM head), ``cls_head``.
+    Parameters: ``visual_encoder``, ``text_encoder`` (no MLM head), ``cls_head``. With ``distill``
+    (ALBEF's ``distill: True``) also the momentum copies ``visual_encoder_m``, ``text_encoder_m``,
+    ``cls_head_m`` (no gradient; ``p_m <- m p_m + (1 - m) p`` with the config's ``momentum`` in
+    :meth:`momentum_update`): training with labels and ``alpha`` > 0 then minimises
+    ``(1 - alpha) CE(logits, labels) + alpha soft-CE(logits, softmax(momentum logits))``.
     """
 
     def __init__(self, config: ALBEFConfig, num_classes: int = 3, num_images: int = 1,
-                 backend: str | None = None):
+                 backend: str | None = None, distill: bool = False):
         super().__init__()
         self.backend = backend
         _checks.choice("num_images", num_images, [1, 2])
@@ -472,11 +493,44 @@ class ALBEFClassifier(nn.Module):
         self.cls_head = nn.Sequential(nn.Linear(c.hidden_size, c.hidden_size), nn.ReLU(),
                                       nn.Linear(c.hidden_size, num_classes))
         self.cls_head.apply(lambda m: init_bert_weights(m, c.initializer_range))
+        self.distill = distill
+        if distill:  # deepcopy keeps the two-image model's shared key / value tensors shared in the copy
+            self.visual_encoder_m = copy.deepcopy(self.visual_encoder).requires_grad_(False)
+            self.text_encoder_m = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            self.cls_head_m = copy.deepcopy(self.cls_head).requires_grad_(False)
+            self.register_load_state_dict_pre_hook(_momentum_copies_when_absent)
+
+    def _momentum_pairs(self):
+        return ((self.visual_encoder, self.visual_encoder_m), (self.text_encoder, self.text_encoder_m),
+                (self.cls_head, self.cls_head_m))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``p_m <- m p_m + (1 - m) p`` for every momentum parameter (``distill`` models only)."""
+        if not self.distill:
+            raise ValueError("this ALBEFClassifier has no momentum model (distill=False)")
+        for online, moving in self._momentum_pairs():
+            params, params_m = list(online.parameters()), list(moving.parameters())
+            torch._foreach_mul_(params_m, self.config.momentum)
+            torch._foreach_add_(params_m, [p.to(q.dtype) for p, q in zip(params, params_m)],
+                                alpha=1.0 - self.config.momentum)
+
+    def _logits(self, pair, input_ids, attention_mask, momentum: bool = False) -> torch.Tensor:
+        visual, text, head = ((self.visual_encoder_m, self.text_encoder_m, self.cls_head_m) if momentum
+                              else (self.visual_encoder, self.text_encoder, self.cls_head))
+        batch = pair[0].shape[0]
+        tokens = visual(torch.cat(pair, dim=0)).split(batch)
+        return head(text(input_ids, attention_mask, list(tokens))[:, 0])
 
     @on_backend
     def forward(self, images: torch.Tensor | tuple, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
-        """images ``[B, 3, S, S]`` (or a pair of them for NLVR2); returns ``logits`` (and ``loss``)."""
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                alpha: float = 0.0, momentum_step: bool = True) -> dict:
+        """images ``[B, 3, S, S]`` (or a pair of them for NLVR2); returns ``logits`` (and with labels
+        ``loss`` and ``losses`` {"ce", "soft_ce"}). A ``distill`` model in training mode with labels
+        first moves its momentum model (when ``momentum_step``: once per optimizer step, the first
+        micro-batch), then with ``alpha`` > 0 distils from it; otherwise ``loss`` is the cross-entropy
+        (``soft_ce`` 0)."""
         pair = images if isinstance(images, (tuple, list)) else (images,)
         if len(pair) != self.num_images:
             raise ValueError(f"this model takes {self.num_images} image tensor(s) per example, got {len(pair)}")
@@ -486,10 +540,19 @@ class ALBEFClassifier(nn.Module):
             if image.shape[0] != batch:
                 raise ValueError(f"images[{index}] has batch size {image.shape[0]}, images[0] has {batch}")
         attention_mask = _text_mask(input_ids, attention_mask, batch, self.config.pad_token_id)
-        tokens = self.visual_encoder(torch.cat(pair, dim=0)).split(batch)
-        fused = self.text_encoder(input_ids, attention_mask, list(tokens))
-        logits = self.cls_head(fused[:, 0])
+        logits = self._logits(pair, input_ids, attention_mask)
         result = {"logits": logits}
-        if labels is not None:
-            result["loss"] = F.cross_entropy(logits, labels)
+        if labels is None:
+            return result
+        ce = F.cross_entropy(logits, labels)
+        soft_ce, loss = torch.zeros_like(ce), ce
+        if self.distill and self.training:
+            if momentum_step:  # also at alpha 0 (the start of ALBEF's warm-up), as the original
+                self.momentum_update()
+            if alpha > 0:
+                with torch.no_grad():
+                    soft = self._logits(pair, input_ids, attention_mask, momentum=True).float().softmax(-1)
+                soft_ce = -(soft * F.log_softmax(logits.float(), -1)).sum(-1).mean().to(ce.dtype)
+                loss = (1 - alpha) * ce + alpha * soft_ce
+        result["loss"], result["losses"] = loss, {"ce": ce, "soft_ce": soft_ce}
         return result

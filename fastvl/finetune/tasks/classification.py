@@ -10,8 +10,13 @@ Batches per family (:meth:`PairClassificationTask.batch`):
 * ALBEF: ``[CLS] text`` and the pixels (``images``, or ``images0`` / ``images1`` for two images).
 
 Loss: ViLBERT as vilbert-multi-task (``BCEWithLogitLoss`` on the one-hot target, mean x classes);
-ALBEF softmax cross-entropy (its ``model_nlvr.py`` / ``model_ve.py``; their momentum distillation of
-the targets, ``distill: True``, is **not implemented**).
+ALBEF softmax cross-entropy with momentum distillation (its ``model_nlvr.py`` / ``model_ve.py`` with
+``distill: True``, the default here; ``distill=False`` for plain CE): a momentum copy of the model (EMA,
+``momentum`` 0.995, moved once per optimizer step) gives soft targets, loss ``(1 - alpha) CE + alpha
+soft-CE`` with alpha 0.4 (NLVR2 ramps it in over the first epoch, ``warm_up: True``; SNLI-VE does not).
+**Difference**: the momentum copies start as copies of the ``--init`` weights (ALBEF's fine-tuning
+loads a pretraining checkpoint's own momentum encoders into them). Text assignment (``nlvr2_ta``)
+trains with plain CE, as ALBEF's ``Pretrain_nlvr.py``.
 
 Evaluation: the argmax class of every labelled example (split over the ranks, gathered): ``accuracy``
 (percent), per-class accuracy, and ``majority_accuracy`` (always answering the split's most common
@@ -30,7 +35,23 @@ from fastvl.data.format import DataError
 from fastvl.data.tasks import ImageLookup
 from fastvl.finetune.parallel import batches, gather, share
 from fastvl.finetune.tasks import Task
-from fastvl.finetune.tasks.common import num_tokens, pixel_batch, region_batch, text_batch
+from fastvl.finetune.tasks.common import albef_step_inputs, num_tokens, pixel_batch, region_batch, text_batch
+
+MOMENTUM_PREFIXES = ("visual_encoder_m.", "text_encoder_m.", "cls_head_m.")
+
+
+def momentum_copies_of_online(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with every momentum parameter of ``model`` (``visual_encoder_m.*`` ...) set to its online
+    counterpart's value in ``state``, so distillation starts from the initial weights; where ``state`` has
+    no counterpart (a new head) the momentum parameter is left out, and keeps the model's copy of its
+    online one."""
+    out = {k: v for k, v in state.items() if not k.startswith(MOMENTUM_PREFIXES)}
+    for key in model.state_dict():
+        if key.startswith(MOMENTUM_PREFIXES):
+            online = key.replace("_m.", ".", 1)
+            if online in state:
+                out[key] = state[online]
+    return out
 
 
 def fusion_layers_for_two_images(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,10 +83,17 @@ class PairClassificationTask(Task):
     vilbert_head = ""  # the ViLBERTTaskOutput field of the logits
     split_role = ""  # the task.json key of a split's annotation file
     image_lookup = ImageLookup  # how an annotation's image key finds its dataset index
+    distills = False  # ALBEF's fine-tuning distils from a momentum model (distill: True in its config)
+    alpha_warm_up = False  # the distillation weight ramps in over the first epoch (ALBEF's warm_up)
+    options = ("distill",)
 
-    def __init__(self, task_dir, family, dataset, special, *, state=None, **kwargs):
+    def __init__(self, task_dir, family, dataset, special, *, state=None, distill: bool | None = None, **kwargs):
         super().__init__(task_dir, family, dataset, special, **kwargs)
-        self.objectives = ("bce",) if family == "vilbert" else ("ce",)
+        self.distill = family == "albef" and self.distills and distill is not False
+        if distill and not self.distill:
+            raise ValueError(f"distill=True: {self.name} for {family} has no momentum distillation")
+        self.objectives = ("bce",) if family == "vilbert" else ("ce", "soft_ce") if self.distill else ("ce",)
+        self.has_step_inputs = self.distill
         self.lookup = self.image_lookup(dataset.image_ids, dataset.dir)
         self._splits: dict = {}
 
@@ -107,8 +135,16 @@ class PairClassificationTask(Task):
 
     def init_state(self, state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if self.family == "albef" and self.num_images == 2:
-            return fusion_layers_for_two_images(state, model)
-        return state
+            state = fusion_layers_for_two_images(state, model)
+        return momentum_copies_of_online(state, model) if self.distill else state
+
+    def step_inputs(self, micro, sampler) -> dict:
+        return albef_step_inputs(micro, sampler)
+
+    def albef_model(self, config, num_classes: int) -> torch.nn.Module:
+        from fastvl.models.albef import ALBEFClassifier
+
+        return ALBEFClassifier(config, num_classes=num_classes, num_images=self.num_images, distill=self.distill)
 
     def num_train(self) -> int:
         return self.split_size("train")
@@ -146,12 +182,18 @@ class PairClassificationTask(Task):
         return model(images, batch["input_ids"], batch["text_mask"])["logits"]
 
     def loss(self, model, batch):
-        logits = self.logits(model, batch)
         labels = batch["labels"]
+        logits = None if self.distill else self.logits(model, batch)
         if self.family == "vilbert":
             target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
             loss = F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
             return loss, {"bce": loss}
+        if self.distill:
+            alpha = model.config.alpha * (batch.get("alpha_scale", 1.0) if self.alpha_warm_up else 1.0)
+            images = (batch["images0"], batch["images1"]) if self.num_images == 2 else batch["images"]
+            out = model(images, batch["input_ids"], batch["text_mask"], labels, alpha=alpha,
+                        momentum_step=batch.get("first_micro_step", True))
+            return out["loss"], out["losses"]
         loss = F.cross_entropy(logits.float(), labels)
         return loss, {"ce": loss}
 

@@ -45,6 +45,7 @@ class NLVR2Task(PairClassificationTask):
     vilbert_head = "nlvr2"
     split_role = "nlvr2"
     image_lookup = ExactImageLookup
+    distills, alpha_warm_up = True, True  # ALBEF's NLVR.yaml: distill: True, warm_up: True
 
     def read_split(self, name, path):
         """``(examples, (left, right) dataset indices, word pieces)``; train keeps the labelled examples."""
@@ -61,7 +62,7 @@ class NLVR2Task(PairClassificationTask):
             from fastvl.models.vilbert import ViLBERTForTasks
 
             return ViLBERTForTasks(config, num_labels=2)
-        return ALBEFClassifier(config, num_classes=2, num_images=2)
+        return self.albef_model(config, num_classes=2)
 
 
 class ALBEFTextAssignment(ALBEFClassifier):

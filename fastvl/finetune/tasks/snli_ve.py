@@ -22,6 +22,7 @@ class SNLIVETask(PairClassificationTask):
     class_names = VE_LABELS
     vilbert_head = "snli_ve"
     split_role = "snli_ve"
+    distills = True  # ALBEF's VE.yaml: distill: True, warm_up: False
 
     def read_split(self, name, path):
         """``(examples, dataset index per example, hypothesis word pieces)``; train keeps the labelled ones."""
@@ -38,6 +39,4 @@ class SNLIVETask(PairClassificationTask):
             from fastvl.models.vilbert import ViLBERTForTasks
 
             return ViLBERTForTasks(config, num_labels=2)
-        from fastvl.models.albef import ALBEFClassifier
-
-        return ALBEFClassifier(config, num_classes=3, num_images=1)
+        return self.albef_model(config, num_classes=3)
