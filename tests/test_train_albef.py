@@ -347,7 +347,7 @@ def test_zero3_momentum_update_and_checkpoint(tmp_path):
     mp.start_processes(_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     result = torch.load(tmp_path / "zero3.pt", weights_only=True)
     assert result["partitioned"]
-    assert max(result["errors"]) < 1e-7, result["errors"]
+    assert max(result["errors"]) < 5e-7, result["errors"]  # a few float32 ulps at weights of magnitude ~1
     assert result["ptr"] == 3 * 8 % 16  # 3 steps of the global batch 8 entered the queue of 16
     assert result["fresh"] > 1e-2 and result["loaded"] == 0.0 and result["same_queues"]
 

@@ -340,7 +340,9 @@ class ALBEF(nn.Module):
             # momentum encoders kept in fp32 under a 16-bit model: their features meet the model's
             image_feat_m, text_feat_m = image_feat_m.to(image_feat.dtype), text_feat_m.to(text_feat.dtype)
         with nvtx_range("itc"):
-            loss_itc = itc_loss(image_feat, text_feat, self.image_queue, self.text_queue, self.temp, alpha,
+            # A copy of temp: ZeRO-3 empties this module's parameters after its forward, so a backward that
+            # reads temp (the reference's division) must find its value in a tensor of its own.
+            loss_itc = itc_loss(image_feat, text_feat, self.image_queue, self.text_queue, self.temp.clone(), alpha,
                                 image_feat_m, text_feat_m)
             if update:  # the queues hold the global batch's features, as ALBEF's all-gather does
                 itc_queue_update_(self.image_queue, self.text_queue, self.queue_ptr, _all_gather(image_feat_m),

@@ -20,9 +20,9 @@ def itc_loss_ref(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torc
     is the mean of the image-to-text and text-to-image soft cross-entropies. With ``return_sims`` also
     returns ``(sim_i2t, sim_t2i)`` ``[B, B + Q]`` for ITM hard-negative sampling.
     """
-    with torch.no_grad():
-        img_feat_all = torch.cat([img_feat_m.t(), img_queue.detach()], dim=1)
-        txt_feat_all = torch.cat([txt_feat_m.t(), txt_queue.detach()], dim=1)
+    with torch.no_grad():  # a 16-bit model's float32 queues are read in the features' dtype
+        img_feat_all = torch.cat([img_feat_m.t(), img_queue.detach().to(img_feat_m.dtype)], dim=1)
+        txt_feat_all = torch.cat([txt_feat_m.t(), txt_queue.detach().to(txt_feat_m.dtype)], dim=1)
         sim_i2t_m = img_feat_m @ txt_feat_all / temp
         sim_t2i_m = txt_feat_m @ img_feat_all / temp
         sim_targets = torch.zeros_like(sim_i2t_m)
