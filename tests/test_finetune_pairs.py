@@ -344,6 +344,17 @@ def test_cli_text_assignment_then_nlvr2_from_its_best_checkpoint_then_evaluate(s
     assert {r["prediction"] for r in written} <= {"True", "False"}
 
 
+def test_cli_no_distill_trains_albef_snli_ve_with_plain_cross_entropy(sets, tmp_path):
+    from test_finetune import FT, _run
+    from test_train import _losses
+
+    out = str(tmp_path / "ve")
+    _run("fastvl.finetune", ["--task", "snli_ve", "--model", "albef-tiny", "--data", sets["snli_ve"], "--out", out,
+                             "--max-steps", "1", "--no-distill", *FT])
+    (record,) = _losses(out).values()
+    assert "soft_ce" not in record and record["loss"] == pytest.approx(record["ce"], rel=1e-6)
+
+
 # ALBEF's momentum distillation ------------------------------------------------------------------------
 
 

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(or convert it to JSON with python -m fastvl.data.refer); retrieval: a .pkl hard_negatives "
                         "file. A pickle can run code: only for a file you trust")
     add_gradcam_options(parser)
+    parser.add_argument("--distill", action=argparse.BooleanOptionalAction, help="nlvr2 / snli_ve, ALBEF: momentum "
+                        "distillation (ALBEF's distill: True, the default; --no-distill trains with plain "
+                        "cross-entropy)")
     parser.add_argument("--object-loss-weight", type=float, help="vcr_q2a / vcr_qa2r, VL-BERT: weight of the "
                         "auxiliary object classification loss on the regions' final states (the original's "
                         "CNN_LOSS_WEIGHT; default 1.0, 0 turns it off)")
