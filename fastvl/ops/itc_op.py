@@ -11,6 +11,7 @@ turns each similarity row into its loss and gradient, so only three ``[B, B + Q]
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -101,47 +102,56 @@ def itm_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
 # Fused backends --------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _all_rows(rows: int, device: torch.device) -> torch.Tensor:
+    """The row kernel's ``selected`` mask when every row is scored (read-only, made once per shape)."""
+    return torch.ones(rows, dtype=torch.bool, device=device)
+
+
 def _itc_compute(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
                  temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
                  with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d/d img_feat, d/d txt_feat, d/d temp) for an upstream gradient of 1 (grads empty without
-    ``with_grad``)."""
+    ``with_grad``). Runs without autograd (the custom op's and the eager Function's forward). At the
+    small shapes of VL pretraining every op here costs more host time than device time: few ops."""
     batch = img_feat.shape[0]
-    inv_temp = 1.0 / temp.float().reshape(())
-    half_mean = torch.full((1,), 0.5 / batch, dtype=torch.float32, device=img_feat.device)
-    every_row = torch.ones(batch, dtype=torch.bool, device=img_feat.device)
-    # per direction: the loss's sum and sum(dL/dsim * sim) for temp's gradient, combined at the end
-    loss_terms, temp_terms, grads = [], [], []
-    with torch.no_grad():
-        # Similarities against [batch momentum features | queue], computed as two GEMMs so the [E, B + Q]
-        # bank is never concatenated (ALBEF's cat copies both queues every step).
-        for feat, feat_m, other_m, other_queue in ((img_feat, img_feat_m, txt_feat_m, txt_queue),
-                                                   (txt_feat, txt_feat_m, img_feat_m, img_queue)):
+    inv_temp = temp.float().reciprocal()
+    # the kernel scales each row's gradient by 1 / temp (d sim / d (feat @ other^T)) and the mean's 1 / 2B,
+    # so the feature gradients come straight out of their GEMMs
+    grad_scale = (inv_temp * (0.5 / batch)).reshape(1)
+    every_row = _all_rows(batch, img_feat.device)
+    kl_sums, entropies, grads = [], [], []
+    for feat, feat_m, other_m, other_queue in ((img_feat, img_feat_m, txt_feat_m, txt_queue),
+                                               (txt_feat, txt_feat_m, img_feat_m, img_queue)):
+        if other_queue.dtype != feat.dtype:  # a 16-bit model's float32 queue
             other_queue = other_queue.to(feat.dtype)
-
-            def similarities(x):
-                return torch.cat([x @ other_m.t(), x @ other_queue], dim=1)
-
-            # Distillation targets alpha * softmax(sim_m) + (1 - alpha) * onehot(diagonal), built in place.
-            targets = similarities(feat_m).float().mul_(inv_temp).softmax(dim=1).mul_(alpha)
-            targets.diagonal().add_(1.0 - alpha)
-            sim = similarities(feat).mul_(inv_temp.to(feat.dtype))
-            grad = torch.empty_like(sim) if with_grad else None
-            kl_rows = region_kl_rows(backend, sim, targets, every_row, half_mean, grad)
-            # soft cross-entropy = KL(t || softmax) - sum t log t
-            loss_terms.append(kl_rows.sum() - torch.xlogy(targets, targets).sum())
-            if with_grad:
-                temp_terms.append(torch.dot(grad.view(-1), sim.view(-1)) if grad.dtype == torch.float32
-                                  else (grad.float() * sim.float()).sum())
-                del targets, sim
-                grad_feat = grad[:, :batch] @ other_m
-                grad_feat.addmm_(grad[:, batch:], other_queue.t())
-                grads.append(grad_feat.mul_(inv_temp.to(grad_feat.dtype)))
-        loss = ((loss_terms[0] + loss_terms[1]) * (0.5 / batch)).to(img_feat.dtype)
-        if not with_grad:
-            return loss, *(img_feat.new_empty(0) for _ in range(3))
-        # d loss / d temp = -sum(dL/dsim * sim) / temp over both directions
-        grad_temp = (temp_terms[0] + temp_terms[1]).mul_(inv_temp).neg_()
+        other_t = other_m.t()
+        # Similarities against [batch momentum features | queue] as two GEMMs, so the [E, B + Q] bank is
+        # never concatenated (ALBEF's cat copies both queues every step). Distillation targets
+        # alpha * softmax(sim_m) + (1 - alpha) * onehot(diagonal), built in place.
+        targets = torch.cat([feat_m @ other_t, feat_m @ other_queue], 1).float().mul_(inv_temp)
+        targets = targets.softmax(1).mul_(alpha)
+        targets.diagonal().add_(1.0 - alpha)
+        sim = torch.cat([feat @ other_t, feat @ other_queue], 1).mul_(inv_temp)
+        # the gradient overwrites the similarities: two [B, B + Q] buffers (and xlogy's temporary) live
+        kl_sums.append(region_kl_rows(backend, sim, targets, every_row, grad_scale, sim if with_grad else None).sum())
+        entropies.append(torch.xlogy(targets, targets).sum())  # soft cross-entropy = KL(t || softmax) - sum t log t
+        del targets
+        if with_grad:
+            grad_feat = sim[:, :batch] @ other_m
+            grads.append(grad_feat.addmm_(sim[:, batch:], other_queue.t()))
+        del sim
+    loss = ((kl_sums[0] + kl_sums[1] - entropies[0] - entropies[1]) * (0.5 / batch)).to(img_feat.dtype)
+    if not with_grad:
+        return loss, *(img_feat.new_empty(0) for _ in range(3))
+    # d loss / d temp = -sum(dL/dsim * sim) / temp = -<feat, d loss / d feat> / temp over both directions
+    # (sim = feat @ other^T / temp), a [B, E] dot instead of a [B, B + Q] one
+    pairs = ((img_feat, grads[0]), (txt_feat, grads[1]))
+    if img_feat.dtype != torch.float32 or grads[0].dtype != torch.float32:  # 16-bit: the dot in float32
+        pairs = tuple((feat.float(), grad.float()) for feat, grad in pairs)
+    (img, grad_img), (txt, grad_txt) = pairs
+    grad_temp = (torch.dot(img.reshape(-1), grad_img.reshape(-1)) + torch.dot(txt.reshape(-1), grad_txt.reshape(-1)))
+    grad_temp = grad_temp * -inv_temp
     return loss, grads[0], grads[1], grad_temp.to(temp.dtype).reshape(temp.shape)
 
 
