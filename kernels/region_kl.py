@@ -66,9 +66,10 @@ def _row_grad(logits_row, target_row, grad_row, cols, lead, load_end, row_end, n
 def region_kl_kernel(
     logits_ptr, target_ptr, selected_ptr, scale_ptr, loss_ptr, grad_ptr,
     n_rows, n_classes, stride_logits_row, stride_target_row, stride_grad_row, stride_scale, write_grad,
-    BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr, CROSS_ENTROPY: tl.constexpr,
 ):
-    # One program = one row: its loss (stored in loss_ptr's dtype) and, if write_grad, its gradient
+    # One program = one row: its loss (stored in loss_ptr's dtype; with CROSS_ENTROPY the soft
+    # cross-entropy -sum p log softmax(x) instead of the KL) and, if write_grad, its gradient
     # row times scale (1 without HAS_SCALE). With ALIGN > 1 (logits, targets and gradient share one row
     # stride) every row but the last is read through a window that starts and ends ALIGN-aligned (the
     # neighbours' lanes are loaded, never used), so an odd class count (C = 1601) still gets vector
@@ -89,7 +90,10 @@ def region_kl_kernel(
         shift, row_max, sum_exp, sum_p, sum_p_x, sum_p_log_p = _row_sums(logits_row, target_row, cols, lead,
                                                                           lead + row_end, row_end, BLOCK_C)
     log_norm = row_max + tl.log(tl.where(selected, sum_exp, 1.0))
-    loss = sum_p_log_p - sum_p_x + sum_p * (log_norm - shift)
+    if CROSS_ENTROPY:
+        loss = sum_p * (log_norm - shift) - sum_p_x
+    else:
+        loss = sum_p_log_p - sum_p_x + sum_p * (log_norm - shift)
     tl.store(loss_ptr + row, tl.where(selected, loss, 0.0).to(loss_ptr.dtype.element_ty))
 
     if write_grad != 0:

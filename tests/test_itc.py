@@ -42,6 +42,34 @@ def test_half_precision_cpp(dtype):
     check("cpp", itc_inputs(8, 32, 64, dtype=dtype), 0.4)
 
 
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_gradients_only_where_asked(backend):
+    """A float (or frozen) temperature gets no gradient computed; a temperature alone gets its gradient
+    (from the feature gradients the op computes internally), equal to the one with the features'."""
+    img, txt, img_queue, txt_queue, temp, img_m, txt_m = itc_inputs(5, 16, 27)
+
+    def grads(with_features, temp_value):
+        feats = [t.clone().requires_grad_(with_features) for t in (img, txt)]
+        loss = ops.itc_loss(*feats, img_queue, txt_queue, temp_value, 0.4, img_m, txt_m, backend=backend)
+        loss.backward()
+        return [t.grad for t in feats], loss
+
+    temp_alone = temp.clone().requires_grad_()
+    (none_img, none_txt), loss_alone = grads(False, temp_alone)
+    assert none_img is None and none_txt is None
+    temp_both = temp.clone().requires_grad_()
+    (grad_img, grad_txt), loss_both = grads(True, temp_both)
+    torch.testing.assert_close(temp_alone.grad, temp_both.grad)
+    (float_img, float_txt), loss_float = grads(True, 0.07)
+    torch.testing.assert_close(float_img, grad_img)
+    torch.testing.assert_close(float_txt, grad_txt)
+    torch.testing.assert_close(loss_float, loss_both)
+    temp64 = temp.double().requires_grad_()
+    itc_loss_ref(*(t.double() for t in (img, txt, img_queue, txt_queue)), temp64, 0.4, img_m.double(),
+                 txt_m.double()).backward()
+    torch.testing.assert_close(temp_alone.grad.double(), temp64.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_float_temperature_and_compile():
     img, txt, img_queue, txt_queue, _, img_m, txt_m = itc_inputs(8, 32, 64)
 

@@ -110,64 +110,73 @@ def _all_rows(rows: int, device: torch.device) -> torch.Tensor:
 
 def _itc_compute(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
                  temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
-                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 with_grad: bool, temp_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d/d img_feat, d/d txt_feat, d/d temp) for an upstream gradient of 1 (grads empty without
-    ``with_grad``). Runs without autograd (the custom op's and the eager Function's forward). At the
-    small shapes of VL pretraining every op here costs more host time than device time: few ops."""
+    ``with_grad``; temp's without ``temp_grad``: a float temperature). Runs without autograd (the custom
+    op's and the eager Function's forward). At the small shapes of VL pretraining each op here costs more
+    host time than device time: as few as possible."""
     batch = img_feat.shape[0]
     inv_temp = temp.float().reciprocal()
     # the kernel scales each row's gradient by 1 / temp (d sim / d (feat @ other^T)) and the mean's 1 / 2B,
     # so the feature gradients come straight out of their GEMMs
     grad_scale = (inv_temp * (0.5 / batch)).reshape(1)
     every_row = _all_rows(batch, img_feat.device)
-    kl_sums, entropies, grads = [], [], []
-    for feat, feat_m, other_m, other_queue in ((img_feat, img_feat_m, txt_feat_m, txt_queue),
-                                               (txt_feat, txt_feat_m, img_feat_m, img_queue)):
+    losses, grads = [], []  # the soft cross-entropies' sums (or their KL and entropy terms), feature grads
+    in_batch_m = img_feat_m @ txt_feat_m.t()  # the momentum in-batch similarities (text-to-image: transposed)
+    for feat, feat_m, sim_m, other_m, other_queue in ((img_feat, img_feat_m, in_batch_m, txt_feat_m, txt_queue),
+                                                      (txt_feat, txt_feat_m, in_batch_m.t(), img_feat_m, img_queue)):
         if other_queue.dtype != feat.dtype:  # a 16-bit model's float32 queue
             other_queue = other_queue.to(feat.dtype)
-        other_t = other_m.t()
         # Similarities against [batch momentum features | queue] as two GEMMs, so the [E, B + Q] bank is
         # never concatenated (ALBEF's cat copies both queues every step). Distillation targets
         # alpha * softmax(sim_m) + (1 - alpha) * onehot(diagonal), built in place.
-        targets = torch.cat([feat_m @ other_t, feat_m @ other_queue], 1).float().mul_(inv_temp)
-        targets = targets.softmax(1).mul_(alpha)
+        targets = torch.cat([sim_m, feat_m @ other_queue], 1)
+        targets = (targets if targets.dtype == torch.float32 else targets.float()).mul_(inv_temp).softmax(1).mul_(alpha)
         targets.diagonal().add_(1.0 - alpha)
-        sim = torch.cat([feat @ other_t, feat @ other_queue], 1).mul_(inv_temp)
-        # the gradient overwrites the similarities: two [B, B + Q] buffers (and xlogy's temporary) live
-        kl_sums.append(region_kl_rows(backend, sim, targets, every_row, grad_scale, sim if with_grad else None).sum())
-        entropies.append(torch.xlogy(targets, targets).sum())  # soft cross-entropy = KL(t || softmax) - sum t log t
+        sim = torch.cat([feat @ other_m.t(), feat @ other_queue], 1).mul_(inv_temp)
+        # the gradient overwrites the similarities: two [B, B + Q] buffers (and, on cpp, xlogy's temporary)
+        rows = region_kl_rows(backend, sim, targets, every_row, grad_scale, sim if with_grad else None,
+                              cross_entropy=backend == "triton")
+        losses.append(rows.sum())
+        if backend != "triton":  # soft cross-entropy = KL(t || softmax) - sum t log t
+            losses.append(-torch.xlogy(targets, targets).sum())
         del targets
         if with_grad:
             grad_feat = sim[:, :batch] @ other_m
             grads.append(grad_feat.addmm_(sim[:, batch:], other_queue.t()))
         del sim
-    loss = ((kl_sums[0] + kl_sums[1] - entropies[0] - entropies[1]) * (0.5 / batch)).to(img_feat.dtype)
+    loss = sum(losses[1:], losses[0]).mul_(0.5 / batch)
+    if loss.dtype != img_feat.dtype:
+        loss = loss.to(img_feat.dtype)
     if not with_grad:
         return loss, *(img_feat.new_empty(0) for _ in range(3))
+    if not temp_grad:
+        return loss, grads[0], grads[1], temp.new_empty(0)
     # d loss / d temp = -sum(dL/dsim * sim) / temp = -<feat, d loss / d feat> / temp over both directions
     # (sim = feat @ other^T / temp), a [B, E] dot instead of a [B, B + Q] one
     pairs = ((img_feat, grads[0]), (txt_feat, grads[1]))
     if img_feat.dtype != torch.float32 or grads[0].dtype != torch.float32:  # 16-bit: the dot in float32
         pairs = tuple((feat.float(), grad.float()) for feat, grad in pairs)
     (img, grad_img), (txt, grad_txt) = pairs
-    grad_temp = (torch.dot(img.reshape(-1), grad_img.reshape(-1)) + torch.dot(txt.reshape(-1), grad_txt.reshape(-1)))
-    grad_temp = grad_temp * -inv_temp
+    grad_temp = torch.dot(img.reshape(-1), grad_img.reshape(-1)).add_(torch.dot(txt.reshape(-1), grad_txt.reshape(-1)))
+    grad_temp = grad_temp.mul_(inv_temp).neg_()
     return loss, grads[0], grads[1], grad_temp.to(temp.dtype).reshape(temp.shape)
 
 
 @torch.library.custom_op("fastvl::itc_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _itc_fwd(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
              temp: torch.Tensor, alpha: float, img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor, backend: str,
-             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             with_grad: bool, temp_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _itc_compute(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m, backend,
-                        with_grad)
+                        with_grad, temp_grad)
 
 
 @_itc_fwd.register_fake
-def _(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m, backend, with_grad):
+def _(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m, backend, with_grad, temp_grad):
     if not with_grad:
         return img_feat.new_empty(()), img_feat.new_empty(0), img_feat.new_empty(0), img_feat.new_empty(0)
-    return img_feat.new_empty(()), torch.empty_like(img_feat), torch.empty_like(txt_feat), torch.empty_like(temp)
+    return (img_feat.new_empty(()), torch.empty_like(img_feat), torch.empty_like(txt_feat),
+            torch.empty_like(temp) if temp_grad else temp.new_empty(0))
 
 
 def _itc_setup(ctx, inputs, output):
@@ -176,8 +185,10 @@ def _itc_setup(ctx, inputs, output):
 
 
 def _itc_backward(ctx, grad_loss, *_grads_of_grads):
-    grad_img, grad_txt, grad_temp = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    return grad_img, grad_txt, None, None, grad_temp, None, None, None, None, None
+    needed = ctx.needs_input_grad
+    grad_img, grad_txt, grad_temp = (g * grad_loss.to(g.dtype) if needed[i] else None
+                                     for i, g in zip((0, 1, 4), ctx.saved_tensors))
+    return grad_img, grad_txt, None, None, grad_temp, None, None, None, None, None, None
 
 
 _itc_fwd.register_autograd(_itc_backward, setup_context=_itc_setup)
@@ -188,9 +199,11 @@ def _fused(backend: str):
     def impl(img_feat, txt_feat, img_queue, txt_queue, temp, alpha, img_feat_m, txt_feat_m):
         if not isinstance(temp, torch.Tensor):
             temp = torch.tensor(float(temp), dtype=torch.float32, device=img_feat.device)
-        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img_feat, txt_feat, temp))
+        grad_enabled = torch.is_grad_enabled()
+        temp_grad = grad_enabled and temp.requires_grad
+        with_grad = temp_grad or grad_enabled and (img_feat.requires_grad or txt_feat.requires_grad)
         return eager_path.call(_itc_fwd, _EagerItc, img_feat, txt_feat, img_queue, txt_queue, temp.reshape(()),
-                               float(alpha), img_feat_m.detach(), txt_feat_m.detach(), backend, with_grad)
+                               float(alpha), img_feat_m.detach(), txt_feat_m.detach(), backend, with_grad, temp_grad)
 
     return impl
 

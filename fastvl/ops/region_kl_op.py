@@ -92,10 +92,13 @@ def linear_region_kl_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 def region_kl_rows(backend: str, logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
-                   scale: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+                   scale: torch.Tensor, grad: torch.Tensor | None, cross_entropy: bool = False) -> torch.Tensor:
     """Per-row KL of ``logits`` ``[N, C]`` (unit class stride) against ``targets`` ``[N, C]`` on rows
     where ``selected`` (bool ``[N]``); writes ``(softmax * sum p - p) * scale`` into ``grad`` (``[N, C]``,
-    may be ``logits``) unless None; ``scale`` fp32 ``[1]`` or ``[N]``. Returns fp32 ``[N]``."""
+    may be ``logits``) unless None; ``scale`` fp32 ``[1]`` or ``[N]``. Returns fp32 ``[N]``. With
+    ``cross_entropy`` (triton only) the rows' soft cross-entropy ``-sum p log softmax`` instead of the KL."""
+    if cross_entropy and backend != "triton":
+        raise ValueError(f"region_kl_rows: cross_entropy is a triton-only output, not {backend!r}'s")
     if backend == "cpp":
         return _ext.load().region_kl_rows(logits, targets, selected, scale, grad)
     if backend == "cuda":
@@ -103,14 +106,14 @@ def region_kl_rows(backend: str, logits: torch.Tensor, targets: torch.Tensor, se
             stream = torch.cuda.current_stream(logits.device).cuda_stream
             return _ext.load().region_kl_rows_cuda(logits, targets, selected, scale, grad, stream)
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    _region_kl_triton_rows(logits, targets, selected, scale, grad, loss)
+    _region_kl_triton_rows(logits, targets, selected, scale, grad, loss, cross_entropy)
     return loss
 
 
-def _region_kl_triton_rows(logits, targets, selected, scale, grad, loss):
-    """Launches the Triton row kernel: ``loss`` (any float dtype, ``[N]``) gets each row's loss;
-    ``scale`` None means 1. Aligned row windows (vector loads) when logits, targets and gradient share
-    their row stride."""
+def _region_kl_triton_rows(logits, targets, selected, scale, grad, loss, cross_entropy=False):
+    """Launches the Triton row kernel: ``loss`` (any float dtype, ``[N]``) gets each row's loss (KL, or
+    the soft cross-entropy with ``cross_entropy``); ``scale`` None means 1. Aligned row windows (vector
+    loads) when logits, targets and gradient share their row stride."""
     from fastvl.kernels.region_kl import ALIGN, block_size, num_warps, region_kl_kernel
 
     rows, classes = logits.shape
@@ -122,7 +125,8 @@ def _region_kl_triton_rows(logits, targets, selected, scale, grad, loss):
             logits, targets, selected.view(torch.uint8), scale, loss, grad if grad is not None else logits,
             rows, classes, logits.stride(0), targets.stride(0), grad_stride,
             0 if scale is None or scale.numel() == 1 else 1, int(grad is not None),
-            BLOCK_C=block, HAS_SCALE=scale is not None, ALIGN=align, num_warps=num_warps(block))
+            BLOCK_C=block, HAS_SCALE=scale is not None, ALIGN=align, CROSS_ENTROPY=cross_entropy,
+            num_warps=num_warps(block))
 
 
 def _region_kl_triton(logits, targets, selected, reduction, grad, shape, dtype):
