@@ -6,12 +6,12 @@ Backends (auto order): ``triton`` (CUDA; CPU only when asked for, under ``TRITON
 ``reference`` (ALBEF's formulas). The fused backends are one custom op computing both directions'
 soft cross-entropy and their gradients in the forward: per direction the similarity GEMMs run in torch
 (the op is GEMM-bound on GPU), the distillation targets are built in place, and the region-KL row kernel
-turns each similarity row into its loss and gradient, so only three ``[B, B + Q]`` buffers live at once.
+turns each similarity row into its soft cross-entropy and gradient (written over the similarities), so
+only two ``[B, B + Q]`` buffers live at once (three on cpp, whose kernel returns the KL: plus xlogy's).
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import torch
@@ -102,10 +102,18 @@ def itm_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
 # Fused backends --------------------------------------------------------------------------------------
 
 
-@functools.cache
+_ALL_ROWS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _all_rows(rows: int, device: torch.device) -> torch.Tensor:
-    """The row kernel's ``selected`` mask when every row is scored (read-only, made once per shape)."""
-    return torch.ones(rows, dtype=torch.bool, device=device)
+    """The row kernel's ``selected`` mask when every row is scored (read-only, made once per shape; one
+    made while a CUDA graph is captured belongs to that graph and is not kept)."""
+    mask = _ALL_ROWS.get((rows, device))
+    if mask is None:
+        mask = torch.ones(rows, dtype=torch.bool, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _ALL_ROWS[(rows, device)] = mask
+    return mask
 
 
 def _itc_compute(img_feat: torch.Tensor, txt_feat: torch.Tensor, img_queue: torch.Tensor, txt_queue: torch.Tensor,
