@@ -165,6 +165,24 @@ def _region_kl_case(dtype, classes, rows=2368, reduction="mean"):
     return run
 
 
+def _itc_rows_case(dtype, batch=64, queue=65536):
+    """The row kernel as ITC runs it: one row per query over [batch | queue] similarities, soft
+    cross-entropy out, the gradient written over the similarities, one scale (ALBEF-base's queue)."""
+    def run():
+        import torch
+
+        from fastvl.ops import region_kl_op
+
+        device = _DEVICE["name"]
+        sim = torch.zeros(batch, batch + queue, dtype=getattr(torch, _TORCH_DTYPES[dtype]), device=device)
+        targets = torch.zeros(batch, batch + queue, dtype=torch.float32, device=device)
+        every_row = torch.ones(batch, dtype=torch.bool, device=device)
+        scale = torch.ones(1, dtype=torch.float32, device=device)
+        region_kl_op.region_kl_rows("triton", sim, targets, every_row, scale, sim, cross_entropy=True)
+
+    return run
+
+
 def cases() -> list[Case]:
     """Every block configuration the launchers can pick, each in a workload that picks it. Shapes from
     ViLBERT-base: 37 regions (36 boxes + the image token) and 36 tokens, 8 co-attention heads of 128,
@@ -201,6 +219,8 @@ def cases() -> list[Case]:
                       short=True))
     for dtype in ("bf16", "fp16", "fp32"):  # ViLBERT's 1601 detector classes, B=64 x 37 regions
         found.append(Case(f"region_kl_{dtype}_c1601", _region_kl_case(dtype, 1601), ci=dtype == "bf16"))
+    for dtype in ("bf16", "fp32"):  # ITC's similarity rows (soft cross-entropy), ALBEF-base B=64, Q=65536
+        found.append(Case(f"itc_rows_{dtype}_q65536", _itc_rows_case(dtype)))
     return found
 
 
